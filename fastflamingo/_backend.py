@@ -1,0 +1,150 @@
+"""Backend selection: which implementation serves an op.
+
+``auto`` (the default) uses the Triton kernels for CUDA tensors when triton imports and the inputs are supported,
+and the PyTorch path otherwise. ``torch`` always uses the PyTorch path. ``triton`` always uses the kernels and
+raises :class:`BackendError` listing the reasons when it cannot serve the inputs; it never falls back silently.
+Under ``TRITON_INTERPRET=1`` an explicit ``triton`` request runs the kernels on CPU tensors (that is how the
+kernels are tested without a GPU).
+
+The choice comes from, in order: the innermost ``with fastflamingo.backend(name):`` block, then the
+``FASTFLAMINGO_BACKEND`` environment variable, then ``auto``.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, List, Optional
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+_ENV_VAR = "FASTFLAMINGO_BACKEND"
+_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastflamingo_backend", default=None)
+
+
+class BackendError(RuntimeError):
+    """An explicitly requested backend cannot serve the inputs; the message lists why."""
+
+
+def _check_name(name: str, source: str) -> str:
+    name = str(name).strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"{source}={name!r} is not a fastflamingo backend; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def requested_backend() -> str:
+    """The backend asked for right now: context manager, then environment, then ``auto``."""
+    name = _override.get()
+    if name is not None:
+        return name
+    env = os.environ.get(_ENV_VAR)
+    return _check_name(env, _ENV_VAR) if env else "auto"
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[str]:
+    """Force a backend inside a ``with`` block: ``with fastflamingo.backend("torch"): ...``."""
+    token = _override.set(_check_name(name, "backend"))
+    try:
+        yield _override.get()
+    finally:
+        _override.reset(token)
+
+
+def interpret_mode() -> bool:
+    """True when the Triton interpreter is on (kernels then run on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+_TRITON_STATE: Optional[tuple] = None
+
+
+def triton_import_error() -> Optional[str]:
+    """None when triton imports, else the reason it does not."""
+    global _TRITON_STATE
+    if _TRITON_STATE is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_STATE = (None,)
+        except Exception as exc:  # ImportError, or a broken install raising anything else
+            _TRITON_STATE = (f"triton does not import ({type(exc).__name__}: {exc})",)
+    return _TRITON_STATE[0]
+
+
+def load_kernels(module: str):
+    """Import ``fastflamingo.kernels.<module>``.
+
+    Installed (also editable), ``kernels/`` is the ``fastflamingo.kernels`` package. From a bare source checkout
+    that was never installed, fall back to loading the sibling ``kernels/`` folder under that same name.
+    """
+    name = f"fastflamingo.kernels.{module}"
+    if name in sys.modules:
+        return sys.modules[name]
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("fastflamingo.kernels", name):
+            raise
+    folder = Path(__file__).resolve().parent.parent / "kernels"
+    if "fastflamingo.kernels" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "fastflamingo.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        if spec is None or spec.loader is None:
+            raise ModuleNotFoundError(f"cannot find the fastflamingo kernels package (looked in {folder})")
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["fastflamingo.kernels"] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(name)
+
+
+def device_reasons(tensors: Iterable[torch.Tensor]) -> List[str]:
+    """Why the Triton kernels cannot run on these tensors' devices (empty list: they can)."""
+    reasons = []
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        reasons.append(f"tensors are on different devices: {sorted(str(d) for d in devices)}")
+    for dev in devices:
+        if dev.type == "cuda":
+            continue
+        if dev.type == "cpu" and interpret_mode():
+            continue
+        reasons.append(f"tensors are on {dev} (the Triton kernels need CUDA, or TRITON_INTERPRET=1 for CPU tensors)")
+    return reasons
+
+
+def choose(op: str, tensors: Iterable[torch.Tensor], input_reasons: Callable[[], List[str]]) -> str:
+    """Pick ``"torch"`` or ``"triton"`` for one call of ``op``.
+
+    ``input_reasons`` lists what the kernels do not support about these particular inputs (dtype, head size, ...);
+    it is only called when the Triton path is still a candidate.
+    """
+    name = requested_backend()
+    if name == "torch":
+        return "torch"
+    tensors = [t for t in tensors if t is not None]
+    if name == "auto":
+        if not tensors or any(t.device.type != "cuda" for t in tensors):
+            return "torch"
+        if triton_import_error() is not None or input_reasons():
+            return "torch"
+        return "triton"
+    reasons = []
+    err = triton_import_error()
+    if err is not None:
+        reasons.append(err)
+    reasons += device_reasons(tensors)
+    reasons += input_reasons()
+    if reasons:
+        raise BackendError(
+            f"fastflamingo backend 'triton' cannot run {op}:\n  - " + "\n  - ".join(reasons)
+            + "\nUse backend 'auto' or 'torch' (FASTFLAMINGO_BACKEND / fastflamingo.backend(...)) for these inputs."
+        )
+    return "triton"

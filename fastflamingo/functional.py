@@ -1,0 +1,235 @@
+"""Functional ops: validation, backend dispatch, and the optimized PyTorch path.
+
+The PyTorch path is what runs on CPU (and wherever the Triton kernels cannot serve). It already exploits the
+mask structure: text is cut into runs of consecutive tokens that see the same media, and each run attends only
+to its own media's latents with one fused ``scaled_dot_product_attention`` call. Nothing of size
+text x media-tokens is ever built, in the forward or in the backward pass.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import _backend
+from .masks import MediaMask
+
+# --------------------------------------------------------------------------------------------------------------
+# Masked media cross-attention
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (batch, tokens, heads, head_dim), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape[:3] + (k.shape[3],) or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree on (batch, keys, heads)")
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, heads and head_dim "
+            "(layout: (batch, tokens, heads, head_dim))"
+        )
+
+
+def media_cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Union[MediaMask, torch.Tensor],
+    *,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Masked media cross-attention core: each text token attends only to the latents of the media it may see.
+
+    Args:
+        q: (batch, text, heads, head_dim) queries, any strides.
+        k, v: (batch, num_media * latents, heads, head_dim) media keys and values, media-major (the latents of
+            media ``i`` are rows ``i * latents .. (i + 1) * latents - 1``); views into a fused K/V projection are
+            fine.
+        mask: a :class:`~fastflamingo.masks.MediaMask` (closed form: ``text_time`` per token and a mode), or, for
+            the rare IDEFICS mask that has no closed form, a boolean (batch, text, num_media) tensor (PyTorch path
+            only).
+        scale: softmax scale, default ``head_dim ** -0.5``.
+        dropout_p: attention dropout probability (PyTorch path only; IDEFICS trains with it).
+
+    Returns:
+        (batch, text, heads, head_dim) in the dtype of ``q``. A token that sees no media gets exactly 0.
+
+    Mask rule, for ``text_time = cumsum(media_locations)`` (``<image>`` tokens marked ``I``, 3 media of
+    ``n`` latents each)::
+
+        tokens      t  I  t  t  I  t  I  t          immediate            all_previous
+        text_time   0  1  1  1  2  2  3  3          keys seen            keys seen
+        token 0 (text_time 0)                        none -> 0            none -> 0
+        token 2 (text_time 1)                        [0, n)               [0, n)
+        token 5 (text_time 2)                        [n, 2n)              [0, 2n)
+        token 7 (text_time 3)                        [2n, 3n)             [0, 3n)
+
+    Dtypes: fp32, fp16, bf16; the softmax is computed in fp32 on every path.
+    """
+    _check_attention_inputs(q, k, v)
+    batch, num_text = q.shape[:2]
+    if isinstance(mask, MediaMask):
+        num_media = mask.num_media
+        if mask.shape != (batch, num_text):
+            raise ValueError(
+                f"mask covers (batch, text) = {mask.shape} but q has (batch, text) = {(batch, num_text)}"
+            )
+    elif isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 3:
+        num_media = mask.shape[-1]
+        if tuple(mask.shape[:2]) != (batch, num_text):
+            raise ValueError(f"mask has shape {tuple(mask.shape)} but q has (batch, text) = {(batch, num_text)}")
+    else:
+        raise TypeError(
+            "mask must be a fastflamingo.masks.MediaMask or a boolean (batch, text, num_media) tensor, got "
+            f"{type(mask).__name__}{tuple(mask.shape) if isinstance(mask, torch.Tensor) else ''}"
+        )
+    num_keys = k.shape[1]
+    if num_media == 0:
+        if num_keys != 0:
+            raise ValueError(f"mask has no media but k has {num_keys} keys")
+        return q.new_zeros(q.shape[:3] + (v.shape[3],))
+    if num_keys % num_media:
+        raise ValueError(f"k has {num_keys} keys, which is not a multiple of the {num_media} media of the mask")
+    latents = num_keys // num_media
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+    def triton_reasons() -> List[str]:
+        if not isinstance(mask, MediaMask):
+            return ["the image mask has no closed form (rows are neither one-hot nor prefixes)"]
+        if dropout_p:
+            return [f"attention dropout (dropout_p={dropout_p}) is not supported by the kernels"]
+        from . import _triton_xattn
+
+        return _triton_xattn.unsupported_reasons(q, k, v)
+
+    if _backend.choose("media_cross_attention", (q, k, v), triton_reasons) == "triton":
+        from . import _triton_xattn
+
+        return _triton_xattn.media_cross_attention(
+            q, k, v, mask.text_time.to(q.device), num_media, latents, mask.immediate, scale
+        )
+    if isinstance(mask, MediaMask):
+        return _media_cross_attention_runs(q, k, v, mask.to(q.device), latents, scale, dropout_p)
+    return _media_cross_attention_dense(q, k, v, mask.to(q.device), latents, scale, dropout_p)
+
+
+def _sdpa(q, k, v, scale, dropout_p, attn_mask=None):
+    """SDPA on (batch, tokens, heads, head_dim) views; returns the same layout."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, dropout_p=dropout_p, scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+def _media_cross_attention_runs(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float):
+    """One SDPA call per run of tokens that see the same media: no mask, no text x media-token matrix."""
+    batch, num_text, heads, _ = q.shape
+    head_dim_v = v.shape[-1]
+    pieces = []
+    for b, t0, t1, lo, hi in mask.runs():
+        rows = slice(None) if b is None else slice(b, b + 1)
+        if hi <= lo:
+            pieces.append(q.new_zeros(batch if b is None else 1, t1 - t0, heads, head_dim_v))
+            continue
+        keys = slice(lo * latents, hi * latents)
+        pieces.append(_sdpa(q[rows, t0:t1], k[rows, keys], v[rows, keys], scale, dropout_p))
+    if not pieces:
+        return q.new_zeros(batch, num_text, heads, head_dim_v)
+    if mask.runs()[0][0] is None:  # one set of runs shared by all samples: concatenate along text
+        return torch.cat(pieces, dim=1)
+    # per-sample runs, ordered sample-major: concatenate along text, then split back into samples
+    return torch.cat(pieces, dim=1).reshape(batch, num_text, heads, head_dim_v)
+
+
+def _media_cross_attention_dense(q, k, v, allowed: torch.Tensor, latents: int, scale: float, dropout_p: float):
+    """General (batch, text, media) boolean mask: dense SDPA mask; rows that see nothing are exactly 0."""
+    sees_any = allowed.any(-1)  # (batch, text)
+    # give empty rows every key so the softmax stays finite, then zero them: no NaN in the forward or backward
+    key_mask = (allowed | ~sees_any[..., None]).repeat_interleave(latents, dim=-1)[:, None]
+    out = _sdpa(q, k, v, scale, dropout_p, attn_mask=key_mask)
+    return torch.where(sees_any[:, :, None, None], out, out.new_zeros(()))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Perceiver resampler attention
+# --------------------------------------------------------------------------------------------------------------
+
+
+def perceiver_attention(
+    q: torch.Tensor,
+    k_media: torch.Tensor,
+    v_media: torch.Tensor,
+    k_latents: torch.Tensor,
+    v_latents: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Perceiver resampler attention: latent queries attend to ``[media tokens; latents]``.
+
+    Args:
+        q: (N, latents, heads, head_dim), one row of N per (sample, media).
+        k_media, v_media: (N, media_tokens, heads, head_dim).
+        k_latents, v_latents: (N, latents, heads, head_dim).
+        scale: softmax scale, default ``head_dim ** -0.5``.
+
+    Returns:
+        (N, latents, heads, head_dim) in the dtype of ``q``. No mask: every latent sees every key.
+    """
+    tensors = {"q": q, "k_media": k_media, "v_media": v_media, "k_latents": k_latents, "v_latents": v_latents}
+    for name, t in tensors.items():
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (N, tokens, heads, head_dim), got {tuple(t.shape)}")
+    if k_media.shape[:3] != v_media.shape[:3] or k_latents.shape[:3] != v_latents.shape[:3]:
+        raise ValueError(
+            f"keys and values disagree: k_media {tuple(k_media.shape)}, v_media {tuple(v_media.shape)}, "
+            f"k_latents {tuple(k_latents.shape)}, v_latents {tuple(v_latents.shape)}"
+        )
+    if k_latents.shape[:3] != q.shape[:3] or k_media.shape[0] != q.shape[0] or k_media.shape[2:] != q.shape[2:]:
+        raise ValueError(
+            f"q {tuple(q.shape)}, k_media {tuple(k_media.shape)} and k_latents {tuple(k_latents.shape)} must share "
+            "N, heads and head_dim, and k_latents must have as many tokens as q"
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    # PyTorch path: one fused SDPA over the concatenated keys. The concatenation copies only the projected K/V
+    # (media_tokens + latents rows), which is small next to the projections that produce them.
+    k = torch.cat((k_media, k_latents), dim=1)
+    v = torch.cat((v_media, v_latents), dim=1)
+    return _sdpa(q, k, v, scale, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# tanh-gated residual
+# --------------------------------------------------------------------------------------------------------------
+
+
+def tanh_gated_residual(
+    x: torch.Tensor, h: torch.Tensor, alpha: torch.Tensor, row_gate: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``x + tanh(alpha) * h``, with ``h`` zeroed on rows where ``row_gate == 0`` when a row gate is given.
+
+    ``alpha`` is a scalar-like parameter (shape (1,), OpenFlamingo / IDEFICS "float") or per-channel (shape
+    (..., dim), IDEFICS "vector"). The result dtype follows PyTorch promotion exactly as upstream does (an fp32
+    gate on bf16 activations gives fp32).
+    """
+    if h.shape != x.shape:
+        raise ValueError(f"h {tuple(h.shape)} must have the shape of x {tuple(x.shape)}")
+    if alpha.numel() != 1 and alpha.shape[-1] != x.shape[-1]:
+        raise ValueError(f"alpha must have 1 element or {x.shape[-1]} channels, got shape {tuple(alpha.shape)}")
+    if row_gate is not None:
+        if tuple(row_gate.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"row_gate must have shape {tuple(x.shape[:-1])}, got {tuple(row_gate.shape)}")
+        h = h.masked_fill((row_gate == 0)[..., None], 0.0)
+    return h * alpha.tanh() + x
+
+
+__all__ = ["media_cross_attention", "perceiver_attention", "tanh_gated_residual"]

@@ -1,0 +1,63 @@
+"""``fastflamingo.patch(model)``: swap fastflamingo's drop-ins into an existing model, in place.
+
+Supported: OpenFlamingo ``Flamingo`` (open-flamingo 2.0.1), Hugging Face ``IdeficsForVisionText2Text`` /
+``IdeficsModel``, flamingo-pytorch ``FlamingoPaLM``, and any module that contains their gated cross-attention
+blocks, masked cross-attention, perceiver resamplers or perceiver attention layers.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ._common import ORIGINAL_ATTR, PatchReport, apply_rules, restore
+
+SUPPORTED = (
+    "OpenFlamingo Flamingo (open-flamingo 2.0.1): GatedCrossAttentionBlock, MaskedCrossAttention, "
+    "PerceiverResampler, PerceiverAttention",
+    "Hugging Face transformers IdeficsForVisionText2Text / IdeficsModel: IdeficsGatedCrossAttentionLayer, "
+    "IdeficsPerceiverResampler",
+    "flamingo-pytorch FlamingoPaLM (0.1.2): GatedCrossAttentionBlock, MaskedCrossAttention, PerceiverResampler, "
+    "PerceiverAttention",
+)
+
+
+def _rules():
+    from . import flamingo, idefics
+
+    return flamingo.RULES + idefics.RULES
+
+
+def patch(model: nn.Module) -> PatchReport:
+    """Replace, in place, every supported Flamingo module inside ``model`` with its fastflamingo drop-in.
+
+    The drop-ins keep the very same Parameter objects (optimizer state and wrappers survive) and state_dict keys;
+    every alias of a replaced module points to the one new module. Returns a :class:`PatchReport`; undo with
+    :func:`unpatch`. Raises TypeError for a model with nothing to patch.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastflamingo.patch expects an nn.Module, got {type(model).__name__}")
+    rules = _rules()
+    if any(rule.matches(model) for rule in rules):
+        raise TypeError(
+            f"fastflamingo.patch replaces modules inside a model, and {type(model).__name__} is itself a patchable "
+            "layer: build the drop-in directly (e.g. fastflamingo.GatedCrossAttentionBlock(...) and "
+            "load_state_dict(layer.state_dict())), or patch the model that holds it"
+        )
+    report = PatchReport(model=type(model).__name__)
+    apply_rules(model, rules, report)
+    if not report.replaced:
+        already = any(getattr(m, ORIGINAL_ATTR, None) is not None for m in model.modules())
+        if already:
+            return report
+        raise TypeError(
+            f"fastflamingo.patch found nothing to patch in {type(model).__name__}. Supported models:\n  - "
+            + "\n  - ".join(SUPPORTED)
+        )
+    return report
+
+
+def unpatch(model: nn.Module) -> int:
+    """Put back the original upstream modules replaced by :func:`patch`; returns how many were restored."""
+    return restore(model)
+
+
+__all__ = ["patch", "unpatch", "PatchReport", "SUPPORTED"]

@@ -1,0 +1,2 @@
+"""Rules for Hugging Face IDEFICS (filled in by the IDEFICS drop-ins)."""
+RULES = []

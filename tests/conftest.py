@@ -1,0 +1,87 @@
+"""Test configuration shared by every test file.
+
+Without a GPU the Triton kernels run under the Triton interpreter (``TRITON_INTERPRET=1``) on CPU tensors. The
+variable has to be set before any kernel module is imported (``@triton.jit`` decides at decoration time), hence
+at the top of this file. On a CUDA machine the same tests run natively on the GPU (``DEVICE == "cuda"``).
+"""
+import dataclasses
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import triton  # noqa: E402
+except ImportError:  # the torch path is still tested
+    triton = None
+
+INTERPRET = triton is not None and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+DEVICE = "cuda" if (HAS_CUDA and not INTERPRET) else "cpu"
+
+
+def _patch_interpreter():
+    """Make the interpreter stricter and bf16-correct; the GPU code stays free of test-only branches.
+
+    - ``tl.device_assert`` is a no-op unless the builder's debug option is on (TRITON_DEBUG does not reach it).
+    - bf16 ``tl.dot`` multiplies the raw uint16 bit patterns (triton-lang/triton#11584): convert the operands to
+      fp32 first, which is exact and equals the GPU's bf16 MMA with fp32 accumulation.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    interp.interpreter_builder.options = dataclasses.replace(interp.interpreter_builder.options, debug=True)
+    original = interp.InterpreterBuilder.create_dot
+    if getattr(original, "_bf16_fixed", False):
+        return
+
+    def to_f32(handle):
+        if handle.dtype.scalar == tl.bfloat16:
+            return interp.TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return handle
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, to_f32(a), to_f32(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot._bf16_fixed = True
+    interp.InterpreterBuilder.create_dot = create_dot
+
+
+if INTERPRET:
+    _patch_interpreter()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA")
+    config.addinivalue_line("markers", "triton: needs triton (interpreter on CPU, native on CUDA)")
+    config.addinivalue_line("markers", "slow_interpreter: large shapes, skipped under the Triton interpreter")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "gpu" in item.keywords and DEVICE != "cuda":
+            item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+        if "triton" in item.keywords and triton is None:
+            item.add_marker(pytest.mark.skip(reason="triton is not installed"))
+        if "slow_interpreter" in item.keywords and INTERPRET:
+            item.add_marker(pytest.mark.skip(reason="too slow for the Triton interpreter"))
+
+
+def pytest_report_header(config):
+    tv = triton.__version__ if triton is not None else "missing"
+    return f"fastflamingo tests: torch {torch.__version__}, triton {tv}, interpret={INTERPRET}, device={DEVICE}"
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
