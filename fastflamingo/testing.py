@@ -1,0 +1,165 @@
+"""Upstream loaders and tiny random-weight models shared by the tests and the benchmarks.
+
+Nothing here is imported by ``import fastflamingo``; each helper imports what it needs when called.
+
+OpenFlamingo: ``open_flamingo/__init__`` imports its factory, which imports open_clip, which needs a torchvision
+that does not exist beside the CPU torch wheel. :func:`load_open_flamingo` loads the real ``open_flamingo.src``
+modules (``flamingo``, ``flamingo_lm``, ``helpers``, ``utils``) without running the package ``__init__`` files, and
+:func:`tiny_open_flamingo` builds the real ``Flamingo`` class with a small patch-embedding vision encoder in place
+of the open_clip ViT (the encoder runs under ``no_grad`` upstream and is not what fastflamingo replaces).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def _find_package(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"{name} is not installed: pip install --no-deps open-flamingo==2.0.1 einops-exts (see README)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def load_open_flamingo() -> types.SimpleNamespace:
+    """The real open-flamingo 2.0.1 modules, without importing open_clip. Returns a namespace with ``Flamingo``,
+    ``FlamingoLMMixin``, ``extend_instance``, ``helpers`` (MaskedCrossAttention, GatedCrossAttentionBlock, ...)."""
+    if "open_flamingo.src.flamingo" not in sys.modules:
+        root = _find_package("open_flamingo")
+        for name, path in (("open_flamingo", root), ("open_flamingo.src", root / "src")):
+            if name not in sys.modules:
+                package = types.ModuleType(name)
+                package.__path__ = [str(path)]  # a package whose __init__ is never run
+                sys.modules[name] = package
+    flamingo = importlib.import_module("open_flamingo.src.flamingo")
+    flamingo_lm = importlib.import_module("open_flamingo.src.flamingo_lm")
+    helpers = importlib.import_module("open_flamingo.src.helpers")
+    utils = importlib.import_module("open_flamingo.src.utils")
+    _fix_generate_for_transformers5(flamingo_lm.FlamingoLMMixin)
+    return types.SimpleNamespace(
+        Flamingo=flamingo.Flamingo,
+        FlamingoLMMixin=flamingo_lm.FlamingoLMMixin,
+        extend_instance=utils.extend_instance,
+        helpers=helpers,
+    )
+
+
+def _fix_generate_for_transformers5(mixin) -> None:
+    """transformers 5 drops an all-ones ``attention_mask`` in generate, and OpenFlamingo's ``FlamingoLMMixin.forward``
+    requires it positionally (SEMANTICS.md section 7): give it a default of None."""
+    if getattr(mixin.forward, "_fastflamingo_default_mask", False):
+        return
+    original = mixin.forward
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        return original(self, input_ids, attention_mask, **kwargs)
+
+    forward._fastflamingo_default_mask = True
+    mixin.forward = forward
+
+
+class TinyVisionEncoder(nn.Module):
+    """Stands in for open_clip's ``VisionTransformer(output_tokens=True)``: returns ``(pooled, tokens)`` with
+    tokens of shape (images, patches, width)."""
+
+    def __init__(self, width: int, image_size: int = 32, patch_size: int = 8):
+        super().__init__()
+        self.patchify = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+        self.ln = nn.LayerNorm(width)
+        self.num_tokens = (image_size // patch_size) ** 2
+
+    def forward(self, images):
+        tokens = self.ln(self.patchify(images).flatten(2).transpose(1, 2))
+        return tokens.mean(1), tokens
+
+
+class _VisualWrapper(nn.Module):
+    def __init__(self, visual):
+        super().__init__()
+        self.visual = visual
+
+
+def tiny_open_flamingo(
+    *,
+    lm: str = "llama",
+    hidden_size: int = 48,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    vis_dim: int = 32,
+    cross_attn_every_n_layers: int = 2,
+    vocab_size: int = 100,
+    image_size: int = 32,
+    patch_size: int = 8,
+    gate_value: Optional[float] = 0.5,
+    seed: int = 0,
+):
+    """A random-weight OpenFlamingo ``Flamingo`` (real class) on a small Hugging Face LM built from a config.
+
+    Token ids: ``vocab_size - 1`` is ``<image>``, ``vocab_size - 2`` is ``<|endofchunk|>``. ``gate_value`` sets the
+    tanh gates (upstream initialises them to 0, which would make cross-attention invisible in the logits).
+    Returns ``(model, media_token_id, eoc_token_id)``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    of = load_open_flamingo()
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        lm,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=4096,
+    )
+    lang = AutoModelForCausalLM.from_config(config)
+    of.extend_instance(lang, of.FlamingoLMMixin)
+    lang.set_decoder_layers_attr_name("model.layers")
+    media_token_id, eoc_token_id = vocab_size - 1, vocab_size - 2
+    model = of.Flamingo(
+        _VisualWrapper(TinyVisionEncoder(vis_dim, image_size, patch_size)),
+        lang,
+        eoc_token_id=eoc_token_id,
+        media_token_id=media_token_id,
+        vis_dim=vis_dim,
+        cross_attn_every_n_layers=cross_attn_every_n_layers,
+    )
+    if gate_value is not None:
+        with torch.no_grad():
+            for block in model.lang_encoder.gated_cross_attn_layers:
+                if block is not None:
+                    block.attn_gate.fill_(gate_value)
+                    block.ff_gate.fill_(gate_value)
+    model.eval()
+    return model, media_token_id, eoc_token_id
+
+
+def evenly_spaced_media_locations(batch: int, num_text: int, num_media: int, first: int = 0, device="cpu"):
+    """Boolean (batch, text) with ``num_media`` ``<image>`` positions spread evenly from ``first``."""
+    locations = torch.zeros(batch, num_text, dtype=torch.bool, device=device)
+    if num_media:
+        positions = torch.linspace(first, num_text - 1, num_media + 1)[:-1].long()
+        locations[:, positions] = True
+    return locations
+
+
+def random_media_locations(batch: int, num_text: int, num_media: int, generator=None, device="cpu"):
+    """Boolean (batch, text) with up to ``num_media`` ``<image>`` positions per sample at random places (a sample
+    may get fewer: padded images)."""
+    locations = torch.zeros(batch, num_text, dtype=torch.bool)
+    for b in range(batch):
+        count = int(torch.randint(0, num_media + 1, (1,), generator=generator))
+        if count and num_text:
+            positions = torch.randperm(num_text, generator=generator)[: min(count, num_text)]
+            locations[b, positions] = True
+    return locations.to(device)
