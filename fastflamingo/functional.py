@@ -97,7 +97,7 @@ def media_cross_attention(
     if num_media == 0:
         if num_keys != 0:
             raise ValueError(f"mask has no media but k has {num_keys} keys")
-        return q.new_zeros(q.shape[:3] + (v.shape[3],))
+        return v.sum(dim=1, keepdim=True).expand(-1, num_text, -1, -1)  # exact zeros, still in the graph
     if num_keys % num_media:
         raise ValueError(f"k has {num_keys} keys, which is not a multiple of the {num_media} media of the mask")
     latents = num_keys // num_media
@@ -139,12 +139,14 @@ def _media_cross_attention_runs(q, k, v, mask: MediaMask, latents: int, scale: f
     for b, t0, t1, lo, hi in mask.runs():
         rows = slice(None) if b is None else slice(b, b + 1)
         if hi <= lo:
-            pieces.append(q.new_zeros(batch if b is None else 1, t1 - t0, heads, head_dim_v))
+            # exact zeros that stay in the autograd graph (a sum over no keys), so a call whose tokens all see
+            # nothing still has a gradient (exactly zero) instead of an output detached from q, k, v
+            pieces.append(v[rows, :0].sum(dim=1, keepdim=True).expand(-1, t1 - t0, -1, -1))
             continue
         keys = slice(lo * latents, hi * latents)
         pieces.append(_sdpa(q[rows, t0:t1], k[rows, keys], v[rows, keys], scale, dropout_p))
-    if not pieces:
-        return q.new_zeros(batch, num_text, heads, head_dim_v)
+    if not pieces:  # no text tokens
+        return v[:, :0].sum(dim=1, keepdim=True).expand(-1, 0, -1, -1)
     if mask.runs()[0][0] is None:  # one set of runs shared by all samples: concatenate along text
         return torch.cat(pieces, dim=1)
     # per-sample runs, ordered sample-major: concatenate along text, then split back into samples
