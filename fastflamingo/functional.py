@@ -131,12 +131,11 @@ def _sdpa(q, k, v, scale, dropout_p, attn_mask=None):
     return out.transpose(1, 2)
 
 
-def _media_cross_attention_runs(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float):
+def _runs_forward(q, k, v, runs, latents: int, scale: float, dropout_p: float):
     """One SDPA call per run of tokens that see the same media: no mask, no text x media-token matrix."""
     batch, num_text, heads, _ = q.shape
-    head_dim_v = v.shape[-1]
     pieces = []
-    for b, t0, t1, lo, hi in mask.runs():
+    for b, t0, t1, lo, hi in runs:
         rows = slice(None) if b is None else slice(b, b + 1)
         if hi <= lo:
             # exact zeros that stay in the autograd graph (a sum over no keys), so a call whose tokens all see
@@ -147,10 +146,54 @@ def _media_cross_attention_runs(q, k, v, mask: MediaMask, latents: int, scale: f
         pieces.append(_sdpa(q[rows, t0:t1], k[rows, keys], v[rows, keys], scale, dropout_p))
     if not pieces:  # no text tokens
         return v[:, :0].sum(dim=1, keepdim=True).expand(-1, 0, -1, -1)
-    if mask.runs()[0][0] is None:  # one set of runs shared by all samples: concatenate along text
+    if runs[0][0] is None:  # one set of runs shared by all samples: concatenate along text
         return torch.cat(pieces, dim=1)
     # per-sample runs, ordered sample-major: concatenate along text, then split back into samples
-    return torch.cat(pieces, dim=1).reshape(batch, num_text, heads, head_dim_v)
+    return torch.cat(pieces, dim=1).reshape(batch, num_text, heads, v.shape[-1])
+
+
+class _RunsAttention(torch.autograd.Function):
+    """Run-by-run attention with a recomputing backward.
+
+    Plain autograd through per-run slices would, for every run, materialise a zero tensor of the full size of q, k
+    and v in the slice backward (quadratic in the number of runs). Here the backward recomputes each run's
+    attention on its own slices (cheap: the forward is a fraction of the backward) and writes the gradients
+    straight into one buffer per input; overlapping key ranges (all-previous mode) accumulate.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, runs, latents, scale):
+        ctx.save_for_backward(q, k, v)
+        ctx.runs, ctx.latents, ctx.scale = runs, latents, scale
+        with torch.no_grad():
+            return _runs_forward(q, k, v, runs, latents, scale, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        latents = ctx.latents
+        for b, t0, t1, lo, hi in ctx.runs:
+            if hi <= lo:
+                continue  # tokens that see nothing: gradient exactly zero
+            rows = slice(None) if b is None else slice(b, b + 1)
+            keys = slice(lo * latents, hi * latents)
+            with torch.enable_grad():
+                qs, ks, vs = (t.detach().requires_grad_(True) for t in (q[rows, t0:t1], k[rows, keys], v[rows, keys]))
+                out = _sdpa(qs, ks, vs, ctx.scale, 0.0)
+                gq, gk, gv = torch.autograd.grad(out, (qs, ks, vs), grad_out[rows, t0:t1])
+            dq[rows, t0:t1] = gq
+            dk[rows, keys] += gk
+            dv[rows, keys] += gv
+        return dq, dk, dv, None, None, None
+
+
+def _media_cross_attention_runs(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float):
+    runs = mask.runs()
+    if dropout_p or not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad):
+        # inference, or dropout (whose random mask a recomputing backward could not replay): plain autograd
+        return _runs_forward(q, k, v, runs, latents, scale, dropout_p)
+    return _RunsAttention.apply(q, k, v, runs, latents, scale)
 
 
 def _media_cross_attention_dense(q, k, v, allowed: torch.Tensor, latents: int, scale: float, dropout_p: float):

@@ -11,6 +11,10 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+if os.environ.get("PYTEST_XDIST_WORKER") and not HAS_CUDA:
+    # xdist workers share the cores: two OpenMP pools on two cores spin against each other and run many times
+    # slower than one thread each
+    torch.set_num_threads(1)
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
