@@ -6,6 +6,7 @@ a Triton kernel runs or a model is patched.
 from . import functional, masks
 from ._backend import BACKENDS, BackendError, backend, requested_backend
 from ._version import __version__
+from .cache import cache_disabled, clear_media_cache
 from .modules import FeedForward, GatedCrossAttentionBlock, MaskedCrossAttention, PerceiverAttention, PerceiverResampler
 from .patching import PatchReport, patch, unpatch
 
@@ -15,6 +16,8 @@ __all__ = [
     "BackendError",
     "backend",
     "requested_backend",
+    "cache_disabled",
+    "clear_media_cache",
     "functional",
     "masks",
     "FeedForward",

@@ -16,6 +16,7 @@ from torch import nn
 
 from . import functional as FF
 from . import masks
+from .cache import ProjectionCache
 
 
 def _check_tensor(name: str, t, dims, feature: Optional[int] = None, what: str = "") -> None:
@@ -76,6 +77,7 @@ class MaskedCrossAttention(nn.Module):
         self.to_kv = nn.Linear(dim_visual, inner_dim * 2, bias=False)  # fused: rows [0, inner) K, [inner, 2 inner) V
         self.to_out = nn.Linear(inner_dim, dim, bias=False)
         self.only_attend_immediate_media = only_attend_immediate_media
+        self.media_cache = ProjectionCache()  # K/V of the last media, reused across decode steps (see cache.py)
 
     def media_mask(self, x, media, media_locations, use_cached_media):
         """The closed-form mask for this call (memoised per ``media_locations`` tensor, shared across layers)."""
@@ -106,7 +108,11 @@ class MaskedCrossAttention(nn.Module):
 
     def project_media(self, media: torch.Tensor):
         """K and V of the flattened media latents as (batch, media * latents, heads, dim_head) views of one fused
-        projection (no split copy)."""
+        projection (no split copy). In eval mode without autograd the result is reused while ``media`` and the
+        weights are unchanged (decode steps)."""
+        return self.media_cache.get(self, media, self.to_kv.parameters(), lambda: self._project_media(media))
+
+    def _project_media(self, media: torch.Tensor):
         batch, num_media, latents = media.shape[:3]
         inner = self.heads * self.dim_head
         kv = self.to_kv(media.reshape(batch, num_media * latents, media.shape[-1]))
