@@ -7,8 +7,9 @@ step, and IDEFICS on transformers 5 even reruns the whole resampler (SEMANTICS.m
 
 The entry is keyed on:
 
-- the source tensor's identity (a weak reference: the entry never keeps the media alive) and its version counter,
-  which every in-place write bumps, plus its data pointer, shape, dtype and device;
+- the source tensor's identity (of the tensor owning its storage, held by a weak reference: the entry never keeps
+  the media alive) and its version counter, which every in-place write bumps, plus its data pointer, shape,
+  strides, dtype and device;
 - the identity and version counter of every weight the projection reads (an optimizer step, ``load_state_dict`` or
   ``.to()`` all change one of them);
 
@@ -48,12 +49,19 @@ def cache_disabled():
         _disabled.reset(token)
 
 
+def _root(t: torch.Tensor) -> torch.Tensor:
+    """The tensor that owns ``t``'s storage: a fresh view of the same data each step (IdeficsModel reshapes the
+    resampler output with ``.view`` in every forward) is recognised by its base, with which it shares the version
+    counter."""
+    return t._base if t._base is not None else t
+
+
 def _tensor_key(t: torch.Tensor) -> Optional[Tuple]:
     try:
         version = t._version
     except RuntimeError:  # inference tensors have no version counter: an in-place edit would go unseen
         return None
-    return (id(t), version, t.data_ptr(), tuple(t.shape), t.dtype, t.device)
+    return (id(_root(t)), version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
 class ProjectionCache:
@@ -83,12 +91,13 @@ class ProjectionCache:
         if any(k is None for k in keys):
             return compute()
         key = tuple(keys)
-        if self._key == key and self._source is not None and self._source() is source:
+        root = _root(source)
+        if self._key == key and self._source is not None and self._source() is root:
             self.hits += 1
             return self._value
         self.misses += 1
         value = compute()
-        self._source, self._key, self._value = weakref.ref(source), key, value
+        self._source, self._key, self._value = weakref.ref(root), key, value
         return value
 
 

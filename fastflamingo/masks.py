@@ -126,7 +126,9 @@ _CACHE: "List[tuple]" = []  # (weakref to source, version, key, mask); a handful
 _CACHE_SIZE = 8
 
 
-def _memoised(source: torch.Tensor, key: tuple, build):
+def memoised(source: torch.Tensor, key: tuple, build):
+    """``build()``, cached per (identity and version of ``source``, ``key``): derive a mask once per forward pass
+    and share it across layers. Not cached while compiling or when ``source`` requires grad."""
     if torch.compiler.is_compiling() or source.requires_grad:
         return build()
     version = source._version
@@ -176,12 +178,12 @@ def from_media_locations(
             last = media_locations.sum(dim=-1, dtype=torch.int32)
             return MediaMask(last[:, None].expand(-1, num_text), num_media, mode)
 
-        return _memoised(media_locations, ("cached", num_media, mode, num_text), build)
+        return memoised(media_locations, ("cached", num_media, mode, num_text), build)
 
     def build():
         return MediaMask(media_locations.cumsum(dim=-1, dtype=torch.int32), num_media, mode)
 
-    return _memoised(media_locations, ("cumsum", num_media, mode), build)
+    return memoised(media_locations, ("cumsum", num_media, mode), build)
 
 
 def all_media(batch: int, num_text: int, num_media: int, device) -> MediaMask:
@@ -203,7 +205,7 @@ def from_image_attention_mask(image_attention_mask: torch.Tensor) -> "MediaMask 
             f"image_attention_mask must have shape (batch, text, num_images), got {tuple(image_attention_mask.shape)}"
         )
 
-    return _memoised(image_attention_mask, ("idefics",), lambda: _classify_allowed(image_attention_mask != 0))
+    return memoised(image_attention_mask, ("idefics",), lambda: _classify_allowed(image_attention_mask != 0))
 
 
 def _classify_allowed(allowed: torch.Tensor) -> "MediaMask | torch.Tensor":
@@ -235,4 +237,4 @@ def from_idefics_additive_mask(mask: torch.Tensor, num_images: int, latents_per_
         allowed = per_image == 0 if mask.is_floating_point() else per_image != 0
         return _classify_allowed(allowed)
 
-    return _memoised(mask, ("idefics-additive", num_images, latents_per_image), build)
+    return memoised(mask, ("idefics-additive", num_images, latents_per_image), build)

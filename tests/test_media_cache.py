@@ -156,3 +156,36 @@ def test_cache_does_not_keep_media_alive():
     del media
     gc.collect()
     assert ref() is None
+
+
+# ---------------------------------------------------------------------------------------------- IDEFICS
+
+
+@pytest.mark.parametrize("beams", [1, 2], ids=["greedy", "beam2"])
+def test_idefics_generate_runs_resampler_and_projections_once(beams):
+    pytest.importorskip("transformers")
+    from test_idefics import model_inputs, tiny_model
+
+    model = tiny_model()
+    inputs = model_inputs()
+    steps = 5
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=steps, do_sample=False, num_beams=beams)
+    layers = list(model.model.gated_cross_attn_layers)
+    resampler = model.model.perceiver_resampler
+    upstream_k = CallCounter([layer.cross_attn.k_proj for layer in layers])
+    upstream_resampler = CallCounter([resampler])
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=steps, do_sample=False, num_beams=beams)
+    assert upstream_resampler.count == steps  # transformers 5 reruns the resampler at every step (SEMANTICS 5)
+    assert upstream_k.count == steps * len(layers)
+
+    ff.patch(model)
+    layers = list(model.model.gated_cross_attn_layers)
+    k_calls = CallCounter([layer.cross_attn.k_proj for layer in layers])
+    resampler_blocks = CallCounter([model.model.perceiver_resampler.blocks[0][0]])
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, num_beams=beams)
+    assert torch.equal(out, ref)
+    assert resampler_blocks.count == 1  # the resampler's work runs once per generate
+    assert k_calls.count == len(layers)  # and each layer projects the images once
