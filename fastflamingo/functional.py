@@ -7,10 +7,12 @@ text x media-tokens is ever built, in the forward or in the backward pass.
 """
 from __future__ import annotations
 
+import importlib
 from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import _backend
 from .masks import MediaMask
@@ -18,6 +20,16 @@ from .masks import MediaMask
 # --------------------------------------------------------------------------------------------------------------
 # Masked media cross-attention
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _triton_module(name: str):
+    """The Triton boundary module ``fastflamingo.<name>``, or None when this build does not have it."""
+    try:
+        return importlib.import_module(f".{name}", __package__)
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.{name}":
+            raise
+        return None
 
 
 def _check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -245,6 +257,17 @@ def perceiver_attention(
             "N, heads and head_dim, and k_latents must have as many tokens as q"
         )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+    def triton_reasons() -> List[str]:
+        module = _triton_module("_triton_perceiver")
+        if module is None:
+            return ["this build has no Triton kernel for perceiver_attention"]
+        return module.unsupported_reasons(q, k_media, v_media, k_latents, v_latents)
+
+    if _backend.choose("perceiver_attention", tensors.values(), triton_reasons) == "triton":
+        from . import _triton_perceiver
+
+        return _triton_perceiver.perceiver_attention(q, k_media, v_media, k_latents, v_latents, scale)
     # PyTorch path: one fused SDPA over the concatenated keys. The concatenation copies only the projected K/V
     # (media_tokens + latents rows), which is small next to the projections that produce them.
     k = torch.cat((k_media, k_latents), dim=1)
@@ -277,4 +300,40 @@ def tanh_gated_residual(
     return h * alpha.tanh() + x
 
 
-__all__ = ["media_cross_attention", "perceiver_attention", "tanh_gated_residual"]
+def tanh_gated_linear(
+    x: torch.Tensor,
+    inp: torch.Tensor,
+    linear: nn.Module,
+    alpha: torch.Tensor,
+    row_gate: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``x + tanh(alpha) * linear(inp)`` (rows with ``row_gate == 0`` get ``x``): the gated residual fused into
+    the epilogue of the matmul that produces the branch, on the Triton backend.
+
+    ``linear`` is the upstream projection module (``to_out``, ``ff[3]``, ``o_proj``, ``down_proj``). Only a plain
+    ``nn.Linear`` is fused; anything else (a LoRA wrapper, a quantized layer) runs as a module, then the gated
+    residual. Gradients flow to ``x``, ``inp``, the weight (and bias) and ``alpha``.
+    """
+    if type(linear) is not nn.Linear:
+        return tanh_gated_residual(x, linear(inp), alpha, row_gate)
+    if inp.shape[:-1] != x.shape[:-1] or inp.shape[-1] != linear.in_features or x.shape[-1] != linear.out_features:
+        raise ValueError(
+            f"x {tuple(x.shape)} and inp {tuple(inp.shape)} do not fit a Linear({linear.in_features}, "
+            f"{linear.out_features})"
+        )
+    weight, bias = linear.weight, linear.bias
+
+    def triton_reasons() -> List[str]:
+        module = _triton_module("_triton_gate")
+        if module is None:
+            return ["this build has no Triton kernel for tanh_gated_linear"]
+        return module.unsupported_reasons(x, inp, weight, bias, alpha, row_gate)
+
+    if _backend.choose("tanh_gated_linear", (x, inp, weight, alpha), triton_reasons) == "triton":
+        from . import _triton_gate
+
+        return _triton_gate.tanh_gated_linear(x, inp, weight, bias, alpha, row_gate)
+    return tanh_gated_residual(x, F.linear(inp, weight, bias), alpha, row_gate)
+
+
+__all__ = ["media_cross_attention", "perceiver_attention", "tanh_gated_residual", "tanh_gated_linear"]

@@ -150,8 +150,12 @@ class IdeficsMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.act_fn = _activation(hidden_act)
 
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The SwiGLU activations that ``down_proj`` consumes."""
+        return self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.hidden(x))
 
 
 def _is_hard_mask(mask: torch.Tensor) -> bool:
@@ -274,10 +278,16 @@ class IdeficsCrossAttention(nn.Module):
                 attention_mask: Optional[torch.Tensor] = None, position_ids=None, cache=None, **kwargs):
         """Upstream's ``IdeficsAttention.forward`` arguments and return value ``(attn_output, None)`` (sdpa
         returns no weights upstream either). ``position_ids`` is unused: cross attention has no RoPE."""
-        if key_value_states is None:
-            raise ValueError("IDEFICS cross attention needs key_value_states (the image hidden states)")
         if cache is not None:
             raise NotImplementedError("Past key value states are not implemented for Idefics cross attention module.")
+        out = self.attend(hidden_states, key_value_states, attention_mask)
+        return self.o_proj(out), None
+
+    def attend(self, hidden_states: torch.Tensor, key_value_states: Optional[torch.Tensor],
+               attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The attention output before ``o_proj``: (batch, text, heads * head_dim)."""
+        if key_value_states is None:
+            raise ValueError("IDEFICS cross attention needs key_value_states (the image hidden states)")
         _check_tensor("hidden_states", hidden_states, 3, self.hidden_size, "(batch, text, hidden_size)")
         _check_tensor("image_hidden_states", key_value_states, 3, self.kv_input_dim,
                       "(batch, images * latents, vision embed_dim)")
@@ -304,7 +314,7 @@ class IdeficsCrossAttention(nn.Module):
             ).transpose(1, 2)
         else:
             out = FF.media_cross_attention(q, k, v, mask, scale=self.scaling, dropout_p=dropout_p)
-        return self.o_proj(out.reshape(batch, num_text, self.num_heads * self.head_dim)), None
+        return out.reshape(batch, num_text, self.num_heads * self.head_dim)
 
 
 def _broadcast_batch(mask: torch.Tensor, batch: int) -> torch.Tensor:
@@ -433,14 +443,25 @@ class IdeficsGatedCrossAttentionLayer(nn.Module):
                 f"cross_attention_gate must be a (batch, text) = {tuple(hidden_states.shape[:2])} tensor, got {shape}"
             )
 
+        # Without branch dropout, each branch's last projection (o_proj, down_proj) carries the gated residual in
+        # its epilogue (fused on the Triton backend); with it, dropout has to sit between the two.
+        fuse = not (self.training and self.dropout > 0)
         residual = hidden_states
-        h, _ = self.cross_attn(self.input_layernorm(hidden_states), image_hidden_states, image_attention_mask)
-        h = F.dropout(h, p=self.dropout, training=self.training)
-        hidden_states = FF.tanh_gated_residual(residual, h, self.alpha_cross_attn, row_gate=cross_attention_gate)
+        normed = self.input_layernorm(hidden_states)
+        if fuse and isinstance(self.cross_attn, IdeficsCrossAttention):
+            attended = self.cross_attn.attend(normed, image_hidden_states, image_attention_mask)
+            hidden_states = FF.tanh_gated_linear(residual, attended, self.cross_attn.o_proj, self.alpha_cross_attn,
+                                                 row_gate=cross_attention_gate)
+        else:
+            h, _ = self.cross_attn(normed, image_hidden_states, image_attention_mask)
+            h = F.dropout(h, p=self.dropout, training=self.training)
+            hidden_states = FF.tanh_gated_residual(residual, h, self.alpha_cross_attn, row_gate=cross_attention_gate)
 
         residual = hidden_states
-        h = self.mlp(self.post_attention_layernorm(hidden_states))
-        h = F.dropout(h, p=self.dropout, training=self.training)
+        normed = self.post_attention_layernorm(hidden_states)
+        if fuse and isinstance(self.mlp, IdeficsMLP):
+            return FF.tanh_gated_linear(residual, self.mlp.hidden(normed), self.mlp.down_proj, self.alpha_dense)
+        h = F.dropout(self.mlp(normed), p=self.dropout, training=self.training)
         return FF.tanh_gated_residual(residual, h, self.alpha_dense)
 
 

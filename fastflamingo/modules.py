@@ -120,7 +120,11 @@ class MaskedCrossAttention(nn.Module):
         return kv[..., :inner].view(shape), kv[..., inner:].view(shape)
 
     def forward(self, x, media, media_locations=None, use_cached_media=False):
-        """
+        return self.to_out(self.attend(x, media, media_locations, use_cached_media))
+
+    def attend(self, x, media, media_locations=None, use_cached_media=False):
+        """The attention output before ``to_out``: (B, T_txt, heads * dim_head).
+
         Args:
             x: text features (B, T_txt, dim).
             media: media latents (B, T_img, n, dim_visual).
@@ -137,7 +141,7 @@ class MaskedCrossAttention(nn.Module):
         q = self.to_q(self.norm(x)).view(batch, num_text, self.heads, self.dim_head)
         k, v = self.project_media(media)
         out = FF.media_cross_attention(q, k, v, mask, scale=self.scale)
-        return self.to_out(out.reshape(batch, num_text, self.heads * self.dim_head))
+        return out.reshape(batch, num_text, self.heads * self.dim_head)
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -168,8 +172,15 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff_gate = nn.Parameter(torch.tensor([0.0]))
 
     def forward(self, x, media, media_locations=None, use_cached_media=False):
-        h = self.attn(x, media, media_locations=media_locations, use_cached_media=use_cached_media)
-        x = FF.tanh_gated_residual(x, h, self.attn_gate)
+        # each branch's last projection carries the gated residual in its epilogue (fused on the Triton backend)
+        if isinstance(self.attn, MaskedCrossAttention):
+            attended = self.attn.attend(x, media, media_locations, use_cached_media)
+            x = FF.tanh_gated_linear(x, attended, self.attn.to_out, self.attn_gate)
+        else:  # a user-replaced attention module
+            x = FF.tanh_gated_residual(x, self.attn(x, media, media_locations, use_cached_media), self.attn_gate)
+        if isinstance(self.ff, FeedForward):
+            hidden = self.ff[2](self.ff[1](self.ff[0](x)))
+            return FF.tanh_gated_linear(x, hidden, self.ff[3], self.ff_gate)
         return FF.tanh_gated_residual(x, self.ff(x), self.ff_gate)
 
 
