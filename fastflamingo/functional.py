@@ -131,7 +131,10 @@ def media_cross_attention(
             q, k, v, mask.text_time.to(q.device), num_media, latents, mask.immediate, scale
         )
     if isinstance(mask, MediaMask):
-        return _media_cross_attention_runs(q, k, v, mask.to(q.device), latents, scale, dropout_p)
+        mask = mask.to(q.device)
+        if mask.immediate:
+            return _media_cross_attention_chunks(q, k, v, mask, latents, scale, dropout_p)
+        return _media_cross_attention_runs(q, k, v, mask, latents, scale, dropout_p)
     return _media_cross_attention_dense(q, k, v, mask.to(q.device), latents, scale, dropout_p)
 
 
@@ -206,6 +209,25 @@ def _media_cross_attention_runs(q, k, v, mask: MediaMask, latents: int, scale: f
         # inference, or dropout (whose random mask a recomputing backward could not replay): plain autograd
         return _runs_forward(q, k, v, runs, latents, scale, dropout_p)
     return _RunsAttention.apply(q, k, v, runs, latents, scale)
+
+
+def _media_cross_attention_chunks(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float):
+    """Immediate mode in one SDPA call: every chunk of a run attends to its own media's ``latents`` keys (all of
+    them valid, so no mask at all). Gathers copy q once and each used media's K/V once; the result is scattered
+    back, and tokens that see nothing keep exact zeros. Autograd goes through index_select / index_copy, whose
+    backward is linear in the tensor sizes."""
+    batch, num_text, heads, head_dim = q.shape
+    token_index, media_index, size = mask.chunks(batch)
+    head_dim_v = v.shape[-1]
+    flat_q = torch.cat((q.reshape(batch * num_text, heads, head_dim), q.new_zeros(1, heads, head_dim)))
+    chunk_q = flat_q.index_select(0, token_index.flatten()).view(-1, size, heads, head_dim)
+    num_media = mask.num_media
+    chunk_k = k.reshape(batch * num_media, latents, heads, head_dim).index_select(0, media_index)
+    chunk_v = v.reshape(batch * num_media, latents, heads, head_dim_v).index_select(0, media_index)
+    chunk_out = _sdpa(chunk_q, chunk_k, chunk_v, scale, dropout_p)
+    out = q.new_zeros(batch * num_text + 1, heads, head_dim_v)
+    out = out.index_copy(0, token_index.flatten(), chunk_out.reshape(-1, heads, head_dim_v))
+    return out[:-1].view(batch, num_text, heads, head_dim_v)
 
 
 def _media_cross_attention_dense(q, k, v, allowed: torch.Tensor, latents: int, scale: float, dropout_p: float):

@@ -42,7 +42,7 @@ class MediaMask:
         mode: ``"immediate"`` or ``"all_previous"``.
     """
 
-    __slots__ = ("text_time", "num_media", "mode", "_runs", "_range", "_has_empty", "__weakref__")
+    __slots__ = ("text_time", "num_media", "mode", "_runs", "_range", "_chunks", "__weakref__")
 
     def __init__(self, text_time: torch.Tensor, num_media: int, mode: str):
         if mode not in MODES:
@@ -54,7 +54,7 @@ class MediaMask:
         self.mode = mode
         self._runs: Optional[List[Run]] = None
         self._range: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-        self._has_empty: Optional[bool] = None
+        self._chunks = None
 
     @property
     def immediate(self) -> bool:
@@ -115,6 +115,38 @@ class MediaMask:
                 runs += [(b, s, e, lo_list[s], hi_list[s]) for s, e in zip(starts, ends)]
             self._runs = runs
         return self._runs
+
+
+    def chunks(self, batch: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """Immediate mode as one batched attention: the tokens of each run, cut into chunks of at most ``size``
+        tokens, each chunk paired with the one media its tokens see.
+
+        Returns ``(token_index, media_index, size)``: ``token_index`` (chunks, size) holds flat token indices
+        ``b * text + t`` (padding slots point at ``batch * text``, one past the end), ``media_index`` (chunks,)
+        holds flat media indices ``b * num_media + m``. Tokens that see nothing are in no chunk. Cached.
+        """
+        if not self.immediate:
+            raise ValueError("chunks() describes the immediate mode only")
+        if self._chunks is None:
+            runs = [r for r in self.runs() if r[4] > r[3]]
+            num_text = self.text_time.shape[1]
+            longest = max((t1 - t0 for _, t0, t1, _, _ in runs), default=1)
+            # chunks as long as the longest run (rounded up to a power of two), at most 64 tokens: one chunk per
+            # image at Flamingo's usual spacing, and little padding for decode steps (runs of one token)
+            size = min(64, 1 << (longest - 1).bit_length())
+            tokens, media = [], []
+            for b, t0, t1, lo, _ in runs:
+                for sample in (range(batch) if b is None else (b,)):
+                    for start in range(t0, t1, size):
+                        stop = min(start + size, t1)
+                        row = list(range(sample * num_text + start, sample * num_text + stop))
+                        tokens.append(row + [batch * num_text] * (size - len(row)))
+                        media.append(sample * self.num_media + lo)
+            device = self.text_time.device
+            token_index = torch.tensor(tokens, dtype=torch.long).reshape(-1, size).to(device)
+            media_index = torch.tensor(media, dtype=torch.long).to(device)
+            self._chunks = (token_index, media_index, size)
+        return self._chunks
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def _attention_inputs(batch=2, num_text=9, num_media=2, latents=3, heads=2, head
 
 def test_auto_uses_torch_on_cpu(monkeypatch):
     calls = []
-    monkeypatch.setattr(F, "_media_cross_attention_runs", lambda *a: calls.append(1) or a[0].new_zeros(a[0].shape))
+    monkeypatch.setattr(F, "_media_cross_attention_chunks", lambda *a: calls.append(1) or a[0].new_zeros(a[0].shape))
     q, k, v, mask = _attention_inputs()
     with ff.backend("auto"):
         F.media_cross_attention(q, k, v, mask)
