@@ -7,7 +7,7 @@
 #   benchmarks/device_check.sh OUTDIR            # on the GPU machine, from the repository root
 #   benchmarks/device_check.sh OUTDIR --dry-run  # same steps on CPU at toy sizes; pip only simulates installs
 #
-# Carried wheels (benchmarks/wheels/*.whl: open-flamingo, einops-exts, einops, pytest + plugins) are installed
+# Carried wheels (benchmarks/wheels/*.whl: open-flamingo, einops-exts, pytest-xdist + execnet) are installed
 # --no-deps, and only for distributions that are missing: the GPU machine has no internet, and an installed
 # package is never replaced.
 set -u -o pipefail
