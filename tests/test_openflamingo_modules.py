@@ -12,17 +12,8 @@ import torch
 
 import fastflamingo as ff
 from fastflamingo import flamingo_pytorch as ffp
-from fastflamingo.testing import load_open_flamingo
 from helpers import assert_close, assert_lowp_close, grads_of
-from upstream import flamingo_pytorch
-
-
-@pytest.fixture(scope="module")
-def of():
-    try:
-        return load_open_flamingo().helpers
-    except ModuleNotFoundError as exc:
-        pytest.skip(str(exc))
+from upstream import flamingo_pytorch, of  # noqa: F401 (of is a fixture)
 
 
 def divergent_rows(media_locations, num_text, num_media, immediate, use_cached_media):

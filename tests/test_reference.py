@@ -5,17 +5,9 @@ import torch
 import fastflamingo as ff
 from fastflamingo import flamingo_pytorch as ffp
 from fastflamingo import reference as ref
-from fastflamingo.testing import load_open_flamingo, random_media_locations
+from fastflamingo.testing import random_media_locations
 from helpers import assert_close
-from upstream import flamingo_pytorch
-
-
-@pytest.fixture(scope="module")
-def of():
-    try:
-        return load_open_flamingo().helpers
-    except ModuleNotFoundError as exc:
-        pytest.skip(str(exc))
+from upstream import flamingo_pytorch, of  # noqa: F401 (of is a fixture)
 
 
 def _randomize(module):

@@ -28,6 +28,17 @@ def _load(name: str, path: Path):
     return module
 
 
+@pytest.fixture(scope="module")
+def of():
+    """The real OpenFlamingo helpers module (``import`` this fixture into a test file to use it)."""
+    from fastflamingo.testing import load_open_flamingo
+
+    try:
+        return load_open_flamingo().helpers
+    except ModuleNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
 def open_flamingo_helpers():
     """``open_flamingo/src/helpers.py`` of open-flamingo 2.0.1: MaskedCrossAttention, GatedCrossAttentionBlock,
     PerceiverAttention, PerceiverResampler, FeedForward."""
