@@ -120,6 +120,22 @@ def device_reasons(tensors: Iterable[torch.Tensor]) -> List[str]:
     return reasons
 
 
+def interpreter_bf16_reasons(tensors: Iterable[torch.Tensor]) -> List[str]:
+    """bf16 ``tl.dot`` is wrong under the Triton interpreter (it multiplies raw bf16 bits, triton-lang/triton#11584)
+    unless the fix that tests/conftest.py installs is in place: refuse bf16 CPU tensors there."""
+    if not interpret_mode() or not any(t is not None and t.dtype == torch.bfloat16 and t.device.type == "cpu"
+                                       for t in tensors):
+        return []
+    try:
+        from triton.runtime import interpreter
+    except Exception:  # triton missing or broken: triton_import_error() reports that
+        return []
+    if getattr(interpreter.InterpreterBuilder.create_dot, "_bf16_fixed", False):
+        return []
+    return ["bf16 under the Triton interpreter needs the bf16 tl.dot fix of tests/conftest.py "
+            "(the interpreter multiplies raw bf16 bits: triton-lang/triton#11584)"]
+
+
 def choose(op: str, tensors: Iterable[torch.Tensor], input_reasons: Callable[[], List[str]]) -> str:
     """Pick ``"torch"`` or ``"triton"`` for one call of ``op``.
 

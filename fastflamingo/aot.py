@@ -1,0 +1,176 @@
+"""Compile every Triton kernel of fastflamingo for the GPU, ahead of time and without a GPU.
+
+    python -m fastflamingo.aot [--quick] [--arch 80 90] [--jobs N] [--family NAME]
+
+For each kernel family listed in ``fastflamingo.kernels.KERNEL_FAMILIES``, its ``aot_variants()`` enumerate every
+shipped launch config x dtype x representative constexpr combination; each is compiled with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for every requested architecture (ptxas and
+cuobjdump ship inside the triton wheel). The report lists registers per thread, local memory (stack bytes:
+register spills) and shared memory per kernel/config/arch. Exit status 1 on a compile error, a spill, or shared
+memory over the architecture's per-block limit; 2 when the environment cannot compile (triton missing, kernels
+already imported under the interpreter).
+
+The interpreter has to be off while the kernel modules are imported (``@triton.jit`` picks interpreted or compiled
+at decoration time), so this module removes ``TRITON_INTERPRET`` from its environment before importing them. Run
+it as its own process; compiled kernels land in triton's cache, so a second run is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence
+
+# Opt-in shared memory per block (bytes): the launch limit the compiled kernel must fit.
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+DEFAULT_ARCHS = (80, 90)
+
+_VARIANTS: list = []  # filled before the worker pool forks
+
+
+def _prepare_environment() -> Optional[str]:
+    """Turn the interpreter off for this process; return why compiling is impossible, or None."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        import triton  # noqa: F401
+        from triton.runtime.interpreter import InterpretedFunction
+    except Exception as exc:
+        return f"triton does not import ({type(exc).__name__}: {exc})"
+    for name, module in list(sys.modules.items()):
+        if name.startswith("fastflamingo.kernels.") and module is not None:
+            if any(isinstance(obj, InterpretedFunction) for obj in vars(module).values()):
+                return (f"{name} was imported with TRITON_INTERPRET set, so its kernels are interpreted and cannot "
+                        "be compiled; run `python -m fastflamingo.aot` as its own process")
+    return None
+
+
+def _families(selected: Sequence[str]) -> List[str]:
+    from . import _backend
+
+    _backend.load_kernels("_utils")  # also imports the package, from an install or a bare source checkout
+    package = sys.modules["fastflamingo.kernels"]
+    families = list(package.KERNEL_FAMILIES)
+    if selected:
+        unknown = sorted(set(selected) - set(families))
+        if unknown:
+            raise SystemExit(f"unknown kernel families {unknown}; known: {families}")
+        families = [f for f in families if f in selected]
+    return families
+
+
+def _collect(families: Sequence[str], quick: bool) -> list:
+    from . import _backend
+
+    variants = []
+    for family in families:
+        variants += _backend.load_kernels(family).aot_variants(quick=quick)
+    return variants
+
+
+_RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def _cubin_resources(cubin: bytes) -> Dict[str, int]:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", handle.name], check=True, capture_output=True,
+                              text=True).stdout
+    match = _RESOURCE.search(text)
+    if match is None:
+        raise RuntimeError(f"cannot read the resource usage from cuobjdump:\n{text}")
+    regs, stack, _, local = (int(x) for x in match.groups())
+    return {"regs": regs, "spill": stack + local}
+
+
+def _compile_one(job) -> dict:
+    index, arch = job
+    variant = _VARIANTS[index]
+    row = {"kernel": variant.kernel, "label": variant.label, "arch": arch, "error": None}
+    start = time.perf_counter()
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+
+        source = triton.compiler.ASTSource(fn=variant.fn, signature=variant.signature,
+                                           constexprs=variant.constexprs, attrs=variant.attrs())
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                  options=dict(num_warps=variant.num_warps, num_stages=variant.num_stages))
+        row.update(_cubin_resources(compiled.asm["cubin"]), shared=int(compiled.metadata.shared))
+    except Exception as exc:  # reported in the table; the exit status says it failed
+        message = str(exc).strip().splitlines()
+        row["error"] = f"{type(exc).__name__}: {message[-1] if message else ''}"[:300]
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def _verdict(row: dict) -> str:
+    if row["error"]:
+        return "ERROR"
+    problems = []
+    if row["spill"]:
+        problems.append("SPILL")
+    if row["shared"] > SHARED_MEMORY_LIMIT.get(row["arch"], min(SHARED_MEMORY_LIMIT.values())):
+        problems.append("SMEM")
+    return "+".join(problems) or "ok"
+
+
+def _print_table(rows: List[dict], out=sys.stdout) -> None:
+    header = f"{'kernel':<28} {'variant':<36} {'sm':>3} {'regs':>4} {'spill':>5} {'shared':>7} {'sec':>5}  status"
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for row in rows:
+        if row["error"]:
+            print(f"{row['kernel']:<28} {row['label']:<36} {row['arch']:>3} {'':>4} {'':>5} {'':>7} "
+                  f"{row['seconds']:5.1f}  ERROR {row['error']}", file=out)
+        else:
+            print(f"{row['kernel']:<28} {row['label']:<36} {row['arch']:>3} {row['regs']:>4} {row['spill']:>5} "
+                  f"{row['shared']:>7} {row['seconds']:5.1f}  {_verdict(row)}", file=out)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastflamingo.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one config per kernel, bf16, head_dim 128")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), help="compute capabilities")
+    parser.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    parser.add_argument("--family", nargs="*", default=[], help="only these kernel families")
+    args = parser.parse_args(argv)
+
+    problem = _prepare_environment()
+    if problem:
+        print(f"fastflamingo.aot: cannot compile: {problem}", file=sys.stderr)
+        return 2
+    _VARIANTS[:] = _collect(_families(args.family), args.quick)
+    jobs = [(i, arch) for i in range(len(_VARIANTS)) for arch in args.arch]
+    start = time.perf_counter()
+    if args.jobs > 1 and len(jobs) > 1:
+        # fork: the workers inherit the collected variants (JIT functions do not pickle)
+        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+            rows = pool.map(_compile_one, jobs, chunksize=1)
+    else:
+        rows = [_compile_one(job) for job in jobs]
+    _print_table(rows)
+
+    failed = [r for r in rows if _verdict(r) != "ok"]
+    worst = max((r for r in rows if not r["error"]), key=lambda r: r["regs"], default=None)
+    import triton
+
+    print(f"\n{len(rows)} compiles ({len(_VARIANTS)} variants x sm_{'/sm_'.join(map(str, args.arch))}) in "
+          f"{time.perf_counter() - start:.0f} s with triton {triton.__version__}; "
+          f"max registers {worst['regs'] if worst else '-'}; {len(failed)} failed")
+    for row in failed:
+        print(f"FAILED {_verdict(row)}: {row['kernel']} {row['label']} sm_{row['arch']}"
+              + (f": {row['error']}" if row["error"] else ""), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

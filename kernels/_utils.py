@@ -1,0 +1,178 @@
+"""Helpers shared by the kernel families of ``fastflamingo.kernels``: interpreter detection, dtype maps, stride
+fixing, launch-config selection (a tiny explicit autotuner) and the ahead-of-time compile registry entry type.
+
+This module imports triton; ``fastflamingo.kernels`` itself (``__init__``) does not.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import triton
+from triton.runtime.errors import OutOfResources
+
+# Read once at import: ``@triton.jit`` decides interpreted vs compiled when the decorator runs, so a later change
+# of the environment would not change the kernels anyway (and reading triton.knobs inside code that torch.compile
+# traces breaks the graph).
+INTERPRET: bool = bool(triton.knobs.runtime.interpret)
+
+LOG2E = 1.4426950408889634
+
+TORCH_TO_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+SUPPORTED_DTYPES = tuple(TORCH_TO_TRITON_DTYPE)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def head_block(head_dim: int) -> int:
+    """Tile width for a head dimension: the next power of two, at least 16 (``tl.dot`` needs K >= 16)."""
+    return max(16, next_power_of_2(head_dim))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use exact IEEE products, so fp32 results agree with an fp32 reference to ~1e-6 on every device
+    (TF32 would cost three decimal digits); fp16/bf16 use tensor cores regardless of this setting."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Kernels take every stride explicitly but assume unit stride along head_dim (vectorised loads)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def length_bucket(n: int) -> int:
+    """Autotune key for a sequence length: next power of two, so neighbouring lengths share a tuning result."""
+    return min(next_power_of_2(max(int(n), 1)), 1 << 16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch configurations
+# ----------------------------------------------------------------------------------------------------------------
+
+ConfigLike = Union[triton.Config, Mapping[str, int]]
+
+
+def as_config(config: ConfigLike, default_warps: int = 4, default_stages: int = 2) -> triton.Config:
+    """Accept a ``triton.Config`` or a plain mapping ``{"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4}``."""
+    if isinstance(config, triton.Config):
+        return config
+    kwargs = dict(config)
+    num_warps = int(kwargs.pop("num_warps", default_warps))
+    num_stages = int(kwargs.pop("num_stages", default_stages))
+    return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
+
+
+def config_label(config: triton.Config) -> str:
+    blocks = "x".join(f"{k.replace('BLOCK_', '')}{v}" for k, v in sorted(config.kwargs.items()))
+    return f"{blocks}-w{config.num_warps}-s{config.num_stages}"
+
+
+class ConfigChooser:
+    """Pick a launch config per autotune key; benchmark on first use when more than one candidate survives pruning.
+
+    ``triton.autotune`` cannot be used here because the host-side tile schedule depends on the block sizes: the
+    schedule has to be rebuilt for each candidate, so the candidates are timed through a caller-provided
+    ``run(config)`` that does everything that depends on the config. Under the interpreter the candidate list has
+    one entry and nothing is timed. Warm up every shape before CUDA-graph capture: timing cannot be captured.
+    """
+
+    def __init__(self, name: str, configs: Sequence[triton.Config],
+                 prune: Optional[Callable[[List[triton.Config], tuple], List[triton.Config]]] = None):
+        self.name = name
+        self.configs = list(configs)
+        self.prune = prune
+        self.cache: Dict[Hashable, triton.Config] = {}
+        self._lock = threading.Lock()
+
+    def candidates(self, key: tuple) -> List[triton.Config]:
+        kept = self.prune(list(self.configs), key) if self.prune else list(self.configs)
+        return kept or list(self.configs)
+
+    def choose(self, key: tuple, run: Callable[[triton.Config], None]) -> triton.Config:
+        with self._lock:
+            if key in self.cache:
+                return self.cache[key]
+        candidates = self.candidates(key)
+        if len(candidates) == 1:
+            best = candidates[0]
+        else:
+            from triton.testing import do_bench
+
+            timings = []
+            for config in candidates:
+                try:
+                    timings.append((do_bench(lambda: run(config), warmup=5, rep=20), config))
+                except OutOfResources:  # a config the device cannot hold: skip it
+                    continue
+            if not timings:
+                raise RuntimeError(f"{self.name}: no launch configuration fits this device for key {key}")
+            best = min(timings, key=lambda item: item[0])[1]
+        with self._lock:
+            self.cache[key] = best
+        return best
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile registry (consumed by ``python -m fastflamingo.aot``)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AotVariant:
+    """One compile of one kernel: the ``triton.compile`` inputs plus a label for the report.
+
+    ``signature`` maps every argument name to its type string (``"*bf16"``, ``"i32"``, ``"fp32"``, ``"constexpr"``);
+    ``constexprs`` gives the constexpr values; ``aligned`` names the arguments the runtime would see as multiples of
+    16 (pointers and typical strides), so the compile matches what a real launch specializes to.
+    """
+
+    kernel: str
+    fn: object
+    signature: Dict[str, str]
+    constexprs: Dict[str, object]
+    num_warps: int
+    num_stages: int
+    aligned: Tuple[str, ...]
+    label: str
+
+    def attrs(self) -> Dict[Tuple[int, ...], list]:
+        names = list(self.fn.arg_names)
+        return {(names.index(a),): [["tt.divisibility", 16]] for a in self.aligned}
+
+
+def pointer_type(dtype_name: str) -> str:
+    return "*" + dtype_name
+
+
+def make_aot_variant(kernel: str, fn, *, pointers: Mapping[str, str], constexprs: Mapping[str, object],
+                     config: triton.Config, label: str, floats: Sequence[str] = (),
+                     unaligned: Sequence[str] = ()) -> AotVariant:
+    """Build an :class:`AotVariant` from a kernel's argument names.
+
+    ``pointers`` maps pointer arguments to element types (``"bf16"``); ``floats`` are fp32 scalars; every other
+    non-constexpr argument is an i32. Pointers and ``stride_*`` arguments are marked 16-aligned (what a launch with
+    ordinary contiguous or fused-projection tensors specializes to) except those in ``unaligned``.
+    """
+    signature, aligned = {}, []
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointer_type(pointers[name])
+        elif name in floats:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+        if name not in constexprs and name not in unaligned and (name in pointers or name.startswith("stride_")):
+            aligned.append(name)
+    return AotVariant(kernel=kernel, fn=fn, signature=signature, constexprs=dict(constexprs),
+                      num_warps=config.num_warps, num_stages=config.num_stages, aligned=tuple(aligned),
+                      label=label)

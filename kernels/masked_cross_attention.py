@@ -1,0 +1,749 @@
+"""Masked media cross-attention (Flamingo / IDEFICS) forward and backward, FlashAttention style.
+
+Math. Text queries ``q`` (B, T, H, D) attend to media keys/values ``k, v`` (B, M*n, H, D): M media of n latents,
+media-major. Token ``t`` of sample ``b`` with ``j = text_time[b, t]`` sees the contiguous key range ``[lo, hi)``:
+
+* immediate:     ``[(j-1)*n, j*n)`` if ``1 <= j <= M`` else nothing;
+* all-previous:  ``[0, min(j, M)*n)`` (nothing for ``j <= 0``).
+
+``o = softmax(scale * q k^T restricted to [lo, hi)) v``; a token that sees nothing gets ``o = 0`` and zero
+gradients. The softmax runs online in the exp2 domain (``scale * log2(e)`` folded into one multiplier) with fp32
+statistics and fp32 ``tl.dot`` accumulation; the natural-log LSE (fp32, (B, H, T), ``+inf`` for tokens that see
+nothing) is saved for the backward pass. Backward: ``delta = rowsum(o * do)``, then one kernel per key tile for
+dK/dV and one per query tile for dQ, both deterministic (no atomics).
+
+Scheduling (all on device, no host synchronisation, so decode steps can be captured in a CUDA graph):
+
+* Query tiles (forward and dQ) are aligned to *runs*, maximal stretches of consecutive tokens that see the same key
+  range: a run of R tokens gets ``ceil(R / BLOCK_M)`` tiles and no tile crosses a run boundary. Every token of a
+  tile therefore needs exactly the keys the tile loops over; the only keys beyond what a token needs are the
+  padding of the last partial key tile. A run-aligned schedule has at most ``T // BLOCK_M + runs`` tiles, and a
+  ``text_time = cumsum(<image> flags)`` layout has at most ``M + 2`` runs (text before the first media, one per
+  media, one past the last media), so the grid is sized ``min(T, T // BLOCK_M + M + 2)`` tiles per sample and the
+  surplus programs exit at once. A sample whose layout has more runs (non-monotone ``text_time``, e.g. IDEFICS
+  resetting to 0 after an end-of-sequence token) falls back to plain ``BLOCK_M`` tiles: still exact, because every
+  row is masked by its own ``[lo, hi)``, only slower when a tile spans several runs.
+* Key tiles (dK/dV) are aligned to media: media ``m`` owns ``ceil(n / BLOCK_N)`` tiles, so a tile's keys belong to
+  one media and the tile visits only the tokens between the first and the last token that see that media
+  (computed per (sample, media) with ``scatter_reduce``; with all-previous a reversed running min/max over media).
+  When ``n`` is not a multiple of ``BLOCK_N`` the last tile of each media is partly padding; the autotuner
+  prefers a ``BLOCK_N`` that divides ``n``.
+
+Tensors are passed with explicit strides (views of a fused K/V projection are fine; only unit stride along
+head_dim is assumed). Sample, head and tile-start offsets are int64 scalars, so texts of any length and any number
+of media index correctly; offsets inside a tile are int32 (``rows * token stride``, kept below 2**31 by the
+launchers), which keeps the address arithmetic out of the register budget. head_dim is padded to the next power of
+two (at least 16) with masked loads.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (
+    INTERPRET,
+    LOG2E,
+    TORCH_TO_TRITON_DTYPE,
+    AotVariant,
+    ConfigChooser,
+    ConfigLike,
+    as_config,
+    make_aot_variant,
+    cdiv,
+    config_label,
+    dot_precision,
+    head_block,
+    last_dim_contiguous,
+    length_bucket,
+)
+
+_NO_KEY = tl.constexpr(2147483647)  # larger than any key index: the identity of the min over visible key starts
+
+# ================================================================================================================
+# Kernels
+# ================================================================================================================
+
+
+@triton.jit
+def _visible_keys(text_time, num_media, latents, IMMEDIATE: tl.constexpr):
+    """Key range [lo, hi) seen by tokens with these text_time values; (0, 0) for a token that sees nothing."""
+    if IMMEDIATE:
+        seen = (text_time >= 1) & (text_time <= num_media)
+        lo = tl.where(seen, (text_time - 1) * latents, 0)
+        hi = tl.where(seen, text_time * latents, 0)
+    else:
+        hi = tl.minimum(tl.maximum(text_time, 0), num_media) * latents
+        lo = tl.zeros_like(hi)
+    return lo, hi
+
+
+@triton.jit
+def _media_xattn_fwd_kernel(
+    Q, K, V, O, LSE, TEXT_TIME, TILE_START, TILE_END,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lh,
+    stride_tb, stride_tt,
+    stride_pb,
+    num_heads, num_media, latents, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IMMEDIATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: one query tile (a slice of one run, from the schedule) of one (sample, head).
+
+    Pointers: int64 scalar bases (sample, head, tile start), int32 offsets inside a tile (the launcher keeps
+    ``BLOCK * row stride`` below 2**31); 64-bit offset tensors would double the address registers and spill.
+    """
+    pid_tile = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    t_start = tl.load(TILE_START + b * stride_pb + pid_tile)
+    t_end = tl.load(TILE_END + b * stride_pb + pid_tile)
+    if t_start >= t_end:  # surplus slot of the upper-bound grid
+        return
+    t0 = t_start.to(tl.int64)
+
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = t_start + rows < t_end
+    d_ok = offs_d < HEAD_DIM
+    md_ok = m_ok[:, None] & d_ok[None, :]
+
+    b_tt = tl.load(TEXT_TIME + b * stride_tb + t0 * stride_tt + rows * stride_tt, mask=m_ok, other=0)
+    b_lo, b_hi = _visible_keys(b_tt, num_media, latents, IMMEDIATE)  # [BLOCK_M] each
+    key_lo = tl.min(tl.where(b_hi > b_lo, b_lo, _NO_KEY), axis=0)
+    key_hi = tl.max(b_hi, axis=0)
+
+    p_q = Q + b * stride_qb + h * stride_qh + t0 * stride_qt
+    b_q = tl.load(p_q + rows[:, None] * stride_qt + offs_d[None, :], mask=md_ok, other=0.0)  # [BLOCK_M, BLOCK_D]
+    # scalar base pointers of the current key tile, advanced by BLOCK_N rows per step
+    p_k = K + b * stride_kb + h * stride_kh + key_lo.to(tl.int64) * stride_kl
+    p_v = V + b * stride_vb + h * stride_vh + key_lo.to(tl.int64) * stride_vl
+    kt_offs = offs_d[:, None] + cols[None, :] * stride_kl  # [BLOCK_D, BLOCK_N]
+    v_offs = cols[:, None] * stride_vl + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 domain
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(key_lo, key_hi, BLOCK_N):
+        offs_n = start_n + cols
+        n_ok = offs_n < key_hi
+        b_kt = tl.load(p_k + kt_offs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        m_vis = (offs_n[None, :] >= b_lo[:, None]) & (offs_n[None, :] < b_hi[:, None])
+        b_s = tl.where(m_vis, b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+        # Rows that have seen no key yet keep a finite pivot, so exp2(-inf - pivot) is 0 rather than NaN.
+        b_pivot = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_p = tl.exp2(b_s - b_pivot[:, None])
+        b_alpha = tl.exp2(b_m - b_pivot)
+        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+        b_v = tl.load(p_v + v_offs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        # P is rounded to the input dtype before the product, as every fp16/bf16 FlashAttention does.
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+        b_m = b_m_new
+        p_k += BLOCK_N * stride_kl
+        p_v += BLOCK_N * stride_vl
+
+    m_seen = b_l > 0.0  # a row that saw at least one key has l >= 1
+    b_l_safe = tl.where(m_seen, b_l, 1.0)
+    b_o = b_acc / b_l_safe[:, None]  # exactly 0 for rows that see nothing (acc is 0)
+    b_lse = tl.where(m_seen, (b_m + tl.log2(b_l_safe)) * 0.6931471805599453, float("inf"))
+
+    p_o = O + b * stride_ob + h * stride_oh + t0 * stride_ot
+    tl.store(p_o + rows[:, None] * stride_ot + offs_d[None, :], b_o.to(O.dtype.element_ty), mask=md_ok)
+    tl.store(LSE + b * stride_lb + h * stride_lh + t0 + rows, b_lse, mask=m_ok)
+
+
+@triton.jit
+def _media_xattn_bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_ot, stride_oh,
+    stride_gb, stride_gt, stride_gh,
+    stride_db, stride_dh,
+    num_tokens, num_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta[b, h, t] = sum_d o * do (fp32): the softmax-Jacobian term shared by the dK/dV and dQ kernels."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    t0 = pid_m.to(tl.int64) * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = pid_m * BLOCK_M + rows < num_tokens
+    mask = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    p_o = O + b * stride_ob + h * stride_oh + t0 * stride_ot
+    p_do = DO + b * stride_gb + h * stride_gh + t0 * stride_gt
+    b_o = tl.load(p_o + rows[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    b_do = tl.load(p_do + rows[:, None] * stride_gt + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + b * stride_db + h * stride_dh + t0 + rows, tl.sum(b_o * b_do, axis=1), mask=m_ok)
+
+
+@triton.jit
+def _media_xattn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, TEXT_TIME, TOKEN_FIRST, TOKEN_END, DK, DV,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh,
+    stride_gb, stride_gt, stride_gh,
+    stride_lb, stride_lh,
+    stride_tb, stride_tt,
+    stride_rb,
+    stride_dkb, stride_dkl, stride_dkh,
+    stride_dvb, stride_dvl, stride_dvh,
+    num_heads, num_media, latents, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IMMEDIATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: one media-aligned key tile of one (sample, head); loops over the tokens that see its media.
+
+    Computed transposed ([keys, tokens]) so that the dK/dV accumulators need no transpose:
+    ``dv += p^T do``, ``dk += scale * ds^T q`` with ``ds = p * (do v^T - delta)``.
+    """
+    pid_tile = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    tiles_per_media = tl.cdiv(latents, BLOCK_N)
+    media = pid_tile // tiles_per_media
+    key_start = media * latents + (pid_tile % tiles_per_media) * BLOCK_N
+    n0 = key_start.to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = key_start + cols
+    n_ok = offs_n < (media + 1) * latents
+    d_ok = offs_d < HEAD_DIM
+    nd_ok = n_ok[:, None] & d_ok[None, :]
+
+    p_k = K + b * stride_kb + h * stride_kh + n0 * stride_kl
+    p_v = V + b * stride_vb + h * stride_vh + n0 * stride_vl
+    b_k = tl.load(p_k + cols[:, None] * stride_kl + offs_d[None, :], mask=nd_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
+    b_v = tl.load(p_v + cols[:, None] * stride_vl + offs_d[None, :], mask=nd_ok, other=0.0)
+    tok_first = tl.load(TOKEN_FIRST + b * stride_rb + media)
+    tok_end = tl.load(TOKEN_END + b * stride_rb + media)
+
+    # scalar base pointers of the current token block, advanced by BLOCK_M tokens per step
+    m_first = tok_first.to(tl.int64)
+    p_q = Q + b * stride_qb + h * stride_qh + m_first * stride_qt
+    p_do = DO + b * stride_gb + h * stride_gh + m_first * stride_gt
+    p_tt = TEXT_TIME + b * stride_tb + m_first * stride_tt
+    p_lse = LSE + b * stride_lb + h * stride_lh + m_first
+    p_delta = DELTA + b * stride_lb + h * stride_lh + m_first
+    q_offs = rows[:, None] * stride_qt + offs_d[None, :]  # [BLOCK_M, BLOCK_D]
+    do_offs = rows[:, None] * stride_gt + offs_d[None, :]
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(tok_first, tok_end, BLOCK_M):
+        m_ok = start_m + rows < tok_end
+        md_ok = m_ok[:, None] & d_ok[None, :]
+        b_tt = tl.load(p_tt + rows * stride_tt, mask=m_ok, other=0)
+        b_lo, b_hi = _visible_keys(b_tt, num_media, latents, IMMEDIATE)
+        b_q = tl.load(p_q + q_offs, mask=md_ok, other=0.0)
+        b_do = tl.load(p_do + do_offs, mask=md_ok, other=0.0)
+        b_lse2 = tl.load(p_lse + rows, mask=m_ok, other=0.0) * 1.4426950408889634
+        b_delta = tl.load(p_delta + rows, mask=m_ok, other=0.0)
+
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+        m_vis = (offs_n[:, None] >= b_lo[None, :]) & (offs_n[:, None] < b_hi[None, :])
+        b_pt = tl.where(m_vis, tl.exp2(b_st - b_lse2[None, :]), 0.0)
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+        p_q += BLOCK_M * stride_qt
+        p_do += BLOCK_M * stride_gt
+        p_tt += BLOCK_M * stride_tt
+        p_lse += BLOCK_M
+        p_delta += BLOCK_M
+
+    b_dk = b_dk * sm_scale
+    p_dk = DK + b * stride_dkb + h * stride_dkh + n0 * stride_dkl
+    p_dv = DV + b * stride_dvb + h * stride_dvh + n0 * stride_dvl
+    tl.store(p_dk + cols[:, None] * stride_dkl + offs_d[None, :], b_dk.to(DK.dtype.element_ty), mask=nd_ok)
+    tl.store(p_dv + cols[:, None] * stride_dvl + offs_d[None, :], b_dv.to(DV.dtype.element_ty), mask=nd_ok)
+
+
+@triton.jit
+def _media_xattn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, TEXT_TIME, TILE_START, TILE_END, DQ,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh,
+    stride_gb, stride_gt, stride_gh,
+    stride_lb, stride_lh,
+    stride_tb, stride_tt,
+    stride_pb,
+    stride_dqb, stride_dqt, stride_dqh,
+    num_heads, num_media, latents, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IMMEDIATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: one run-aligned query tile; ``dq = scale * sum over visible keys of ds k``."""
+    pid_tile = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    t_start = tl.load(TILE_START + b * stride_pb + pid_tile)
+    t_end = tl.load(TILE_END + b * stride_pb + pid_tile)
+    if t_start >= t_end:  # surplus slot of the upper-bound grid
+        return
+    t0 = t_start.to(tl.int64)
+
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = t_start + rows < t_end
+    d_ok = offs_d < HEAD_DIM
+    md_ok = m_ok[:, None] & d_ok[None, :]
+
+    b_tt = tl.load(TEXT_TIME + b * stride_tb + t0 * stride_tt + rows * stride_tt, mask=m_ok, other=0)
+    b_lo, b_hi = _visible_keys(b_tt, num_media, latents, IMMEDIATE)
+    key_lo = tl.min(tl.where(b_hi > b_lo, b_lo, _NO_KEY), axis=0)
+    key_hi = tl.max(b_hi, axis=0)
+
+    p_q = Q + b * stride_qb + h * stride_qh + t0 * stride_qt
+    p_do = DO + b * stride_gb + h * stride_gh + t0 * stride_gt
+    b_q = tl.load(p_q + rows[:, None] * stride_qt + offs_d[None, :], mask=md_ok, other=0.0)
+    b_do = tl.load(p_do + rows[:, None] * stride_gt + offs_d[None, :], mask=md_ok, other=0.0)
+    b_lse2 = tl.load(LSE + b * stride_lb + h * stride_lh + t0 + rows, mask=m_ok, other=0.0) * 1.4426950408889634
+    b_delta = tl.load(DELTA + b * stride_lb + h * stride_lh + t0 + rows, mask=m_ok, other=0.0)
+    p_k = K + b * stride_kb + h * stride_kh + key_lo.to(tl.int64) * stride_kl
+    p_v = V + b * stride_vb + h * stride_vh + key_lo.to(tl.int64) * stride_vl
+    kt_offs = offs_d[:, None] + cols[None, :] * stride_kl  # [BLOCK_D, BLOCK_N]
+    vt_offs = offs_d[:, None] + cols[None, :] * stride_vl
+
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(key_lo, key_hi, BLOCK_N):
+        offs_n = start_n + cols
+        dn_ok = d_ok[:, None] & (offs_n < key_hi)[None, :]
+        b_kt = tl.load(p_k + kt_offs, mask=dn_ok, other=0.0)
+        b_vt = tl.load(p_v + vt_offs, mask=dn_ok, other=0.0)
+        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        m_vis = (offs_n[None, :] >= b_lo[:, None]) & (offs_n[None, :] < b_hi[:, None])
+        b_p = tl.where(m_vis, tl.exp2(b_s - b_lse2[:, None]), 0.0)
+        b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), input_precision=DOT_PRECISION)
+        p_k += BLOCK_N * stride_kl
+        p_v += BLOCK_N * stride_vl
+
+    b_dq = b_dq * sm_scale
+    p_dq = DQ + b * stride_dqb + h * stride_dqh + t0 * stride_dqt
+    tl.store(p_dq + rows[:, None] * stride_dqt + offs_d[None, :], b_dq.to(DQ.dtype.element_ty), mask=md_ok)
+
+
+# ================================================================================================================
+# Device-side schedules (torch ops on the device: no host synchronisation)
+# ================================================================================================================
+
+
+def visible_media(text_time: torch.Tensor, num_media: int, immediate: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token visible media [lo, hi) (int32, (B, T)); (0, 0) for a token that sees nothing.
+
+    The same rule as ``_visible_keys`` in media units (keys are ``latents *`` these).
+    """
+    tt = text_time
+    if immediate:
+        seen = (tt >= 1) & (tt <= num_media)
+        zero = torch.zeros_like(tt)
+        return torch.where(seen, tt - 1, zero), torch.where(seen, tt, zero)
+    hi = tt.clamp(min=0, max=num_media)
+    return torch.zeros_like(hi), hi
+
+
+def query_tile_slots(num_tokens: int, num_media: int, block_m: int) -> int:
+    """Upper bound of run-aligned query tiles per sample (see the module docstring); also >= ceil(T / BLOCK_M)."""
+    return max(1, min(num_tokens, num_tokens // block_m + num_media + 2))
+
+
+def query_tile_schedule(text_time: torch.Tensor, num_media: int, immediate: bool,
+                        block_m: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run-aligned query tiles: int32 (B, slots) ``tile_start`` / ``tile_end``; unused slots have start == end."""
+    batch, num_tokens = text_time.shape
+    device = text_time.device
+    slots = query_tile_slots(num_tokens, num_media, block_m)
+    lo, hi = visible_media(text_time, num_media, immediate)
+    pos = torch.arange(num_tokens, device=device, dtype=torch.int32).expand(batch, num_tokens)
+    change = torch.ones((batch, num_tokens), dtype=torch.bool, device=device)
+    change[:, 1:] = (lo[:, 1:] != lo[:, :-1]) | (hi[:, 1:] != hi[:, :-1])
+    run_start = torch.where(change, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    # first change strictly after t (or T): a reversed running minimum of the change positions shifted by one
+    change_after = torch.full_like(pos, num_tokens)
+    change_after[:, :-1] = torch.where(change[:, 1:], pos[:, 1:], change_after[:, 1:])
+    run_end = change_after.flip(1).cummin(dim=1).values.flip(1)
+    is_start = (pos - run_start) % block_m == 0
+    end_if_start = torch.minimum(pos + block_m, run_end)
+    ordinal = is_start.cumsum(dim=1, dtype=torch.int32)  # non-decreasing: the i-th tile starts where it reaches i
+    wanted = torch.arange(1, slots + 1, device=device, dtype=torch.int32).expand(batch, slots).contiguous()
+    where = torch.searchsorted(ordinal.contiguous(), wanted)  # int64; num_tokens past the last tile
+    used = where < num_tokens
+    gather_at = where.clamp(max=num_tokens - 1)
+    start = torch.where(used, where.to(torch.int32), 0)
+    end = torch.where(used, end_if_start.gather(1, gather_at), 0)
+    # Too many runs for the slots (only when text_time is not monotone): plain BLOCK_M tiles for that sample.
+    plain_start = (wanted - 1) * block_m
+    plain_used = plain_start < num_tokens
+    plain_end = torch.where(plain_used, torch.clamp(plain_start + block_m, max=num_tokens), 0)
+    plain_start = torch.where(plain_used, plain_start, 0)
+    overflow = (ordinal[:, -1] > slots)[:, None]
+    start = torch.where(overflow, plain_start, start).to(torch.int32).contiguous()
+    end = torch.where(overflow, plain_end, end).to(torch.int32).contiguous()
+    return start, end
+
+
+def media_token_ranges(text_time: torch.Tensor, num_media: int, immediate: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per (sample, media): [first, last + 1) of the tokens that see it, int32 (B, M); empty as (T, 0)."""
+    batch, num_tokens = text_time.shape
+    device = text_time.device
+    lo, hi = visible_media(text_time, num_media, immediate)
+    pos = torch.arange(num_tokens, device=device, dtype=torch.int32).expand(batch, num_tokens)
+    # immediate: a token sees media lo only; all-previous: it sees 0..hi-1, so index it by its last media and
+    # spread with a reversed running min/max below. Tokens that see nothing go to a dummy column M.
+    index = torch.where(hi > lo, hi - 1, num_media).to(torch.int64)
+    first = torch.full((batch, num_media + 1), num_tokens, dtype=torch.int32, device=device)
+    last = torch.full((batch, num_media + 1), -1, dtype=torch.int32, device=device)
+    first = first.scatter_reduce(1, index, pos, reduce="amin")[:, :num_media]
+    last = last.scatter_reduce(1, index, pos, reduce="amax")[:, :num_media]
+    if not immediate:
+        first = first.flip(1).cummin(dim=1).values.flip(1)
+        last = last.flip(1).cummax(dim=1).values.flip(1)
+    return first.contiguous(), (last + 1).contiguous()
+
+
+# ================================================================================================================
+# Launch configurations
+# ================================================================================================================
+
+def _cfg(block_m: int, block_n: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+
+
+# Under the interpreter one config, and a big one: the interpreter's cost is per tile, not per FLOP.
+INTERPRETER_CONFIG = _cfg(64, 64, 4, 1)
+
+# GPU candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages), BLOCK_M the query tile and BLOCK_N the key tile, per
+# kernel, input precision and head tile (BLOCK_D <= 64 or 128). Every entry compiles for sm_80 and sm_90 without a
+# register spill and within shared memory (``python -m fastflamingo.aot`` checks it; configs that spilled there were
+# dropped). fp32 uses IEEE products (see ``dot_precision``), which Triton lowers to FMA loops, not tensor cores:
+# only 16-row tiles stay in registers, so fp32 is a correctness path, not a fast one.
+_GPU_CONFIG_TABLE = {
+    ("fwd", "lowp", 64): [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2),
+                          (16, 64, 4, 2)],
+    ("fwd", "lowp", 128): [(64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2), (16, 64, 4, 2)],
+    ("dkdv", "lowp", 64): [(32, 64, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2)],
+    ("dkdv", "lowp", 128): [(32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2)],
+    ("dq", "lowp", 64): [(128, 32, 8, 2), (64, 32, 4, 2), (16, 64, 4, 2)],
+    ("dq", "lowp", 128): [(64, 64, 8, 2), (128, 32, 8, 1), (64, 32, 4, 2), (16, 64, 4, 2)],
+    ("fwd", "fp32", 64): [(16, 64, 8, 2)],
+    ("fwd", "fp32", 128): [(16, 64, 4, 2)],
+    ("dkdv", "fp32", 64): [(16, 32, 4, 1)],
+    ("dkdv", "fp32", 128): [(16, 32, 4, 1)],
+    ("dq", "fp32", 64): [(16, 64, 4, 2)],
+    ("dq", "fp32", 128): [(16, 64, 4, 2)],
+}
+_GPU_CONFIGS = {key: [_cfg(*c) for c in table] for key, table in _GPU_CONFIG_TABLE.items()}
+PREPROCESS_BLOCK_M = 64
+
+
+def shipped_configs(kind: str, dtype: torch.dtype, head_dim: int) -> List[triton.Config]:
+    """The GPU configs a launch of ``kind`` ("fwd", "dkdv", "dq") may use (what ``fastflamingo.aot`` compiles)."""
+    precision = "fp32" if dtype == torch.float32 else "lowp"
+    return _GPU_CONFIGS[(kind, precision, 64 if head_block(head_dim) <= 64 else 128)]
+
+
+def _autotune_key(q: torch.Tensor, num_media: int, latents: int, immediate: bool) -> tuple:
+    """head_dim, latents per media, mode, dtype and bucketed lengths (text per sample, media per sample)."""
+    return (q.shape[-1], latents, bool(immediate), q.dtype, length_bucket(q.shape[1]), length_bucket(num_media))
+
+
+def _pruner(kind: str):
+    def prune(configs: List[triton.Config], key: tuple) -> List[triton.Config]:
+        if INTERPRET:
+            return configs
+        head_dim, latents, _, dtype, text_bucket, _ = key
+        kept = shipped_configs(kind, dtype, head_dim)
+        # A query tile never needs more rows than a sample has tokens: decode and short texts keep small tiles,
+        # and long texts drop the 16-row tiles (they only add programs).
+        fitting = [c for c in kept if c.kwargs["BLOCK_M"] <= max(16, text_bucket)]
+        if text_bucket > 64:
+            fitting = [c for c in fitting if c.kwargs["BLOCK_M"] > 16]
+        kept = fitting or kept
+        # Key tiles that divide the media length waste no padded keys at media boundaries.
+        return [c for c in kept if latents % c.kwargs["BLOCK_N"] == 0] or kept
+
+    return prune
+
+
+# The candidate list is chosen at import: the interpreter has one config; on the GPU the pruner picks the shipped
+# list for the key's dtype and head_dim (the chooser's own list is then unused).
+_CANDIDATES = [INTERPRETER_CONFIG] if INTERPRET else []
+FWD_CHOOSER = ConfigChooser("media_xattn_fwd", _CANDIDATES, _pruner("fwd"))
+DKDV_CHOOSER = ConfigChooser("media_xattn_bwd_dkdv", _CANDIDATES, _pruner("dkdv"))
+DQ_CHOOSER = ConfigChooser("media_xattn_bwd_dq", _CANDIDATES, _pruner("dq"))
+
+
+# ================================================================================================================
+# Launchers
+# ================================================================================================================
+
+
+def _check_out(name: str, out: Optional[torch.Tensor], shape, dtype, device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != torch.device(device):
+        raise ValueError(f"{name} must be a {dtype} tensor of shape {tuple(shape)} on {device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if out.stride(-1) != 1 and out.shape[-1] > 1:
+        raise ValueError(f"{name} must have unit stride along its last dimension, got strides {out.stride()}")
+    return out
+
+
+def _check_inputs(q, k, v, text_time, num_media, latents):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be (batch, tokens, heads, head_dim)")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in TORCH_TO_TRITON_DTYPE:
+        raise TypeError(f"q, k, v must share a dtype among fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    batch, _, heads, head_dim = q.shape
+    if k.shape != (batch, num_media * latents, heads, head_dim) or v.shape != k.shape:
+        raise ValueError(f"k, v must be {(batch, num_media * latents, heads, head_dim)}, "
+                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    if tuple(text_time.shape) != (batch, q.shape[1]):
+        raise ValueError(f"text_time must be {(batch, q.shape[1])}, got {tuple(text_time.shape)}")
+    if head_dim > 128:
+        raise ValueError(f"head_dim {head_dim} > 128 is not supported")
+    if batch * heads > 65535:  # the grid's second axis carries (sample, head); CUDA caps it at 65535
+        raise ValueError(f"batch * heads = {batch * heads} > 65535 is not supported")
+
+
+# In-tile offsets are int32: (rows per tile <= 128) * token stride + head_dim must stay below 2**31.
+_MAX_TOKEN_STRIDE = 2 ** 31 // 256
+
+
+def _tile_addressable(t: torch.Tensor, name: str, copy: bool = True) -> torch.Tensor:
+    t = last_dim_contiguous(t)
+    if t.dim() > 1 and t.stride(1) >= _MAX_TOKEN_STRIDE:
+        if copy:
+            t = t.contiguous()
+        if t.stride(1) >= _MAX_TOKEN_STRIDE:
+            raise ValueError(f"{name} has token stride {t.stride(1)} >= {_MAX_TOKEN_STRIDE} elements: not supported")
+    return t
+
+
+def _text_time_int32(text_time: torch.Tensor) -> torch.Tensor:
+    return text_time if text_time.dtype == torch.int32 else text_time.to(torch.int32)
+
+
+def media_xattn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
+    num_media: int, latents: int, immediate: bool, scale: float,
+    config: Optional[ConfigLike] = None, *, out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward pass.
+
+    Args:
+        q: (B, T, H, D) text queries; k, v: (B, M*n, H, D) media keys/values, media-major. Any strides (a tensor
+            whose last stride is not 1 is copied). fp32, fp16 or bf16, all the same dtype; D <= 128.
+        text_time: (B, T) 1-based media index per token (0: none); any integer dtype, any strides.
+        num_media, latents: M and n. immediate: immediate (True) or all-previous (False) mode.
+        scale: softmax scale. config: force a launch config (``{"BLOCK_M": 16, "BLOCK_N": 32}``), bypassing the
+            autotuner. out, lse: optional preallocated outputs (unit last stride).
+
+    Returns:
+        o (B, T, H, D) in q's dtype, and lse (B, H, T) fp32 natural-log sum-exp of the scaled visible scores
+        (``+inf`` for tokens that see nothing).
+    """
+    _check_inputs(q, k, v, text_time, num_media, latents)
+    q, k, v = (_tile_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
+    text_time = _text_time_int32(text_time)
+    batch, num_tokens, heads, head_dim = q.shape
+    o = _tile_addressable(_check_out("out", out, q.shape, q.dtype, q.device), "out", copy=False)
+    lse = _check_out("lse", lse, (batch, heads, num_tokens), torch.float32, q.device)
+    if o.numel() == 0:
+        return o, lse
+    if num_media * latents == 0:
+        o.zero_()
+        lse.fill_(float("inf"))
+        return o, lse
+
+    qk_scale = float(scale) * LOG2E
+    block_d = head_block(head_dim)
+    precision = dot_precision(q.dtype)
+
+    def run(cfg: triton.Config) -> None:
+        block_m = cfg.kwargs["BLOCK_M"]
+        tile_start, tile_end = query_tile_schedule(text_time, num_media, immediate, block_m)
+        grid = (tile_start.shape[1], batch * heads)
+        _media_xattn_fwd_kernel[grid](
+            q, k, v, o, lse, text_time, tile_start, tile_end,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            lse.stride(0), lse.stride(1),
+            text_time.stride(0), text_time.stride(1),
+            tile_start.stride(0),
+            heads, num_media, latents, qk_scale,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.kwargs["BLOCK_N"],
+            IMMEDIATE=bool(immediate), DOT_PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    cfg = as_config(config) if config is not None else FWD_CHOOSER.choose(
+        _autotune_key(q, num_media, latents, immediate), run)
+    run(cfg)
+    return o, lse
+
+
+def media_xattn_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    text_time: torch.Tensor, num_media: int, latents: int, immediate: bool, scale: float,
+    config: Optional[ConfigLike] = None, *, dq: Optional[torch.Tensor] = None, dk: Optional[torch.Tensor] = None,
+    dv: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward pass: (dq, dk, dv) with the shapes and dtypes of (q, k, v).
+
+    ``do`` may have any strides, including 0 (an expanded gradient). ``config`` forces one launch config for both
+    the dK/dV and the dQ kernel; dq/dk/dv are optional preallocated outputs. Deterministic: every output element
+    is written by exactly one program, with no atomics.
+    """
+    _check_inputs(q, k, v, text_time, num_media, latents)
+    if do.shape != q.shape or o.shape != q.shape:
+        raise ValueError(f"do {tuple(do.shape)} and o {tuple(o.shape)} must have q's shape {tuple(q.shape)}")
+    if tuple(lse.shape) != (q.shape[0], q.shape[2], q.shape[1]) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be fp32 (batch, heads, text) = {(q.shape[0], q.shape[2], q.shape[1])}, "
+                         f"got {lse.dtype} {tuple(lse.shape)}")
+    q, k, v, o = (_tile_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v"), (o, "o")))
+    do = _tile_addressable(do.to(q.dtype), "do")
+    text_time = _text_time_int32(text_time)
+    batch, num_tokens, heads, head_dim = q.shape
+    dq = _tile_addressable(_check_out("dq", dq, q.shape, q.dtype, q.device), "dq", copy=False)
+    dk = _tile_addressable(_check_out("dk", dk, k.shape, k.dtype, k.device), "dk", copy=False)
+    dv = _tile_addressable(_check_out("dv", dv, v.shape, v.dtype, v.device), "dv", copy=False)
+    if num_tokens == 0 or num_media * latents == 0 or batch * heads * head_dim == 0:
+        dq.zero_()
+        dk.zero_()
+        dv.zero_()
+        return dq, dk, dv
+    if lse.stride(-1) != 1:
+        lse = lse.contiguous()
+
+    qk_scale = float(scale) * LOG2E
+    block_d = head_block(head_dim)
+    precision = dot_precision(q.dtype)
+    delta = torch.empty_like(lse, memory_format=torch.contiguous_format)
+    _media_xattn_bwd_preprocess_kernel[(cdiv(num_tokens, PREPROCESS_BLOCK_M), batch * heads)](
+        o, do, delta,
+        o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        delta.stride(0), delta.stride(1),
+        num_tokens, heads,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=PREPROCESS_BLOCK_M, num_warps=4,
+    )
+    if lse.stride() != delta.stride():  # the backward kernels share one set of (B, H) strides for lse and delta
+        lse = lse.contiguous()
+    token_first, token_end = media_token_ranges(text_time, num_media, immediate)
+
+    def run_dkdv(cfg: triton.Config) -> None:
+        block_n = cfg.kwargs["BLOCK_N"]
+        grid = (num_media * cdiv(latents, block_n), batch * heads)
+        _media_xattn_bwd_dkdv_kernel[grid](
+            q, k, v, do, lse, delta, text_time, token_first, token_end, dk, dv,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            lse.stride(0), lse.stride(1),
+            text_time.stride(0), text_time.stride(1),
+            token_first.stride(0),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            heads, num_media, latents, qk_scale, float(scale),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=block_n,
+            IMMEDIATE=bool(immediate), DOT_PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    def run_dq(cfg: triton.Config) -> None:
+        block_m = cfg.kwargs["BLOCK_M"]
+        tile_start, tile_end = query_tile_schedule(text_time, num_media, immediate, block_m)
+        grid = (tile_start.shape[1], batch * heads)
+        _media_xattn_bwd_dq_kernel[grid](
+            q, k, v, do, lse, delta, text_time, tile_start, tile_end, dq,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            lse.stride(0), lse.stride(1),
+            text_time.stride(0), text_time.stride(1),
+            tile_start.stride(0),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            heads, num_media, latents, qk_scale, float(scale),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.kwargs["BLOCK_N"],
+            IMMEDIATE=bool(immediate), DOT_PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    key = _autotune_key(q, num_media, latents, immediate)
+    dkdv_cfg = as_config(config) if config is not None else DKDV_CHOOSER.choose(key, run_dkdv)
+    run_dkdv(dkdv_cfg)
+    dq_cfg = as_config(config) if config is not None else DQ_CHOOSER.choose(key, run_dq)
+    run_dq(dq_cfg)
+    return dq, dk, dv
+
+
+# ================================================================================================================
+# Ahead-of-time compile variants (python -m fastflamingo.aot)
+# ================================================================================================================
+
+# (head_dim, immediate): the OpenFlamingo and IDEFICS head sizes, 96 padded to 128, and both modes at the largest.
+_AOT_SHAPES = ((64, True), (96, False), (128, True), (128, False))
+_AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def aot_variants(quick: bool = False) -> List[AotVariant]:
+    """Every kernel of this family at every shipped GPU config, dtype and representative constexpr combination.
+
+    ``quick``: the first config of each kernel in bf16 at head_dim 128, both modes.
+    """
+    kernels = (
+        ("fwd", _media_xattn_fwd_kernel, ("Q", "K", "V", "O"), ("LSE",), ("TEXT_TIME", "TILE_START", "TILE_END"),
+         ("qk_scale",)),
+        ("dkdv", _media_xattn_bwd_dkdv_kernel, ("Q", "K", "V", "DO", "DK", "DV"), ("LSE", "DELTA"),
+         ("TEXT_TIME", "TOKEN_FIRST", "TOKEN_END"), ("qk_scale", "sm_scale")),
+        ("dq", _media_xattn_bwd_dq_kernel, ("Q", "K", "V", "DO", "DQ"), ("LSE", "DELTA"),
+         ("TEXT_TIME", "TILE_START", "TILE_END"), ("qk_scale", "sm_scale")),
+    )
+    dtypes = (torch.bfloat16,) if quick else _AOT_DTYPES
+    shapes = ((128, True), (128, False)) if quick else _AOT_SHAPES
+    variants = []
+    for dtype in dtypes:
+        io = TORCH_TO_TRITON_DTYPE[dtype]
+        for kind, fn, io_ptrs, f32_ptrs, i32_ptrs, floats in kernels:
+            pointers = {**{p: io for p in io_ptrs}, **{p: "fp32" for p in f32_ptrs}, **{p: "i32" for p in i32_ptrs}}
+            for head_dim, immediate in shapes:
+                configs = shipped_configs(kind, dtype, head_dim)
+                for config in configs[:1] if quick else configs:
+                    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), IMMEDIATE=immediate,
+                                      DOT_PRECISION=dot_precision(dtype), **config.kwargs)
+                    label = f"{io} d{head_dim} {'imm' if immediate else 'prev'} {config_label(config)}"
+                    variants.append(make_aot_variant(
+                        fn.__name__.strip("_").removesuffix("_kernel"), fn, pointers=pointers, constexprs=constexprs, config=config,
+                        label=label, floats=floats, unaligned=("stride_tt",)))
+        for head_dim in sorted({d for d, _ in shapes}):
+            config = triton.Config({}, num_warps=4, num_stages=1)
+            variants.append(make_aot_variant(
+                "media_xattn_bwd_preprocess", _media_xattn_bwd_preprocess_kernel,
+                pointers={"O": io, "DO": io, "DELTA": "fp32"}, config=config,
+                constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_M=PREPROCESS_BLOCK_M),
+                label=f"{io} d{head_dim} M{PREPROCESS_BLOCK_M}-w4-s1"))
+    return variants

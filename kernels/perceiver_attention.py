@@ -1,0 +1,519 @@
+"""Perceiver-resampler attention (OpenFlamingo / flamingo-pytorch / IDEFICS) forward and backward.
+
+Math. The latent queries ``q`` (N, L, H, D) of one media (N = samples x media) attend, without a mask, to the keys
+and values ``[media tokens; latents]``, read from two sources without concatenating them: ``k_media, v_media``
+(N, P, H, D) and ``k_latents, v_latents`` (N, L, H, D)::
+
+    o = softmax(scale * q [k_media; k_latents]^T) [v_media; v_latents]
+
+The softmax runs online in the exp2 domain (``scale * log2(e)`` folded into one multiplier), with fp32 statistics
+and fp32 ``tl.dot`` accumulation; the natural-log LSE (fp32, (N, H, L)) is saved for the backward pass.
+
+Scheduling. The grid is (N * H, query tiles). With ``BLOCK_M >= L`` (the shipped GPU configs, L <= 128) one
+program owns every latent of a (media, head), so each K/V byte is read from memory exactly once, in the forward and
+in the backward pass.
+
+Backward: ONE kernel, same grid. A program first computes ``delta = rowsum(o * do)`` for its own query rows (the
+usual "preprocess" step, done in the prologue: the program owns all of those rows, so no separate launch and no
+round trip through memory is needed), then walks the key tiles of both sources once. For each key tile it has every
+query row it needs, so the tile's dK/dV are final after one step and are stored at once (nothing accumulates across
+programs), while dQ accumulates in registers and is stored at the end. No atomics: the backward is deterministic.
+When L needs several query tiles (L > BLOCK_M), each query tile writes its own fp32 dK/dV partial (a leading tile
+axis on the dK/dV buffers) and the launcher sums the partials in a fixed order: still deterministic.
+
+Tensors are passed with explicit strides (views of a fused K/V projection, e.g. ``kv[..., :inner].view(...)`` with
+token stride ``2 * H * D``, are fine); only unit stride along head_dim is assumed. Base offsets (media, head, tile
+start) are int64; offsets inside a tile are int32 (the launcher checks ``BLOCK * row stride < 2**31``). head_dim is
+padded to the next power of two (at least 16: ``tl.dot`` needs K >= 16) with masked loads; IDEFICS' 96 pads to 128.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (
+    INTERPRET,
+    LOG2E,
+    TORCH_TO_TRITON_DTYPE,
+    AotVariant,
+    ConfigChooser,
+    ConfigLike,
+    as_config,
+    config_label,
+    dot_precision,
+    head_block,
+    last_dim_contiguous,
+    length_bucket,
+    make_aot_variant,
+    cdiv,
+)
+
+MAX_HEAD_DIM = 128
+_INT32_LIMIT = 2**31
+
+# ================================================================================================================
+# Kernels
+# ================================================================================================================
+
+
+@triton.jit
+def _fwd_source(b_q, b_m, b_l, b_acc, p_k, p_v, stride_k, stride_v, num_keys, qk_scale, d_ok,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online-softmax update of (running max, running sum, accumulator) with every key of one source."""
+    cols = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kt_offs = offs_d[:, None] + cols[None, :] * stride_k  # [BLOCK_D, BLOCK_N]: K loaded transposed
+    v_offs = cols[:, None] * stride_v + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+    for start_n in range(0, num_keys, BLOCK_N):
+        n_ok = start_n + cols < num_keys
+        b_kt = tl.load(p_k + kt_offs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+        b_s = tl.where(n_ok[None, :], b_s, float("-inf"))
+        # every tile holds at least one real key, so the new max is finite and exp2(-inf - max) is 0 (no NaN)
+        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+        b_p = tl.exp2(b_s - b_m_new[:, None])
+        b_rescale = tl.exp2(b_m - b_m_new)
+        b_l = b_l * b_rescale + tl.sum(b_p, axis=1)
+        b_v = tl.load(p_v + v_offs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        # P is rounded to the input dtype before the product, as every fp16/bf16 FlashAttention does
+        b_acc = b_acc * b_rescale[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+        b_m = b_m_new
+        p_k += BLOCK_N * stride_k
+        p_v += BLOCK_N * stride_v
+    return b_m, b_l, b_acc
+
+
+@triton.jit
+def _perceiver_fwd_kernel(
+    Q, KM, VM, KL, VL, O, LSE,
+    stride_qn, stride_ql, stride_qh,
+    stride_kmn, stride_kmp, stride_kmh,
+    stride_vmn, stride_vmp, stride_vmh,
+    stride_kln, stride_kll, stride_klh,
+    stride_vln, stride_vll, stride_vlh,
+    stride_on, stride_ol, stride_oh,
+    stride_sn, stride_sh,
+    num_heads, media_tokens, latents, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program: one query tile of one (media, head); all media keys, then all latent keys."""
+    pid_nh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    n = (pid_nh // num_heads).to(tl.int64)
+    h = (pid_nh % num_heads).to(tl.int64)
+    m0 = pid_m.to(tl.int64) * BLOCK_M
+
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = pid_m * BLOCK_M + rows < latents
+    d_ok = offs_d < HEAD_DIM
+    md_ok = m_ok[:, None] & d_ok[None, :]
+
+    p_q = Q + n * stride_qn + h * stride_qh + m0 * stride_ql
+    b_q = tl.load(p_q + rows[:, None] * stride_ql + offs_d[None, :], mask=md_ok, other=0.0)
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 domain
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    b_m, b_l, b_acc = _fwd_source(
+        b_q, b_m, b_l, b_acc,
+        KM + n * stride_kmn + h * stride_kmh, VM + n * stride_vmn + h * stride_vmh, stride_kmp, stride_vmp,
+        media_tokens, qk_scale, d_ok, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    b_m, b_l, b_acc = _fwd_source(
+        b_q, b_m, b_l, b_acc,
+        KL + n * stride_kln + h * stride_klh, VL + n * stride_vln + h * stride_vlh, stride_kll, stride_vll,
+        latents, qk_scale, d_ok, BLOCK_N, BLOCK_D, DOT_PRECISION)
+
+    # every row saw at least the L >= 1 latent keys (padding rows saw them too, with q = 0), so l >= 1
+    b_o = b_acc / b_l[:, None]
+    b_lse = (b_m + tl.log2(b_l)) * 0.6931471805599453
+    p_o = O + n * stride_on + h * stride_oh + m0 * stride_ol
+    tl.store(p_o + rows[:, None] * stride_ol + offs_d[None, :], b_o.to(O.dtype.element_ty), mask=md_ok)
+    tl.store(LSE + n * stride_sn + h * stride_sh + m0 + rows, b_lse, mask=m_ok)
+
+
+@triton.jit
+def _bwd_source(b_q, b_do, b_lse2, b_delta, b_dq, p_k, p_v, p_dk, p_dv, stride_k, stride_v, stride_dk, stride_dv,
+                num_keys, m_ok, d_ok, qk_scale, sm_scale,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dK/dV of every key tile of one source (stored at once: this program holds all of their query rows) and
+    the dQ contribution of those keys (returned, unscaled):
+    ``dv = p^T do``, ``dk = scale * ds^T q``, ``dq += ds k`` with ``ds = p * (do v^T - delta)``.
+
+    Scores are [queries, keys], so the loop-invariant q and dO are the row-distributed operand of the score
+    products; only dK/dV need them as the column operand.
+    """
+    cols = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kt_offs = offs_d[:, None] + cols[None, :] * stride_k  # [BLOCK_D, BLOCK_N]
+    vt_offs = offs_d[:, None] + cols[None, :] * stride_v
+    dk_offs = cols[:, None] * stride_dk + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+    dv_offs = cols[:, None] * stride_dv + offs_d[None, :]
+    for start_n in range(0, num_keys, BLOCK_N):
+        n_ok = start_n + cols < num_keys
+        dn_ok = d_ok[:, None] & n_ok[None, :]
+        b_kt = tl.load(p_k + kt_offs, mask=dn_ok, other=0.0)
+        b_vt = tl.load(p_v + vt_offs, mask=dn_ok, other=0.0)
+        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        b_p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp2(b_s - b_lse2[:, None]), 0.0)
+        b_dv = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_D]
+        b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        b_ds = (b_p * (b_dp - b_delta[:, None])).to(b_q.dtype)
+        b_dq += tl.dot(b_ds, tl.trans(b_kt), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_D]
+        b_dk = tl.dot(tl.trans(b_ds), b_q, input_precision=DOT_PRECISION) * sm_scale
+        tl.store(p_dk + dk_offs, b_dk.to(p_dk.dtype.element_ty), mask=tl.trans(dn_ok))
+        tl.store(p_dv + dv_offs, b_dv.to(p_dv.dtype.element_ty), mask=tl.trans(dn_ok))
+        p_k += BLOCK_N * stride_k
+        p_v += BLOCK_N * stride_v
+        p_dk += BLOCK_N * stride_dk
+        p_dv += BLOCK_N * stride_dv
+    return b_dq
+
+
+@triton.jit
+def _perceiver_bwd_kernel(
+    Q, KM, VM, KL, VL, O, DO, LSE, DQ, DKM, DVM, DKL, DVL,
+    stride_qn, stride_ql, stride_qh,
+    stride_kmn, stride_kmp, stride_kmh,
+    stride_vmn, stride_vmp, stride_vmh,
+    stride_kln, stride_kll, stride_klh,
+    stride_vln, stride_vll, stride_vlh,
+    stride_on, stride_ol, stride_oh,
+    stride_gn, stride_gl, stride_gh,
+    stride_sn, stride_sh,
+    stride_dqn, stride_dql, stride_dqh,
+    stride_dkmt, stride_dkmn, stride_dkmp, stride_dkmh,
+    stride_dvmt, stride_dvmn, stride_dvmp, stride_dvmh,
+    stride_dklt, stride_dkln, stride_dkll, stride_dklh,
+    stride_dvlt, stride_dvln, stride_dvll, stride_dvlh,
+    num_heads, media_tokens, latents, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program: one query tile of one (media, head). dK/dV go to tile ``pid_m`` of the dK/dV buffers (their
+    ``stride_*t``; with one query tile that is the gradient itself)."""
+    pid_nh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    n = (pid_nh // num_heads).to(tl.int64)
+    h = (pid_nh % num_heads).to(tl.int64)
+    t = pid_m.to(tl.int64)
+    m0 = t * BLOCK_M
+
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = pid_m * BLOCK_M + rows < latents
+    d_ok = offs_d < HEAD_DIM
+    md_ok = m_ok[:, None] & d_ok[None, :]
+
+    p_q = Q + n * stride_qn + h * stride_qh + m0 * stride_ql
+    p_o = O + n * stride_on + h * stride_oh + m0 * stride_ol
+    p_do = DO + n * stride_gn + h * stride_gh + m0 * stride_gl
+    b_q = tl.load(p_q + rows[:, None] * stride_ql + offs_d[None, :], mask=md_ok, other=0.0)
+    b_do = tl.load(p_do + rows[:, None] * stride_gl + offs_d[None, :], mask=md_ok, other=0.0)
+    b_o = tl.load(p_o + rows[:, None] * stride_ol + offs_d[None, :], mask=md_ok, other=0.0)
+    # the softmax-Jacobian term, in fp32 (elementwise math never runs in bf16: the interpreter gets it wrong)
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1)
+    b_lse2 = tl.load(LSE + n * stride_sn + h * stride_sh + m0 + rows, mask=m_ok, other=0.0) * 1.4426950408889634
+
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    b_dq = _bwd_source(
+        b_q, b_do, b_lse2, b_delta, b_dq,
+        KM + n * stride_kmn + h * stride_kmh, VM + n * stride_vmn + h * stride_vmh,
+        DKM + t * stride_dkmt + n * stride_dkmn + h * stride_dkmh,
+        DVM + t * stride_dvmt + n * stride_dvmn + h * stride_dvmh,
+        stride_kmp, stride_vmp, stride_dkmp, stride_dvmp,
+        media_tokens, m_ok, d_ok, qk_scale, sm_scale, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    b_dq = _bwd_source(
+        b_q, b_do, b_lse2, b_delta, b_dq,
+        KL + n * stride_kln + h * stride_klh, VL + n * stride_vln + h * stride_vlh,
+        DKL + t * stride_dklt + n * stride_dkln + h * stride_dklh,
+        DVL + t * stride_dvlt + n * stride_dvln + h * stride_dvlh,
+        stride_kll, stride_vll, stride_dkll, stride_dvll,
+        latents, m_ok, d_ok, qk_scale, sm_scale, BLOCK_N, BLOCK_D, DOT_PRECISION)
+
+    p_dq = DQ + n * stride_dqn + h * stride_dqh + m0 * stride_dql
+    tl.store(p_dq + rows[:, None] * stride_dql + offs_d[None, :], (b_dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=md_ok)
+
+
+# ================================================================================================================
+# Launch configurations
+# ================================================================================================================
+
+
+def _cfg(block_m: int, block_n: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+
+
+# Under the interpreter one config, and a big one: the interpreter's cost is per tile, not per FLOP.
+INTERPRETER_CONFIG = _cfg(64, 64, 4, 1)
+
+# GPU candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, input precision and head tile (BLOCK_D <= 64
+# or 128). BLOCK_M is the query tile: the pruner keeps the configs whose BLOCK_M covers all latents (L <= 128), so
+# K/V are read once. Every entry compiles for sm_80 and sm_90 without a register spill and within shared memory
+# (``python -m fastflamingo.aot``); configs that spilled there were dropped. fp32 uses IEEE products (see
+# ``dot_precision``), lowered to FMA loops rather than tensor cores: a correctness path with small tiles.
+_GPU_CONFIG_TABLE = {
+    ("fwd", "lowp", 64): [(64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3),
+                          (32, 64, 4, 3), (16, 64, 4, 3)],
+    ("fwd", "lowp", 128): [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (32, 64, 4, 3),
+                           (16, 64, 4, 3)],
+    ("bwd", "lowp", 64): [(64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2),
+                          (16, 64, 4, 2)],
+    ("bwd", "lowp", 128): [(64, 64, 8, 2), (64, 32, 8, 2), (128, 16, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2),
+                           (16, 64, 8, 2), (16, 32, 4, 2)],
+    ("fwd", "fp32", 64): [(16, 64, 4, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
+    ("fwd", "fp32", 128): [(16, 64, 4, 2)],
+    ("bwd", "fp32", 64): [(32, 32, 8, 1), (16, 32, 8, 1)],
+    ("bwd", "fp32", 128): [(16, 32, 8, 1)],
+}
+_GPU_CONFIGS = {key: [_cfg(*c) for c in table] for key, table in _GPU_CONFIG_TABLE.items()}
+
+
+def shipped_configs(kind: str, dtype: torch.dtype, head_dim: int) -> List[triton.Config]:
+    """The GPU configs a launch of ``kind`` ("fwd", "bwd") may use (what ``fastflamingo.aot`` compiles)."""
+    precision = "fp32" if dtype == torch.float32 else "lowp"
+    return _GPU_CONFIGS[(kind, precision, 64 if head_block(head_dim) <= 64 else 128)]
+
+
+def _autotune_key(q: torch.Tensor, media_tokens: int) -> tuple:
+    """head_dim, dtype, latents (exact: it decides the query tile), bucketed media length and (media x heads)."""
+    return (q.shape[-1], q.dtype, q.shape[1], length_bucket(media_tokens), length_bucket(q.shape[0] * q.shape[2]))
+
+
+def gpu_candidates(kind: str, key: tuple) -> List[triton.Config]:
+    """The shipped GPU configs worth timing for an autotune key: the smallest BLOCK_M that covers all latents
+    (one query tile per (media, head) reads every K/V byte once), or the largest BLOCK_M when none does."""
+    head_dim, dtype, latents = key[:3]
+    shipped = shipped_configs(kind, dtype, head_dim)
+    largest = max(c.kwargs["BLOCK_M"] for c in shipped)
+    wanted = min(largest, max(16, triton.next_power_of_2(max(latents, 1))))
+    return [c for c in shipped if c.kwargs["BLOCK_M"] == wanted] or shipped
+
+
+def _pruner(kind: str):
+    def prune(configs: List[triton.Config], key: tuple) -> List[triton.Config]:
+        return configs if INTERPRET else gpu_candidates(kind, key)
+
+    return prune
+
+
+# The candidate list is chosen at import: the interpreter has one config; on the GPU the pruner picks the shipped
+# list for the key's dtype and head_dim (the chooser's own list is then unused).
+_CANDIDATES = [INTERPRETER_CONFIG] if INTERPRET else []
+FWD_CHOOSER = ConfigChooser("perceiver_fwd", _CANDIDATES, _pruner("fwd"))
+BWD_CHOOSER = ConfigChooser("perceiver_bwd", _CANDIDATES, _pruner("bwd"))
+
+
+# ================================================================================================================
+# Launchers
+# ================================================================================================================
+
+
+def _check_out(name: str, out: Optional[torch.Tensor], shape, dtype, device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != torch.device(device):
+        raise ValueError(f"{name} must be a {dtype} tensor of shape {tuple(shape)} on {device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if out.stride(-1) != 1 and out.shape[-1] > 1:
+        raise ValueError(f"{name} must have unit stride along its last dimension, got strides {out.stride()}")
+    return out
+
+
+def check_inputs(q, k_media, v_media, k_latents, v_latents) -> None:
+    """Shapes and dtypes the kernels need (ValueError / TypeError otherwise)."""
+    tensors = (q, k_media, v_media, k_latents, v_latents)
+    if any(t.dim() != 4 for t in tensors):
+        raise ValueError("q, k_media, v_media, k_latents, v_latents must be (N, tokens, heads, head_dim)")
+    if len({t.dtype for t in tensors}) != 1 or q.dtype not in TORCH_TO_TRITON_DTYPE:
+        raise TypeError("q, k_media, v_media, k_latents, v_latents must share a dtype among fp32/fp16/bf16, got "
+                        + ", ".join(str(t.dtype) for t in tensors))
+    num, latents, heads, head_dim = q.shape
+    media_tokens = k_media.shape[1]
+    if k_media.shape != (num, media_tokens, heads, head_dim) or v_media.shape != k_media.shape:
+        raise ValueError(f"k_media, v_media must be {(num, media_tokens, heads, head_dim)}, "
+                         f"got {tuple(k_media.shape)} and {tuple(v_media.shape)}")
+    if k_latents.shape != q.shape or v_latents.shape != q.shape:
+        raise ValueError(f"k_latents, v_latents must have q's shape {tuple(q.shape)}, "
+                         f"got {tuple(k_latents.shape)} and {tuple(v_latents.shape)}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {head_dim} is outside 1..{MAX_HEAD_DIM}")
+
+
+def _check_row_strides(tensors, block: int) -> None:
+    """Offsets inside a tile are int32: ``block`` rows of any tensor must stay below 2**31 elements."""
+    for t in tensors:
+        if t.dim() >= 2 and t.numel() and abs(t.stride(1)) * block >= _INT32_LIMIT:
+            raise ValueError(f"token stride {t.stride(1)} is too large for int32 tile offsets (block {block})")
+
+
+def perceiver_fwd(
+    q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor, k_latents: torch.Tensor, v_latents: torch.Tensor,
+    scale: float, config: Optional[ConfigLike] = None, *, out: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward pass.
+
+    Args:
+        q: (N, L, H, D) latent queries; k_media, v_media: (N, P, H, D); k_latents, v_latents: (N, L, H, D). Any
+            strides (a tensor whose last stride is not 1 is copied); fp32, fp16 or bf16, all one dtype; D <= 128.
+        scale: softmax scale. config: force a launch config (``{"BLOCK_M": 64, "BLOCK_N": 32}``), bypassing the
+            autotuner. out, lse: optional preallocated outputs (unit last stride).
+
+    Returns:
+        o (N, L, H, D) in q's dtype, and lse (N, H, L) fp32: natural-log sum-exp of the scaled scores over all
+        P + L keys.
+    """
+    check_inputs(q, k_media, v_media, k_latents, v_latents)
+    q, k_media, v_media, k_latents, v_latents = (
+        last_dim_contiguous(t) for t in (q, k_media, v_media, k_latents, v_latents))
+    num, latents, heads, head_dim = q.shape
+    media_tokens = k_media.shape[1]
+    o = _check_out("out", out, q.shape, q.dtype, q.device)
+    lse = _check_out("lse", lse, (num, heads, latents), torch.float32, q.device)
+    if o.numel() == 0:
+        return o, lse
+
+    qk_scale = float(scale) * LOG2E
+    block_d = head_block(head_dim)
+    precision = dot_precision(q.dtype)
+
+    def run(cfg: triton.Config) -> None:
+        block_m, block_n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        _check_row_strides((q, o), block_m)
+        _check_row_strides((k_media, v_media, k_latents, v_latents), block_n)
+        grid = (num * heads, cdiv(latents, block_m))
+        _perceiver_fwd_kernel[grid](
+            q, k_media, v_media, k_latents, v_latents, o, lse,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_media.stride(0), k_media.stride(1), k_media.stride(2),
+            v_media.stride(0), v_media.stride(1), v_media.stride(2),
+            k_latents.stride(0), k_latents.stride(1), k_latents.stride(2),
+            v_latents.stride(0), v_latents.stride(1), v_latents.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            lse.stride(0), lse.stride(1),
+            heads, media_tokens, latents, qk_scale,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    cfg = as_config(config) if config is not None else FWD_CHOOSER.choose(_autotune_key(q, media_tokens), run)
+    run(cfg)
+    return o, lse
+
+
+def perceiver_bwd(
+    do: torch.Tensor, q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor, k_latents: torch.Tensor,
+    v_latents: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, scale: float,
+    config: Optional[ConfigLike] = None, *, dq: Optional[torch.Tensor] = None,
+    dk_media: Optional[torch.Tensor] = None, dv_media: Optional[torch.Tensor] = None,
+    dk_latents: Optional[torch.Tensor] = None, dv_latents: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward pass: (dq, dk_media, dv_media, dk_latents, dv_latents), shapes and dtypes of the inputs.
+
+    ``do`` may have any strides, including 0 (an expanded gradient). ``config`` forces a launch config; the d*
+    arguments are optional preallocated outputs (unit last stride). Deterministic: no atomics; with several query
+    tiles (L > BLOCK_M) the per-tile fp32 dK/dV partials are summed in a fixed order.
+    """
+    check_inputs(q, k_media, v_media, k_latents, v_latents)
+    if do.shape != q.shape or o.shape != q.shape:
+        raise ValueError(f"do {tuple(do.shape)} and o {tuple(o.shape)} must have q's shape {tuple(q.shape)}")
+    q, k_media, v_media, k_latents, v_latents, o = (
+        last_dim_contiguous(t) for t in (q, k_media, v_media, k_latents, v_latents, o))
+    do = last_dim_contiguous(do.to(q.dtype))
+    if lse.stride(-1) != 1:
+        lse = lse.contiguous()
+    num, latents, heads, head_dim = q.shape
+    media_tokens = k_media.shape[1]
+    dq = _check_out("dq", dq, q.shape, q.dtype, q.device)
+    grads = [_check_out(name, buf, t.shape, t.dtype, t.device) for name, buf, t in (
+        ("dk_media", dk_media, k_media), ("dv_media", dv_media, v_media),
+        ("dk_latents", dk_latents, k_latents), ("dv_latents", dv_latents, v_latents))]
+    if latents == 0 or num * heads * head_dim == 0:  # no queries: nothing depends on the keys
+        for g in (dq, *grads):
+            g.zero_()
+        return (dq, *grads)
+
+    qk_scale = float(scale) * LOG2E
+    block_d = head_block(head_dim)
+    precision = dot_precision(q.dtype)
+
+    def run(cfg: triton.Config) -> None:
+        block_m, block_n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        tiles = cdiv(latents, block_m)
+        if tiles == 1:  # one query tile: dK/dV are final where the kernel writes them (tile stride unused)
+            targets = [g.unsqueeze(0) for g in grads]
+        else:  # per-tile fp32 partials, summed below in a fixed order
+            targets = [torch.empty((tiles,) + tuple(g.shape), dtype=torch.float32, device=g.device) for g in grads]
+        _check_row_strides((q, o, do, dq), block_m)
+        _check_row_strides((k_media, v_media, k_latents, v_latents), block_n)
+        _check_row_strides([t[0] for t in targets], block_n)
+        dkm, dvm, dkl, dvl = targets
+        _perceiver_bwd_kernel[(num * heads, tiles)](
+            q, k_media, v_media, k_latents, v_latents, o, do, lse, dq, dkm, dvm, dkl, dvl,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_media.stride(0), k_media.stride(1), k_media.stride(2),
+            v_media.stride(0), v_media.stride(1), v_media.stride(2),
+            k_latents.stride(0), k_latents.stride(1), k_latents.stride(2),
+            v_latents.stride(0), v_latents.stride(1), v_latents.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            lse.stride(0), lse.stride(1),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            *dkm.stride()[:4], *dvm.stride()[:4], *dkl.stride()[:4], *dvl.stride()[:4],
+            heads, media_tokens, latents, qk_scale, float(scale),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        if tiles > 1:
+            for g, part in zip(grads, targets):
+                g.copy_(part.sum(dim=0))
+
+    cfg = as_config(config) if config is not None else BWD_CHOOSER.choose(_autotune_key(q, media_tokens), run)
+    run(cfg)
+    return (dq, *grads)
+
+
+# ================================================================================================================
+# Ahead-of-time compile variants (python -m fastflamingo.aot)
+# ================================================================================================================
+
+# OpenFlamingo's head_dim 64 and IDEFICS' 96 (padded to 128).
+_AOT_HEAD_DIMS = (64, 96)
+_AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def aot_variants(quick: bool = False) -> List[AotVariant]:
+    """Both kernels at every shipped GPU config, dtype and head size, plus the fp32 dK/dV-partial specialization
+    of the backward (L > BLOCK_M). ``quick``: the first config of each kernel in bf16 at head_dim 96."""
+    dtypes = (torch.bfloat16,) if quick else _AOT_DTYPES
+    head_dims = (96,) if quick else _AOT_HEAD_DIMS
+    variants = []
+    for dtype in dtypes:
+        io = TORCH_TO_TRITON_DTYPE[dtype]
+        for head_dim in head_dims:
+            base = dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), DOT_PRECISION=dot_precision(dtype))
+            fwd_ptrs = {**{p: io for p in ("Q", "KM", "VM", "KL", "VL", "O")}, "LSE": "fp32"}
+            configs = shipped_configs("fwd", dtype, head_dim)
+            for config in configs[:1] if quick else configs:
+                variants.append(make_aot_variant(
+                    "perceiver_fwd", _perceiver_fwd_kernel, pointers=fwd_ptrs, constexprs={**base, **config.kwargs},
+                    config=config, label=f"{io} d{head_dim} {config_label(config)}", floats=("qk_scale",)))
+            configs = shipped_configs("bwd", dtype, head_dim)
+            largest = max(c.kwargs["BLOCK_M"] for c in configs)
+            for config in configs[:1] if quick else configs:
+                # L > BLOCK_M (fp32 dK/dV partials) only happens with the largest query tile (see the pruner)
+                for partial in (False, True) if config.kwargs["BLOCK_M"] == largest else (False,):
+                    grad_io = "fp32" if partial else io
+                    bwd_ptrs = {**{p: io for p in ("Q", "KM", "VM", "KL", "VL", "O", "DO", "DQ")}, "LSE": "fp32",
+                                **{p: grad_io for p in ("DKM", "DVM", "DKL", "DVL")}}
+                    variants.append(make_aot_variant(
+                        "perceiver_bwd", _perceiver_bwd_kernel, pointers=bwd_ptrs,
+                        constexprs={**base, **config.kwargs}, config=config,
+                        label=f"{io} d{head_dim} {config_label(config)}{' partial' if partial else ''}",
+                        floats=("qk_scale", "sm_scale")))
+    return variants

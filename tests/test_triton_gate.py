@@ -1,0 +1,343 @@
+"""Triton tanh-gated linear (kernels/gated_linear.py, fastflamingo/_triton_gate.py).
+
+``y = x + tanh(alpha) * rowmask(inp @ W^T + b)`` against a float64 reference with upstream's semantics
+(``masked_fill`` of the branch, PyTorch dtype promotion), forward and every gradient (x, inp, weight, bias,
+alpha). On a CPU machine the kernel runs under the Triton interpreter; on a CUDA machine natively. Outputs are
+launched into NaN-filled buffers, so every element is proven written.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastflamingo
+from fastflamingo import _backend
+from fastflamingo import functional as FF
+
+pytestmark = pytest.mark.triton
+
+TOLERANCE = {  # (output, gradients), relative to max |reference|; CPU_TESTING.md section 10
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (5e-3, 1e-2),
+    torch.bfloat16: (3e-2, 6e-2),
+}
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16")]
+ALPHAS = ["scalar", "vector3d", "vector1d"]
+GRAD_NAMES = ("dx", "dinp", "dweight", "dbias", "dalpha")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    pytest.importorskip("triton")
+    return _backend.load_kernels("gated_linear")
+
+
+def upstream_expression(x, inp, weight, bias, alpha, row_gate):
+    """What OpenFlamingo / IDEFICS compute (``h.masked_fill(gate == 0, 0) * alpha.tanh() + x``)."""
+    h = F.linear(inp, weight, bias)
+    if row_gate is not None:
+        h = h.masked_fill((row_gate == 0)[..., None], 0.0)
+    return h * alpha.tanh() + x
+
+
+def reference(x, inp, weight, bias, alpha, row_gate, grad_out):
+    """float64 upstream expression and its gradients (x, inp, weight, bias, alpha)."""
+    leaves = [t.detach().to("cpu", torch.float64).requires_grad_() if t is not None else None
+              for t in (x, inp, weight, bias, alpha)]
+    gate = row_gate.cpu() if row_gate is not None else None
+    y = upstream_expression(*leaves, gate)
+    y.backward(grad_out.detach().to("cpu", torch.float64))
+    return y.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def assert_close(name, actual, expected, tol):
+    actual = actual.detach().to("cpu", torch.float64)
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: {int((~torch.isfinite(actual)).sum())} non-finite elements"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= tol * max(scale, 1e-30), f"{name}: max error {err:.3e} > {tol:.1e} * max |ref| {scale:.3e}"
+
+
+def make_alpha(kind, n_out, generator):
+    shape = {"scalar": (1,), "vector3d": (1, 1, n_out), "vector1d": (n_out,)}[kind]
+    return torch.randn(shape, generator=generator)
+
+
+def make_case(device, lead, n_out, k_in, dtype, *, alpha="scalar", alpha_dtype=None, x_dtype=None, gate=False,
+              bias=False, layout="contiguous", seed=0):
+    """Inputs for one case. ``layout``: "contiguous"; "fused" (inp a slice of a wider projection output, row
+    stride 2K); "transposed" ((T, B, .) views of (B, T, .) tensors: rows that do not flatten to one stride)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen).to(dt)
+
+    if layout == "transposed":
+        x = randn(*reversed(lead), n_out, dt=x_dtype or dtype).transpose(0, 1)
+        inp = randn(*reversed(lead), k_in).transpose(0, 1)
+    elif layout == "fused":
+        x = randn(*lead, n_out, dt=x_dtype or dtype)
+        inp = randn(*lead, 2 * k_in)[..., k_in:]
+    else:
+        x, inp = randn(*lead, n_out, dt=x_dtype or dtype), randn(*lead, k_in)
+    weight = (torch.randn(n_out, k_in, generator=gen) / k_in ** 0.5).to(dtype)
+    b = randn(n_out) if bias else None
+    a = make_alpha(alpha, n_out, gen).to(alpha_dtype or dtype)
+    row_gate = None
+    if gate:
+        row_gate = (torch.rand(lead, generator=gen) > 0.35).float()
+        row_gate.view(-1)[0] = 0.0  # at least one dropped row
+    tensors = [t.to(device) if t is not None else None for t in (x, inp, weight, b, a, row_gate)]
+    return tensors
+
+
+def run_case(kernels, device, *, lead=(3, 37), n_out=80, k_in=40, dtype=torch.float32, config=None,
+             grad="random", seed=0, **kw):
+    from fastflamingo import _triton_gate
+
+    x, inp, weight, bias, alpha, row_gate = make_case(device, lead, n_out, k_in, dtype, seed=seed, **kw)
+    with torch.no_grad():
+        expected_dtype = upstream_expression(x, inp, weight, bias, alpha, row_gate).dtype
+    out = torch.full(x.shape, float("nan"), dtype=expected_dtype, device=device)
+    y = kernels.gated_linear_fwd(x, inp, weight, bias, alpha, row_gate, config=config, out=out)
+    assert y.data_ptr() == out.data_ptr() and y.dtype == expected_dtype
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    if grad == "ones":  # the gradient of .sum(): stride 0 everywhere
+        dy = torch.ones((), dtype=y.dtype, device=device).expand(y.shape)
+    else:
+        dy = torch.randn(y.shape, generator=gen).to(y.dtype).to(device)
+    ref_y, ref_grads = reference(x, inp, weight, bias, alpha, row_gate, dy)
+    fwd_tol, bwd_tol = TOLERANCE[dtype]
+    assert_close("y", y, ref_y, fwd_tol)
+    if row_gate is not None:  # dropped rows are x exactly
+        dropped = (row_gate == 0).cpu()
+        assert torch.equal(y.cpu()[dropped], x.cpu().to(y.dtype)[dropped])
+
+    dinp, dweight, dbias, dalpha = _triton_gate.gated_linear_bwd(dy, inp, weight, bias, alpha, row_gate)
+    grads = (dy.to(x.dtype), dinp, dweight, dbias if bias is not None else None, dalpha)
+    for name, got, want in zip(GRAD_NAMES, grads, ref_grads):
+        if want is None:
+            assert bias is None and dbias.numel() == 0
+            continue
+        assert_close(name, got, want, bwd_tol)
+    for got, like in zip(grads, (x, inp, weight, bias, alpha)):  # gradients in the dtype and shape of their input
+        if like is not None:
+            assert got.dtype == like.dtype and got.shape == like.shape
+    return y
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernel cases
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtypes_and_alpha_kinds(kernels, device, dtype, alpha):
+    run_case(kernels, device, dtype=dtype, alpha=alpha)
+
+
+@pytest.mark.parametrize("alpha", ["scalar", "vector3d"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_gate_and_bias(kernels, device, dtype, alpha):
+    """IDEFICS' cross_attention_gate (zero rows), with and without a bias."""
+    run_case(kernels, device, dtype=dtype, alpha=alpha, gate=True, bias=True, k_in=96)
+    run_case(kernels, device, dtype=dtype, alpha=alpha, gate=True, bias=False, lead=(2, 19), seed=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_activations_fp32_gate(kernels, device, dtype):
+    """bf16/fp16 activations with an fp32 (1,) gate: upstream promotes the output to fp32 (SEMANTICS 1.5)."""
+    y = run_case(kernels, device, dtype=dtype, alpha_dtype=torch.float32)
+    assert y.dtype == torch.float32
+    y = run_case(kernels, device, dtype=dtype, alpha="vector3d", alpha_dtype=torch.float32, gate=True)
+    assert y.dtype == torch.float32
+
+
+def test_fp32_residual_bf16_branch(kernels, device):
+    """x in fp32 (a residual stream kept in fp32) and a bf16 branch: the output follows x."""
+    y = run_case(kernels, device, dtype=torch.bfloat16, x_dtype=torch.float32)
+    assert y.dtype == torch.float32
+
+
+@pytest.mark.parametrize("layout", ["fused", "transposed"])
+def test_strided_rows(kernels, device, layout):
+    """inp a column slice of a wider projection (row stride 2K); (T, B, .) views whose rows need two strides."""
+    run_case(kernels, device, layout=layout, lead=(5, 23), alpha="vector3d", gate=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 80, 40), (130, 48, 96), (2, 3, 7, 33, 16)], ids=["M1", "2d", "4d"])
+def test_odd_sizes(kernels, device, shape):
+    *lead, n_out, k_in = shape
+    run_case(kernels, device, lead=tuple(lead), n_out=n_out, k_in=k_in, dtype=torch.float16, alpha="vector1d")
+
+
+def test_small_tiles_multi_k(kernels, device):
+    """Several K steps with a ragged K tail (K=40, BLOCK_K=16) and ragged M/N tiles; group swizzle over 7x5 tiles."""
+    run_case(kernels, device, lead=(3, 37), n_out=77, k_in=40, config={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16},
+             alpha="vector3d", gate=True, bias=True)
+
+
+def test_expanded_grad_output(kernels, device):
+    run_case(kernels, device, dtype=torch.bfloat16, alpha="vector3d", gate=True, grad="ones")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf * 0
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_dropped_rows_with_non_finite_branch(kernels, device, bad):
+    """Rows the gate drops may hold inf/NaN in the branch (here: in inp). masked_fill semantics: y is x exactly
+    there, and dx, dinp, dalpha stay finite. dweight also stays finite (upstream's is NaN: 0 * inf in
+    dh^T @ inp); it equals the gradient with those inp rows zeroed."""
+    from fastflamingo import _triton_gate
+
+    x, inp, weight, bias, alpha, row_gate = make_case(device, (2, 21), 48, 40, torch.float32, alpha="vector3d",
+                                                      gate=True, bias=True, seed=4)
+    dropped = row_gate == 0
+    poisoned = inp.clone()
+    poisoned[dropped] = bad
+    y = _triton_gate.tanh_gated_linear(x, poisoned, weight, bias, alpha, row_gate)
+    assert torch.equal(y[dropped], x[dropped])
+    dy = torch.randn_like(y)
+    clean = torch.where(dropped[..., None], torch.zeros_like(inp), inp)
+    ref_y, ref_grads = reference(x, clean, weight, bias, alpha, row_gate, dy)
+    assert_close("y", y, ref_y, 1e-5)
+    dinp, dweight, dbias, dalpha = _triton_gate.gated_linear_bwd(dy, poisoned, weight, bias, alpha, row_gate)
+    assert (dinp[dropped] == 0).all()
+    for name, got, want in zip(GRAD_NAMES[1:], (dinp, dweight, dbias, dalpha), ref_grads[1:]):
+        assert_close(name, got, want, 1e-5)
+
+
+def test_tanh_accuracy(kernels, device):
+    """The epilogue's libdevice-free tanh (small |alpha| uses the series) against torch.tanh, via the output."""
+    alphas = torch.tensor([0.0, 1e-6, -3e-4, 0.01, -0.1249, 0.1251, -0.7, 2.0, 9.0, -30.0], dtype=torch.float64)
+    x = torch.zeros(1, alphas.numel(), dtype=torch.float32, device=device)
+    inp = torch.ones(1, 16, dtype=torch.float32, device=device)
+    weight = torch.full((alphas.numel(), 16), 1.0 / 16, dtype=torch.float32, device=device)
+    y = kernels.gated_linear_fwd(x, inp, weight, None, alphas.float().to(device), None)  # h = 1: y = tanh(alpha)
+    expected = torch.tanh(alphas.float().double())
+    err = ((y.double().cpu()[0] - expected).abs() / expected.abs().clamp_min(1e-30)).max().item()
+    assert err < 4e-7, err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Custom op boundary: opcheck, autograd, torch.compile, dispatch
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["vector-gate-bias", "scalar"])
+def test_opcheck(device, variant):
+    from fastflamingo import _triton_gate as tg
+
+    if variant == "scalar":
+        x, inp, w, b, a, g = make_case(device, (3, 5), 24, 16, torch.float32, alpha="scalar", seed=2)
+    else:
+        x, inp, w, b, a, g = make_case(device, (3, 5), 24, 16, torch.float32, alpha="vector3d", gate=True,
+                                       bias=True, seed=2)
+    args = [t.requires_grad_() if t is not None and t is not g else t for t in (x, inp, w, b, a)] + [g]
+    torch.library.opcheck(tg.tanh_gated_linear_op, tuple(args))
+    dy = torch.randn(x.shape, device=device)
+    torch.library.opcheck(tg.tanh_gated_linear_bwd_op, (dy, *[t.detach() if t is not None else None
+                                                              for t in args[1:5]], g))
+
+
+@pytest.mark.parametrize("alpha", ["scalar", "vector3d"])
+def test_functional_dispatch_gradients(device, alpha):
+    """functional.tanh_gated_linear with an nn.Linear: backend('triton') vs backend('torch'), every gradient."""
+    x, inp, _, _, a, gate = make_case(device, (2, 9), 32, 24, torch.float32, alpha=alpha, gate=True, seed=6)
+    linear = nn.Linear(24, 32, bias=True).to(device)
+    weights = torch.randn(x.shape, device=device)
+    results = {}
+    for name in ("torch", "triton"):
+        xx, ii, aa = (t.detach().clone().requires_grad_() for t in (x, inp, a))
+        linear.zero_grad(set_to_none=True)
+        with fastflamingo.backend(name):
+            y = FF.tanh_gated_linear(xx, ii, linear, aa, gate)
+        (y * weights).sum().backward()
+        results[name] = (y.detach(), xx.grad, ii.grad, linear.weight.grad, linear.bias.grad, aa.grad)
+    for label, mine, ref in zip(("y",) + GRAD_NAMES, results["triton"], results["torch"]):
+        assert_close(label, mine, ref.double().cpu(), 1e-5)
+
+
+def test_torch_compile_aot_eager(device):
+    from fastflamingo import _triton_gate as tg
+
+    def f(x, inp, w, a, gate):
+        return (tg.tanh_gated_linear(x, inp, w, None, a, gate) ** 2).sum()
+
+    x, inp, w, _, a, gate = make_case(device, (2, 6), 24, 16, torch.float32, alpha="vector3d", gate=True, seed=8)
+    eager = [t.detach().clone().requires_grad_() for t in (x, inp, w, a)]
+    compiled = [t.detach().clone().requires_grad_() for t in (x, inp, w, a)]
+    f(*eager, gate).backward()
+    torch.compile(f, backend="aot_eager", fullgraph=True)(*compiled, gate).backward()
+    for name, c, e in zip(("dx", "dinp", "dweight", "dalpha"), compiled, eager):
+        torch.testing.assert_close(c.grad, e.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_unsupported_reasons(device):
+    from fastflamingo import _triton_gate as tg
+
+    x, inp, w, b, a, g = make_case(device, (2, 5), 24, 16, torch.float32, alpha="vector3d", gate=True, bias=True)
+    assert tg.unsupported_reasons(x, inp, w, b, a, g) == []
+    assert any("share a dtype" in r for r in tg.unsupported_reasons(x, inp.half(), w, b, a, g))
+    assert any("alpha" in r for r in tg.unsupported_reasons(x, inp, w, b, a[..., :3], g))
+    assert any("more dims" in r for r in tg.unsupported_reasons(x[0], inp[0], w, b, a, g[0]))
+    assert any("row_gate" in r for r in tg.unsupported_reasons(x, inp, w, b, a, g[:, :2]))
+    assert any("dtype" in r for r in tg.unsupported_reasons(x.double(), inp, w, b, a, g))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Drop-ins with backend("triton") against the real upstream modules (fp32: forward and every gradient)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_openflamingo_gated_cross_attention_block(device):
+    """The whole block on Triton: masked cross-attention, and both gated projections (to_out, ff[3])."""
+    try:
+        from fastflamingo.testing import load_open_flamingo
+        of = load_open_flamingo().helpers
+    except ModuleNotFoundError as exc:
+        pytest.skip(str(exc))
+    kwargs = dict(dim=32, dim_visual=24, dim_head=16, heads=2, only_attend_immediate_media=True)
+    up = of.GatedCrossAttentionBlock(**kwargs).to(device)
+    with torch.no_grad():
+        up.attn_gate.fill_(0.7)
+        up.ff_gate.fill_(-0.4)
+    mine = fastflamingo.GatedCrossAttentionBlock(**kwargs).to(device)
+    mine.load_state_dict(up.state_dict(), strict=True)
+    x = torch.randn(2, 21, 32, device=device)
+    media = torch.randn(2, 3, 5, 24, device=device)
+    locations = torch.zeros(2, 21, dtype=torch.bool, device=device)
+    locations[:, [0, 8, 15]] = True  # every token sees exactly one media: no rows that differ by design
+    weights = torch.randn(2, 21, 32, device=device)
+    results = []
+    for module, name in ((up, "torch"), (mine, "triton")):
+        xi, mi = x.clone().requires_grad_(), media.clone().requires_grad_()
+        with fastflamingo.backend(name):
+            out = module(xi, mi, locations)
+        (out * weights).sum().backward()
+        grads = {"x": xi.grad, "media": mi.grad, **{n: p.grad for n, p in module.named_parameters()}}
+        results.append((out.detach(), grads))
+    (out_up, g_up), (out_me, g_me) = results
+    assert_close("output", out_me, out_up.double().cpu(), 1e-5)
+    for name, g in g_up.items():
+        assert_close(f"grad {name}", g_me[name], g.double().cpu(), 1e-4)
+
+
+@pytest.mark.parametrize("alpha_type", ["float", "vector"])
+def test_idefics_gated_cross_attention_layer(device, alpha_type):
+    pytest.importorskip("transformers")
+    from test_idefics import assert_grads_close, layer_inputs, make_config, pair, run_layer
+
+    cfg = make_config(alpha_type=alpha_type, qk=alpha_type == "vector")
+    up, mine = pair(cfg)
+    up, mine = up.to(device), mine.to(device)
+    x, img, mask, gate, w = (t.to(device) for t in layer_inputs(cfg, 2, 31, 3, 8))
+    assert (gate == 0).any() and (gate != 0).any()
+    ref, ref_grads = run_layer(up, x, img, mask, gate, w)
+    with fastflamingo.backend("triton"):
+        out, grads = run_layer(mine, x, img, mask, gate, w)
+    assert_close("output", out, ref.double().cpu(), 1e-5)
+    assert_grads_close({k: v.cpu() for k, v in grads.items()}, {k: v.cpu() for k, v in ref_grads.items()}, tol=1e-4)

@@ -1,0 +1,319 @@
+"""Triton Perceiver-resampler attention (kernels/perceiver_attention.py, fastflamingo/_triton_perceiver.py).
+
+On a CPU machine the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1); on a CUDA machine
+the same tests run natively. Results are compared with a float64 reference (concatenated keys, plain softmax)
+computed from the inputs as rounded to the test dtype. Outputs and gradients are launched into NaN-filled buffers,
+so every element is proven written.
+"""
+import pytest
+import torch
+
+import fastflamingo
+from fastflamingo import _backend
+from fastflamingo import functional as FF
+
+pytestmark = pytest.mark.triton
+
+# max |kernel - reference| / max |reference|, for (output, gradients); docs: /work/shared/CPU_TESTING.md section 10
+TOLERANCE = {
+    torch.float32: (1e-4, 2e-4),
+    torch.float16: (5e-3, 1e-2),
+    torch.bfloat16: (3e-2, 6e-2),
+}
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16")]
+GRAD_NAMES = ("dq", "dk_media", "dv_media", "dk_latents", "dv_latents")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    pytest.importorskip("triton")
+    return _backend.load_kernels("perceiver_attention")
+
+
+def reference(q, k_media, v_media, k_latents, v_latents, scale, grad_out):
+    """float64 attention of q over the concatenated [media; latents] keys; returns o and the five gradients."""
+    ts = [t.detach().to("cpu", torch.float64).requires_grad_() for t in (q, k_media, v_media, k_latents, v_latents)]
+    qd, kmd, vmd, kld, vld = ts
+    k, v = torch.cat((kmd, kld), 1), torch.cat((vmd, vld), 1)
+    probs = torch.softmax(torch.einsum("nlhd,nkhd->nhlk", qd, k) * scale, dim=-1)
+    out = torch.einsum("nhlk,nkhd->nlhd", probs, v)
+    out.backward(grad_out.detach().to("cpu", torch.float64))
+    return out.detach(), [t.grad for t in ts]
+
+
+def assert_close(name, actual, expected, tol):
+    actual = actual.detach().to("cpu", torch.float64)
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert not torch.isnan(actual).any(), f"{name}: {int(torch.isnan(actual).sum())} NaN elements (unwritten?)"
+    if expected.numel() == 0:
+        return
+    scale = expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    assert err <= tol * max(scale, 1e-30), f"{name}: max error {err:.3e} > {tol:.1e} * max |ref| {scale:.3e}"
+
+
+def nan_like(t, dtype=None):
+    return torch.full(t.shape, float("nan"), dtype=dtype or t.dtype, device=t.device)
+
+
+def make_inputs(device, num, latents, media_tokens, heads, head_dim, dtype, *, fused_kv=False, seed=0):
+    """q and the four K/V sources; with ``fused_kv`` they are views of fused projections as in the drop-ins
+    (``kv[..., :inner].view(...)``: token stride 2 * heads * head_dim) and q is a head-strided slice."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).to(device)
+
+    inner = heads * head_dim
+    if not fused_kv:
+        return (randn(num, latents, heads, head_dim), randn(num, media_tokens, heads, head_dim),
+                randn(num, media_tokens, heads, head_dim), randn(num, latents, heads, head_dim),
+                randn(num, latents, heads, head_dim))
+    q = randn(num, latents, heads, 2 * head_dim)[..., :head_dim]
+    kv_media, kv_latents = randn(num, media_tokens, 2 * inner), randn(num, latents, 2 * inner)
+
+    def split(kv):
+        shape = (num, kv.shape[1], heads, head_dim)
+        return kv[..., :inner].view(shape), kv[..., inner:].view(shape)
+
+    (k_media, v_media), (k_latents, v_latents) = split(kv_media), split(kv_latents)
+    assert k_media.stride(1) == 2 * inner and q.stride(2) == 2 * head_dim
+    return q, k_media, v_media, k_latents, v_latents
+
+
+def run_case(kernels, device, *, num=2, latents=64, media_tokens=37, heads=2, head_dim=64, dtype=torch.float32,
+             config=None, fused_kv=False, grad="random", seed=0):
+    inputs = make_inputs(device, num, latents, media_tokens, heads, head_dim, dtype, fused_kv=fused_kv, seed=seed)
+    q = inputs[0]
+    scale = head_dim ** -0.5
+    fwd_tol, bwd_tol = TOLERANCE[dtype]
+    out = nan_like(q)
+    lse = torch.full((num, heads, latents), float("nan"), device=device)
+    o, lse_out = kernels.perceiver_fwd(*inputs, scale, config=config, out=out, lse=lse)
+    assert o.data_ptr() == out.data_ptr() and lse_out.data_ptr() == lse.data_ptr()
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    if grad == "ones":  # the gradient of .sum(): stride 0 everywhere
+        grad_out = torch.ones((), dtype=dtype, device=device).expand(q.shape)
+    elif grad == "expanded":  # one gradient per (media, head): stride 0 along the latents
+        grad_out = torch.randn(num, 1, heads, head_dim, generator=gen).to(dtype).to(device).expand(q.shape)
+    else:
+        grad_out = torch.randn(q.shape, generator=gen).to(dtype).to(device)
+    ref_o, ref_grads = reference(*inputs, scale, grad_out)
+    assert_close("o", o, ref_o, fwd_tol)
+    keys = torch.cat((inputs[1], inputs[3]), 1).to("cpu", torch.float64)
+    ref_lse = torch.logsumexp(torch.einsum("nlhd,nkhd->nhlk", q.to("cpu", torch.float64), keys) * scale, dim=-1)
+    assert_close("lse", lse, ref_lse, 1e-5 if dtype == torch.float32 else 1e-3)
+
+    buffers = [nan_like(t) for t in inputs]
+    grads = kernels.perceiver_bwd(grad_out, *inputs, o, lse, scale, config=config, dq=buffers[0],
+                                  dk_media=buffers[1], dv_media=buffers[2], dk_latents=buffers[3],
+                                  dv_latents=buffers[4])
+    assert all(g.data_ptr() == b.data_ptr() for g, b in zip(grads, buffers))
+    for name, got, want in zip(GRAD_NAMES, grads, ref_grads):
+        assert_close(name, got, want, bwd_tol)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernel cases
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_openflamingo_shape_video_frames(kernels, device, dtype):
+    """64 latents over two frames of 257 tokens (P = 514), head_dim 64, K/V as views of a fused projection."""
+    run_case(kernels, device, num=1, latents=64, media_tokens=2 * 257, heads=1, head_dim=64, dtype=dtype,
+             fused_kv=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [40, 96])
+def test_head_dims_padded(kernels, device, head_dim, dtype):
+    """40 and IDEFICS' 96 are padded (to 64, 128) with masked loads."""
+    run_case(kernels, device, num=2, latents=24, media_tokens=47, heads=2, head_dim=head_dim, dtype=dtype)
+
+
+@pytest.mark.parametrize("latents", [1, 5, 100, 128])
+def test_latent_counts(kernels, device, latents):
+    """Non-power-of-two latent counts; 100 and 128 need two query tiles of 64 (fp32 dK/dV partials)."""
+    run_case(kernels, device, num=1, latents=latents, media_tokens=33, heads=2, head_dim=32, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("config", [{"BLOCK_M": 16, "BLOCK_N": 16}, {"BLOCK_M": 32, "BLOCK_N": 64}],
+                         ids=["16x16", "32x64"])
+def test_small_tiles_ragged_tails(kernels, device, config):
+    """Several query tiles and key tiles with ragged tails in both sources."""
+    run_case(kernels, device, num=2, latents=37, media_tokens=50, heads=2, head_dim=16, dtype=torch.float32,
+             config=config, fused_kv=True)
+
+
+@pytest.mark.parametrize("media_tokens", [0, 1])
+def test_tiny_media(kernels, device, media_tokens):
+    """No media tokens (latents attend to themselves only) and a single one."""
+    run_case(kernels, device, num=3, latents=8, media_tokens=media_tokens, heads=1, head_dim=8, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("grad", ["ones", "expanded"])
+def test_expanded_grad_output(kernels, device, grad):
+    run_case(kernels, device, num=2, latents=16, media_tokens=20, heads=2, head_dim=32, dtype=torch.bfloat16,
+             grad=grad)
+
+
+def test_large_scores_stay_finite(kernels, device):
+    """Scores of +-1e3 (a fp32 softmax without max subtraction would overflow): output and grads stay exact."""
+    q, km, vm, kl, vl = make_inputs(device, 1, 16, 40, 1, 32, torch.float32)
+    q = q * 30.0
+    o, lse = kernels.perceiver_fwd(q, km, vm, kl, vl, 1.0)
+    grad_out = torch.randn_like(q)
+    ref_o, ref_grads = reference(q, km, vm, kl, vl, 1.0, grad_out)
+    assert_close("o", o, ref_o, 1e-4)
+    for name, got, want in zip(GRAD_NAMES, kernels.perceiver_bwd(grad_out, q, km, vm, kl, vl, o, lse, 1.0),
+                               ref_grads):
+        assert_close(name, got, want, 1e-3)
+
+
+def test_deterministic(kernels, device):
+    inputs = make_inputs(device, 2, 100, 30, 2, 32, torch.float16)
+    o, lse = kernels.perceiver_fwd(*inputs, 0.2)
+    grad_out = torch.randn_like(o)
+    first = kernels.perceiver_bwd(grad_out, *inputs, o, lse, 0.2)
+    second = kernels.perceiver_bwd(grad_out, *inputs, o, lse, 0.2)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_gpu_candidates_cover_latents(kernels):
+    """On the GPU the autotuner only times configs whose query tile covers all latents (L <= 128: each K/V byte
+    is read once), and the largest query tile beyond that."""
+    for kind in ("fwd", "bwd"):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for head_dim in (64, 96):
+                largest = max(c.kwargs["BLOCK_M"] for c in kernels.shipped_configs(kind, dtype, head_dim))
+                for latents in (8, 64, 100, 128, 300):
+                    kept = kernels.gpu_candidates(kind, (head_dim, dtype, latents, 256, 4096))
+                    assert kept
+                    for c in kept:
+                        assert c.kwargs["BLOCK_M"] >= min(latents, largest) or c.kwargs["BLOCK_M"] == largest
+                        assert c.kwargs["BLOCK_M"] < 2 * max(latents, 16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Custom op boundary: opcheck, autograd, torch.compile, dispatch
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_opcheck(device):
+    from fastflamingo import _triton_perceiver as tp
+
+    inputs = [t.requires_grad_() for t in make_inputs(device, 2, 5, 9, 2, 16, torch.float32, seed=3)]
+    torch.library.opcheck(tp.perceiver_attn_fwd, (*inputs, 0.25))
+    with torch.no_grad():
+        o, lse = tp.perceiver_attn_fwd(*inputs, 0.25)
+    detached = [t.detach() for t in inputs]
+    torch.library.opcheck(tp.perceiver_attn_bwd, (torch.randn_like(o), *detached, o, lse, 0.25))
+
+
+def test_functional_backend_triton_gradients(device):
+    """fastflamingo.functional.perceiver_attention with backend('triton'): every input's gradient, with fused
+    K/V views (their gradients land in the fused projection's output)."""
+    inputs = make_inputs(device, 2, 12, 30, 2, 24, torch.float32, fused_kv=True, seed=5)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    grad_out = torch.randn(inputs[0].shape, device=device)
+    with fastflamingo.backend("triton"):
+        out = FF.perceiver_attention(*leaves)
+    out.backward(grad_out)
+    ref_o, ref_grads = reference(*inputs, 24 ** -0.5, grad_out)
+    assert_close("o", out, ref_o, 1e-4)
+    for name, leaf, want in zip(GRAD_NAMES, leaves, ref_grads):
+        assert_close(name, leaf.grad, want, 2e-4)
+
+
+def test_torch_compile_aot_eager(device):
+    from fastflamingo import _triton_perceiver as tp
+
+    def f(q, km, vm, kl, vl):
+        return (tp.perceiver_attention(q, km, vm, kl, vl, 0.3) * 2.0).sum()
+
+    inputs = make_inputs(device, 2, 8, 12, 2, 16, torch.float32, seed=7)
+    eager = [t.detach().clone().requires_grad_() for t in inputs]
+    compiled = [t.detach().clone().requires_grad_() for t in inputs]
+    f(*eager).backward()
+    torch.compile(f, backend="aot_eager", fullgraph=True)(*compiled).backward()
+    for name, a, b in zip(GRAD_NAMES, compiled, eager):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_unsupported_reasons(device):
+    from fastflamingo import _triton_perceiver as tp
+
+    q, km, vm, kl, vl = make_inputs(device, 1, 4, 6, 2, 16, torch.float32)
+    assert tp.unsupported_reasons(q, km, vm, kl, vl) == []
+    assert any("dtype" in r for r in tp.unsupported_reasons(q.double(), km, vm, kl, vl))
+    big = torch.zeros(1, 4, 2, 160, device=device)
+    assert any("head_dim" in r for r in tp.unsupported_reasons(big, big[:, :3], big[:, :3], big, big))
+    assert any("k_latents" in r for r in tp.unsupported_reasons(q, km, vm, kl[:, :3], vl[:, :3]))
+    assert any("4-D" in r for r in tp.unsupported_reasons(q[0], km, vm, kl, vl))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Drop-ins with backend("triton") against the real upstream modules
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _module_grads(module, x):
+    out = module(x)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(11)).to(out.device)
+    (out * weights).sum().backward()
+    grads = {"input": x.grad}
+    grads.update({name: p.grad for name, p in module.named_parameters()})
+    return out.detach(), grads
+
+
+def test_openflamingo_perceiver_resampler(device):
+    try:
+        from fastflamingo.testing import load_open_flamingo
+        of = load_open_flamingo().helpers
+    except ModuleNotFoundError as exc:
+        pytest.skip(str(exc))
+    kwargs = dict(dim=32, depth=2, dim_head=16, heads=2, num_latents=6, max_num_media=2, max_num_frames=2)
+    up = of.PerceiverResampler(**kwargs).to(device)
+    mine = fastflamingo.PerceiverResampler(**kwargs).to(device)
+    mine.load_state_dict(up.state_dict(), strict=True)
+    x = torch.randn(2, 2, 2, 9, 32, device=device)  # 2 media of 2 frames of 9 tokens: P = 18
+    out_up, g_up = _module_grads(up, x.clone().requires_grad_())
+    with fastflamingo.backend("triton"):
+        out_me, g_me = _module_grads(mine, x.clone().requires_grad_())
+    assert_close("output", out_me, out_up.double().cpu(), 1e-5)
+    for name, g in g_up.items():
+        assert_close(f"grad {name}", g_me[name], g.double().cpu(), 1e-4)
+
+
+@pytest.mark.parametrize("qk", [True, False], ids=["qk-layernorm", "plain"])
+def test_idefics_perceiver_resampler(device, qk):
+    pytest.importorskip("transformers")
+    from transformers import IdeficsConfig
+    from transformers.models.idefics import perceiver as hf_perceiver
+
+    from fastflamingo import idefics as ffi
+
+    cfg = IdeficsConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                        vision_config=dict(embed_dim=32, image_size=32, patch_size=8, num_hidden_layers=1,
+                                           num_attention_heads=4, intermediate_size=64),
+                        perceiver_config=dict(use_resampler=True, resampler_n_latents=8, resampler_depth=2,
+                                              resampler_n_heads=2, resampler_head_dim=24,
+                                              qk_layer_norms_perceiver=qk))
+    args = (cfg, 32, 2, 2, 24, 8)  # embed_dim, depth, heads, head_dim, latents
+    up = hf_perceiver.IdeficsPerceiverResampler(*args).to(device)
+    mine = ffi.IdeficsPerceiverResampler(*args).to(device)
+    mine.load_state_dict(up.state_dict(), strict=True)
+    context = torch.randn(4, 17, 32, device=device)  # 2 samples x 2 images x (16 patches + CLS)
+    out_up, g_up = _module_grads(up, context.clone().requires_grad_())
+    with fastflamingo.backend("triton"):
+        out_me, g_me = _module_grads(mine, context.clone().requires_grad_())
+    assert_close("output", out_me, out_up.double().cpu(), 1e-5)
+    largest = max(g.abs().max().item() for g in g_up.values())
+    for name, g in g_up.items():
+        if name.endswith("k_layer_norm.bias"):  # analytically zero: both sides are rounding noise
+            assert g_me[name].abs().max() <= 1e-5 * largest
+            continue
+        assert_close(f"grad {name}", g_me[name], g.double().cpu(), 1e-4)

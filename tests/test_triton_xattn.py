@@ -1,0 +1,535 @@
+"""Triton masked media cross-attention (kernels/masked_cross_attention.py, fastflamingo/_triton_xattn.py).
+
+On a CPU machine the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1); on a CUDA machine
+the same tests run natively. Every result is compared with a dense float64 reference written here from the mask
+rule (scores, boolean mask from text_time, exact-zero rows), computed from the inputs as rounded to the test dtype.
+Outputs and gradients are launched into NaN-filled buffers, so every element is proven written.
+"""
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastflamingo import _backend
+from fastflamingo.masks import ALL_PREVIOUS, IMMEDIATE, MediaMask
+
+pytestmark = pytest.mark.triton
+
+# max |kernel - reference| / max |reference|, for (output, gradients); docs: /work/shared/CPU_TESTING.md section 10
+TOLERANCE = {
+    torch.float32: (1e-4, 2e-4),
+    torch.float16: (5e-3, 1e-2),
+    torch.bfloat16: (3e-2, 6e-2),
+}
+SMALL_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    pytest.importorskip("triton")
+    return _backend.load_kernels("masked_cross_attention")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference and helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def visible_mask(text_time, num_media, latents, immediate):
+    """(B, T, M*n) bool: key j belongs to media j // n + 1 (1-based); immediate sees media == text_time, all-previous
+    sees media <= text_time (so text_time <= 0 sees nothing, and text_time > M sees nothing / everything)."""
+    media_of_key = torch.arange(num_media * latents) // latents + 1
+    tt = text_time.to("cpu", torch.int64)[..., None]
+    return media_of_key == tt if immediate else media_of_key <= tt
+
+
+def reference(q, k, v, text_time, num_media, latents, immediate, scale, grad_out=None):
+    """Dense float64 attention with the mask; rows that see nothing are exactly 0. Returns o and, with grad_out,
+    (dq, dk, dv)."""
+    qd, kd, vd = (t.detach().to("cpu", torch.float64).requires_grad_() for t in (q, k, v))
+    allowed = visible_mask(text_time, num_media, latents, immediate)[:, None]  # (B, 1, T, L)
+    seen = allowed.any(-1, keepdim=True)
+    scores = torch.einsum("bthd,blhd->bhtl", qd, kd) * scale
+    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~seen, 0.0)  # no all -inf rows: no NaN
+    probs = torch.softmax(scores, dim=-1).masked_fill(~seen, 0.0)
+    out = torch.einsum("bhtl,blhd->bthd", probs, vd)
+    if grad_out is None:
+        return out.detach(), None
+    out.backward(grad_out.detach().to("cpu", torch.float64))
+    return out.detach(), (qd.grad, kd.grad, vd.grad)
+
+
+def assert_close(name, actual, expected, tol):
+    actual = actual.detach().to("cpu", torch.float64)
+    assert not torch.isnan(actual).any(), f"{name}: {int(torch.isnan(actual).sum())} NaN elements (unwritten?)"
+    scale = expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    if scale == 0.0:
+        assert err == 0.0, f"{name}: reference is all zeros but max |kernel| = {err}"
+    else:
+        assert err <= tol * scale, f"{name}: max error {err:.3e} > {tol:.1e} * max |ref| {scale:.3e}"
+
+
+def nan_like(shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def make_inputs(device, batch, num_text, heads, head_dim, num_keys, dtype, *, fused_kv=False, strided_q=False,
+                seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).to(device)
+
+    if strided_q:  # q is a slice of a fused (q, something) projection: head stride 2 * head_dim
+        q = randn(batch, num_text, heads, 2 * head_dim)[..., :head_dim]
+    else:
+        q = randn(batch, num_text, heads, head_dim)
+    if fused_kv:  # k, v are views of one fused K/V projection: token stride 2 * heads * head_dim
+        inner = heads * head_dim
+        kv = randn(batch, num_keys, 2 * inner)
+        k = kv[..., :inner].view(batch, num_keys, heads, head_dim)
+        v = kv[..., inner:].view(batch, num_keys, heads, head_dim)
+    else:
+        k = randn(batch, num_keys, heads, head_dim)
+        v = randn(batch, num_keys, heads, head_dim)
+    return q, k, v
+
+
+def run_case(kernels, device, *, text_time, heads, head_dim, num_media, latents, dtype, immediate, config=None,
+             fused_kv=False, strided_q=False, grad="random", backward=True, seed=0):
+    """Forward (and backward) of one case into NaN-poisoned buffers, compared with the float64 reference."""
+    batch, num_text = text_time.shape
+    num_keys = num_media * latents
+    q, k, v = make_inputs(device, batch, num_text, heads, head_dim, num_keys, dtype, fused_kv=fused_kv,
+                          strided_q=strided_q, seed=seed)
+    if fused_kv:
+        assert k.stride(1) == 2 * heads * head_dim
+    text_time = text_time.to(device)
+    scale = head_dim ** -0.5
+    fwd_tol, bwd_tol = TOLERANCE[dtype]
+
+    out = nan_like(q.shape, dtype, device)
+    lse = nan_like((batch, heads, num_text), torch.float32, device)
+    o, lse_out = kernels.media_xattn_fwd(q, k, v, text_time, num_media, latents, immediate, scale, config=config,
+                                         out=out, lse=lse)
+    assert o.data_ptr() == out.data_ptr() and lse_out.data_ptr() == lse.data_ptr()
+    seen = visible_mask(text_time, num_media, latents, immediate).any(-1)  # (B, T)
+
+    grad_out = None
+    if backward:
+        gen = torch.Generator().manual_seed(seed + 1)
+        if grad == "expanded":  # the same gradient for every token: stride 0 along the text
+            grad_out = torch.randn(batch, 1, heads, head_dim, generator=gen).to(dtype).to(device)
+            grad_out = grad_out.expand(batch, num_text, heads, head_dim)
+        elif grad == "ones":  # the gradient of .sum(): stride 0 everywhere, including head_dim
+            grad_out = torch.ones((), dtype=dtype, device=device).expand(batch, num_text, heads, head_dim)
+        else:
+            grad_out = torch.randn(batch, num_text, heads, head_dim, generator=gen).to(dtype).to(device)
+    ref_o, ref_grads = reference(q, k, v, text_time, num_media, latents, immediate, scale, grad_out)
+
+    assert_close("o", o, ref_o, fwd_tol)
+    o_cpu, lse_cpu = o.detach().cpu(), lse.cpu()
+    assert (o_cpu[~seen] == 0).all(), "tokens that see no media must get exactly 0"
+    assert torch.isinf(lse_cpu.transpose(1, 2)[~seen]).all() and torch.isfinite(lse_cpu.transpose(1, 2)[seen]).all()
+    if not backward:
+        return
+
+    dq, dk, dv = (nan_like(t.shape, dtype, device) for t in (q, k, v))
+    grads = kernels.media_xattn_bwd(grad_out, q, k, v, o, lse, text_time, num_media, latents, immediate, scale,
+                                    config=config, dq=dq, dk=dk, dv=dv)
+    assert all(g.data_ptr() == b.data_ptr() for g, b in zip(grads, (dq, dk, dv)))
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(name, got, want, bwd_tol)
+    assert (dq.cpu()[~seen] == 0).all(), "tokens that see no media must get a zero gradient"
+    key_seen = visible_mask(text_time, num_media, latents, immediate).any(1)  # (B, L)
+    assert (dk.cpu()[~key_seen] == 0).all() and (dv.cpu()[~key_seen] == 0).all()
+
+
+def cumsum_time(batch, num_text, image_positions):
+    """text_time = cumsum of <image> flags at the given positions (the same for every sample)."""
+    flags = torch.zeros(batch, num_text, dtype=torch.int32)
+    flags[:, list(image_positions)] = 1
+    return flags.cumsum(1, dtype=torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Edge cases
+# ----------------------------------------------------------------------------------------------------------------
+
+MODES = [pytest.param(True, id="immediate"), pytest.param(False, id="all_previous")]
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16")]
+
+
+@pytest.mark.parametrize("immediate", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtypes_text_before_first_media(kernels, device, dtype, immediate):
+    text_time = cumsum_time(2, 77, [20, 45, 60])
+    run_case(kernels, device, text_time=text_time, heads=2, head_dim=64, num_media=3, latents=64, dtype=dtype,
+             immediate=immediate)
+
+
+@pytest.mark.parametrize("immediate", MODES)
+@pytest.mark.parametrize("num_text", [1, 63, 111])
+def test_text_lengths_media_at_position_zero(kernels, device, num_text, immediate):
+    text_time = cumsum_time(2, num_text, [p for p in (0, 30, 70) if p < num_text])
+    run_case(kernels, device, text_time=text_time, heads=2, head_dim=32, num_media=3, latents=64,
+             dtype=torch.float32, immediate=immediate, config={"BLOCK_M": 32, "BLOCK_N": 32})
+
+
+@pytest.mark.parametrize("immediate", MODES)
+@pytest.mark.parametrize("head_dim", [40, 96, 128])
+def test_head_dims_padded(kernels, device, head_dim, immediate):
+    text_time = cumsum_time(1, 50, [3, 27])
+    run_case(kernels, device, text_time=text_time, heads=2, head_dim=head_dim, num_media=2, latents=64,
+             dtype=torch.float16, immediate=immediate)
+
+
+@pytest.mark.parametrize("immediate", MODES)
+@pytest.mark.parametrize("latents", [64, 80, 128])
+def test_latents_per_media(kernels, device, latents, immediate):
+    """80 latents: key tiles that do not divide a media; 128: video (frames * 64)."""
+    text_time = cumsum_time(2, 40, [0, 11, 25])
+    run_case(kernels, device, text_time=text_time, heads=1, head_dim=32, num_media=3, latents=latents,
+             dtype=torch.float32, immediate=immediate, config={"BLOCK_M": 16, "BLOCK_N": 32})
+
+
+@pytest.mark.parametrize("immediate", MODES)
+def test_more_image_tokens_than_media(kernels, device, immediate):
+    """text_time past num_media: immediate sees nothing, all-previous sees every media."""
+    text_time = cumsum_time(2, 60, [5, 15, 25, 35, 45])
+    assert int(text_time.max()) == 5
+    run_case(kernels, device, text_time=text_time, heads=2, head_dim=32, num_media=3, latents=32,
+             dtype=torch.float32, immediate=immediate, config=SMALL_BLOCKS)
+
+
+@pytest.mark.parametrize("immediate", MODES)
+@pytest.mark.parametrize("config", [None, SMALL_BLOCKS], ids=["default", "blocks16"])
+def test_non_monotone_text_time(kernels, device, immediate, config):
+    """IDEFICS resets text_time to 0 after an end-of-sequence token; also negative and out-of-range values.
+    Many short runs overflow the run-aligned schedule: the plain-tile fallback must still be exact."""
+    pattern = [0, 0, 1, 1, 1, 2, 2, 0, 0, 3, 3, 1, 2, 3, -1, 4, 4, 2, 0, 1] * 4
+    text_time = torch.tensor([pattern, pattern[::-1]], dtype=torch.int32)
+    run_case(kernels, device, text_time=text_time, heads=2, head_dim=32, num_media=3, latents=16,
+             dtype=torch.float32, immediate=immediate, config=config)
+
+
+@pytest.mark.parametrize("immediate", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_strided_views_and_expanded_grad(kernels, device, dtype, immediate):
+    """k, v are views of a fused K/V projection, q a head-strided slice, grad_output expanded (stride 0)."""
+    text_time = cumsum_time(2, 45, [4, 20])
+    run_case(kernels, device, text_time=text_time, heads=2, head_dim=32, num_media=2, latents=64, dtype=dtype,
+             immediate=immediate, fused_kv=True, strided_q=True, grad="expanded")
+
+
+@pytest.mark.parametrize("immediate", MODES)
+def test_fully_expanded_grad(kernels, device, immediate):
+    """The gradient of o.sum() has stride 0 along head_dim too: the launcher copies it."""
+    text_time = cumsum_time(1, 30, [2, 9])
+    run_case(kernels, device, text_time=text_time, heads=2, head_dim=32, num_media=2, latents=32,
+             dtype=torch.float16, immediate=immediate, grad="ones")
+
+
+def test_per_sample_layouts_and_cached_media(kernels, device):
+    """Different layouts per sample, one sample that sees nothing, and a decode-style expanded text_time."""
+    text_time = torch.stack([
+        cumsum_time(1, 40, [0, 13])[0],
+        torch.zeros(40, dtype=torch.int32),
+        torch.full((40,), 2, dtype=torch.int32),
+    ])
+    for immediate in (True, False):
+        run_case(kernels, device, text_time=text_time, heads=1, head_dim=16, num_media=2, latents=32,
+                 dtype=torch.float32, immediate=immediate)
+    cached = torch.tensor([2, 1], dtype=torch.int32)[:, None].expand(2, 7)  # stride 0 along the text
+    run_case(kernels, device, text_time=cached, heads=2, head_dim=32, num_media=2, latents=64,
+             dtype=torch.float32, immediate=False)
+
+
+@pytest.mark.parametrize("immediate", [
+    pytest.param(True, id="immediate"),
+    pytest.param(False, id="all_previous", marks=pytest.mark.slow_interpreter),  # every token sees 4160 keys
+])
+def test_long_text_many_media(kernels, device, immediate):
+    """>= 32k tokens and > 256 media per sample (text_time up to 260), against the reference in token chunks."""
+    num_text, num_media, latents, heads, head_dim = 32800, 260, 16, 1, 16
+    gen = torch.Generator().manual_seed(0)
+    positions = torch.randperm(num_text, generator=gen)[:num_media].sort().values
+    text_time = cumsum_time(1, num_text, positions.tolist())
+    q, k, v = make_inputs(device, 1, num_text, heads, head_dim, num_media * latents, torch.float32)
+    grad_out = torch.randn(q.shape, generator=gen).to(device)
+    scale = head_dim ** -0.5
+    o, lse = kernels.media_xattn_fwd(q, k, v, text_time.to(device), num_media, latents, immediate, scale)
+    dq, dk, dv = kernels.media_xattn_bwd(grad_out, q, k, v, o, lse, text_time.to(device), num_media, latents,
+                                         immediate, scale)
+    ref_o, ref_dq, ref_dk, ref_dv = [], [], 0.0, 0.0
+    for chunk in torch.arange(num_text).split(2048):
+        o_part, (dq_part, dk_part, dv_part) = reference(q[:, chunk], k, v, text_time[:, chunk], num_media, latents,
+                                                         immediate, scale, grad_out[:, chunk])
+        ref_o.append(o_part)
+        ref_dq.append(dq_part)
+        ref_dk, ref_dv = ref_dk + dk_part, ref_dv + dv_part
+    assert_close("o", o, torch.cat(ref_o, 1), 1e-4)
+    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), (torch.cat(ref_dq, 1), ref_dk, ref_dv)):
+        assert_close(name, got, want, 2e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Seeded random sweep
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def random_case(seed):
+    rng = random.Random(seed)
+    batch, heads = rng.choice([1, 1, 2]), rng.choice([1, 2])
+    head_dim = rng.choice([16, 32, 40, 64])
+    latents = rng.choice([16, 32, 48, 64, 80])
+    num_media = rng.randint(1, 4)
+    num_text = rng.choice([1, 2, rng.randint(3, 40), rng.randint(41, 96)])
+    layout = rng.choice(["cumsum", "cumsum", "prefix", "at_zero", "too_many", "resets", "random", "constant"])
+    rows = []
+    for _ in range(batch):
+        if layout in ("cumsum", "prefix", "at_zero", "too_many"):
+            count = {"too_many": num_media + rng.randint(1, 2)}.get(layout, num_media)
+            low = num_text // 3 if layout == "prefix" else 0
+            flags = [0] * num_text
+            for pos in rng.sample(range(low, num_text), min(count, num_text - low)):
+                flags[pos] = 1
+            if layout == "at_zero":
+                flags[0] = 1
+            row, total = [], 0
+            for flag in flags:
+                total += flag
+                row.append(total)
+        elif layout == "resets":  # IDEFICS: back to 0 after an end of sequence, then counting again
+            row, current = [], 0
+            for _ in range(num_text):
+                r = rng.random()
+                current = 0 if r < 0.05 else min(current + 1, num_media) if r < 0.15 else current
+                row.append(current)
+        elif layout == "random":
+            row = [rng.randint(-1, num_media + 1) for _ in range(num_text)]
+        else:
+            row = [rng.randint(0, num_media)] * num_text
+        rows.append(row)
+    text_time = torch.tensor(rows, dtype=torch.int32)
+    dtype = rng.choice([torch.float32, torch.float32, torch.float16, torch.bfloat16])
+    config = rng.choice([None, None, None, {"BLOCK_M": 16, "BLOCK_N": 16}, {"BLOCK_M": 32, "BLOCK_N": 16},
+                         {"BLOCK_M": 16, "BLOCK_N": 32}])
+    return dict(text_time=text_time, heads=heads, head_dim=head_dim, num_media=num_media, latents=latents,
+                dtype=dtype, immediate=rng.random() < 0.5, config=config, fused_kv=rng.random() < 0.25,
+                grad=rng.choice(["random", "random", "random", "expanded"]), seed=seed)
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_random_sweep(kernels, device, seed):
+    run_case(kernels, device, **random_case(seed))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device-side schedules (pure torch)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def brute_force_ranges(text_time, num_media, immediate):
+    seen_media = visible_mask(text_time, num_media, 1, immediate)  # latents=1: one column per media
+    first = torch.full((text_time.shape[0], num_media), text_time.shape[1], dtype=torch.int32)
+    end = torch.zeros((text_time.shape[0], num_media), dtype=torch.int32)
+    for b, t, m in seen_media.nonzero().tolist():
+        first[b, m] = min(first[b, m], t)
+        end[b, m] = max(end[b, m], t + 1)
+    return first, end
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_schedules(kernels, seed, block_m):
+    case = random_case(seed)
+    text_time, num_media, immediate = case["text_time"], case["num_media"], case["immediate"]
+    batch, num_text = text_time.shape
+    start, end = kernels.query_tile_schedule(text_time, num_media, immediate, block_m)
+    assert start.shape == (batch, kernels.query_tile_slots(num_text, num_media, block_m))
+    lo, hi = kernels.visible_media(text_time, num_media, immediate)
+    monotone = bool((text_time[:, 1:] >= text_time[:, :-1]).all())
+    for b in range(batch):
+        covered = torch.zeros(num_text, dtype=torch.int32)
+        aligned = True
+        for s, e in zip(start[b].tolist(), end[b].tolist()):
+            if s >= e:
+                continue
+            assert e - s <= block_m
+            covered[s:e] += 1
+            aligned &= bool((lo[b, s:e] == lo[b, s]).all() and (hi[b, s:e] == hi[b, s]).all())
+        assert (covered == 1).all(), "every token in exactly one tile"
+        if monotone:  # cumsum layouts always fit the slots: every tile lies inside one run
+            assert aligned
+    first, stop = kernels.media_token_ranges(text_time, num_media, immediate)
+    want_first, want_end = brute_force_ranges(text_time, num_media, immediate)
+    seen = want_end > 0
+    assert torch.equal(first[seen], want_first[seen]) and torch.equal(stop[seen], want_end[seen])
+    assert (first[~seen] >= stop[~seen]).all(), "media seen by no token: empty token range"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Custom ops, torch.compile, backend dispatch
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def small_problem(device, dtype=torch.float32, requires_grad=True):
+    text_time = cumsum_time(2, 24, [3, 12]).to(device)
+    q, k, v = make_inputs(device, 2, 24, 2, 32, 2 * 32, dtype)
+    for t in (q, k, v):
+        t.requires_grad_(requires_grad)
+    return q, k, v, text_time
+
+
+@pytest.mark.parametrize("immediate", MODES)
+def test_opcheck(kernels, device, immediate):
+    from fastflamingo import _triton_xattn  # noqa: F401  (registers the ops)
+
+    q, k, v, text_time = small_problem(device)
+    fwd = torch.ops.fastflamingo.media_xattn_fwd
+    torch.library.opcheck(fwd.default, (q, k, v, text_time, 2, 32, immediate, 0.2))
+    o, lse = fwd(q.detach(), k.detach(), v.detach(), text_time, 2, 32, immediate, 0.2)
+    grad_out = torch.randn_like(o)
+    torch.library.opcheck(torch.ops.fastflamingo.media_xattn_bwd.default,
+                          (grad_out, q.detach(), k.detach(), v.detach(), o, lse, text_time, 2, 32, immediate, 0.2))
+
+
+def _gated_block(xattn):
+    def block(q, k, v, text_time, gate):
+        out = xattn(q, k, v, text_time, 2, 32, False, 32 ** -0.5)
+        return (q + torch.tanh(gate) * out).square().mean()
+
+    return block
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile(kernels, device, compile_backend):
+    from fastflamingo import _triton_xattn
+
+    block = _gated_block(_triton_xattn.media_cross_attention)
+    gate = torch.tensor(0.5, device=device, requires_grad=True)
+    q, k, v, text_time = small_problem(device)
+    compiled = torch.compile(block, backend=compile_backend, fullgraph=True)
+    loss = compiled(q, k, v, text_time, gate)
+    grads = torch.autograd.grad(loss, (q, k, v, gate))
+    loss_eager = block(q, k, v, text_time, gate)
+    grads_eager = torch.autograd.grad(loss_eager, (q, k, v, gate))
+    torch.testing.assert_close(loss, loss_eager)
+    for got, want in zip(grads, grads_eager):
+        torch.testing.assert_close(got, want)
+        assert not torch.isnan(got).any()
+
+
+@pytest.mark.parametrize("mode", [IMMEDIATE, ALL_PREVIOUS])
+def test_functional_dispatch_runs_the_kernel(kernels, device, monkeypatch, mode):
+    """``backend("triton")`` sends functional.media_cross_attention through the kernels (on CPU: interpreted), and
+    it matches the PyTorch path in value and gradient."""
+    import fastflamingo
+    from fastflamingo import functional
+
+    calls = {"fwd": 0, "bwd": 0}
+    original_fwd, original_bwd = kernels.media_xattn_fwd, kernels.media_xattn_bwd
+
+    def spy_fwd(*args, **kwargs):
+        calls["fwd"] += 1
+        return original_fwd(*args, **kwargs)
+
+    def spy_bwd(*args, **kwargs):
+        calls["bwd"] += 1
+        return original_bwd(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "media_xattn_fwd", spy_fwd)
+    monkeypatch.setattr(kernels, "media_xattn_bwd", spy_bwd)
+    q, k, v, text_time = small_problem(device)
+    mask = MediaMask(text_time, 2, mode)
+    results = {}
+    for name in ("triton", "torch"):
+        with fastflamingo.backend(name):
+            out = functional.media_cross_attention(q, k, v, mask)
+            results[name] = (out, *torch.autograd.grad(out.square().sum(), (q, k, v)))
+    assert calls == {"fwd": 1, "bwd": 1}
+    for got, want in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_unsupported_reasons(device):
+    from fastflamingo._triton_xattn import unsupported_reasons
+
+    def tensors(dtype=torch.float16, head_dim=64, k_dtype=None):
+        q = torch.zeros(1, 4, 2, head_dim, dtype=dtype)
+        k = torch.zeros(1, 8, 2, head_dim, dtype=k_dtype or dtype)
+        return q, k, k.clone()
+
+    assert unsupported_reasons(*tensors()) == []
+    assert unsupported_reasons(*tensors(torch.float32, 40)) == []
+    assert any("float64" in r for r in unsupported_reasons(*tensors(torch.float64)))
+    assert any("head_dim 256" in r for r in unsupported_reasons(*tensors(head_dim=256)))
+    assert any("head_dim 8" in r for r in unsupported_reasons(*tensors(head_dim=8)))
+    assert any("different dtypes" in r for r in unsupported_reasons(*tensors(k_dtype=torch.float32)))
+
+
+def test_kernels_are_interpreted_under_interpret(kernels):
+    """Guards against something importing the kernels before conftest set TRITON_INTERPRET."""
+    import triton
+
+    from conftest import INTERPRET
+
+    jitted = [kernels._media_xattn_fwd_kernel, kernels._media_xattn_bwd_preprocess_kernel,
+              kernels._media_xattn_bwd_dkdv_kernel, kernels._media_xattn_bwd_dq_kernel]
+    interpreted = triton.runtime.interpreter.InterpretedFunction
+    assert all(isinstance(fn, interpreted) == INTERPRET for fn in jitted)
+    # one config under the interpreter; on the GPU the shipped list minus the 16-row tiles (a 128-token text)
+    candidates = kernels.FWD_CHOOSER.candidates((64, 64, True, torch.bfloat16, 128, 4))
+    long_text = [c for c in kernels.shipped_configs("fwd", torch.bfloat16, 64) if c.kwargs["BLOCK_M"] > 16]
+    assert candidates == ([kernels.INTERPRETER_CONFIG] if INTERPRET else long_text)
+
+
+def test_launcher_validates_outputs(kernels, device):
+    q, k, v, text_time = small_problem(device, requires_grad=False)
+    with pytest.raises(ValueError, match="out must be"):
+        kernels.media_xattn_fwd(q, k, v, text_time, 2, 32, True, 0.1, out=torch.empty(3, device=device))
+    with pytest.raises(ValueError, match="k, v must be"):
+        kernels.media_xattn_fwd(q, k, v, text_time, 3, 32, True, 0.1)
+
+
+@pytest.mark.gpu
+def test_int64_offsets_beyond_2_31_elements(kernels, device):
+    """Sample 1 of k/v starts past 2**31 elements (a wide fused projection): needs int64 batch offsets."""
+    batch, num_text, heads, head_dim, num_media, latents = 2, 64, 1, 64, 256, 64
+    num_keys = num_media * latents
+    width = 1 + (2 ** 31) // (num_keys * head_dim)  # heads in the backing buffer, only the first one used
+    big = torch.zeros(batch, num_keys, width, head_dim, dtype=torch.bfloat16, device=device)
+    assert big.stride(0) * 1 >= 2 ** 31
+    k = big[:, :, :heads]
+    k.normal_()
+    v = k.flip(-1)
+    q = torch.randn(batch, num_text, heads, head_dim, dtype=torch.bfloat16, device=device)
+    text_time = cumsum_time(batch, num_text, [0, 20, 40]).to(device) * 85  # media 85, 170, 255
+    scale = head_dim ** -0.5
+    o, _ = kernels.media_xattn_fwd(q, k, v, text_time, num_media, latents, True, scale)
+    ref, _ = reference(q, k.contiguous(), v.contiguous(), text_time, num_media, latents, True, scale)
+    assert_close("o", o, ref, TOLERANCE[torch.bfloat16][0])
+
+
+def test_imports_stay_light():
+    """``import fastflamingo``, ``fastflamingo.kernels`` and the op module never import triton; the op module and its
+    support check work with triton unavailable."""
+    code = """
+import sys
+import fastflamingo, fastflamingo.kernels, fastflamingo._triton_xattn
+assert "triton" not in sys.modules, "importing fastflamingo imported triton"
+sys.modules["triton"] = None  # from here on, importing triton fails
+import torch
+from fastflamingo._triton_xattn import unsupported_reasons
+t = torch.zeros(1, 4, 2, 32)
+assert unsupported_reasons(t, t, t) == []
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
