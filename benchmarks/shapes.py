@@ -49,3 +49,26 @@ def tiny_params(params: dict) -> dict:
     out.setdefault("first_frac", 0.1)
     out["first_frac"] = 0.1  # exercise the rows that see no media
     return out
+
+
+# One gated cross-attention layer for the decode op (issue 6): the layer's own sizes beside the attention shape.
+#
+# - ``of3b``: OpenFlamingo-3B's ``GatedCrossAttentionBlock`` (MPT-1B width 2048, ViT-L/14 1024, 8 x 64, ff_mult 4);
+# - ``of9b``: OpenFlamingo-9B's (MPT-7B width 4096);
+# - ``idefics9b``: IDEFICS-9B's ``IdeficsGatedCrossAttentionLayer`` (LLaMA-7B: 4096 = 32 x 128, MLP 11008; ViT-H/14
+#   1280), the real layer size (transformers' ``IdeficsConfig`` defaults, no qk norms);
+# - ``idefics80b``: IDEFICS-80B's (LLaMA-65B: 8192 = 64 x 128, MLP 22016, qk norms);
+# - ``tiny-of`` / ``tiny-idefics``: ``--dry-run`` sizes.
+DECODE_LAYERS = {
+    "of3b": dict(family="of", heads=8, head_dim=64, latents=64, dim=2048, dim_visual=1024, ff_mult=4),
+    "of9b": dict(family="of", heads=8, head_dim=64, latents=64, dim=4096, dim_visual=1024, ff_mult=4),
+    "idefics9b": dict(family="idefics", heads=32, head_dim=128, latents=64, dim=4096, dim_visual=1280,
+                      intermediate=11008, qk_norms=False),
+    "idefics80b": dict(family="idefics", heads=64, head_dim=128, latents=64, dim=8192, dim_visual=1280,
+                       intermediate=22016, qk_norms=True),
+    "tiny-of": dict(family="of", heads=2, head_dim=16, latents=8, dim=64, dim_visual=48, ff_mult=2),
+    "tiny-idefics": dict(family="idefics", heads=2, head_dim=16, latents=8, dim=32, dim_visual=48, intermediate=64,
+                         qk_norms=True),
+}
+DECODE_SHOTS = (0, 4, 32)
+DECODE_BATCHES = (1, 16)

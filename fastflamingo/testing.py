@@ -101,11 +101,16 @@ def tiny_open_flamingo(
     patch_size: int = 8,
     gate_value: Optional[float] = 0.5,
     seed: int = 0,
+    intermediate_size: Optional[int] = None,
+    lm_config: Optional[dict] = None,
 ):
     """A random-weight OpenFlamingo ``Flamingo`` (real class) on a small Hugging Face LM built from a config.
 
     Token ids: ``vocab_size - 1`` is ``<image>``, ``vocab_size - 2`` is ``<|endofchunk|>``. ``gate_value`` sets the
     tanh gates (upstream initialises them to 0, which would make cross-attention invisible in the logits).
+    ``intermediate_size`` is the LM's MLP width (default ``2 * hidden_size``); ``lm_config`` holds further
+    config fields of the LM (e.g. ``tie_word_embeddings``). The LM's decoder layers must sit at ``model.layers``
+    (``llama``, ``phi``, ``mistral``, ...).
     Returns ``(model, media_token_id, eoc_token_id)``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -116,11 +121,12 @@ def tiny_open_flamingo(
         lm,
         vocab_size=vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
+        intermediate_size=hidden_size * 2 if intermediate_size is None else intermediate_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
         max_position_embeddings=4096,
+        **(lm_config or {}),
     )
     lang = AutoModelForCausalLM.from_config(config)
     of.extend_instance(lang, of.FlamingoLMMixin)

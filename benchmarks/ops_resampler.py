@@ -1,0 +1,288 @@
+"""Issue 4 ops: the Perceiver attention core, whole resamplers, and IDEFICS' gated cross-attention layer.
+
+- ``perceiver_core`` (PERF.md section 9.2 row B): latent queries attend to ``[media tokens; latents]``; providers
+  ``upstream`` (OpenFlamingo's einsum on the concatenated keys with the amax shift), ``sdpa`` (SDPA on the
+  concatenated keys), ``flex`` (FlexAttention, no mask; CUDA) and ``fastflamingo`` (two key sources, no concat).
+- ``resampler``: the whole ``PerceiverResampler`` (OpenFlamingo, depth 6, 8 x 64) or
+  ``IdeficsPerceiverResampler`` (depth 6, 16 x 96, qk LayerNorm), upstream module vs the drop-in.
+- ``idefics_block``: transformers' ``IdeficsGatedCrossAttentionLayer`` vs the drop-in, prefill (row E).
+
+References come from :mod:`fastflamingo.reference` (upstream's math restated), in fp32.
+"""
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import fastflamingo
+from fastflamingo import reference as ref
+
+from .registry import Case, Op, Provider, Runner, register_op, register_provider
+
+# (model, heads, head_dim, media tokens per image, latents, width)
+_PERCEIVER = {"of": (8, 64, 256, 64, 1024), "idefics": (16, 96, 257, 64, 1280)}
+
+
+def _label(op, p):
+    return f"{p['model']} B{p['batch']} S{p['shots']} " + (
+        f"T{p['text']}" if op == "idefics_block" else f"P{p['tokens']} L{p['latents']}")
+
+
+def _case(op, model, batch, shots, **extra) -> Case:
+    heads, head_dim, tokens, latents, width = _PERCEIVER[model]
+    p = dict(model=model, batch=batch, shots=shots, heads=heads, head_dim=head_dim, tokens=tokens, latents=latents,
+             width=width, depth=6, **extra)
+    return Case(op, p, _label(op, p), shots)
+
+
+def _tiny(case: Case) -> Case:
+    p = dict(case.params, model="tiny-" + case.params["model"].replace("tiny-", ""), batch=1, heads=2, head_dim=16,
+             tokens=9, latents=5, width=32, depth=2)
+    if "text" in p:
+        p.update(text=24, hidden=64, lm_heads=4)
+    return Case(case.op, p, _label(case.op, p), min(case.shots, 2), case.passes, case.providers)
+
+
+# ------------------------------------------------------------------------------------------------------ core
+
+
+def _core_cases(profile: str, shots: Optional[List[int]] = None) -> List[Case]:
+    if profile in ("cpu", "quick"):
+        return [_case("perceiver_core", "of", 1, s) for s in (shots or (4, 32))]
+    if profile == "priority":
+        return [_case("perceiver_core", m, 16, 32) for m in ("of", "idefics")]
+    return [_case("perceiver_core", m, b, s) for m in ("of", "idefics") for b, s in ((1, 4), (4, 8), (16, 32))]
+
+
+def _core_inputs(case: Case, device: str, dtype: torch.dtype):
+    p = case.params
+    g = torch.Generator().manual_seed(0)
+    n = p["batch"] * (p["shots"] + 1)
+
+    def rnd(tokens):
+        return torch.randn(n, tokens, p["heads"], p["head_dim"], generator=g).to(device, dtype).requires_grad_()
+
+    ns = SimpleNamespace(q=rnd(p["latents"]), k_media=rnd(p["tokens"]), v_media=rnd(p["tokens"]),
+                         k_latents=rnd(p["latents"]), v_latents=rnd(p["latents"]), scale=p["head_dim"] ** -0.5)
+    ns.leaves = [ns.q, ns.k_media, ns.v_media, ns.k_latents, ns.v_latents]
+    return ns
+
+
+def _core_reference(inputs, case):
+    q, km, vm, kl, vl = (t.detach().float() for t in inputs.leaves)
+    k, v = torch.cat((km, kl), 1), torch.cat((vm, vl), 1)
+    probs = torch.softmax(torch.einsum("nlhd,nshd->nhls", q, k) * inputs.scale, -1)
+    return torch.einsum("nhls,nshd->nlhd", probs, v)
+
+
+def _core_work(case: Case, pass_: str, dtype):
+    p = case.params
+    n = p["batch"] * (p["shots"] + 1)
+    keys = p["tokens"] + p["latents"]
+    es = torch.tensor([], dtype=dtype).element_size()
+    flops = 4 * n * p["heads"] * p["latents"] * keys * p["head_dim"]
+    io = es * n * p["heads"] * p["head_dim"] * (2 * keys + 2 * p["latents"])  # read q, k, v; write o
+    return {"fwd": (flops, io), "bwd": (2.5 * flops, 2 * io), "fwd+bwd": (3.5 * flops, 3 * io)}.get(pass_, (None, None))
+
+
+register_op(Op("perceiver_core", "Perceiver attention core: latents attend to [media; latents]", _core_cases,
+               _core_inputs, _core_reference, _core_work, _tiny, default_devices=("cuda",)))
+
+
+def _upstream_core(inputs, case, device, dtype) -> Runner:
+    def run():  # OpenFlamingo helpers.py PerceiverAttention, after the projections
+        k = torch.cat((inputs.k_media, inputs.k_latents), 1).transpose(1, 2)
+        v = torch.cat((inputs.v_media, inputs.v_latents), 1).transpose(1, 2)
+        sim = torch.einsum("...id,...jd->...ij", inputs.q.transpose(1, 2) * inputs.scale, k)
+        attn = (sim - sim.amax(dim=-1, keepdim=True).detach()).softmax(dim=-1)
+        return torch.einsum("...ij,...jd->...id", attn, v).transpose(1, 2)
+
+    return Runner(run)
+
+
+def _sdpa_core(inputs, case, device, dtype) -> Runner:
+    def run():
+        k = torch.cat((inputs.k_media, inputs.k_latents), 1).transpose(1, 2)
+        v = torch.cat((inputs.v_media, inputs.v_latents), 1).transpose(1, 2)
+        return F.scaled_dot_product_attention(inputs.q.transpose(1, 2), k, v, scale=inputs.scale).transpose(1, 2)
+
+    return Runner(run, note="cat + SDPA")
+
+
+def _flex_core(inputs, case, device, dtype) -> Runner:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def run():
+        k = torch.cat((inputs.k_media, inputs.k_latents), 1).transpose(1, 2)
+        v = torch.cat((inputs.v_media, inputs.v_latents), 1).transpose(1, 2)
+        return compiled(inputs.q.transpose(1, 2), k, v, scale=inputs.scale).transpose(1, 2)
+
+    return Runner(run, note="cat + compiled flex_attention")
+
+
+def _ff_core(inputs, case, device, dtype) -> Runner:
+    from fastflamingo import functional as FF
+
+    return Runner(lambda: FF.perceiver_attention(inputs.q, inputs.k_media, inputs.v_media, inputs.k_latents,
+                                                 inputs.v_latents, scale=inputs.scale))
+
+
+def _flex_unavailable(device, dtype):
+    if device != "cuda":
+        return "FlexAttention is compiled for CUDA here (no backward on CPU)"
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError as exc:
+        return f"flex_attention unavailable ({exc})"
+    return None
+
+
+register_provider("perceiver_core", Provider("upstream", "upstream", _upstream_core,
+                                             description="OpenFlamingo einsum on cat(media, latents)"))
+register_provider("perceiver_core", Provider("sdpa", "baseline", _sdpa_core, description="cat + SDPA"))
+register_provider("perceiver_core", Provider("flex", "baseline", _flex_core, _flex_unavailable, devices=("cuda",),
+                                             description="cat + FlexAttention (no mask)"))
+register_provider("perceiver_core", Provider("fastflamingo", "fastflamingo", _ff_core,
+                                             description="functional.perceiver_attention (two sources, no cat)"))
+
+
+# ------------------------------------------------------------------------------------------------- modules
+
+
+def _idefics_config(p):
+    from transformers import IdeficsConfig
+
+    hidden, heads = p.get("hidden", 4096), p.get("lm_heads", 32)
+    cfg = IdeficsConfig(
+        vocab_size=100, hidden_size=hidden, intermediate_size=p.get("intermediate", 4 * hidden // 4 * 3 // 1),
+        num_hidden_layers=1, num_attention_heads=heads, cross_layer_interval=1, qk_layer_norms=True,
+        alpha_type="vector", alpha_initializer="ones", use_resampler=True,
+        vision_config=dict(embed_dim=p["width"], image_size=32, patch_size=8, num_hidden_layers=1,
+                           num_attention_heads=max(1, p["width"] // 64), intermediate_size=4 * p["width"]),
+        perceiver_config=dict(use_resampler=True, resampler_n_latents=p["latents"], resampler_depth=p["depth"],
+                              resampler_n_heads=p["heads"], resampler_head_dim=p["head_dim"],
+                              qk_layer_norms_perceiver=True),
+    )
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def _module_cases(op):
+    def cases(profile: str, shots: Optional[List[int]] = None) -> List[Case]:
+        extra = dict(text=2048, hidden=4096, lm_heads=32, intermediate=11008) if op == "idefics_block" else {}
+        if profile in ("cpu", "quick"):
+            if op == "idefics_block":  # scaled down for CPU, labelled by its shape
+                extra.update(text=1024, hidden=1024, lm_heads=8, intermediate=2816)
+            return [_case(op, m, 1, s, **extra) for m in (("idefics",) if op == "idefics_block" else ("of", "idefics"))
+                    for s in (shots or (4,))]
+        models = ("idefics",) if op == "idefics_block" else ("of", "idefics")
+        return [_case(op, m, b, s, **extra) for m in models for b, s in ((1, 4), (4, 8), (16, 32))]
+
+    return cases
+
+
+def _module_inputs(op):
+    def make_inputs(case: Case, device: str, dtype: torch.dtype):
+        p = case.params
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(0)
+        num_images = p["batch"] * (p["shots"] + 1)
+        ns = SimpleNamespace()
+        if op == "resampler" and p["model"].endswith("of"):
+            from fastflamingo.testing import load_open_flamingo
+
+            up = load_open_flamingo().helpers.PerceiverResampler(dim=p["width"], depth=p["depth"],
+                                                                 dim_head=p["head_dim"], heads=p["heads"],
+                                                                 num_latents=p["latents"])
+            ours = fastflamingo.PerceiverResampler(dim=p["width"], depth=p["depth"], dim_head=p["head_dim"],
+                                                   heads=p["heads"], num_latents=p["latents"])
+            ns.x = torch.randn(p["batch"], p["shots"] + 1, 1, p["tokens"], p["width"], generator=g)
+        elif op == "resampler":
+            from transformers.models.idefics.perceiver import IdeficsPerceiverResampler
+
+            cfg = _idefics_config(p)
+            args = (cfg, p["width"], p["depth"], p["heads"], p["head_dim"], p["latents"])
+            up, ours = IdeficsPerceiverResampler(*args), fastflamingo.IdeficsPerceiverResampler(*args)
+            ns.x = torch.randn(num_images, p["tokens"], p["width"], generator=g)
+        else:
+            from transformers.models.idefics.modeling_idefics import IdeficsGatedCrossAttentionLayer
+
+            from .shapes import media_locations
+
+            cfg = _idefics_config(p)
+            up = IdeficsGatedCrossAttentionLayer(cfg, layer_idx=0)
+            ours = fastflamingo.IdeficsGatedCrossAttentionLayer(cfg, layer_idx=0)
+            n_img = p["shots"] + 1
+            ns.x = torch.randn(p["batch"], p["text"], p["hidden"], generator=g)
+            ns.images = torch.randn(p["batch"], n_img * p["latents"], p["width"], generator=g)
+            loc = media_locations(p["batch"], p["text"], n_img, 0.0, "cpu")
+            tt = loc.cumsum(-1)
+            one_hot = (tt[..., None] == torch.arange(1, n_img + 1)).float()  # IdeficsProcessor: current image
+            mask = one_hot.repeat_interleave(p["latents"], -1)[:, None]
+            ns.additive = torch.where(mask.bool(), 0.0, torch.finfo(dtype).min).to(device, dtype)
+            ns.gate = one_hot.any(-1).to(device, dtype)
+        ours.load_state_dict(up.state_dict(), strict=True)
+        ns.upstream, ns.fastflamingo = up.to(device, dtype), ours.to(device, dtype)
+        ns.x = ns.x.to(device, dtype).requires_grad_()
+        ns.leaves = [ns.x]
+        if op == "idefics_block":
+            ns.images = ns.images.to(device, dtype).requires_grad_()
+            ns.leaves.append(ns.images)
+        return ns
+
+    return make_inputs
+
+
+def _call(op, module, inputs):
+    if op == "idefics_block":
+        return module(inputs.x, None, inputs.images, image_attention_mask=inputs.additive,
+                      cross_attention_gate=inputs.gate)
+    return module(inputs.x)
+
+
+def _module_reference(op):
+    def reference(inputs, case):
+        m = copy.deepcopy(inputs.upstream).float()
+        x = inputs.x.detach().float()
+        with torch.no_grad():
+            if op == "idefics_block":
+                return ref.idefics_gated_cross_attention_layer(m, x, inputs.images.detach().float(),
+                                                               inputs.additive.float(), inputs.gate.float(),
+                                                               semantics="fastflamingo")
+            if case.params["model"].endswith("of"):
+                return ref.perceiver_resampler(m, x)
+            return ref.idefics_perceiver_resampler(m, x)
+
+    return reference
+
+
+def _module_provider(op, which):
+    def build(inputs, case, device, dtype) -> Runner:
+        module = getattr(inputs, which)
+        return Runner(lambda: _call(op, module, inputs), leaves=inputs.leaves + list(module.parameters()))
+
+    return build
+
+
+def _needs_transformers(device, dtype):
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return "transformers is not installed"
+    return None
+
+
+for _op, _desc in (("resampler", "whole Perceiver resampler (OpenFlamingo / IDEFICS), upstream vs drop-in"),
+                   ("idefics_block", "IDEFICS gated cross-attention layer (prefill), upstream vs drop-in")):
+    register_op(Op(_op, _desc, _module_cases(_op), _module_inputs(_op), _module_reference(_op), tiny=_tiny,
+                   default_devices=("cuda",)))
+    register_provider(_op, Provider("upstream", "upstream", _module_provider(_op, "upstream"), _needs_transformers,
+                                    description="the upstream module"))
+    register_provider(_op, Provider("fastflamingo", "fastflamingo", _module_provider(_op, "fastflamingo"),
+                                    description="fastflamingo drop-in (same state_dict)"))
