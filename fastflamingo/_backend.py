@@ -23,6 +23,9 @@ from typing import Callable, Iterable, Iterator, List, Optional
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
+# Decode steps (at most this many new query tokens per sample) take the decode paths: the split-key Triton kernel,
+# and one masked SDPA call on the PyTorch path. Shared so both backends switch at the same length.
+DECODE_MAX_TOKENS = 8
 _ENV_VAR = "FASTFLAMINGO_BACKEND"
 _override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastflamingo_backend", default=None)
 

@@ -1,7 +1,9 @@
 """Triton masked media cross-attention behind ``torch.library`` custom ops.
 
 The kernels are exposed as two custom ops, ``fastflamingo::media_xattn_fwd`` (returns ``o`` and the fp32 LSE) and
-``fastflamingo::media_xattn_bwd``, with fake (meta) implementations and an autograd registration. Custom ops are
+``fastflamingo::media_xattn_bwd``, with fake (meta) implementations and an autograd registration, plus the
+inference-only decode op ``fastflamingo::media_xattn_decode`` (split-KV flash-decoding kernels, no autograd), which
+serves calls with at most ``DECODE_MAX_TOKENS`` query tokens per sample that need no gradient. Custom ops are
 opaque to torch.compile, so a compiled model calls the kernels as they are; an ``autograd.Function`` that launches
 the kernels itself would be traced into by Dynamo and break (docs: /work/shared/CPU_TESTING.md section 5).
 
@@ -16,12 +18,25 @@ import torch
 from . import _backend
 
 _KERNELS = "masked_cross_attention"
+_DECODE_KERNELS = "media_decode"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 
 
 def _kernels():
     return _backend.load_kernels(_KERNELS)
+
+
+def _decode_kernels():
+    return _backend.load_kernels(_DECODE_KERNELS)
+
+
+# Largest query tokens per sample sent to the decode kernels. They put all of a sample's tokens in one 16-row MMA tile
+# (loading each K/V tile once for all of them) and scan the union of the tokens' key ranges; 8 covers a decode step
+# (1 token), beam/speculative drafts of a few tokens, and short chunks, while keeping the union of visible ranges of
+# tokens that see different media (immediate mode, an <image> inside the chunk) small. Longer queries have enough
+# rows to parallelise over, so the prefill kernel (run-aligned query tiles, no split) serves them.
+DECODE_MAX_TOKENS = _backend.DECODE_MAX_TOKENS
 
 
 @torch.library.custom_op("fastflamingo::media_xattn_fwd", mutates_args=())
@@ -52,6 +67,23 @@ def _(do, q, k, v, o, lse, text_time, num_media, latents, immediate, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+@torch.library.custom_op("fastflamingo::media_xattn_decode", mutates_args=())
+def media_xattn_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
+    num_media: int, latents: int, immediate: bool, scale: float,
+) -> torch.Tensor:
+    return _decode_kernels().media_decode_fwd(q, k, v, text_time, num_media, latents, immediate, scale)
+
+
+@media_xattn_decode.register_fake
+def _(q, k, v, text_time, num_media, latents, immediate, scale):
+    return q.new_empty(q.shape)  # the launcher allocates a contiguous output, like new_empty
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, text_time, num_media, latents, immediate, scale = inputs
     o, lse = output
@@ -78,11 +110,17 @@ def media_cross_attention(
 ) -> torch.Tensor:
     """Masked media cross-attention through the Triton kernels; differentiable w.r.t. q, k and v.
 
+    Calls that need no gradient (``torch.no_grad()``, or none of q, k, v requires grad) with at most
+    ``DECODE_MAX_TOKENS`` query tokens per sample run the decode kernels; everything else the prefill kernels.
+
     Shapes and semantics: :func:`fastflamingo.functional.media_cross_attention` (q (B, T, H, D), k/v
     (B, num_media * latents, H, D), ``text_time`` (B, T) 1-based media index, 0 for none).
     """
     if text_time.dtype != torch.int32:
         text_time = text_time.to(torch.int32)
+    if q.shape[1] <= DECODE_MAX_TOKENS and not _needs_grad(q, k, v):
+        # decode step: split-KV kernels, no host synchronisation (CUDA-graph capturable), no autograd needed
+        return media_xattn_decode(q, k, v, text_time, int(num_media), int(latents), bool(immediate), float(scale))
     o, _ = media_xattn_fwd(q, k, v, text_time, int(num_media), int(latents), bool(immediate), float(scale))
     return o
 

@@ -134,6 +134,8 @@ def media_cross_attention(
         mask = mask.to(q.device)
         if mask.immediate:
             return _media_cross_attention_chunks(q, k, v, mask, latents, scale, dropout_p)
+        if num_text <= _backend.DECODE_MAX_TOKENS:
+            return _media_cross_attention_prefix(q, k, v, mask, latents, scale, dropout_p)
         return _media_cross_attention_runs(q, k, v, mask, latents, scale, dropout_p)
     return _media_cross_attention_dense(q, k, v, mask.to(q.device), latents, scale, dropout_p)
 
@@ -209,6 +211,25 @@ def _media_cross_attention_runs(q, k, v, mask: MediaMask, latents: int, scale: f
         # inference, or dropout (whose random mask a recomputing backward could not replay): plain autograd
         return _runs_forward(q, k, v, runs, latents, scale, dropout_p)
     return _RunsAttention.apply(q, k, v, runs, latents, scale)
+
+
+def _media_cross_attention_prefix(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float):
+    """All-previous decode: every token sees a key prefix ``[0, hi * latents)``, so one SDPA call over the keys any
+    token sees, with a boolean key mask of only tokens x keys per sample, replaces the per-sample run loop (and its
+    host-side run list). Tokens that see nothing attend to every key (a finite softmax, no NaN in the forward or
+    backward) and are then set to exactly 0."""
+    _, hi = mask.media_range()  # (batch, text) int32; hi <= 0: nothing visible
+    if q.device.type == "cpu":
+        num_keys = max(int(hi.max()), 0) * latents if hi.numel() else 0  # a free read on CPU: skip unseen keys
+    else:
+        num_keys = k.shape[1]  # no host read, so a decode step stays capturable in a CUDA graph
+    if num_keys == 0:
+        return v[:, :0].sum(dim=1, keepdim=True).expand(-1, q.shape[1], -1, -1)  # exact zeros, still in the graph
+    sees = hi > 0
+    key_mask = torch.arange(num_keys, device=q.device) < (hi * latents)[..., None]  # (batch, text, keys)
+    key_mask = key_mask | ~sees[..., None]
+    out = _sdpa(q, k[:, :num_keys], v[:, :num_keys], scale, dropout_p, attn_mask=key_mask[:, None])
+    return torch.where(sees[:, :, None, None], out, out.new_zeros(()))
 
 
 def _media_cross_attention_chunks(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float):

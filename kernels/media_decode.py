@@ -1,0 +1,408 @@
+"""Masked media cross-attention for decoding: a few new query tokens per sample attend to cached media K/V.
+
+Math: exactly that of ``masked_cross_attention`` (see its module docstring). Token ``t`` of sample ``b`` with
+``j = text_time[b, t]`` sees keys ``[(j-1)*n, j*n)`` (immediate, 1 <= j <= M) or ``[0, min(j, M)*n)``
+(all-previous); a token that sees nothing gets exactly 0. Inference only: no LSE is returned and there is no
+backward (the dispatcher sends calls that need gradients to the prefill kernels).
+
+Flash-decoding layout. A decode step has ``Tq`` = 1..16 query tokens per sample, far too few rows to fill a GPU
+with one program per query tile, and in all-previous mode each token may see thousands of keys. So:
+
+* One program owns all ``Tq`` rows of one (sample, head) as a single 16-row tile (rows past ``Tq`` are masked; the
+  K/V tile it loads serves every row, so K/V is read once per (sample, head), not once per token), and one *split*
+  of the key axis. Grid: ``(splits, batch * heads)``.
+* The key range a program scans is the union of its rows' visible ranges, computed in-kernel from ``text_time``
+  (no host read). That range is cut into ``splits`` nearly equal runs of whole ``BLOCK_N`` key tiles; split ``s``
+  takes tiles ``[s * tiles // splits, (s + 1) * tiles // splits)``. Cutting the *visible* range rather than the
+  whole key axis keeps every split busy when tokens see only a few of the media. Splits past the visible tiles
+  write an empty partial.
+* Each split writes a normalised partial output and its log2-domain LSE (``-inf`` when it saw no key) to an fp32
+  workspace; a combine kernel merges the partials of each (sample, head, token) with the LSE trick and writes ``o``
+  in q's dtype, exactly 0 where no split saw a key.
+* With one split (immediate mode with 64 latents: a token's range is one 64-key tile) the split kernel writes the
+  final output itself (``DIRECT``): one launch, no workspace.
+
+Host side (``media_decode_fwd``): the number of splits and the tile sizes come from the shapes only (batch, heads,
+key count, head_dim, dtype, the device's SM count), never from tensor values and never from timing, and the
+launcher performs no ``.item()``/``.tolist()``/``.cpu()`` or branch on tensor values. Once the kernels are compiled
+(the first call), a decode step can therefore be captured in a CUDA graph and replayed with new inputs.
+
+Offsets: sample/head/key-start/workspace bases are int64 scalars; offsets inside a tile are int32 (the launcher
+keeps ``BLOCK_N * token stride`` below 2**31). fp32 statistics and fp32 ``tl.dot`` accumulation throughout.
+"""
+from __future__ import annotations
+
+import functools
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (
+    INTERPRET,
+    LOG2E,
+    TORCH_TO_TRITON_DTYPE,
+    AotVariant,
+    ConfigLike,
+    as_config,
+    cdiv,
+    config_label,
+    dot_precision,
+    head_block,
+    make_aot_variant,
+)
+from .masked_cross_attention import (
+    _NO_KEY,
+    _check_inputs,
+    _check_out,
+    _text_time_int32,
+    _tile_addressable,
+    _visible_keys,
+)
+
+# Rows of the query tile: every token of a decode step sits in one tile, and tl.dot needs at least 16 rows.
+BLOCK_M = 16
+MAX_TOKENS = BLOCK_M
+# Splits merged per iteration of the combine kernel.
+COMBINE_BLOCK_S = 16
+
+
+# ================================================================================================================
+# Kernels
+# ================================================================================================================
+
+
+@triton.jit
+def _media_decode_split_kernel(
+    Q, K, V, O, O_PART, LSE_PART, TEXT_TIME,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_wbh, stride_wt, stride_ws,
+    stride_lbh, stride_lt,
+    stride_tb, stride_tt,
+    num_heads, num_tokens, num_media, latents, num_splits, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IMMEDIATE: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: every query token of one (sample, head), one split of their visible key range.
+
+    ``DIRECT`` (one split): write the normalised output to ``O`` in its dtype. Otherwise write the fp32 partial
+    ``acc / l`` to ``O_PART[b*H + h, t, split, :]`` and ``m + log2(l)`` (log2 domain, ``-inf`` if no key) to
+    ``LSE_PART[b*H + h, t, split]``.
+    """
+    pid_split = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = rows < num_tokens
+    d_ok = offs_d < HEAD_DIM
+    md_ok = m_ok[:, None] & d_ok[None, :]
+
+    b_tt = tl.load(TEXT_TIME + b * stride_tb + rows * stride_tt, mask=m_ok, other=0)
+    b_lo, b_hi = _visible_keys(b_tt, num_media, latents, IMMEDIATE)  # rows past num_tokens see nothing
+    key_hi = tl.max(b_hi, axis=0)
+    key_lo = tl.minimum(tl.min(tl.where(b_hi > b_lo, b_lo, _NO_KEY), axis=0), key_hi)  # (0, 0): nothing seen
+
+    # This split's share of the visible key tiles (int64: tiles * splits may pass 2**31 for huge key counts).
+    num_tiles = tl.cdiv(key_hi - key_lo, BLOCK_N).to(tl.int64)
+    tile_first = (pid_split * num_tiles // num_splits).to(tl.int32)
+    tile_end = ((pid_split + 1) * num_tiles // num_splits).to(tl.int32)
+    start = key_lo + tile_first * BLOCK_N
+    stop = tl.minimum(key_lo + tile_end * BLOCK_N, key_hi)
+
+    p_q = Q + b * stride_qb + h * stride_qh
+    b_q = tl.load(p_q + rows[:, None] * stride_qt + offs_d[None, :], mask=md_ok, other=0.0)  # [BLOCK_M, BLOCK_D]
+    # scalar base pointers of the current key tile, advanced by BLOCK_N keys per step
+    p_k = K + b * stride_kb + h * stride_kh + start.to(tl.int64) * stride_kl
+    p_v = V + b * stride_vb + h * stride_vh + start.to(tl.int64) * stride_vl
+    kt_offs = offs_d[:, None] + cols[None, :] * stride_kl  # [BLOCK_D, BLOCK_N]
+    v_offs = cols[:, None] * stride_vl + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 domain
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + cols
+        n_ok = offs_n < stop
+        b_kt = tl.load(p_k + kt_offs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        # each row keeps only its own keys: the tile range is the union of the rows' ranges
+        m_vis = (offs_n[None, :] >= b_lo[:, None]) & (offs_n[None, :] < b_hi[:, None])
+        b_s = tl.where(m_vis, b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+        # A row that has seen no key yet keeps a finite pivot, so exp2(-inf - pivot) is 0 rather than NaN.
+        b_pivot = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_p = tl.exp2(b_s - b_pivot[:, None])
+        b_alpha = tl.exp2(b_m - b_pivot)
+        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+        b_v = tl.load(p_v + v_offs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        # P is rounded to the input dtype before the product, as in the prefill kernel.
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+        b_m = b_m_new
+        p_k += BLOCK_N * stride_kl
+        p_v += BLOCK_N * stride_vl
+
+    m_seen = b_l > 0.0  # a row that saw at least one key has l >= 1
+    b_l_safe = tl.where(m_seen, b_l, 1.0)
+    b_o = b_acc / b_l_safe[:, None]  # exactly 0 for rows that saw nothing here (acc is 0)
+    if DIRECT:
+        p_o = O + b * stride_ob + h * stride_oh
+        tl.store(p_o + rows[:, None] * stride_ot + offs_d[None, :], b_o.to(O.dtype.element_ty), mask=md_ok)
+    else:
+        split = pid_split.to(tl.int64)
+        p_w = O_PART + pid_bh.to(tl.int64) * stride_wbh + split * stride_ws
+        tl.store(p_w + rows[:, None] * stride_wt + offs_d[None, :], b_o, mask=md_ok)
+        b_lse = tl.where(m_seen, b_m + tl.log2(b_l_safe), float("-inf"))
+        tl.store(LSE_PART + pid_bh.to(tl.int64) * stride_lbh + split + rows * stride_lt, b_lse, mask=m_ok)
+
+
+@triton.jit
+def _media_decode_combine_kernel(
+    O_PART, LSE_PART, O,
+    stride_wbh, stride_wt, stride_ws,
+    stride_lbh, stride_lt,
+    stride_ob, stride_ot, stride_oh,
+    num_heads, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One program: one (token, sample, head). ``o = sum_s 2^(lse_s - m) o_s / sum_s 2^(lse_s - m)`` over the
+    splits, merged ``BLOCK_S`` at a time with a running max; 0 when every split saw nothing."""
+    t = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    p_w = O_PART + pid_bh.to(tl.int64) * stride_wbh + t * stride_wt
+    p_l = LSE_PART + pid_bh.to(tl.int64) * stride_lbh + t * stride_lt
+    w_offs = offs_s[:, None] * stride_ws + offs_d[None, :]  # [BLOCK_S, BLOCK_D]
+    m = tl.full([], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s_ok = s0 + offs_s < num_splits
+        lse = tl.load(p_l + s0 + offs_s, mask=s_ok, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
+        pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - pivot)
+        w = tl.exp2(lse - pivot)  # 0 for empty splits and padding lanes
+        part = tl.load(p_w + s0 * stride_ws + w_offs, mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        # where(): an empty split contributes exactly nothing, whatever its partial holds
+        acc = acc * alpha + tl.sum(tl.where(w[:, None] > 0.0, w[:, None] * part, 0.0), axis=0)
+        l = l * alpha + tl.sum(w, axis=0)
+        m = m_new
+    out = acc / tl.where(l > 0.0, l, 1.0)
+    p_o = O + b * stride_ob + h * stride_oh + t * stride_ot
+    tl.store(p_o + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
+
+
+# ================================================================================================================
+# Launch configurations and the split count (shapes only: nothing here reads a tensor value or times anything)
+# ================================================================================================================
+
+# Under the interpreter the cost is per (program x tile), not per FLOP: big key tiles.
+INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=1)
+
+# GPU config per (precision, head tile): BLOCK_N keys per tile. Decode is bandwidth-bound, so the key tile is sized
+# for bytes in flight (2-3 stages of 64 keys x 2 tensors per program) rather than for MMA shape; 64 also matches
+# Flamingo's 64 latents, so an immediate-mode token reads exactly one tile. fp32 uses IEEE products (FMA loops) whose
+# operands live in registers: 8 warps, and 32-key tiles without pipelining at head_dim 128 (4 warps, or deeper
+# pipelines, spilled). Every entry compiles for sm_80/sm_90 without spills (python -m fastflamingo.aot).
+_GPU_CONFIG_TABLE = {
+    ("lowp", 64): (64, 4, 3),
+    ("lowp", 128): (64, 4, 3),
+    ("fp32", 64): (64, 8, 2),
+    ("fp32", 128): (32, 8, 1),
+}
+_GPU_CONFIGS = {key: triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+                for key, (n, w, s) in _GPU_CONFIG_TABLE.items()}
+COMBINE_CONFIG = triton.Config({}, num_warps=4, num_stages=1)
+
+# Split count: aim at SPLIT_WAVES programs per SM (enough loads in flight to cover HBM latency), give every split
+# at least MIN_TILES_PER_SPLIT key tiles (a split costs a partial write and its share of the combine), and cap the
+# workspace at MAX_SPLITS partials per token.
+SPLIT_WAVES = 2
+MIN_TILES_PER_SPLIT = 2
+MAX_SPLITS = 64
+# SM count assumed under the interpreter (no device to ask): small, so default launches stay cheap on CPU.
+INTERPRETER_SM_COUNT = 4
+
+
+def shipped_config(dtype: torch.dtype, head_dim: int) -> triton.Config:
+    """The GPU config of the split kernel for this dtype and head size (what ``fastflamingo.aot`` compiles)."""
+    precision = "fp32" if dtype == torch.float32 else "lowp"
+    return _GPU_CONFIGS[(precision, 64 if head_block(head_dim) <= 64 else 128)]
+
+
+def default_config(dtype: torch.dtype, head_dim: int) -> triton.Config:
+    return INTERPRETER_CONFIG if INTERPRET else shipped_config(dtype, head_dim)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a host-side property query, cached; no stream work)."""
+    if INTERPRET or device.type != "cuda":
+        return INTERPRETER_SM_COUNT
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def choose_splits(batch: int, heads: int, visible_keys: int, block_n: int, sms: int) -> int:
+    """Splits of the key axis for a launch, from shapes only.
+
+    ``visible_keys`` is the most keys one token can see (``latents`` in immediate mode, ``num_media * latents`` in
+    all-previous mode). One split when a token's keys fit one tile (immediate mode with 64 latents) or when the
+    (sample, head) programs alone already fill ``SPLIT_WAVES`` programs per SM.
+    """
+    tiles = cdiv(max(visible_keys, 0), block_n)
+    if tiles <= 1:
+        return 1
+    wanted = cdiv(SPLIT_WAVES * sms, max(batch * heads, 1))
+    return max(1, min(wanted, cdiv(tiles, MIN_TILES_PER_SPLIT), MAX_SPLITS))
+
+
+# ================================================================================================================
+# Launcher
+# ================================================================================================================
+
+
+def media_decode_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
+    num_media: int, latents: int, immediate: bool, scale: float,
+    config: Optional[ConfigLike] = None, num_splits: Optional[int] = None, *, out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Decode-step forward: o (B, Tq, H, D) in q's dtype.
+
+    Args:
+        q: (B, Tq, H, D) new query tokens, Tq <= 16. k, v: (B, M*n, H, D) cached media keys/values, media-major,
+            any strides (views of a fused K/V projection are fine; a tensor whose last stride is not 1 is copied).
+            fp32, fp16 or bf16, all the same dtype; D <= 128.
+        text_time: (B, Tq) 1-based media index per token (0: none); any integer dtype, any strides.
+        num_media, latents: M and n. immediate: immediate (True) or all-previous (False) mode. scale: softmax scale.
+        config: force the split kernel's config (``{"BLOCK_N": 16}``). num_splits: force the split count (>= 1);
+            splits beyond the visible key tiles are allowed (they write empty partials).
+        out: optional preallocated output (unit last stride).
+
+    No host synchronisation and no data-dependent host decision: capturable in a CUDA graph after the first call.
+    """
+    _check_inputs(q, k, v, text_time, num_media, latents)
+    batch, num_tokens, heads, head_dim = q.shape
+    if num_tokens > MAX_TOKENS:
+        raise ValueError(f"decode serves at most {MAX_TOKENS} query tokens per sample, got {num_tokens}")
+    q, k, v = (_tile_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
+    text_time = _text_time_int32(text_time)
+    o = _tile_addressable(_check_out("out", out, q.shape, q.dtype, q.device), "out", copy=False)
+    if o.numel() == 0:
+        return o
+    if num_media * latents == 0:
+        return o.zero_()
+
+    cfg = as_config(config) if config is not None else default_config(q.dtype, head_dim)
+    block_n = cfg.kwargs["BLOCK_N"]
+    if num_splits is None:
+        visible = latents if immediate else num_media * latents
+        num_splits = choose_splits(batch, heads, visible, block_n, sm_count(q.device))
+    num_splits = int(num_splits)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    block_d = head_block(head_dim)
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+                  IMMEDIATE=bool(immediate), DOT_PRECISION=dot_precision(q.dtype),
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    grid = (num_splits, batch * heads)
+    if num_splits == 1:
+        # the only split sees every visible key: its normalised output is final
+        _media_decode_split_kernel[grid](
+            q, k, v, o, o, o, text_time,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            0, 0, 0, 0, 0,
+            text_time.stride(0), text_time.stride(1),
+            heads, num_tokens, num_media, latents, 1, float(scale) * LOG2E,
+            DIRECT=True, **common,
+        )
+        return o
+
+    # fp32 partials, [(sample, head), token, split, :] so that the combine reads one token's splits contiguously
+    o_part = torch.empty((batch * heads, num_tokens, num_splits, head_dim), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((batch * heads, num_tokens, num_splits), dtype=torch.float32, device=q.device)
+    _media_decode_split_kernel[grid](
+        q, k, v, o, o_part, lse_part, text_time,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        lse_part.stride(0), lse_part.stride(1),
+        text_time.stride(0), text_time.stride(1),
+        heads, num_tokens, num_media, latents, num_splits, float(scale) * LOG2E,
+        DIRECT=False, **common,
+    )
+    _media_decode_combine_kernel[(num_tokens, batch * heads)](
+        o_part, lse_part, o,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        lse_part.stride(0), lse_part.stride(1),
+        o.stride(0), o.stride(1), o.stride(2),
+        heads, num_splits,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=COMBINE_BLOCK_S,
+        num_warps=COMBINE_CONFIG.num_warps, num_stages=COMBINE_CONFIG.num_stages,
+    )
+    return o
+
+
+# ================================================================================================================
+# Ahead-of-time compile variants (python -m fastflamingo.aot)
+# ================================================================================================================
+
+_AOT_HEAD_DIMS = (64, 96, 128)
+_AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def aot_variants(quick: bool = False) -> List[AotVariant]:
+    """The split kernel (DIRECT and partial-writing, both modes) at the shipped config of every dtype and head
+    size, and the combine kernel per head size. ``quick``: bf16, head_dim 128."""
+    dtypes = (torch.bfloat16,) if quick else _AOT_DTYPES
+    head_dims = (128,) if quick else _AOT_HEAD_DIMS
+    variants = []
+    for dtype in dtypes:
+        io = TORCH_TO_TRITON_DTYPE[dtype]
+        for head_dim in head_dims:
+            config = shipped_config(dtype, head_dim)
+            for immediate in (True, False):
+                for direct in (True, False):
+                    part = io if direct else "fp32"  # DIRECT launches pass o as the (unused) workspace
+                    pointers = {"Q": io, "K": io, "V": io, "O": io, "O_PART": part, "LSE_PART": part,
+                                "TEXT_TIME": "i32"}
+                    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_M=BLOCK_M,
+                                      IMMEDIATE=immediate, DIRECT=direct, DOT_PRECISION=dot_precision(dtype),
+                                      **config.kwargs)
+                    label = (f"{io} d{head_dim} {'imm' if immediate else 'prev'} "
+                             f"{'direct' if direct else 'split'} {config_label(config)}")
+                    # stride_tt is 0 for a text_time expanded over the tokens (cached media): not aligned
+                    variants.append(make_aot_variant(
+                        "media_decode_split", _media_decode_split_kernel, pointers=pointers, constexprs=constexprs,
+                        config=config, label=label, floats=("qk_scale",),
+                        unaligned=("stride_tt", "stride_wt", "stride_ws", "stride_lbh", "stride_lt")))
+    for head_dim in head_dims:
+        for io in sorted({TORCH_TO_TRITON_DTYPE[d] for d in dtypes}):
+            variants.append(make_aot_variant(
+                "media_decode_combine", _media_decode_combine_kernel,
+                pointers={"O_PART": "fp32", "LSE_PART": "fp32", "O": io}, config=COMBINE_CONFIG,
+                constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_S=COMBINE_BLOCK_S),
+                label=f"{io} d{head_dim} S{COMBINE_BLOCK_S}-w{COMBINE_CONFIG.num_warps}-s{COMBINE_CONFIG.num_stages}",
+                unaligned=("stride_wt", "stride_ws", "stride_lbh", "stride_lt")))
+    return variants
