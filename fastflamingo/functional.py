@@ -132,12 +132,17 @@ def media_cross_attention(
         )
     if isinstance(mask, MediaMask):
         mask = mask.to(q.device)
-        if mask.immediate:
+        if mask.immediate and len(mask.runs()) > _FEW_RUNS:
             return _media_cross_attention_chunks(q, k, v, mask, latents, scale, dropout_p)
         if num_text <= _backend.DECODE_MAX_TOKENS:
             return _media_cross_attention_prefix(q, k, v, mask, latents, scale, dropout_p)
         return _media_cross_attention_runs(q, k, v, mask, latents, scale, dropout_p)
     return _media_cross_attention_dense(q, k, v, mask.to(q.device), latents, scale, dropout_p)
+
+
+# With this many runs or fewer (e.g. a single image: every token sees it) one SDPA call per run on views of q, k, v
+# beats gathering the runs into chunks, which copies q and the used K/V once.
+_FEW_RUNS = 4
 
 
 def _sdpa(q, k, v, scale, dropout_p, attn_mask=None):
@@ -207,8 +212,10 @@ class _RunsAttention(torch.autograd.Function):
 
 def _media_cross_attention_runs(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float):
     runs = mask.runs()
-    if dropout_p or not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad):
-        # inference, or dropout (whose random mask a recomputing backward could not replay): plain autograd
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if dropout_p or not needs_grad or len(runs) <= _FEW_RUNS:
+        # inference; dropout (whose random mask a recomputing backward could not replay); or so few runs that the
+        # slice backward's full-size zero tensors cost less than recomputing the forward: plain autograd
         return _runs_forward(q, k, v, runs, latents, scale, dropout_p)
     return _RunsAttention.apply(q, k, v, runs, latents, scale)
 
