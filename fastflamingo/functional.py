@@ -132,9 +132,10 @@ def media_cross_attention(
         )
     if isinstance(mask, MediaMask):
         mask = mask.to(q.device)
-        if mask.immediate and len(mask.runs()) > _FEW_RUNS:
-            return _media_cross_attention_chunks(q, k, v, mask, latents, scale, dropout_p)
-        if num_text <= _backend.DECODE_MAX_TOKENS:
+        if mask.immediate:
+            if len(mask.runs()) > _FEW_RUNS:
+                return _media_cross_attention_chunks(q, k, v, mask, latents, scale, dropout_p)
+        elif num_text <= _backend.DECODE_MAX_TOKENS:
             return _media_cross_attention_prefix(q, k, v, mask, latents, scale, dropout_p)
         return _media_cross_attention_runs(q, k, v, mask, latents, scale, dropout_p)
     return _media_cross_attention_dense(q, k, v, mask.to(q.device), latents, scale, dropout_p)

@@ -46,7 +46,7 @@ def _attention_inputs(batch=2, num_text=9, num_media=2, latents=3, heads=2, head
 
 def test_auto_uses_torch_on_cpu(monkeypatch):
     calls = []
-    monkeypatch.setattr(F, "_media_cross_attention_chunks", lambda *a: calls.append(1) or a[0].new_zeros(a[0].shape))
+    monkeypatch.setattr(F, "_media_cross_attention_runs", lambda *a: calls.append(1) or a[0].new_zeros(a[0].shape))
     q, k, v, mask = _attention_inputs()
     with ff.backend("auto"):
         F.media_cross_attention(q, k, v, mask)
@@ -142,9 +142,11 @@ def dense_reference(q, k, v, allowed_keys, scale):
     return torch.einsum("bhts,bshd->bthd", probs, v)
 
 
+@pytest.mark.parametrize("few_runs", [0, 10**6], ids=["chunked", "per-run"])
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("immediate", [True, False])
-def test_torch_path_matches_dense_fp64(seed, immediate):
+def test_torch_path_matches_dense_fp64(seed, immediate, few_runs, monkeypatch):
+    monkeypatch.setattr(F, "_FEW_RUNS", few_runs)  # exercise both strategies of the PyTorch path
     g = torch.Generator().manual_seed(seed)
     batch, num_text, num_media, latents = 2, int(torch.randint(1, 50, (1,), generator=g)), 3, 5
     heads, head_dim = 2, 8
