@@ -56,6 +56,7 @@ from .masked_cross_attention import (
     _NO_KEY,
     _check_inputs,
     _check_out,
+    _online_softmax,
     _text_time_int32,
     _tile_addressable,
     _visible_keys,
@@ -125,29 +126,8 @@ def _media_decode_split_kernel(
     kt_offs = offs_d[:, None] + cols[None, :] * stride_kl  # [BLOCK_D, BLOCK_N]
     v_offs = cols[:, None] * stride_vl + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
 
-    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 domain
-    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2
-    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(start, stop, BLOCK_N):
-        offs_n = start_n + cols
-        n_ok = offs_n < stop
-        b_kt = tl.load(p_k + kt_offs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        # each row keeps only its own keys: the tile range is the union of the rows' ranges
-        m_vis = (offs_n[None, :] >= b_lo[:, None]) & (offs_n[None, :] < b_hi[:, None])
-        b_s = tl.where(m_vis, b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-        # A row that has seen no key yet keeps a finite pivot, so exp2(-inf - pivot) is 0 rather than NaN.
-        b_pivot = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_p = tl.exp2(b_s - b_pivot[:, None])
-        b_alpha = tl.exp2(b_m - b_pivot)
-        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-        b_v = tl.load(p_v + v_offs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        # P is rounded to the input dtype before the product, as in the prefill kernel.
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
-        b_m = b_m_new
-        p_k += BLOCK_N * stride_kl
-        p_v += BLOCK_N * stride_vl
+    b_m, b_l, b_acc = _online_softmax(b_q, p_k, p_v, kt_offs, v_offs, start, stop, b_lo, b_hi, cols, d_ok,
+                                      qk_scale, stride_kl, stride_vl, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
 
     m_seen = b_l > 0.0  # a row that saw at least one key has l >= 1
     b_l_safe = tl.where(m_seen, b_l, 1.0)
