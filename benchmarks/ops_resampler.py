@@ -181,6 +181,8 @@ def _module_cases(op):
                 extra.update(text=1024, hidden=1024, lm_heads=8, intermediate=2816)
             return [_case(op, m, 1, s, **extra) for m in (("idefics",) if op == "idefics_block" else ("of", "idefics"))
                     for s in (shots or (4,))]
+        if profile == "priority":  # not among PERF.md section 9.4's cells: keep the one-call GPU check short
+            return []
         models = ("idefics",) if op == "idefics_block" else ("of", "idefics")
         return [_case(op, m, b, s, **extra) for m in models for b, s in ((1, 4), (4, 8), (16, 32))]
 
