@@ -42,13 +42,13 @@ DECODE_MAX_TOKENS = _backend.DECODE_MAX_TOKENS
 @torch.library.custom_op("fastflamingo::media_xattn_fwd", mutates_args=())
 def media_xattn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
-    num_media: int, latents: int, immediate: bool, scale: float,
+    num_media: int, latents: int, immediate: bool, scale: float, kv_repeat: int = 1,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _kernels().media_xattn_fwd(q, k, v, text_time, num_media, latents, immediate, scale)
+    return _kernels().media_xattn_fwd(q, k, v, text_time, num_media, latents, immediate, scale, kv_group=kv_repeat)
 
 
 @media_xattn_fwd.register_fake
-def _(q, k, v, text_time, num_media, latents, immediate, scale):
+def _(q, k, v, text_time, num_media, latents, immediate, scale, kv_repeat=1):
     batch, num_text, heads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads, num_text), dtype=torch.float32)
 
@@ -70,13 +70,14 @@ def _(do, q, k, v, o, lse, text_time, num_media, latents, immediate, scale):
 @torch.library.custom_op("fastflamingo::media_xattn_decode", mutates_args=())
 def media_xattn_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
-    num_media: int, latents: int, immediate: bool, scale: float,
+    num_media: int, latents: int, immediate: bool, scale: float, kv_repeat: int = 1,
 ) -> torch.Tensor:
-    return _decode_kernels().media_decode_fwd(q, k, v, text_time, num_media, latents, immediate, scale)
+    return _decode_kernels().media_decode_fwd(q, k, v, text_time, num_media, latents, immediate, scale,
+                                              kv_group=kv_repeat)
 
 
 @media_xattn_decode.register_fake
-def _(q, k, v, text_time, num_media, latents, immediate, scale):
+def _(q, k, v, text_time, num_media, latents, immediate, scale, kv_repeat=1):
     return q.new_empty(q.shape)  # the launcher allocates a contiguous output, like new_empty
 
 
@@ -85,10 +86,11 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, text_time, num_media, latents, immediate, scale = inputs
+    q, k, v, text_time, num_media, latents, immediate, scale, kv_repeat = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, text_time)
     ctx.mask_args = (num_media, latents, immediate, scale)
+    ctx.kv_repeat = kv_repeat
 
 
 def _backward(ctx, grad_o, grad_lse):
@@ -96,9 +98,12 @@ def _backward(ctx, grad_o, grad_lse):
     q, k, v, o, lse, text_time = ctx.saved_tensors
     num_media, latents, immediate, scale = ctx.mask_args
     if grad_o is None:
-        return None, None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None, None
+    if ctx.kv_repeat != 1:
+        # the backward kernels take one K/V row per sample; grouped K/V only ever comes from the inference cache
+        raise ValueError("media_xattn_fwd with kv_repeat > 1 has no backward (inference only)")
     dq, dk, dv = media_xattn_bwd(grad_o, q, k, v, o, lse, text_time, num_media, latents, immediate, scale)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 media_xattn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -106,7 +111,7 @@ media_xattn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def media_cross_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
-    num_media: int, latents: int, immediate: bool, scale: float,
+    num_media: int, latents: int, immediate: bool, scale: float, kv_repeat: int = 1,
 ) -> torch.Tensor:
     """Masked media cross-attention through the Triton kernels; differentiable w.r.t. q, k and v.
 
@@ -114,14 +119,20 @@ def media_cross_attention(
     ``DECODE_MAX_TOKENS`` query tokens per sample run the decode kernels; everything else the prefill kernels.
 
     Shapes and semantics: :func:`fastflamingo.functional.media_cross_attention` (q (B, T, H, D), k/v
-    (B, num_media * latents, H, D), ``text_time`` (B, T) 1-based media index, 0 for none).
+    (B, num_media * latents, H, D), ``text_time`` (B, T) 1-based media index, 0 for none). ``kv_repeat`` r: k/v
+    have batch B // r and sample b reads K/V row b // r (forward only).
     """
     if text_time.dtype != torch.int32:
         text_time = text_time.to(torch.int32)
+    kv_repeat = int(kv_repeat)
+    if kv_repeat != 1 and _needs_grad(q, k, v):
+        raise ValueError("kv_repeat > 1 is inference only: the backward kernels need one K/V row per sample")
     if q.shape[1] <= DECODE_MAX_TOKENS and not _needs_grad(q, k, v):
         # decode step: split-KV kernels, no host synchronisation (CUDA-graph capturable), no autograd needed
-        return media_xattn_decode(q, k, v, text_time, int(num_media), int(latents), bool(immediate), float(scale))
-    o, _ = media_xattn_fwd(q, k, v, text_time, int(num_media), int(latents), bool(immediate), float(scale))
+        return media_xattn_decode(q, k, v, text_time, int(num_media), int(latents), bool(immediate), float(scale),
+                                  kv_repeat)
+    o, _ = media_xattn_fwd(q, k, v, text_time, int(num_media), int(latents), bool(immediate), float(scale),
+                           kv_repeat)
     return o
 
 

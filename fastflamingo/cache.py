@@ -17,6 +17,12 @@ and it is only consulted when the module is in eval mode and the projection reco
 neither the media nor the weights require grad): a training step, or any call that records a graph, always projects
 afresh, so the cache never holds a graph. Each layer keeps one entry, so memory stays bounded by one projection per layer (the size of the K/V
 the layer already computes). ``FASTFLAMINGO_MEDIA_CACHE=0`` turns caching off; :func:`clear_media_cache` empties it.
+
+Beam search: OpenFlamingo's ``generate`` repeat_interleaves the images per beam and IDEFICS expands its inputs the
+same way, so the media of a batch of B samples with r beams holds r identical consecutive rows per sample.
+:meth:`ProjectionCache.get_grouped` finds that repeat factor once per cached media (an exact comparison) and
+projects only the unique rows, so the cached K/V holds one row per sample instead of r copies; attention then reads
+K/V row ``b // r`` for query row ``b`` (``kv_repeat`` of :func:`fastflamingo.functional.media_cross_attention`).
 """
 from __future__ import annotations
 
@@ -64,6 +70,25 @@ def _tensor_key(t: torch.Tensor) -> Optional[Tuple]:
     return (id(_root(t)), version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
+def repeat_factor(t: torch.Tensor) -> int:
+    """The largest r dividing ``t.shape[0]`` such that every group of r consecutive rows of ``t`` equals the
+    group's first row exactly (beam search's ``repeat_interleave``); 1 when there is none. A factor r is valid only
+    if each of its divisors is, so the divisors are tried from the largest down and the first match is the answer.
+    Compares the whole tensor at most once per candidate (one host sync each on GPU): done once per cached media."""
+    batch = t.shape[0] if t.dim() else 0
+    if batch < 2 or t.numel() == 0:
+        return 1
+    probe = t.reshape(batch, -1)[:, :1]  # one element per row: rejects distinct samples without a full read
+    for r in sorted((d for d in range(2, batch + 1) if batch % d == 0), reverse=True):
+        heads = probe.unflatten(0, (batch // r, r))
+        if not torch.equal(heads, heads[:, :1].expand_as(heads)):
+            continue
+        groups = t.unflatten(0, (batch // r, r))
+        if torch.equal(groups, groups[:, :1].expand_as(groups)):
+            return r
+    return 1
+
+
 class ProjectionCache:
     """One remembered ``compute(source)`` result for one module; see the module docstring for the validity rule."""
 
@@ -82,14 +107,21 @@ class ProjectionCache:
     def __deepcopy__(self, memo):  # a copied module starts with an empty cache
         return ProjectionCache()
 
-    def get(self, module: nn.Module, source: torch.Tensor, weights: Iterable[torch.Tensor], compute: Callable):
+    @property
+    def value(self):
+        """The remembered result (``(value, r)`` when filled by :meth:`get_grouped`), or None."""
+        return self._value
+
+    def _cached(self, module: nn.Module, source: torch.Tensor, weights: Iterable[torch.Tensor], compute: Callable,
+                uncached: Callable):
+        """``compute()`` through the cache where the validity rule allows it, else ``uncached()``."""
         weights = list(weights)
         records_graph = torch.is_grad_enabled() and (source.requires_grad or any(w.requires_grad for w in weights))
         if module.training or records_graph or not caching_enabled() or torch.compiler.is_compiling():
-            return compute()
+            return uncached()
         keys = [_tensor_key(source)] + [_tensor_key(w) for w in weights]
         if any(k is None for k in keys):
-            return compute()
+            return uncached()
         key = tuple(keys)
         root = _root(source)
         if self._key == key and self._source is not None and self._source() is root:
@@ -99,6 +131,23 @@ class ProjectionCache:
         value = compute()
         self._source, self._key, self._value = weakref.ref(root), key, value
         return value
+
+    def get(self, module: nn.Module, source: torch.Tensor, weights: Iterable[torch.Tensor], compute: Callable):
+        """``compute()`` (a projection of ``source``), reused while valid."""
+        return self._cached(module, source, weights, compute, compute)
+
+    def get_grouped(self, module: nn.Module, source: torch.Tensor, weights: Iterable[torch.Tensor],
+                    compute: Callable[[torch.Tensor], object]) -> Tuple[object, int]:
+        """``(compute(unique rows of source), r)``, reused while valid: ``source``'s batch is r groups of identical
+        consecutive rows (:func:`repeat_factor`, checked only when the result is cached) and ``compute`` projects
+        only the first row of each group. Uncached calls (training, a recorded graph, caching off) return
+        ``(compute(source), 1)``: the gradient of a shared row is never needed there."""
+
+        def grouped():
+            r = repeat_factor(source)
+            return compute(source[::r] if r > 1 else source), r
+
+        return self._cached(module, source, weights, grouped, lambda: (compute(source), 1))
 
 
 def clear_media_cache(model: nn.Module) -> int:

@@ -32,7 +32,7 @@ def _triton_module(name: str):
         return None
 
 
-def _check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_repeat: int = 1) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -44,9 +44,10 @@ def _check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape != v.shape[:3] + (k.shape[3],) or k.shape[:3] != v.shape[:3]:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree on (batch, keys, heads)")
-    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
+    if q.shape[0] != k.shape[0] * kv_repeat or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
+        batch = "batch" if kv_repeat == 1 else f"batch (q's = k's * kv_repeat {kv_repeat})"
         raise ValueError(
-            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, heads and head_dim "
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on {batch}, heads and head_dim "
             "(layout: (batch, tokens, heads, head_dim))"
         )
 
@@ -59,6 +60,7 @@ def media_cross_attention(
     *,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
+    kv_repeat: int = 1,
 ) -> torch.Tensor:
     """Masked media cross-attention core: each text token attends only to the latents of the media it may see.
 
@@ -72,6 +74,10 @@ def media_cross_attention(
             only).
         scale: softmax scale, default ``head_dim ** -0.5``.
         dropout_p: attention dropout probability (PyTorch path only; IDEFICS trains with it).
+        kv_repeat: r >= 1; k and v hold batch ``batch // r`` and query row ``b`` attends K/V row ``b // r``. Beam
+            search repeats every sample's media r times, so the media projection cache keeps one K/V row per
+            sample instead of r identical copies (see cache.py). Inference only: with r > 1 nothing may require
+            grad. Every path reads the shared rows in place; K/V is never repeated.
 
     Returns:
         (batch, text, heads, head_dim) in the dtype of ``q``. A token that sees no media gets exactly 0.
@@ -88,7 +94,15 @@ def media_cross_attention(
 
     Dtypes: fp32, fp16, bf16; the softmax is computed in fp32 on every path.
     """
-    _check_attention_inputs(q, k, v)
+    kv_repeat = int(kv_repeat)
+    if kv_repeat < 1:
+        raise ValueError(f"kv_repeat must be >= 1, got {kv_repeat}")
+    _check_attention_inputs(q, k, v, kv_repeat)
+    if kv_repeat > 1 and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # the grouped paths (and the Triton backward) have no gradient for K/V shared among rows; the media cache
+        # that produces grouped K/V never runs while a graph is recorded
+        raise ValueError("kv_repeat > 1 is inference only: call it under torch.no_grad() or without inputs that "
+                         "require grad")
     batch, num_text = q.shape[:2]
     if isinstance(mask, MediaMask):
         num_media = mask.num_media
@@ -109,6 +123,8 @@ def media_cross_attention(
     if num_media == 0:
         if num_keys != 0:
             raise ValueError(f"mask has no media but k has {num_keys} keys")
+        if kv_repeat > 1:  # no graph to keep (inference only): plain zeros of q's batch
+            return v.new_zeros(()).expand(batch, num_text, v.shape[2], v.shape[3])
         return v.sum(dim=1, keepdim=True).expand(-1, num_text, -1, -1)  # exact zeros, still in the graph
     if num_keys % num_media:
         raise ValueError(f"k has {num_keys} keys, which is not a multiple of the {num_media} media of the mask")
@@ -128,17 +144,19 @@ def media_cross_attention(
         from . import _triton_xattn
 
         return _triton_xattn.media_cross_attention(
-            q, k, v, mask.text_time.to(q.device), num_media, latents, mask.immediate, scale
+            q, k, v, mask.text_time.to(q.device), num_media, latents, mask.immediate, scale, kv_repeat
         )
     if isinstance(mask, MediaMask):
         mask = mask.to(q.device)
         if mask.immediate:
             if len(mask.runs()) > _FEW_RUNS:
-                return _media_cross_attention_chunks(q, k, v, mask, latents, scale, dropout_p)
+                return _media_cross_attention_chunks(q, k, v, mask, latents, scale, dropout_p, kv_repeat)
         elif num_text <= _backend.DECODE_MAX_TOKENS:
-            return _media_cross_attention_prefix(q, k, v, mask, latents, scale, dropout_p)
+            return _media_cross_attention_prefix(q, k, v, mask, latents, scale, dropout_p, kv_repeat)
+        if kv_repeat > 1:
+            return _runs_forward_grouped(q, k, v, mask.runs(), latents, scale, dropout_p, kv_repeat)
         return _media_cross_attention_runs(q, k, v, mask, latents, scale, dropout_p)
-    return _media_cross_attention_dense(q, k, v, mask.to(q.device), latents, scale, dropout_p)
+    return _media_cross_attention_dense(q, k, v, mask.to(q.device), latents, scale, dropout_p, kv_repeat)
 
 
 # With this many runs or fewer (e.g. a single image: every token sees it) one SDPA call per run on views of q, k, v
@@ -173,6 +191,45 @@ def _runs_forward(q, k, v, runs, latents: int, scale: float, dropout_p: float):
         return torch.cat(pieces, dim=1)
     # per-sample runs, ordered sample-major: concatenate along text, then split back into samples
     return torch.cat(pieces, dim=1).reshape(batch, num_text, heads, v.shape[-1])
+
+
+def _fold_groups(x: torch.Tensor, r: int) -> torch.Tensor:
+    """(B, T, ...) -> (B // r, r * T, ...): the r query rows that share one K/V row become one longer query row
+    (attention treats every query token independently), so one SDPA call reads each shared K/V row once. A view
+    when x's batch stride is T times its token stride (a projection's output), else a copy of x (queries only)."""
+    return x.unflatten(0, (x.shape[0] // r, r)).flatten(1, 2)
+
+
+def _unfold_groups(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Inverse of :func:`_fold_groups`: (B // r, r * T, ...) -> (B, T, ...)."""
+    return x.unflatten(1, (r, x.shape[1] // r)).flatten(0, 1)
+
+
+def _runs_forward_grouped(q, k, v, runs, latents: int, scale: float, dropout_p: float, r: int):
+    """:func:`_runs_forward` with K/V shared by groups of r consecutive query rows (``kv_repeat``; no grad).
+    Per-sample runs index K/V row ``b // r``; shared runs (the same runs for every sample) fold each group's r
+    query rows into one (see :func:`_fold_groups`)."""
+    batch, num_text, heads, _ = q.shape
+    head_dim_v = v.shape[-1]
+    shared = bool(runs) and runs[0][0] is None
+    pieces = []
+    for b, t0, t1, lo, hi in runs:
+        rows = batch if b is None else 1
+        if hi <= lo:
+            pieces.append(q.new_zeros(rows, t1 - t0, heads, head_dim_v))
+            continue
+        keys = slice(lo * latents, hi * latents)
+        if b is None:
+            folded = _fold_groups(q[:, t0:t1], r)
+            pieces.append(_unfold_groups(_sdpa(folded, k[:, keys], v[:, keys], scale, dropout_p), r))
+        else:
+            g = b // r
+            pieces.append(_sdpa(q[b:b + 1, t0:t1], k[g:g + 1, keys], v[g:g + 1, keys], scale, dropout_p))
+    if not pieces:  # no text tokens
+        return q.new_zeros(batch, 0, heads, head_dim_v)
+    if shared:
+        return torch.cat(pieces, dim=1)
+    return torch.cat(pieces, dim=1).reshape(batch, num_text, heads, head_dim_v)
 
 
 class _RunsAttention(torch.autograd.Function):
@@ -221,50 +278,71 @@ def _media_cross_attention_runs(q, k, v, mask: MediaMask, latents: int, scale: f
     return _RunsAttention.apply(q, k, v, runs, latents, scale)
 
 
-def _media_cross_attention_prefix(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float):
+def _media_cross_attention_prefix(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float,
+                                  kv_repeat: int = 1):
     """All-previous decode: every token sees a key prefix ``[0, hi * latents)``, so one SDPA call over the keys any
     token sees, with a boolean key mask of only tokens x keys per sample, replaces the per-sample run loop (and its
     host-side run list). Tokens that see nothing attend to every key (a finite softmax, no NaN in the forward or
-    backward) and are then set to exactly 0."""
+    backward) and are then set to exactly 0. ``kv_repeat`` r > 1: the r query rows sharing a K/V row are folded into
+    one (:func:`_fold_groups`), with their key masks."""
     _, hi = mask.media_range()  # (batch, text) int32; hi <= 0: nothing visible
     if q.device.type == "cpu":
         num_keys = max(int(hi.max()), 0) * latents if hi.numel() else 0  # a free read on CPU: skip unseen keys
     else:
         num_keys = k.shape[1]  # no host read, so a decode step stays capturable in a CUDA graph
     if num_keys == 0:
+        if kv_repeat > 1:  # inference only: no graph to keep
+            return q.new_zeros(q.shape[0], q.shape[1], v.shape[2], v.shape[3])
         return v[:, :0].sum(dim=1, keepdim=True).expand(-1, q.shape[1], -1, -1)  # exact zeros, still in the graph
     sees = hi > 0
     key_mask = torch.arange(num_keys, device=q.device) < (hi * latents)[..., None]  # (batch, text, keys)
     key_mask = key_mask | ~sees[..., None]
-    out = _sdpa(q, k[:, :num_keys], v[:, :num_keys], scale, dropout_p, attn_mask=key_mask[:, None])
+    if kv_repeat > 1:
+        out = _sdpa(_fold_groups(q, kv_repeat), k[:, :num_keys], v[:, :num_keys], scale, dropout_p,
+                    attn_mask=_fold_groups(key_mask, kv_repeat)[:, None])
+        out = _unfold_groups(out, kv_repeat)
+    else:
+        out = _sdpa(q, k[:, :num_keys], v[:, :num_keys], scale, dropout_p, attn_mask=key_mask[:, None])
     return torch.where(sees[:, :, None, None], out, out.new_zeros(()))
 
 
-def _media_cross_attention_chunks(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float):
+def _media_cross_attention_chunks(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float,
+                                  kv_repeat: int = 1):
     """Immediate mode in one SDPA call: every chunk of a run attends to its own media's ``latents`` keys (all of
     them valid, so no mask at all). Gathers copy q once and each used media's K/V once; the result is scattered
     back, and tokens that see nothing keep exact zeros. Autograd goes through index_select / index_copy, whose
-    backward is linear in the tensor sizes."""
+    backward is linear in the tensor sizes. ``kv_repeat`` r > 1: sample b's media come from K/V row b // r."""
     batch, num_text, heads, head_dim = q.shape
     token_index, media_index, size = mask.chunks(batch)
     head_dim_v = v.shape[-1]
     flat_q = torch.cat((q.reshape(batch * num_text, heads, head_dim), q.new_zeros(1, heads, head_dim)))
     chunk_q = flat_q.index_select(0, token_index.flatten()).view(-1, size, heads, head_dim)
     num_media = mask.num_media
-    chunk_k = k.reshape(batch * num_media, latents, heads, head_dim).index_select(0, media_index)
-    chunk_v = v.reshape(batch * num_media, latents, heads, head_dim_v).index_select(0, media_index)
+    kv_rows = k.shape[0]
+    if kv_repeat > 1:
+        # media_index is sample * num_media + m (m < num_media): remap to the shared K/V row (sample // r)
+        media_index = media_index // (num_media * kv_repeat) * num_media + media_index % num_media
+    chunk_k = k.reshape(kv_rows * num_media, latents, heads, head_dim).index_select(0, media_index)
+    chunk_v = v.reshape(kv_rows * num_media, latents, heads, head_dim_v).index_select(0, media_index)
     chunk_out = _sdpa(chunk_q, chunk_k, chunk_v, scale, dropout_p)
     out = q.new_zeros(batch * num_text + 1, heads, head_dim_v)
     out = out.index_copy(0, token_index.flatten(), chunk_out.reshape(-1, heads, head_dim_v))
     return out[:-1].view(batch, num_text, heads, head_dim_v)
 
 
-def _media_cross_attention_dense(q, k, v, allowed: torch.Tensor, latents: int, scale: float, dropout_p: float):
-    """General (batch, text, media) boolean mask: dense SDPA mask; rows that see nothing are exactly 0."""
+def _media_cross_attention_dense(q, k, v, allowed: torch.Tensor, latents: int, scale: float, dropout_p: float,
+                                 kv_repeat: int = 1):
+    """General (batch, text, media) boolean mask: dense SDPA mask; rows that see nothing are exactly 0.
+    ``kv_repeat`` r > 1: the r query rows sharing a K/V row are folded into one (:func:`_fold_groups`)."""
     sees_any = allowed.any(-1)  # (batch, text)
     # give empty rows every key so the softmax stays finite, then zero them: no NaN in the forward or backward
-    key_mask = (allowed | ~sees_any[..., None]).repeat_interleave(latents, dim=-1)[:, None]
-    out = _sdpa(q, k, v, scale, dropout_p, attn_mask=key_mask)
+    key_mask = (allowed | ~sees_any[..., None]).repeat_interleave(latents, dim=-1)
+    if kv_repeat > 1:
+        out = _sdpa(_fold_groups(q, kv_repeat), k, v, scale, dropout_p,
+                    attn_mask=_fold_groups(key_mask, kv_repeat)[:, None])
+        out = _unfold_groups(out, kv_repeat)
+    else:
+        out = _sdpa(q, k, v, scale, dropout_p, attn_mask=key_mask[:, None])
     return torch.where(sees_any[:, :, None, None], out, out.new_zeros(()))
 
 

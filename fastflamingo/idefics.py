@@ -260,19 +260,29 @@ class IdeficsCrossAttention(nn.Module):
         self.media_cache = ProjectionCache()  # normalized K and V of the last images, reused across decode steps
 
     def project_media(self, image_hidden_states: torch.Tensor):
-        """K (after the optional per-head RMSNorm) and V of the image hidden states, (batch, keys, heads, head_dim).
-        In eval mode without autograd the result is reused while the images and the weights are unchanged."""
+        """K (after the optional per-head RMSNorm) and V of the image hidden states, (batch, keys, heads, head_dim),
+        one row per image row. :meth:`attend` uses :meth:`project_media_grouped` instead (no per-beam copies)."""
+        k, v, r = self.project_media_grouped(image_hidden_states)
+        if r > 1:  # expand the shared rows back for a caller that expects one per image row (not the hot path)
+            k, v = k.repeat_interleave(r, dim=0), v.repeat_interleave(r, dim=0)
+        return k, v
 
-        def project():
-            batch, num_keys = image_hidden_states.shape[:2]
-            k = self.k_proj(image_hidden_states).view(batch, num_keys, self.num_heads, self.head_dim)
-            v = self.v_proj(image_hidden_states).view(batch, num_keys, self.num_heads, self.head_dim)
+    def project_media_grouped(self, image_hidden_states: torch.Tensor):
+        """``(k, v, r)`` with K and V of batch ``batch // r``: image row b uses K/V row b // r. In eval mode
+        without autograd the result is reused while the images and the weights are unchanged, and images whose rows
+        repeat in groups of r (beam search expands the inputs per beam) are projected once per group; else r = 1."""
+
+        def project(states: torch.Tensor):
+            batch, num_keys = states.shape[:2]
+            k = self.k_proj(states).view(batch, num_keys, self.num_heads, self.head_dim)
+            v = self.v_proj(states).view(batch, num_keys, self.num_heads, self.head_dim)
             return (self.k_layer_norm(k) if self.qk_layer_norms else k), v
 
         weights = [*self.k_proj.parameters(), *self.v_proj.parameters()]
         if self.qk_layer_norms:
             weights += list(self.k_layer_norm.parameters())
-        return self.media_cache.get(self, image_hidden_states, weights, project)
+        (k, v), r = self.media_cache.get_grouped(self, image_hidden_states, weights, project)
+        return k, v, r
 
     def forward(self, hidden_states: torch.Tensor, key_value_states: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, position_ids=None, cache=None, **kwargs):
@@ -303,17 +313,25 @@ class IdeficsCrossAttention(nn.Module):
         q = self.q_proj(hidden_states).view(batch, num_text, *heads)
         if self.qk_layer_norms:
             q = self.q_layer_norm(q)
-        k, v = self.project_media(key_value_states)
+        k, v, r = self.project_media_grouped(key_value_states)
         q, k, v = _common_dtype(q, k, v)
         dropout_p = self.dropout if self.training else 0.0
         if mask is None:  # soft additive bias: upstream's dense computation, bias included
+            bias = _broadcast_batch(attention_mask, batch).to(q.dtype)  # (batch, 1 or heads, text, keys)
+            q_rows = q
+            if r > 1:
+                # K/V shared by r beams (cached, inference only): fold each group's r query rows into one longer
+                # row, and their bias rows with them, so one SDPA call reads each shared K/V row once
+                q_rows = q.unflatten(0, (batch // r, r)).flatten(1, 2)
+                bias = bias.unflatten(0, (batch // r, r)).transpose(1, 2).flatten(2, 3)
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                attn_mask=_broadcast_batch(attention_mask, batch).to(q.dtype), dropout_p=dropout_p,
-                scale=self.scaling,
+                q_rows.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                attn_mask=bias, dropout_p=dropout_p, scale=self.scaling,
             ).transpose(1, 2)
+            if r > 1:
+                out = out.unflatten(1, (r, num_text)).flatten(0, 1)
         else:
-            out = FF.media_cross_attention(q, k, v, mask, scale=self.scaling, dropout_p=dropout_p)
+            out = FF.media_cross_attention(q, k, v, mask, scale=self.scaling, dropout_p=dropout_p, kv_repeat=r)
         return out.reshape(batch, num_text, self.num_heads * self.head_dim)
 
 

@@ -107,10 +107,20 @@ class MaskedCrossAttention(nn.Module):
         )
 
     def project_media(self, media: torch.Tensor):
-        """K and V of the flattened media latents as (batch, media * latents, heads, dim_head) views of one fused
-        projection (no split copy). In eval mode without autograd the result is reused while ``media`` and the
-        weights are unchanged (decode steps)."""
-        return self.media_cache.get(self, media, self.to_kv.parameters(), lambda: self._project_media(media))
+        """K and V of the flattened media latents as (batch, media * latents, heads, dim_head), one row per row
+        of ``media``. :meth:`attend` uses :meth:`project_media_grouped` instead (no per-beam copies)."""
+        k, v, r = self.project_media_grouped(media)
+        if r > 1:  # expand the shared rows back for a caller that expects one per media row (not the hot path)
+            k, v = k.repeat_interleave(r, dim=0), v.repeat_interleave(r, dim=0)
+        return k, v
+
+    def project_media_grouped(self, media: torch.Tensor):
+        """``(k, v, r)``: K and V as (batch // r, media * latents, heads, dim_head) views of one fused projection
+        (no split copy), where media row b uses K/V row b // r. In eval mode without autograd the result is reused
+        while ``media`` and the weights are unchanged (decode steps), and media whose rows repeat in groups of r
+        (beam search) are projected once per group; otherwise r is 1."""
+        (k, v), r = self.media_cache.get_grouped(self, media, self.to_kv.parameters(), self._project_media)
+        return k, v, r
 
     def _project_media(self, media: torch.Tensor):
         batch, num_media, latents = media.shape[:3]
@@ -139,8 +149,8 @@ class MaskedCrossAttention(nn.Module):
         mask = self.media_mask(x, media, media_locations, use_cached_media)
         batch, num_text = x.shape[:2]
         q = self.to_q(self.norm(x)).view(batch, num_text, self.heads, self.dim_head)
-        k, v = self.project_media(media)
-        out = FF.media_cross_attention(q, k, v, mask, scale=self.scale)
+        k, v, r = self.project_media_grouped(media)
+        out = FF.media_cross_attention(q, k, v, mask, scale=self.scale, kv_repeat=r)
         return out.reshape(batch, num_text, self.heads * self.dim_head)
 
 

@@ -123,19 +123,25 @@ def _media_xattn_fwd_kernel(
     stride_lb, stride_lh,
     stride_tb, stride_tt,
     stride_pb,
-    num_heads, num_media, latents, qk_scale,
+    num_heads, num_media, latents, kv_group, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IMMEDIATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program: one query tile (a slice of one run, from the schedule) of one (sample, head).
 
+    ``kv_group``: query sample ``b`` reads K/V row ``b // kv_group`` (beam search shares one media projection
+    among the ``kv_group`` beams of a sample instead of storing a copy per beam); 1 for ordinary calls. Grid axis 1
+    runs over (K/V row, head) and axis 2 over the ``kv_group`` samples of a K/V row, so no program divides by
+    ``kv_group`` (a runtime integer division costs registers).
+
     Pointers: int64 scalar bases (sample, head, tile start), int32 offsets inside a tile (the launcher keeps
     ``BLOCK * row stride`` below 2**31); 64-bit offset tensors would double the address registers and spill.
     """
     pid_tile = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
+    pid_gh = tl.program_id(1)
+    b_kv = (pid_gh // num_heads).to(tl.int64)  # the K/V row (shared by the kv_group samples of a beam group)
+    h = (pid_gh % num_heads).to(tl.int64)
+    b = b_kv * kv_group + tl.program_id(2)  # the query sample
     t_start = tl.load(TILE_START + b * stride_pb + pid_tile)
     t_end = tl.load(TILE_END + b * stride_pb + pid_tile)
     if t_start >= t_end:  # surplus slot of the upper-bound grid
@@ -157,8 +163,8 @@ def _media_xattn_fwd_kernel(
     p_q = Q + b * stride_qb + h * stride_qh + t0 * stride_qt
     b_q = tl.load(p_q + rows[:, None] * stride_qt + offs_d[None, :], mask=md_ok, other=0.0)  # [BLOCK_M, BLOCK_D]
     # scalar base pointers of the current key tile, advanced by BLOCK_N rows per step
-    p_k = K + b * stride_kb + h * stride_kh + key_lo.to(tl.int64) * stride_kl
-    p_v = V + b * stride_vb + h * stride_vh + key_lo.to(tl.int64) * stride_vl
+    p_k = K + b_kv * stride_kb + h * stride_kh + key_lo.to(tl.int64) * stride_kl
+    p_v = V + b_kv * stride_vb + h * stride_vh + key_lo.to(tl.int64) * stride_vl
     kt_offs = offs_d[:, None] + cols[None, :] * stride_kl  # [BLOCK_D, BLOCK_N]
     v_offs = cols[:, None] * stride_vl + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
 
@@ -521,15 +527,17 @@ def _check_out(name: str, out: Optional[torch.Tensor], shape, dtype, device) -> 
     return out
 
 
-def _check_inputs(q, k, v, text_time, num_media, latents):
+def _check_inputs(q, k, v, text_time, num_media, latents, kv_group=1):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be (batch, tokens, heads, head_dim)")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in TORCH_TO_TRITON_DTYPE:
         raise TypeError(f"q, k, v must share a dtype among fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
     batch, _, heads, head_dim = q.shape
-    if k.shape != (batch, num_media * latents, heads, head_dim) or v.shape != k.shape:
-        raise ValueError(f"k, v must be {(batch, num_media * latents, heads, head_dim)}, "
-                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    if kv_group < 1 or batch % kv_group:
+        raise ValueError(f"kv_group must be >= 1 and divide the batch {batch}, got {kv_group}")
+    kv_shape = (batch // kv_group, num_media * latents, heads, head_dim)
+    if k.shape != kv_shape or v.shape != k.shape:
+        raise ValueError(f"k, v must be {kv_shape}, got {tuple(k.shape)} and {tuple(v.shape)}")
     if tuple(text_time.shape) != (batch, q.shape[1]):
         raise ValueError(f"text_time must be {(batch, q.shape[1])}, got {tuple(text_time.shape)}")
     if head_dim > 128:
@@ -560,6 +568,7 @@ def media_xattn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
     num_media: int, latents: int, immediate: bool, scale: float,
     config: Optional[ConfigLike] = None, *, out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
+    kv_group: int = 1,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward pass.
 
@@ -570,12 +579,15 @@ def media_xattn_fwd(
         num_media, latents: M and n. immediate: immediate (True) or all-previous (False) mode.
         scale: softmax scale. config: force a launch config (``{"BLOCK_M": 16, "BLOCK_N": 32}``), bypassing the
             autotuner. out, lse: optional preallocated outputs (unit last stride).
+        kv_group: k, v have batch ``B // kv_group`` and query sample ``b`` reads K/V row ``b // kv_group`` (beams
+            sharing one media projection). Forward only: :func:`media_xattn_bwd` needs one K/V row per sample.
 
     Returns:
         o (B, T, H, D) in q's dtype, and lse (B, H, T) fp32 natural-log sum-exp of the scaled visible scores
         (``+inf`` for tokens that see nothing).
     """
-    _check_inputs(q, k, v, text_time, num_media, latents)
+    kv_group = int(kv_group)
+    _check_inputs(q, k, v, text_time, num_media, latents, kv_group)
     q, k, v = (_tile_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
     text_time = _text_time_int32(text_time)
     batch, num_tokens, heads, head_dim = q.shape
@@ -595,7 +607,7 @@ def media_xattn_fwd(
     def run(cfg: triton.Config) -> None:
         block_m = cfg.kwargs["BLOCK_M"]
         tile_start, tile_end = query_tile_schedule(text_time, num_media, immediate, block_m)
-        grid = (tile_start.shape[1], batch * heads)
+        grid = (tile_start.shape[1], batch // kv_group * heads, kv_group)  # axis 1: (K/V row, head); 2: its samples
         _media_xattn_fwd_kernel[grid](
             q, k, v, o, lse, text_time, tile_start, tile_end,
             q.stride(0), q.stride(1), q.stride(2),
@@ -605,7 +617,7 @@ def media_xattn_fwd(
             lse.stride(0), lse.stride(1),
             text_time.stride(0), text_time.stride(1),
             tile_start.stride(0),
-            heads, num_media, latents, qk_scale,
+            heads, num_media, latents, kv_group, qk_scale,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.kwargs["BLOCK_N"],
             IMMEDIATE=bool(immediate), DOT_PRECISION=precision,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -10,7 +10,7 @@ with one program per query tile, and in all-previous mode each token may see tho
 
 * One program owns all ``Tq`` rows of one (sample, head) as a single 16-row tile (rows past ``Tq`` are masked; the
   K/V tile it loads serves every row, so K/V is read once per (sample, head), not once per token), and one *split*
-  of the key axis. Grid: ``(splits, batch * heads)``.
+  of the key axis. Grid: ``(splits, batch // kv_group * heads, kv_group)``.
 * The key range a program scans is the union of its rows' visible ranges, computed in-kernel from ``text_time``
   (no host read). That range is cut into ``splits`` nearly equal runs of whole ``BLOCK_N`` key tiles; split ``s``
   takes tiles ``[s * tiles // splits, (s + 1) * tiles // splits)``. Cutting the *visible* range rather than the
@@ -84,20 +84,25 @@ def _media_decode_split_kernel(
     stride_wbh, stride_wt, stride_ws,
     stride_lbh, stride_lt,
     stride_tb, stride_tt,
-    num_heads, num_tokens, num_media, latents, num_splits, qk_scale,
+    num_heads, num_tokens, num_media, latents, num_splits, kv_group, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IMMEDIATE: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program: every query token of one (sample, head), one split of their visible key range.
+
+    ``kv_group``: sample ``b`` reads K/V row ``b // kv_group`` (the beams of one sample share its cached media
+    projection); 1 for ordinary calls. Grid axis 1 runs over (K/V row, head) and axis 2 over the ``kv_group``
+    samples of a K/V row, so no program divides by ``kv_group`` (a runtime integer division costs registers).
 
     ``DIRECT`` (one split): write the normalised output to ``O`` in its dtype. Otherwise write the fp32 partial
     ``acc / l`` to ``O_PART[b*H + h, t, split, :]`` and ``m + log2(l)`` (log2 domain, ``-inf`` if no key) to
     ``LSE_PART[b*H + h, t, split]``.
     """
     pid_split = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
+    pid_gh = tl.program_id(1)
+    b_kv = (pid_gh // num_heads).to(tl.int64)  # the K/V row (shared by the kv_group samples of a beam group)
+    h = (pid_gh % num_heads).to(tl.int64)
+    b = b_kv * kv_group + tl.program_id(2)  # the query sample
 
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -121,8 +126,8 @@ def _media_decode_split_kernel(
     p_q = Q + b * stride_qb + h * stride_qh
     b_q = tl.load(p_q + rows[:, None] * stride_qt + offs_d[None, :], mask=md_ok, other=0.0)  # [BLOCK_M, BLOCK_D]
     # scalar base pointers of the current key tile, advanced by BLOCK_N keys per step
-    p_k = K + b * stride_kb + h * stride_kh + start.to(tl.int64) * stride_kl
-    p_v = V + b * stride_vb + h * stride_vh + start.to(tl.int64) * stride_vl
+    p_k = K + b_kv * stride_kb + h * stride_kh + start.to(tl.int64) * stride_kl
+    p_v = V + b_kv * stride_vb + h * stride_vh + start.to(tl.int64) * stride_vl
     kt_offs = offs_d[:, None] + cols[None, :] * stride_kl  # [BLOCK_D, BLOCK_N]
     v_offs = cols[:, None] * stride_vl + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
 
@@ -137,10 +142,11 @@ def _media_decode_split_kernel(
         tl.store(p_o + rows[:, None] * stride_ot + offs_d[None, :], b_o.to(O.dtype.element_ty), mask=md_ok)
     else:
         split = pid_split.to(tl.int64)
-        p_w = O_PART + pid_bh.to(tl.int64) * stride_wbh + split * stride_ws
+        bh = b * num_heads + h  # the combine kernel's (sample, head) row
+        p_w = O_PART + bh * stride_wbh + split * stride_ws
         tl.store(p_w + rows[:, None] * stride_wt + offs_d[None, :], b_o, mask=md_ok)
         b_lse = tl.where(m_seen, b_m + tl.log2(b_l_safe), float("-inf"))
-        tl.store(LSE_PART + pid_bh.to(tl.int64) * stride_lbh + split + rows * stride_lt, b_lse, mask=m_ok)
+        tl.store(LSE_PART + bh * stride_lbh + split + rows * stride_lt, b_lse, mask=m_ok)
 
 
 @triton.jit
@@ -262,6 +268,7 @@ def media_decode_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
     num_media: int, latents: int, immediate: bool, scale: float,
     config: Optional[ConfigLike] = None, num_splits: Optional[int] = None, *, out: Optional[torch.Tensor] = None,
+    kv_group: int = 1,
 ) -> torch.Tensor:
     """Decode-step forward: o (B, Tq, H, D) in q's dtype.
 
@@ -274,10 +281,13 @@ def media_decode_fwd(
         config: force the split kernel's config (``{"BLOCK_N": 16}``). num_splits: force the split count (>= 1);
             splits beyond the visible key tiles are allowed (they write empty partials).
         out: optional preallocated output (unit last stride).
+        kv_group: k, v have batch ``B // kv_group`` and query sample ``b`` reads K/V row ``b // kv_group`` (beam
+            search: the beams of a sample share one cached media projection).
 
     No host synchronisation and no data-dependent host decision: capturable in a CUDA graph after the first call.
     """
-    _check_inputs(q, k, v, text_time, num_media, latents)
+    kv_group = int(kv_group)
+    _check_inputs(q, k, v, text_time, num_media, latents, kv_group)
     batch, num_tokens, heads, head_dim = q.shape
     if num_tokens > MAX_TOKENS:
         raise ValueError(f"decode serves at most {MAX_TOKENS} query tokens per sample, got {num_tokens}")
@@ -301,7 +311,7 @@ def media_decode_fwd(
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
                   IMMEDIATE=bool(immediate), DOT_PRECISION=dot_precision(q.dtype),
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    grid = (num_splits, batch * heads)
+    grid = (num_splits, batch // kv_group * heads, kv_group)  # axis 1: (K/V row, head); axis 2: its samples
     if num_splits == 1:
         # the only split sees every visible key: its normalised output is final
         _media_decode_split_kernel[grid](
@@ -312,7 +322,7 @@ def media_decode_fwd(
             o.stride(0), o.stride(1), o.stride(2),
             0, 0, 0, 0, 0,
             text_time.stride(0), text_time.stride(1),
-            heads, num_tokens, num_media, latents, 1, float(scale) * LOG2E,
+            heads, num_tokens, num_media, latents, 1, kv_group, float(scale) * LOG2E,
             DIRECT=True, **common,
         )
         return o
@@ -329,7 +339,7 @@ def media_decode_fwd(
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse_part.stride(0), lse_part.stride(1),
         text_time.stride(0), text_time.stride(1),
-        heads, num_tokens, num_media, latents, num_splits, float(scale) * LOG2E,
+        heads, num_tokens, num_media, latents, num_splits, kv_group, float(scale) * LOG2E,
         DIRECT=False, **common,
     )
     _media_decode_combine_kernel[(num_tokens, batch * heads)](

@@ -259,3 +259,110 @@ def test_import_without_triton_or_transformers():
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- kv_repeat (beams)
+
+
+def _grouped_inputs(groups, r, num_text, num_media, latents=3, heads=2, head_dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    batch = groups * r
+    q = torch.randn(batch, num_text, heads, head_dim, generator=g)
+    # K/V as one fused projection (views), like the modules produce
+    kv = torch.randn(groups, num_media * latents, heads, 2 * head_dim, generator=g)
+    return q, kv[..., :head_dim], kv[..., head_dim:]
+
+
+def _shared_text_time(groups, r, num_text, num_media, immediate, seed=0):
+    """Per-sample text_time (beams of a sample may differ in their text), 1-based media index per token."""
+    g = torch.Generator().manual_seed(seed)
+    tt = torch.randint(0, num_media + 1, (groups * r, num_text), generator=g).sort(dim=1).values
+    return masks.MediaMask(tt.to(torch.int32), num_media, masks.IMMEDIATE if immediate else masks.ALL_PREVIOUS)
+
+
+def _check_grouped(q, k, v, mask, r, path, monkeypatch):
+    """kv_repeat=r equals attention against explicitly repeat_interleaved K/V, and takes the expected path."""
+    calls = []
+    original = getattr(F, path)
+
+    def spy(*args, **kwargs):
+        calls.append(path)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, path, spy)
+    with ff.backend("torch"), torch.no_grad():
+        got = F.media_cross_attention(q, k, v, mask, kv_repeat=r)
+        monkeypatch.setattr(F, path, original)
+        ref = F.media_cross_attention(q, k.repeat_interleave(r, 0), v.repeat_interleave(r, 0), mask)
+    assert calls, f"{path} did not serve the grouped call"
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("r", [2, 3])
+def test_kv_repeat_chunks_path(r, monkeypatch):
+    num_media = 3
+    q, k, v = _grouped_inputs(2, r, 20, num_media)
+    tt = torch.zeros(2 * r, 20, dtype=torch.int32)
+    for b in range(2 * r):  # many runs (> _FEW_RUNS), different per sample: the chunked path
+        tt[b] = torch.tensor([0, 1, 2, 3, 1, 2, 3, 2, 1, 3] * 2)[(torch.arange(20) + b) % 20]
+    mask = masks.MediaMask(tt, num_media, masks.IMMEDIATE)
+    assert len(mask.runs()) > F._FEW_RUNS
+    _check_grouped(q, k, v, mask, r, "_media_cross_attention_chunks", monkeypatch)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_runs", "per_sample_runs"])
+@pytest.mark.parametrize("immediate", [True, False], ids=["immediate", "all_previous"])
+def test_kv_repeat_runs_path(shared, immediate, monkeypatch):
+    num_media, num_text = 2, 12
+    if shared:  # same text_time in every sample: runs shared by the batch (b is None)
+        r, groups = 3, 2
+        row = torch.tensor([0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2], dtype=torch.int32)
+        tt = row.expand(groups * r, -1).contiguous()
+    else:  # per-sample runs, few enough (<= _FEW_RUNS) that immediate mode is not chunked
+        r, groups = 2, 1
+        tt = torch.tensor([[1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2], [0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2]],
+                          dtype=torch.int32)
+    q, k, v = _grouped_inputs(groups, r, num_text, num_media, seed=1)
+    mask = masks.MediaMask(tt, num_media, masks.IMMEDIATE if immediate else masks.ALL_PREVIOUS)
+    assert len(mask.runs()) <= F._FEW_RUNS or not immediate
+    assert (mask.runs()[0][0] is None) == shared
+    _check_grouped(q, k, v, mask, r, "_runs_forward_grouped", monkeypatch)
+
+
+@pytest.mark.parametrize("num_text", [1, 4])
+def test_kv_repeat_prefix_path(num_text, monkeypatch):
+    r = 2
+    q, k, v = _grouped_inputs(3, r, num_text, 3, seed=2)
+    mask = _shared_text_time(3, r, num_text, 3, immediate=False, seed=2)
+    mask.text_time[0] = 0  # a sample that sees nothing stays exactly 0
+    _check_grouped(q, k, v, mask, r, "_media_cross_attention_prefix", monkeypatch)
+    with ff.backend("torch"), torch.no_grad():
+        assert torch.equal(F.media_cross_attention(q, k, v, mask, kv_repeat=r)[0], torch.zeros_like(q[0]))
+
+
+def test_kv_repeat_dense_path(monkeypatch):
+    r, num_media, num_text = 2, 3, 7
+    q, k, v = _grouped_inputs(2, r, num_text, num_media, seed=3)
+    allowed = torch.rand(2 * r, num_text, num_media, generator=torch.Generator().manual_seed(3)) > 0.5
+    allowed[1, 2] = False  # a token that sees nothing
+    _check_grouped(q, k, v, allowed, r, "_media_cross_attention_dense", monkeypatch)
+
+
+def test_kv_repeat_no_media_and_validation():
+    q = torch.randn(4, 5, 2, 8)
+    k = v = torch.zeros(2, 0, 2, 8)
+    mask = masks.MediaMask(torch.zeros(4, 5, dtype=torch.int32), 0, masks.IMMEDIATE)
+    with ff.backend("torch"), torch.no_grad():
+        out = F.media_cross_attention(q, k, v, mask, kv_repeat=2)
+    assert out.shape == q.shape and not out.any()
+    q, k, v = _grouped_inputs(2, 2, 6, 2)
+    mask = masks.MediaMask(torch.ones(4, 6, dtype=torch.int32), 2, masks.IMMEDIATE)
+    with pytest.raises(ValueError, match="kv_repeat 3"):
+        F.media_cross_attention(q, k, v, mask, kv_repeat=3)
+    with pytest.raises(ValueError, match="kv_repeat must be >= 1"):
+        F.media_cross_attention(q, k, v, mask, kv_repeat=0)
+    with pytest.raises(ValueError, match="inference only"):
+        F.media_cross_attention(q.requires_grad_(True), k, v, mask, kv_repeat=2)
+    with torch.no_grad():  # no graph recorded: allowed even though q requires grad
+        F.media_cross_attention(q, k, v, mask, kv_repeat=2)

@@ -52,6 +52,10 @@ def test_generate_projects_media_once_and_gives_identical_tokens(flamingo, beams
     assert torch.equal(out, ref)
     assert calls.count == len(blocks)  # once per layer per generate
     assert all(b.attn.media_cache.hits == steps - 1 for b in blocks)
+    # generate repeat_interleaves the images per beam: the cache keeps one K/V row per sample, not one per beam
+    for block in blocks:
+        (k, v), r = block.attn.media_cache.value
+        assert r == beams and k.shape[0] == v.shape[0] == vision_x.shape[0]
 
 
 def test_new_images_between_calls_are_projected_again(flamingo):
@@ -189,3 +193,87 @@ def test_idefics_generate_runs_resampler_and_projections_once(beams):
     assert torch.equal(out, ref)
     assert resampler_blocks.count == 1  # the resampler's work runs once per generate
     assert k_calls.count == len(layers)  # and each layer projects the images once
+    # beam search expands the images per beam: one cached K/V row per sample
+    for layer in layers:
+        (k, v), r = layer.cross_attn.media_cache.value
+        assert r == beams and k.shape[0] == v.shape[0] == inputs["input_ids"].shape[0]
+
+
+# ---------------------------------------------------------------------------------------------- beam groups
+
+
+def test_repeat_factor_finds_the_largest_exact_group():
+    from fastflamingo.cache import repeat_factor
+
+    rows = torch.randn(2, 3, 4)
+    assert repeat_factor(rows.repeat_interleave(6, dim=0)) == 6
+    assert repeat_factor(rows.repeat_interleave(3, dim=0)) == 3
+    assert repeat_factor(rows) == 1
+    assert repeat_factor(rows[:1].expand(4, -1, -1)) == 4
+    tweaked = rows.repeat_interleave(4, dim=0)
+    tweaked[5, 0, 0] += 1e-6  # one beam differs: only groups of 1 (of 4 rows each: 0..3, 4..7) are exact
+    assert repeat_factor(tweaked) == 1
+    tweaked = rows.repeat_interleave(4, dim=0)
+    tweaked[3] = tweaked[4]  # rows 2, 3 differ from 0, 1 of their group of 4, but pairs still match
+    tweaked[2] = tweaked[4]
+    assert repeat_factor(tweaked) == 2
+    assert repeat_factor(torch.randn(1, 3)) == 1 and repeat_factor(torch.randn(4, 0)) == 1
+
+
+def test_block_with_beam_repeated_media_matches_per_beam_projection():
+    """Media rows repeated per beam: the cached projection holds B rows, the output equals the uncached one, and
+    project_media still returns one K/V row per media row."""
+    block, media, ml = _block_and_inputs()
+    beams = 3
+    media_r = media.repeat_interleave(beams, dim=0)
+    ml_r = ml.repeat_interleave(beams, dim=0)
+    x = torch.randn(media_r.shape[0], 10, 32)
+    with ff.cache_disabled(), torch.no_grad():
+        fresh = block(x, media_r, ml_r)
+        fresh_decode = _decode_step(block, media_r, ml_r, x[:, :1])
+        k_ref, v_ref = block.attn.project_media(media_r)
+    with torch.no_grad():
+        got = block(x, media_r, ml_r)
+        got_decode = _decode_step(block, media_r, ml_r, x[:, :1])
+        k, v = block.attn.project_media(media_r)
+    (k_c, _), r = block.attn.media_cache.value
+    assert r == beams and k_c.shape[0] == media.shape[0]
+    torch.testing.assert_close(got, fresh)
+    torch.testing.assert_close(got_decode, fresh_decode)
+    assert k.shape == k_ref.shape and torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    # with autograd recording (no cache) the projection is per row and gradients flow as before
+    media_g = media_r.clone().requires_grad_(True)
+    block(x, media_g, ml_r).sum().backward()
+    assert media_g.grad.shape == media_r.shape
+
+
+@pytest.mark.parametrize("mask_kind", ["soft_bias", "hard_no_closed_form", "none"])
+def test_idefics_layer_with_beam_repeated_images_matches_uncached(mask_kind):
+    """IdeficsCrossAttention with images repeated per beam: the cached K/V has one row per sample on every mask
+    path (soft additive bias, dense boolean, all media), and the output equals the uncached per-row projection."""
+    pytest.importorskip("transformers")
+    from test_idefics import tiny_model
+
+    model = tiny_model()
+    ff.patch(model)
+    attn = model.model.gated_cross_attn_layers[0].cross_attn
+    g = torch.Generator().manual_seed(7)
+    groups, beams, num_text, num_images, latents = 2, 3, 6, 2, 4
+    batch, num_keys = groups * beams, num_images * latents
+    images = torch.randn(groups, num_keys, attn.kv_input_dim, generator=g).repeat_interleave(beams, dim=0)
+    hidden = torch.randn(batch, num_text, attn.hidden_size, generator=g)
+    if mask_kind == "soft_bias":
+        mask = torch.randn(batch, 1, num_text, num_keys, generator=g)
+    elif mask_kind == "hard_no_closed_form":
+        allowed = torch.rand(batch, num_text, num_images, generator=g) > 0.4
+        allowed[:, 0] = False  # a token that sees nothing
+        mask = allowed.repeat_interleave(latents, dim=-1)[:, None]
+    else:
+        mask = None
+    with ff.cache_disabled(), torch.no_grad():
+        want = attn.attend(hidden, images, mask)
+    with torch.no_grad():
+        got = attn.attend(hidden, images, mask)
+    (k, v), r = attn.media_cache.value
+    assert r == beams and k.shape[0] == v.shape[0] == groups
+    torch.testing.assert_close(got, want)

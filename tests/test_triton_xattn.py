@@ -533,3 +533,54 @@ assert unsupported_reasons(t, t, t) == []
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kv_group: K/V shared by groups of consecutive samples (beam search through the media cache)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("immediate", MODES)
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+def test_forward_kv_group_matches_repeated_kv(kernels, device, dtype, immediate):
+    """Sample b reads K/V row b // kv_group: equal to the kernel on explicitly repeat_interleaved K/V (the same
+    arithmetic, so bit-identical), and close to the float64 reference."""
+    groups, r, heads, head_dim, num_media, latents = 2, 3, 2, 16, 3, 16
+    text_time = cumsum_time(groups * r, 37, [0, 11, 25])
+    text_time[1, :5] = 0  # beams may differ in their text
+    q, k, v = make_inputs(device, groups * r, 37, heads, head_dim, num_media * latents, dtype)
+    k, v = k[:groups], v[:groups]  # one K/V row per group
+    text_time = text_time.to(device)
+    scale = head_dim ** -0.5
+    got, lse = kernels.media_xattn_fwd(q, k, v, text_time, num_media, latents, immediate, scale,
+                                       config=SMALL_BLOCKS, kv_group=r)
+    k_rep, v_rep = k.repeat_interleave(r, 0), v.repeat_interleave(r, 0)
+    want, want_lse = kernels.media_xattn_fwd(q, k_rep, v_rep, text_time, num_media, latents, immediate, scale,
+                                             config=SMALL_BLOCKS)
+    assert torch.equal(got, want) and torch.equal(lse, want_lse)
+    ref, _ = reference(q, k_rep, v_rep, text_time, num_media, latents, immediate, scale)
+    assert_close("o", got, ref, TOLERANCE[dtype][0])
+    with pytest.raises(ValueError, match="kv_group must be >= 1 and divide the batch"):
+        kernels.media_xattn_fwd(q, k, v, text_time, num_media, latents, immediate, scale, kv_group=4)
+    with pytest.raises(ValueError, match="k, v must be"):  # the backward takes one K/V row per sample only
+        kernels.media_xattn_bwd(got, q, k, v, got, lse, text_time, num_media, latents, immediate, scale)
+
+
+def test_functional_kv_repeat_triton_prefill_and_grad(kernels, device):
+    """backend("triton") with kv_repeat and more tokens than a decode step: the prefill kernel serves it with no
+    K/V copy, matching the PyTorch path; with a gradient required it raises."""
+    import fastflamingo
+    from fastflamingo import functional
+
+    r, num_media, latents = 2, 2, 16
+    q, k, v = make_inputs(device, 2 * r, 20, 2, 16, num_media * latents, torch.float32, seed=4)
+    k, v = k[:2], v[:2]
+    mask = MediaMask(cumsum_time(2 * r, 20, [0, 9]), num_media, ALL_PREVIOUS)
+    with torch.no_grad():
+        with fastflamingo.backend("triton"):
+            got = functional.media_cross_attention(q, k, v, mask, kv_repeat=r)
+        with fastflamingo.backend("torch"):
+            want = functional.media_cross_attention(q, k, v, mask, kv_repeat=r)
+    assert_close("o", got, want.double().cpu(), TOLERANCE[torch.float32][0])
+    with fastflamingo.backend("triton"), pytest.raises(ValueError, match="inference only"):
+        functional.media_cross_attention(q.requires_grad_(True), k, v, mask, kv_repeat=r)
