@@ -48,6 +48,20 @@ def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+def check_out(name: str, out: Optional[torch.Tensor], shape, dtype, device) -> torch.Tensor:
+    """A launcher's output buffer: a fresh ``torch.empty``, or the caller's preallocated tensor (tests pass
+    NaN-filled ones to prove every element is written) after checking its shape, dtype, device and unit last
+    stride."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != torch.device(device):
+        raise ValueError(f"{name} must be a {dtype} tensor of shape {tuple(shape)} on {device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if out.stride(-1) != 1 and out.shape[-1] > 1:
+        raise ValueError(f"{name} must have unit stride along its last dimension, got strides {out.stride()}")
+    return out
+
+
 def length_bucket(n: int) -> int:
     """Autotune key for a sequence length: next power of two, so neighbouring lengths share a tuning result."""
     return min(next_power_of_2(max(int(n), 1)), 1 << 16)

@@ -51,13 +51,14 @@ from ._utils import (
     ConfigChooser,
     ConfigLike,
     as_config,
-    make_aot_variant,
     cdiv,
+    check_out,
     config_label,
     dot_precision,
     head_block,
     last_dim_contiguous,
     length_bucket,
+    make_aot_variant,
 )
 
 _NO_KEY = tl.constexpr(2147483647)  # larger than any key index: the identity of the min over visible key starts
@@ -516,17 +517,6 @@ DQ_CHOOSER = ConfigChooser("media_xattn_bwd_dq", _CANDIDATES, _pruner("dq"))
 # ================================================================================================================
 
 
-def _check_out(name: str, out: Optional[torch.Tensor], shape, dtype, device) -> torch.Tensor:
-    if out is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != torch.device(device):
-        raise ValueError(f"{name} must be a {dtype} tensor of shape {tuple(shape)} on {device}, "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-    if out.stride(-1) != 1 and out.shape[-1] > 1:
-        raise ValueError(f"{name} must have unit stride along its last dimension, got strides {out.stride()}")
-    return out
-
-
 def _check_inputs(q, k, v, text_time, num_media, latents, kv_group=1):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be (batch, tokens, heads, head_dim)")
@@ -591,8 +581,8 @@ def media_xattn_fwd(
     q, k, v = (_tile_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
     text_time = _text_time_int32(text_time)
     batch, num_tokens, heads, head_dim = q.shape
-    o = _tile_addressable(_check_out("out", out, q.shape, q.dtype, q.device), "out", copy=False)
-    lse = _check_out("lse", lse, (batch, heads, num_tokens), torch.float32, q.device)
+    o = _tile_addressable(check_out("out", out, q.shape, q.dtype, q.device), "out", copy=False)
+    lse = check_out("lse", lse, (batch, heads, num_tokens), torch.float32, q.device)
     if o.numel() == 0:
         return o, lse
     if num_media * latents == 0:
@@ -651,9 +641,9 @@ def media_xattn_bwd(
     do = _tile_addressable(do.to(q.dtype), "do")
     text_time = _text_time_int32(text_time)
     batch, num_tokens, heads, head_dim = q.shape
-    dq = _tile_addressable(_check_out("dq", dq, q.shape, q.dtype, q.device), "dq", copy=False)
-    dk = _tile_addressable(_check_out("dk", dk, k.shape, k.dtype, k.device), "dk", copy=False)
-    dv = _tile_addressable(_check_out("dv", dv, v.shape, v.dtype, v.device), "dv", copy=False)
+    dq = _tile_addressable(check_out("dq", dq, q.shape, q.dtype, q.device), "dq", copy=False)
+    dk = _tile_addressable(check_out("dk", dk, k.shape, k.dtype, k.device), "dk", copy=False)
+    dv = _tile_addressable(check_out("dv", dv, v.shape, v.dtype, v.device), "dv", copy=False)
     if num_tokens == 0 or num_media * latents == 0 or batch * heads * head_dim == 0:
         dq.zero_()
         dk.zero_()

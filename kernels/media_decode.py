@@ -47,6 +47,7 @@ from ._utils import (
     ConfigLike,
     as_config,
     cdiv,
+    check_out,
     config_label,
     dot_precision,
     head_block,
@@ -55,7 +56,6 @@ from ._utils import (
 from .masked_cross_attention import (
     _NO_KEY,
     _check_inputs,
-    _check_out,
     _online_softmax,
     _text_time_int32,
     _tile_addressable,
@@ -293,7 +293,7 @@ def media_decode_fwd(
         raise ValueError(f"decode serves at most {MAX_TOKENS} query tokens per sample, got {num_tokens}")
     q, k, v = (_tile_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
     text_time = _text_time_int32(text_time)
-    o = _tile_addressable(_check_out("out", out, q.shape, q.dtype, q.device), "out", copy=False)
+    o = _tile_addressable(check_out("out", out, q.shape, q.dtype, q.device), "out", copy=False)
     if o.numel() == 0:
         return o
     if num_media * latents == 0:

@@ -42,13 +42,14 @@ from ._utils import (
     ConfigChooser,
     ConfigLike,
     as_config,
+    cdiv,
+    check_out,
     config_label,
     dot_precision,
     head_block,
     last_dim_contiguous,
     length_bucket,
     make_aot_variant,
-    cdiv,
 )
 
 MAX_HEAD_DIM = 128
@@ -313,17 +314,6 @@ BWD_CHOOSER = ConfigChooser("perceiver_bwd", _CANDIDATES, _pruner("bwd"))
 # ================================================================================================================
 
 
-def _check_out(name: str, out: Optional[torch.Tensor], shape, dtype, device) -> torch.Tensor:
-    if out is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != torch.device(device):
-        raise ValueError(f"{name} must be a {dtype} tensor of shape {tuple(shape)} on {device}, "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-    if out.stride(-1) != 1 and out.shape[-1] > 1:
-        raise ValueError(f"{name} must have unit stride along its last dimension, got strides {out.stride()}")
-    return out
-
-
 def check_inputs(q, k_media, v_media, k_latents, v_latents) -> None:
     """Shapes and dtypes the kernels need (ValueError / TypeError otherwise)."""
     tensors = (q, k_media, v_media, k_latents, v_latents)
@@ -373,8 +363,8 @@ def perceiver_fwd(
         last_dim_contiguous(t) for t in (q, k_media, v_media, k_latents, v_latents))
     num, latents, heads, head_dim = q.shape
     media_tokens = k_media.shape[1]
-    o = _check_out("out", out, q.shape, q.dtype, q.device)
-    lse = _check_out("lse", lse, (num, heads, latents), torch.float32, q.device)
+    o = check_out("out", out, q.shape, q.dtype, q.device)
+    lse = check_out("lse", lse, (num, heads, latents), torch.float32, q.device)
     if o.numel() == 0:
         return o, lse
 
@@ -429,8 +419,8 @@ def perceiver_bwd(
         lse = lse.contiguous()
     num, latents, heads, head_dim = q.shape
     media_tokens = k_media.shape[1]
-    dq = _check_out("dq", dq, q.shape, q.dtype, q.device)
-    grads = [_check_out(name, buf, t.shape, t.dtype, t.device) for name, buf, t in (
+    dq = check_out("dq", dq, q.shape, q.dtype, q.device)
+    grads = [check_out(name, buf, t.shape, t.dtype, t.device) for name, buf, t in (
         ("dk_media", dk_media, k_media), ("dv_media", dv_media, v_media),
         ("dk_latents", dk_latents, k_latents), ("dv_latents", dv_latents, v_latents))]
     if latents == 0 or num * heads * head_dim == 0:  # no queries: nothing depends on the keys
