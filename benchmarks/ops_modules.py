@@ -30,7 +30,7 @@ import fastflamingo
 from fastflamingo import masks as ff_masks
 
 from . import shapes
-from .ops_xattn import reference_core
+from .ops_media_xattn import reference_core
 from .registry import Case, Op, Provider, Runner, register_op, register_provider
 
 _HELPERS = None

@@ -103,7 +103,7 @@ class Op:
 OPS: Dict[str, Op] = {}
 _LOADED = False
 # op modules, imported on first use; a module that fails to import is reported, not fatal
-OP_MODULES = ("ops_xattn", "ops_modules", "ops_gate", "ops_e2e", "ops_resampler")
+OP_MODULES = ("ops_media_xattn", "ops_modules", "ops_gated_linear", "ops_e2e", "ops_resampler")
 LOAD_ERRORS: Dict[str, str] = {}
 
 

@@ -136,12 +136,12 @@ def media_cross_attention(
             return ["the image mask has no closed form (rows are neither one-hot nor prefixes)"]
         if dropout_p:
             return [f"attention dropout (dropout_p={dropout_p}) is not supported by the kernels"]
-        from . import _triton_xattn
+        from .ops import media_xattn as _triton_xattn
 
         return _triton_xattn.unsupported_reasons(q, k, v)
 
     if _backend.choose("media_cross_attention", (q, k, v), triton_reasons) == "triton":
-        from . import _triton_xattn
+        from .ops import media_xattn as _triton_xattn
 
         return _triton_xattn.media_cross_attention(
             q, k, v, mask.text_time.to(q.device), num_media, latents, mask.immediate, scale, kv_repeat
@@ -388,13 +388,13 @@ def perceiver_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
 
     def triton_reasons() -> List[str]:
-        module = _triton_module("_triton_perceiver")
+        module = _triton_module("ops.perceiver_attn")
         if module is None:
             return ["this build has no Triton kernel for perceiver_attention"]
         return module.unsupported_reasons(q, k_media, v_media, k_latents, v_latents)
 
     if _backend.choose("perceiver_attention", tensors.values(), triton_reasons) == "triton":
-        from . import _triton_perceiver
+        from .ops import perceiver_attn as _triton_perceiver
 
         return _triton_perceiver.perceiver_attention(q, k_media, v_media, k_latents, v_latents, scale)
     # PyTorch path: one fused SDPA over the concatenated keys. The concatenation copies only the projected K/V
@@ -453,13 +453,13 @@ def tanh_gated_linear(
     weight, bias = linear.weight, linear.bias
 
     def triton_reasons() -> List[str]:
-        module = _triton_module("_triton_gate")
+        module = _triton_module("ops.gated_linear")
         if module is None:
             return ["this build has no Triton kernel for tanh_gated_linear"]
         return module.unsupported_reasons(x, inp, weight, bias, alpha, row_gate)
 
     if _backend.choose("tanh_gated_linear", (x, inp, weight, alpha), triton_reasons) == "triton":
-        from . import _triton_gate
+        from .ops import gated_linear as _triton_gate
 
         return _triton_gate.tanh_gated_linear(x, inp, weight, bias, alpha, row_gate)
     return tanh_gated_residual(x, F.linear(inp, weight, bias), alpha, row_gate)

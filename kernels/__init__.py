@@ -8,6 +8,6 @@ not import triton (only the family modules do): ``fastflamingo`` loads them lazi
 
 # Every kernel family, in the order ``python -m fastflamingo.aot`` compiles them. A new family (perceiver attention,
 # tanh gating) adds its module name here and an ``aot_variants(quick: bool)`` function in the module.
-KERNEL_FAMILIES = ("masked_cross_attention", "perceiver_attention", "gated_linear", "media_decode")
+KERNEL_FAMILIES = ("media_xattn", "perceiver_attn", "gated_linear", "media_decode")
 
 __all__ = ["KERNEL_FAMILIES"]

@@ -1,6 +1,6 @@
 """Masked media cross-attention for decoding: a few new query tokens per sample attend to cached media K/V.
 
-Math: exactly that of ``masked_cross_attention`` (see its module docstring). Token ``t`` of sample ``b`` with
+Math: exactly that of ``media_xattn`` (see its module docstring). Token ``t`` of sample ``b`` with
 ``j = text_time[b, t]`` sees keys ``[(j-1)*n, j*n)`` (immediate, 1 <= j <= M) or ``[0, min(j, M)*n)``
 (all-previous); a token that sees nothing gets exactly 0. Inference only: no LSE is returned and there is no
 backward (the dispatcher sends calls that need gradients to the prefill kernels).
@@ -53,7 +53,7 @@ from ._utils import (
     head_block,
     make_aot_variant,
 )
-from .masked_cross_attention import (
+from .media_xattn import (
     _NO_KEY,
     _check_inputs,
     _online_softmax,

@@ -45,7 +45,7 @@ def test_quick_compile_has_no_spills():
 def test_aot_unsets_the_interpreter():
     """Run with TRITON_INTERPRET=1 in the environment: the tool switches it off itself."""
     pytest.importorskip("triton")
-    result = _run(["--quick", "--arch", "90", "--family", "masked_cross_attention"], interpret="1")
+    result = _run(["--quick", "--arch", "90", "--family", "media_xattn"], interpret="1")
     assert result.returncode == 0, result.stdout + result.stderr
     assert {row[0] for row in _table_rows(result.stdout)} >= {"media_xattn_fwd", "media_xattn_bwd_dq"}
 
@@ -53,7 +53,7 @@ def test_aot_unsets_the_interpreter():
 def test_aot_refuses_interpreted_kernels():
     """Kernels imported under the interpreter cannot be compiled: a clear message and exit status 2."""
     pytest.importorskip("triton")
-    code = ("import sys; from fastflamingo import _backend; _backend.load_kernels('masked_cross_attention'); "
+    code = ("import sys; from fastflamingo import _backend; _backend.load_kernels('media_xattn'); "
             "from fastflamingo import aot; sys.exit(aot.main(['--quick']))")
     result = _run([], interpret="1", code=code)
     assert result.returncode == 2, result.stdout + result.stderr
@@ -66,7 +66,7 @@ def test_variants_cover_every_shipped_config():
     code = """
 import torch
 from fastflamingo import _backend
-mod = _backend.load_kernels("masked_cross_attention")
+mod = _backend.load_kernels("media_xattn")
 seen = {(v.kernel, v.signature["Q"], v.constexprs["BLOCK_D"], v.constexprs.get("BLOCK_M"), v.constexprs.get("BLOCK_N"),
          v.num_warps, v.num_stages) for v in mod.aot_variants() if "Q" in v.signature}
 names = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}

@@ -613,7 +613,7 @@ def test_backend_torch_explicit():
 
 
 def _has_triton_xattn():
-    return importlib.util.find_spec("fastflamingo._triton_xattn") is not None
+    return importlib.util.find_spec("fastflamingo.ops.media_xattn") is not None
 
 
 @pytest.mark.triton

@@ -95,7 +95,7 @@ def make_case(device, lead, n_out, k_in, dtype, *, alpha="scalar", alpha_dtype=N
 
 def run_case(kernels, device, *, lead=(3, 37), n_out=80, k_in=40, dtype=torch.float32, config=None,
              grad="random", seed=0, **kw):
-    from fastflamingo import _triton_gate
+    from fastflamingo.ops import gated_linear as _triton_gate
 
     x, inp, weight, bias, alpha, row_gate = make_case(device, lead, n_out, k_in, dtype, seed=seed, **kw)
     with torch.no_grad():
@@ -191,7 +191,7 @@ def test_dropped_rows_with_non_finite_branch(kernels, device, bad):
     """Rows the gate drops may hold inf/NaN in the branch (here: in inp). masked_fill semantics: y is x exactly
     there, and dx, dinp, dalpha stay finite. dweight also stays finite (upstream's is NaN: 0 * inf in
     dh^T @ inp); it equals the gradient with those inp rows zeroed."""
-    from fastflamingo import _triton_gate
+    from fastflamingo.ops import gated_linear as _triton_gate
 
     x, inp, weight, bias, alpha, row_gate = make_case(device, (2, 21), 48, 40, torch.float32, alpha="vector3d",
                                                       gate=True, bias=True, seed=4)
@@ -229,7 +229,7 @@ def test_tanh_accuracy(kernels, device):
 
 @pytest.mark.parametrize("variant", ["vector-gate-bias", "scalar"])
 def test_opcheck(device, variant):
-    from fastflamingo import _triton_gate as tg
+    from fastflamingo.ops import gated_linear as tg
 
     if variant == "scalar":
         x, inp, w, b, a, g = make_case(device, (3, 5), 24, 16, torch.float32, alpha="scalar", seed=2)
@@ -262,7 +262,7 @@ def test_functional_dispatch_gradients(device, alpha):
 
 
 def test_torch_compile_aot_eager(device):
-    from fastflamingo import _triton_gate as tg
+    from fastflamingo.ops import gated_linear as tg
 
     def f(x, inp, w, a, gate):
         return (tg.tanh_gated_linear(x, inp, w, None, a, gate) ** 2).sum()
@@ -277,7 +277,7 @@ def test_torch_compile_aot_eager(device):
 
 
 def test_unsupported_reasons(device):
-    from fastflamingo import _triton_gate as tg
+    from fastflamingo.ops import gated_linear as tg
 
     x, inp, w, b, a, g = make_case(device, (2, 5), 24, 16, torch.float32, alpha="vector3d", gate=True, bias=True)
     assert tg.unsupported_reasons(x, inp, w, b, a, g) == []

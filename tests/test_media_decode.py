@@ -309,7 +309,7 @@ class _HostSyncGuard:
 def test_launcher_makes_no_host_sync(decode, device, monkeypatch, immediate):
     """After a warm-up, a decode launch (DIRECT and split+combine) and the op-level call read nothing back from
     the device: every Tensor-to-host conversion raises while the launcher's host code runs."""
-    from fastflamingo import _triton_xattn
+    from fastflamingo.ops import media_xattn as _triton_xattn
 
     guard = _HostSyncGuard(monkeypatch)
     monkeypatch.setattr(decode, "_media_decode_split_kernel", guard.unguarded(decode._media_decode_split_kernel))
@@ -351,9 +351,10 @@ def test_functional_dispatch(decode, device, monkeypatch, mode):
     """backend("triton"): no_grad with one token runs the decode kernels; with grad, or with more tokens than
     DECODE_MAX_TOKENS, the prefill kernel. All agree with the PyTorch path."""
     import fastflamingo
-    from fastflamingo import _triton_xattn, functional
+    from fastflamingo import functional
+    from fastflamingo.ops import media_xattn as _triton_xattn
 
-    prefill = _backend.load_kernels("masked_cross_attention")
+    prefill = _backend.load_kernels("media_xattn")
     calls = []
     _spy(monkeypatch, decode, "media_decode_fwd", calls)
     _spy(monkeypatch, prefill, "media_xattn_fwd", calls)
@@ -397,7 +398,7 @@ def test_functional_dispatch(decode, device, monkeypatch, mode):
 
 @pytest.mark.triton
 def test_opcheck(decode, device):
-    from fastflamingo import _triton_xattn  # noqa: F401  (registers the ops)
+    from fastflamingo.ops import media_xattn as _triton_xattn  # noqa: F401  (registers the ops)
 
     q, k, v = make_inputs(device, 2, 2, 2, 32, 2 * 32, torch.float32)
     text_time = torch.tensor([[1, 2], [0, 2]], dtype=torch.int32, device=device)
@@ -409,7 +410,7 @@ def test_opcheck(decode, device):
 @pytest.mark.triton
 def test_torch_compile_decode_step(decode, device, monkeypatch):
     """A compiled no-grad decode step calls the decode op as one opaque node (fullgraph: no graph break)."""
-    from fastflamingo import _triton_xattn
+    from fastflamingo.ops import media_xattn as _triton_xattn
 
     calls = []
     _spy(monkeypatch, decode, "media_decode_fwd", calls)
@@ -466,7 +467,7 @@ def test_aot_variants_cover_shipped_configs(decode):
 def test_cuda_graph_capture(decode, device, immediate):
     """Capture one decode step (op level, so a split+combine launch in all-previous mode and a DIRECT launch in
     immediate mode) after warm-up; replay with new q and text_time copied into the static inputs."""
-    from fastflamingo import _triton_xattn
+    from fastflamingo.ops import media_xattn as _triton_xattn
 
     batch, heads, head_dim, num_media, latents = 2, 4, 64, 33, 64
     q, k, v = make_inputs(device, batch, 1, heads, head_dim, num_media * latents, torch.bfloat16)

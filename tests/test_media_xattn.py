@@ -30,7 +30,7 @@ SMALL_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 @pytest.fixture(scope="module")
 def kernels():
     pytest.importorskip("triton")
-    return _backend.load_kernels("masked_cross_attention")
+    return _backend.load_kernels("media_xattn")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -389,7 +389,7 @@ def small_problem(device, dtype=torch.float32, requires_grad=True):
 
 @pytest.mark.parametrize("immediate", MODES)
 def test_opcheck(kernels, device, immediate):
-    from fastflamingo import _triton_xattn  # noqa: F401  (registers the ops)
+    from fastflamingo.ops import media_xattn as _triton_xattn  # noqa: F401  (registers the ops)
 
     q, k, v, text_time = small_problem(device)
     fwd = torch.ops.fastflamingo.media_xattn_fwd
@@ -410,7 +410,7 @@ def _gated_block(xattn):
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_torch_compile(kernels, device, compile_backend):
-    from fastflamingo import _triton_xattn
+    from fastflamingo.ops import media_xattn as _triton_xattn
 
     block = _gated_block(_triton_xattn.media_cross_attention)
     gate = torch.tensor(0.5, device=device, requires_grad=True)
@@ -459,7 +459,7 @@ def test_functional_dispatch_runs_the_kernel(kernels, device, monkeypatch, mode)
 
 
 def test_unsupported_reasons(device):
-    from fastflamingo._triton_xattn import unsupported_reasons
+    from fastflamingo.ops.media_xattn import unsupported_reasons
 
     def tensors(dtype=torch.float16, head_dim=64, k_dtype=None):
         q = torch.zeros(1, 4, 2, head_dim, dtype=dtype)
@@ -522,11 +522,11 @@ def test_imports_stay_light():
     support check work with triton unavailable."""
     code = """
 import sys
-import fastflamingo, fastflamingo.kernels, fastflamingo._triton_xattn
+import fastflamingo, fastflamingo.kernels, fastflamingo.ops.media_xattn
 assert "triton" not in sys.modules, "importing fastflamingo imported triton"
 sys.modules["triton"] = None  # from here on, importing triton fails
 import torch
-from fastflamingo._triton_xattn import unsupported_reasons
+from fastflamingo.ops.media_xattn import unsupported_reasons
 t = torch.zeros(1, 4, 2, 32)
 assert unsupported_reasons(t, t, t) == []
 """

@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import functional as FF
-from .cache import ProjectionCache
-from . import masks
+from .. import functional as FF
+from ..cache import ProjectionCache
+from .. import masks
 
 # --------------------------------------------------------------------------------------------------------------
 # Config access (no transformers import: any object with the attributes, or a plain dict)

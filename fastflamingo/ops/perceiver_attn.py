@@ -14,9 +14,9 @@ from typing import List, Tuple
 
 import torch
 
-from . import _backend
+from .. import _backend
 
-_KERNELS = "perceiver_attention"
+_KERNELS = "perceiver_attn"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
 

@@ -15,9 +15,9 @@ from typing import List, Tuple
 
 import torch
 
-from . import _backend
+from .. import _backend
 
-_KERNELS = "masked_cross_attention"
+_KERNELS = "media_xattn"
 _DECODE_KERNELS = "media_decode"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128

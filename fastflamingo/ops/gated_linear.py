@@ -32,7 +32,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import _backend
+from .. import _backend
 
 _KERNELS = "gated_linear"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

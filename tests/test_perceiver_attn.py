@@ -28,7 +28,7 @@ GRAD_NAMES = ("dq", "dk_media", "dv_media", "dk_latents", "dv_latents")
 @pytest.fixture(scope="module")
 def kernels():
     pytest.importorskip("triton")
-    return _backend.load_kernels("perceiver_attention")
+    return _backend.load_kernels("perceiver_attn")
 
 
 def reference(q, k_media, v_media, k_latents, v_latents, scale, grad_out):
@@ -203,7 +203,7 @@ def test_gpu_candidates_cover_latents(kernels):
 
 
 def test_opcheck(device):
-    from fastflamingo import _triton_perceiver as tp
+    from fastflamingo.ops import perceiver_attn as tp
 
     inputs = [t.requires_grad_() for t in make_inputs(device, 2, 5, 9, 2, 16, torch.float32, seed=3)]
     torch.library.opcheck(tp.perceiver_attn_fwd, (*inputs, 0.25))
@@ -229,7 +229,7 @@ def test_functional_backend_triton_gradients(device):
 
 
 def test_torch_compile_aot_eager(device):
-    from fastflamingo import _triton_perceiver as tp
+    from fastflamingo.ops import perceiver_attn as tp
 
     def f(q, km, vm, kl, vl):
         return (tp.perceiver_attention(q, km, vm, kl, vl, 0.3) * 2.0).sum()
@@ -244,7 +244,7 @@ def test_torch_compile_aot_eager(device):
 
 
 def test_unsupported_reasons(device):
-    from fastflamingo import _triton_perceiver as tp
+    from fastflamingo.ops import perceiver_attn as tp
 
     q, km, vm, kl, vl = make_inputs(device, 1, 4, 6, 2, 16, torch.float32)
     assert tp.unsupported_reasons(q, km, vm, kl, vl) == []

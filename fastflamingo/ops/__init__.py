@@ -1,0 +1,1 @@
+"""The boundary between the public functional API and the kernels: custom ops and their launchers."""
