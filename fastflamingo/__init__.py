@@ -3,10 +3,11 @@
 ``import fastflamingo`` needs only torch: triton, transformers and the upstream packages are imported lazily, when
 a Triton kernel runs or a model is patched.
 """
-from . import functional, masks
+from . import flamingo_pytorch, functional, idefics, masks
 from ._backend import BACKENDS, BackendError, backend, requested_backend
 from ._version import __version__
 from .cache import cache_disabled, clear_media_cache
+from .idefics import IdeficsGatedCrossAttentionLayer, IdeficsPerceiverAttention, IdeficsPerceiverResampler
 from .modules import FeedForward, GatedCrossAttentionBlock, MaskedCrossAttention, PerceiverAttention, PerceiverResampler
 from .patching import PatchReport, patch, unpatch
 
@@ -18,7 +19,9 @@ __all__ = [
     "requested_backend",
     "cache_disabled",
     "clear_media_cache",
+    "flamingo_pytorch",
     "functional",
+    "idefics",
     "masks",
     "FeedForward",
     "GatedCrossAttentionBlock",
@@ -27,20 +30,9 @@ __all__ = [
     "PerceiverResampler",
     "IdeficsGatedCrossAttentionLayer",
     "IdeficsPerceiverResampler",
+    "IdeficsPerceiverAttention",
     "PatchReport",
     "patch",
     "unpatch",
 ]
 
-
-def __getattr__(name):
-    # The IDEFICS drop-ins take a transformers config but do not need transformers to import.
-    if name in ("IdeficsGatedCrossAttentionLayer", "IdeficsPerceiverResampler", "IdeficsPerceiverAttention"):
-        from . import idefics
-
-        return getattr(idefics, name)
-    if name == "flamingo_pytorch":
-        import importlib
-
-        return importlib.import_module(".flamingo_pytorch", __name__)
-    raise AttributeError(f"module 'fastflamingo' has no attribute {name!r}")

@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib
-import importlib.util
 import os
-import sys
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional
 
 import torch
@@ -79,33 +75,6 @@ def triton_import_error() -> Optional[str]:
         except Exception as exc:  # ImportError, or a broken install raising anything else
             _TRITON_STATE = (f"triton does not import ({type(exc).__name__}: {exc})",)
     return _TRITON_STATE[0]
-
-
-def load_kernels(module: str):
-    """Import ``fastflamingo.kernels.<module>``.
-
-    Installed (also editable), ``kernels/`` is the ``fastflamingo.kernels`` package. From a bare source checkout
-    that was never installed, fall back to loading the sibling ``kernels/`` folder under that same name.
-    """
-    name = f"fastflamingo.kernels.{module}"
-    if name in sys.modules:
-        return sys.modules[name]
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("fastflamingo.kernels", name):
-            raise
-    folder = Path(__file__).resolve().parent.parent / "kernels"
-    if "fastflamingo.kernels" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "fastflamingo.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
-        )
-        if spec is None or spec.loader is None:
-            raise ModuleNotFoundError(f"cannot find the fastflamingo kernels package (looked in {folder})")
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["fastflamingo.kernels"] = package
-        spec.loader.exec_module(package)
-    return importlib.import_module(name)
 
 
 def device_reasons(tensors: Iterable[torch.Tensor]) -> List[str]:

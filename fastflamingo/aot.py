@@ -50,11 +50,9 @@ def _prepare_environment() -> Optional[str]:
 
 
 def _families(selected: Sequence[str]) -> List[str]:
-    from . import _backend
+    from .kernels import KERNEL_FAMILIES
 
-    _backend.load_kernels("_utils")  # also imports the package, from an install or a bare source checkout
-    package = sys.modules["fastflamingo.kernels"]
-    families = list(package.KERNEL_FAMILIES)
+    families = list(KERNEL_FAMILIES)
     if selected:
         unknown = sorted(set(selected) - set(families))
         if unknown:
@@ -64,11 +62,12 @@ def _families(selected: Sequence[str]) -> List[str]:
 
 
 def _collect(families: Sequence[str], quick: bool) -> list:
-    from . import _backend
+    from .kernels import families as kernel_families
 
+    modules = kernel_families()
     variants = []
     for family in families:
-        variants += _backend.load_kernels(family).aot_variants(quick=quick)
+        variants += modules[family].aot_variants(quick=quick)
     return variants
 
 

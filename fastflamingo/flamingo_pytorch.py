@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from . import modules
-from .modules import FeedForward, PerceiverAttention, _check_tensor
+from ._checks import check_tensor
+from .modules import FeedForward, PerceiverAttention
 
 __all__ = ["FeedForward", "PerceiverAttention", "MaskedCrossAttention", "GatedCrossAttentionBlock", "PerceiverResampler"]
 
@@ -47,7 +48,7 @@ class PerceiverResampler(modules.PerceiverResampler):
 
     def forward(self, x):
         dim = self.latents.shape[-1]
-        _check_tensor("x", x, (3, 4), dim, "(batch, tokens, dim) or (batch, num_media, tokens, dim)")
+        check_tensor("x", x, (3, 4), dim, "(batch, tokens, dim) or (batch, num_media, tokens, dim)")
         if x.dim() == 3:
             x = x[:, None]
         if x.shape[1] > self.media_pos_emb.shape[0]:

@@ -1,38 +1,51 @@
-"""Functional ops: validation, backend dispatch, and the optimized PyTorch path.
+"""The public functional API: each op validates its arguments once, then dispatches once.
 
-The PyTorch path is what runs on CPU (and wherever the Triton kernels cannot serve). It already exploits the
-mask structure: text is cut into runs of consecutive tokens that see the same media, and each run attends only
-to its own media's latents with one fused ``scaled_dot_product_attention`` call. Nothing of size
-text x media-tokens is ever built, in the forward or in the backward pass.
+Dispatch (``fastflamingo._backend.choose``): the Triton kernels (``fastflamingo.ops.<stem>``) for CUDA tensors they
+support, or whenever the ``triton`` backend is requested; the PyTorch path (``fastflamingo.ops.torch_path``)
+otherwise. For masked media cross-attention the Triton side is split once more: decode steps (at most
+``DECODE_MAX_TOKENS`` query tokens per sample, no gradient) take the split-key decode kernels, everything else the
+prefill kernels. ``docs/design.md`` shows the layers.
+
+Ops (old names, kept as aliases, in parentheses): :func:`media_xattn` (``media_cross_attention``),
+:func:`perceiver_attn` (``perceiver_attention``), :func:`gated_linear` (``tanh_gated_linear``) and
+:func:`gated_residual` (``tanh_gated_residual``).
 """
 from __future__ import annotations
 
-import importlib
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import _backend
 from .masks import MediaMask
+from .ops import torch_path
+
+
+def _records_graph(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _kv_group(kv_group: int, kv_repeat: Optional[int]) -> Tuple[int, str]:
+    """The K/V group size and the name the caller gave it (``kv_repeat`` is its older alias), for messages."""
+    name = "kv_group"
+    if kv_repeat is not None:
+        if kv_group != 1 and int(kv_repeat) != int(kv_group):
+            raise ValueError(f"kv_group={kv_group} and its alias kv_repeat={kv_repeat} disagree")
+        kv_group, name = kv_repeat, "kv_repeat"
+    kv_group = int(kv_group)
+    if kv_group < 1:
+        raise ValueError(f"{name} must be >= 1, got {kv_group}")
+    return kv_group, name
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Masked media cross-attention
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _triton_module(name: str):
-    """The Triton boundary module ``fastflamingo.<name>``, or None when this build does not have it."""
-    try:
-        return importlib.import_module(f".{name}", __package__)
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.{name}":
-            raise
-        return None
-
-
-def _check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_repeat: int = 1) -> None:
+def _check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_group: int = 1,
+                            group_name: str = "kv_group") -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -44,15 +57,15 @@ def _check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape != v.shape[:3] + (k.shape[3],) or k.shape[:3] != v.shape[:3]:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree on (batch, keys, heads)")
-    if q.shape[0] != k.shape[0] * kv_repeat or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
-        batch = "batch" if kv_repeat == 1 else f"batch (q's = k's * kv_repeat {kv_repeat})"
+    if q.shape[0] != k.shape[0] * kv_group or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
+        batch = "batch" if kv_group == 1 else f"batch (q's = k's * {group_name} {kv_group})"
         raise ValueError(
             f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on {batch}, heads and head_dim "
             "(layout: (batch, tokens, heads, head_dim))"
         )
 
 
-def media_cross_attention(
+def media_xattn(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -60,7 +73,8 @@ def media_cross_attention(
     *,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
-    kv_repeat: int = 1,
+    kv_group: int = 1,
+    kv_repeat: Optional[int] = None,
 ) -> torch.Tensor:
     """Masked media cross-attention core: each text token attends only to the latents of the media it may see.
 
@@ -74,10 +88,11 @@ def media_cross_attention(
             only).
         scale: softmax scale, default ``head_dim ** -0.5``.
         dropout_p: attention dropout probability (PyTorch path only; IDEFICS trains with it).
-        kv_repeat: r >= 1; k and v hold batch ``batch // r`` and query row ``b`` attends K/V row ``b // r``. Beam
+        kv_group: r >= 1; k and v hold batch ``batch // r`` and query row ``b`` attends K/V row ``b // r``. Beam
             search repeats every sample's media r times, so the media projection cache keeps one K/V row per
             sample instead of r identical copies (see cache.py). Inference only: with r > 1 nothing may require
-            grad. Every path reads the shared rows in place; K/V is never repeated.
+            grad. Every path reads the shared rows in place; K/V is never repeated. (``kv_repeat`` is accepted
+            as an alias.)
 
     Returns:
         (batch, text, heads, head_dim) in the dtype of ``q``. A token that sees no media gets exactly 0.
@@ -94,15 +109,13 @@ def media_cross_attention(
 
     Dtypes: fp32, fp16, bf16; the softmax is computed in fp32 on every path.
     """
-    kv_repeat = int(kv_repeat)
-    if kv_repeat < 1:
-        raise ValueError(f"kv_repeat must be >= 1, got {kv_repeat}")
-    _check_attention_inputs(q, k, v, kv_repeat)
-    if kv_repeat > 1 and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    kv_group, group_name = _kv_group(kv_group, kv_repeat)
+    _check_attention_inputs(q, k, v, kv_group, group_name)
+    if kv_group > 1 and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         # the grouped paths (and the Triton backward) have no gradient for K/V shared among rows; the media cache
         # that produces grouped K/V never runs while a graph is recorded
-        raise ValueError("kv_repeat > 1 is inference only: call it under torch.no_grad() or without inputs that "
-                         "require grad")
+        raise ValueError(f"{group_name} > 1 is inference only: call it under torch.no_grad() or without inputs "
+                         "that require grad")
     batch, num_text = q.shape[:2]
     if isinstance(mask, MediaMask):
         num_media = mask.num_media
@@ -123,7 +136,7 @@ def media_cross_attention(
     if num_media == 0:
         if num_keys != 0:
             raise ValueError(f"mask has no media but k has {num_keys} keys")
-        if kv_repeat > 1:  # no graph to keep (inference only): plain zeros of q's batch
+        if kv_group > 1:  # no graph to keep (inference only): plain zeros of q's batch
             return v.new_zeros(()).expand(batch, num_text, v.shape[2], v.shape[3])
         return v.sum(dim=1, keepdim=True).expand(-1, num_text, -1, -1)  # exact zeros, still in the graph
     if num_keys % num_media:
@@ -136,214 +149,22 @@ def media_cross_attention(
             return ["the image mask has no closed form (rows are neither one-hot nor prefixes)"]
         if dropout_p:
             return [f"attention dropout (dropout_p={dropout_p}) is not supported by the kernels"]
-        from .ops import media_xattn as _triton_xattn
+        from .ops import media_xattn as xattn_ops
 
-        return _triton_xattn.unsupported_reasons(q, k, v)
+        return xattn_ops.unsupported_reasons(q, k, v)
 
-    if _backend.choose("media_cross_attention", (q, k, v), triton_reasons) == "triton":
-        from .ops import media_xattn as _triton_xattn
+    if _backend.choose("media_xattn", (q, k, v), triton_reasons) == "torch":
+        return torch_path.media_xattn(q, k, v, mask, latents, scale, dropout_p, kv_group)
+    text_time = mask.text_time.to(q.device)
+    args = (q, k, v, text_time, num_media, latents, mask.immediate, scale, kv_group)
+    if num_text <= _backend.DECODE_MAX_TOKENS and not _records_graph(q, k, v):
+        # a decode step: the split-key kernels (no host synchronisation: CUDA-graph capturable, no autograd)
+        from .ops.media_decode import media_decode
 
-        return _triton_xattn.media_cross_attention(
-            q, k, v, mask.text_time.to(q.device), num_media, latents, mask.immediate, scale, kv_repeat
-        )
-    if isinstance(mask, MediaMask):
-        mask = mask.to(q.device)
-        if mask.immediate:
-            if len(mask.runs()) > _FEW_RUNS:
-                return _media_cross_attention_chunks(q, k, v, mask, latents, scale, dropout_p, kv_repeat)
-        elif num_text <= _backend.DECODE_MAX_TOKENS:
-            return _media_cross_attention_prefix(q, k, v, mask, latents, scale, dropout_p, kv_repeat)
-        if kv_repeat > 1:
-            return _runs_forward_grouped(q, k, v, mask.runs(), latents, scale, dropout_p, kv_repeat)
-        return _media_cross_attention_runs(q, k, v, mask, latents, scale, dropout_p)
-    return _media_cross_attention_dense(q, k, v, mask.to(q.device), latents, scale, dropout_p, kv_repeat)
+        return media_decode(*args)
+    from .ops.media_xattn import media_xattn as prefill
 
-
-# With this many runs or fewer (e.g. a single image: every token sees it) one SDPA call per run on views of q, k, v
-# beats gathering the runs into chunks, which copies q and the used K/V once.
-_FEW_RUNS = 4
-
-
-def _sdpa(q, k, v, scale, dropout_p, attn_mask=None):
-    """SDPA on (batch, tokens, heads, head_dim) views; returns the same layout."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, dropout_p=dropout_p, scale=scale
-    )
-    return out.transpose(1, 2)
-
-
-def _runs_forward(q, k, v, runs, latents: int, scale: float, dropout_p: float):
-    """One SDPA call per run of tokens that see the same media: no mask, no text x media-token matrix."""
-    batch, num_text, heads, _ = q.shape
-    pieces = []
-    for b, t0, t1, lo, hi in runs:
-        rows = slice(None) if b is None else slice(b, b + 1)
-        if hi <= lo:
-            # exact zeros that stay in the autograd graph (a sum over no keys), so a call whose tokens all see
-            # nothing still has a gradient (exactly zero) instead of an output detached from q, k, v
-            pieces.append(v[rows, :0].sum(dim=1, keepdim=True).expand(-1, t1 - t0, -1, -1))
-            continue
-        keys = slice(lo * latents, hi * latents)
-        pieces.append(_sdpa(q[rows, t0:t1], k[rows, keys], v[rows, keys], scale, dropout_p))
-    if not pieces:  # no text tokens
-        return v[:, :0].sum(dim=1, keepdim=True).expand(-1, 0, -1, -1)
-    if runs[0][0] is None:  # one set of runs shared by all samples: concatenate along text
-        return torch.cat(pieces, dim=1)
-    # per-sample runs, ordered sample-major: concatenate along text, then split back into samples
-    return torch.cat(pieces, dim=1).reshape(batch, num_text, heads, v.shape[-1])
-
-
-def _fold_groups(x: torch.Tensor, r: int) -> torch.Tensor:
-    """(B, T, ...) -> (B // r, r * T, ...): the r query rows that share one K/V row become one longer query row
-    (attention treats every query token independently), so one SDPA call reads each shared K/V row once. A view
-    when x's batch stride is T times its token stride (a projection's output), else a copy of x (queries only)."""
-    return x.unflatten(0, (x.shape[0] // r, r)).flatten(1, 2)
-
-
-def _unfold_groups(x: torch.Tensor, r: int) -> torch.Tensor:
-    """Inverse of :func:`_fold_groups`: (B // r, r * T, ...) -> (B, T, ...)."""
-    return x.unflatten(1, (r, x.shape[1] // r)).flatten(0, 1)
-
-
-def _runs_forward_grouped(q, k, v, runs, latents: int, scale: float, dropout_p: float, r: int):
-    """:func:`_runs_forward` with K/V shared by groups of r consecutive query rows (``kv_repeat``; no grad).
-    Per-sample runs index K/V row ``b // r``; shared runs (the same runs for every sample) fold each group's r
-    query rows into one (see :func:`_fold_groups`)."""
-    batch, num_text, heads, _ = q.shape
-    head_dim_v = v.shape[-1]
-    shared = bool(runs) and runs[0][0] is None
-    pieces = []
-    for b, t0, t1, lo, hi in runs:
-        rows = batch if b is None else 1
-        if hi <= lo:
-            pieces.append(q.new_zeros(rows, t1 - t0, heads, head_dim_v))
-            continue
-        keys = slice(lo * latents, hi * latents)
-        if b is None:
-            folded = _fold_groups(q[:, t0:t1], r)
-            pieces.append(_unfold_groups(_sdpa(folded, k[:, keys], v[:, keys], scale, dropout_p), r))
-        else:
-            g = b // r
-            pieces.append(_sdpa(q[b:b + 1, t0:t1], k[g:g + 1, keys], v[g:g + 1, keys], scale, dropout_p))
-    if not pieces:  # no text tokens
-        return q.new_zeros(batch, 0, heads, head_dim_v)
-    if shared:
-        return torch.cat(pieces, dim=1)
-    return torch.cat(pieces, dim=1).reshape(batch, num_text, heads, head_dim_v)
-
-
-class _RunsAttention(torch.autograd.Function):
-    """Run-by-run attention with a recomputing backward.
-
-    Plain autograd through per-run slices would, for every run, materialise a zero tensor of the full size of q, k
-    and v in the slice backward (quadratic in the number of runs). Here the backward recomputes each run's
-    attention on its own slices (cheap: the forward is a fraction of the backward) and writes the gradients
-    straight into one buffer per input; overlapping key ranges (all-previous mode) accumulate.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, runs, latents, scale):
-        ctx.save_for_backward(q, k, v)
-        ctx.runs, ctx.latents, ctx.scale = runs, latents, scale
-        with torch.no_grad():
-            return _runs_forward(q, k, v, runs, latents, scale, 0.0)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v = ctx.saved_tensors
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        latents = ctx.latents
-        for b, t0, t1, lo, hi in ctx.runs:
-            if hi <= lo:
-                continue  # tokens that see nothing: gradient exactly zero
-            rows = slice(None) if b is None else slice(b, b + 1)
-            keys = slice(lo * latents, hi * latents)
-            with torch.enable_grad():
-                qs, ks, vs = (t.detach().requires_grad_(True) for t in (q[rows, t0:t1], k[rows, keys], v[rows, keys]))
-                out = _sdpa(qs, ks, vs, ctx.scale, 0.0)
-                gq, gk, gv = torch.autograd.grad(out, (qs, ks, vs), grad_out[rows, t0:t1])
-            dq[rows, t0:t1] = gq
-            dk[rows, keys] += gk
-            dv[rows, keys] += gv
-        return dq, dk, dv, None, None, None
-
-
-def _media_cross_attention_runs(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float):
-    runs = mask.runs()
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if dropout_p or not needs_grad or len(runs) <= _FEW_RUNS:
-        # inference; dropout (whose random mask a recomputing backward could not replay); or so few runs that the
-        # slice backward's full-size zero tensors cost less than recomputing the forward: plain autograd
-        return _runs_forward(q, k, v, runs, latents, scale, dropout_p)
-    return _RunsAttention.apply(q, k, v, runs, latents, scale)
-
-
-def _media_cross_attention_prefix(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float,
-                                  kv_repeat: int = 1):
-    """All-previous decode: every token sees a key prefix ``[0, hi * latents)``, so one SDPA call over the keys any
-    token sees, with a boolean key mask of only tokens x keys per sample, replaces the per-sample run loop (and its
-    host-side run list). Tokens that see nothing attend to every key (a finite softmax, no NaN in the forward or
-    backward) and are then set to exactly 0. ``kv_repeat`` r > 1: the r query rows sharing a K/V row are folded into
-    one (:func:`_fold_groups`), with their key masks."""
-    _, hi = mask.media_range()  # (batch, text) int32; hi <= 0: nothing visible
-    if q.device.type == "cpu":
-        num_keys = max(int(hi.max()), 0) * latents if hi.numel() else 0  # a free read on CPU: skip unseen keys
-    else:
-        num_keys = k.shape[1]  # no host read, so a decode step stays capturable in a CUDA graph
-    if num_keys == 0:
-        if kv_repeat > 1:  # inference only: no graph to keep
-            return q.new_zeros(q.shape[0], q.shape[1], v.shape[2], v.shape[3])
-        return v[:, :0].sum(dim=1, keepdim=True).expand(-1, q.shape[1], -1, -1)  # exact zeros, still in the graph
-    sees = hi > 0
-    key_mask = torch.arange(num_keys, device=q.device) < (hi * latents)[..., None]  # (batch, text, keys)
-    key_mask = key_mask | ~sees[..., None]
-    if kv_repeat > 1:
-        out = _sdpa(_fold_groups(q, kv_repeat), k[:, :num_keys], v[:, :num_keys], scale, dropout_p,
-                    attn_mask=_fold_groups(key_mask, kv_repeat)[:, None])
-        out = _unfold_groups(out, kv_repeat)
-    else:
-        out = _sdpa(q, k[:, :num_keys], v[:, :num_keys], scale, dropout_p, attn_mask=key_mask[:, None])
-    return torch.where(sees[:, :, None, None], out, out.new_zeros(()))
-
-
-def _media_cross_attention_chunks(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float,
-                                  kv_repeat: int = 1):
-    """Immediate mode in one SDPA call: every chunk of a run attends to its own media's ``latents`` keys (all of
-    them valid, so no mask at all). Gathers copy q once and each used media's K/V once; the result is scattered
-    back, and tokens that see nothing keep exact zeros. Autograd goes through index_select / index_copy, whose
-    backward is linear in the tensor sizes. ``kv_repeat`` r > 1: sample b's media come from K/V row b // r."""
-    batch, num_text, heads, head_dim = q.shape
-    token_index, media_index, size = mask.chunks(batch)
-    head_dim_v = v.shape[-1]
-    flat_q = torch.cat((q.reshape(batch * num_text, heads, head_dim), q.new_zeros(1, heads, head_dim)))
-    chunk_q = flat_q.index_select(0, token_index.flatten()).view(-1, size, heads, head_dim)
-    num_media = mask.num_media
-    kv_rows = k.shape[0]
-    if kv_repeat > 1:
-        # media_index is sample * num_media + m (m < num_media): remap to the shared K/V row (sample // r)
-        media_index = media_index // (num_media * kv_repeat) * num_media + media_index % num_media
-    chunk_k = k.reshape(kv_rows * num_media, latents, heads, head_dim).index_select(0, media_index)
-    chunk_v = v.reshape(kv_rows * num_media, latents, heads, head_dim_v).index_select(0, media_index)
-    chunk_out = _sdpa(chunk_q, chunk_k, chunk_v, scale, dropout_p)
-    out = q.new_zeros(batch * num_text + 1, heads, head_dim_v)
-    out = out.index_copy(0, token_index.flatten(), chunk_out.reshape(-1, heads, head_dim_v))
-    return out[:-1].view(batch, num_text, heads, head_dim_v)
-
-
-def _media_cross_attention_dense(q, k, v, allowed: torch.Tensor, latents: int, scale: float, dropout_p: float,
-                                 kv_repeat: int = 1):
-    """General (batch, text, media) boolean mask: dense SDPA mask; rows that see nothing are exactly 0.
-    ``kv_repeat`` r > 1: the r query rows sharing a K/V row are folded into one (:func:`_fold_groups`)."""
-    sees_any = allowed.any(-1)  # (batch, text)
-    # give empty rows every key so the softmax stays finite, then zero them: no NaN in the forward or backward
-    key_mask = (allowed | ~sees_any[..., None]).repeat_interleave(latents, dim=-1)
-    if kv_repeat > 1:
-        out = _sdpa(_fold_groups(q, kv_repeat), k, v, scale, dropout_p,
-                    attn_mask=_fold_groups(key_mask, kv_repeat)[:, None])
-        out = _unfold_groups(out, kv_repeat)
-    else:
-        out = _sdpa(q, k, v, scale, dropout_p, attn_mask=key_mask[:, None])
-    return torch.where(sees_any[:, :, None, None], out, out.new_zeros(()))
+    return prefill(*args)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -351,7 +172,7 @@ def _media_cross_attention_dense(q, k, v, allowed: torch.Tensor, latents: int, s
 # --------------------------------------------------------------------------------------------------------------
 
 
-def perceiver_attention(
+def perceiver_attn(
     q: torch.Tensor,
     k_media: torch.Tensor,
     v_media: torch.Tensor,
@@ -388,20 +209,15 @@ def perceiver_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
 
     def triton_reasons() -> List[str]:
-        module = _triton_module("ops.perceiver_attn")
-        if module is None:
-            return ["this build has no Triton kernel for perceiver_attention"]
-        return module.unsupported_reasons(q, k_media, v_media, k_latents, v_latents)
+        from .ops import perceiver_attn as perceiver_ops
 
-    if _backend.choose("perceiver_attention", tensors.values(), triton_reasons) == "triton":
-        from .ops import perceiver_attn as _triton_perceiver
+        return perceiver_ops.unsupported_reasons(q, k_media, v_media, k_latents, v_latents)
 
-        return _triton_perceiver.perceiver_attention(q, k_media, v_media, k_latents, v_latents, scale)
-    # PyTorch path: one fused SDPA over the concatenated keys. The concatenation copies only the projected K/V
-    # (media_tokens + latents rows), which is small next to the projections that produce them.
-    k = torch.cat((k_media, k_latents), dim=1)
-    v = torch.cat((v_media, v_latents), dim=1)
-    return _sdpa(q, k, v, scale, 0.0)
+    if _backend.choose("perceiver_attn", tensors.values(), triton_reasons) == "torch":
+        return torch_path.perceiver_attn(q, k_media, v_media, k_latents, v_latents, scale)
+    from .ops.perceiver_attn import perceiver_attn as kernel_path
+
+    return kernel_path(q, k_media, v_media, k_latents, v_latents, scale)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -409,7 +225,7 @@ def perceiver_attention(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def tanh_gated_residual(
+def gated_residual(
     x: torch.Tensor, h: torch.Tensor, alpha: torch.Tensor, row_gate: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """``x + tanh(alpha) * h``, with ``h`` zeroed on rows where ``row_gate == 0`` when a row gate is given.
@@ -422,14 +238,12 @@ def tanh_gated_residual(
         raise ValueError(f"h {tuple(h.shape)} must have the shape of x {tuple(x.shape)}")
     if alpha.numel() != 1 and alpha.shape[-1] != x.shape[-1]:
         raise ValueError(f"alpha must have 1 element or {x.shape[-1]} channels, got shape {tuple(alpha.shape)}")
-    if row_gate is not None:
-        if tuple(row_gate.shape) != tuple(x.shape[:-1]):
-            raise ValueError(f"row_gate must have shape {tuple(x.shape[:-1])}, got {tuple(row_gate.shape)}")
-        h = h.masked_fill((row_gate == 0)[..., None], 0.0)
-    return h * alpha.tanh() + x
+    if row_gate is not None and tuple(row_gate.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"row_gate must have shape {tuple(x.shape[:-1])}, got {tuple(row_gate.shape)}")
+    return torch_path.gated_residual(x, h, alpha, row_gate)
 
 
-def tanh_gated_linear(
+def gated_linear(
     x: torch.Tensor,
     inp: torch.Tensor,
     linear: nn.Module,
@@ -444,7 +258,7 @@ def tanh_gated_linear(
     residual. Gradients flow to ``x``, ``inp``, the weight (and bias) and ``alpha``.
     """
     if type(linear) is not nn.Linear:
-        return tanh_gated_residual(x, linear(inp), alpha, row_gate)
+        return gated_residual(x, linear(inp), alpha, row_gate)
     if inp.shape[:-1] != x.shape[:-1] or inp.shape[-1] != linear.in_features or x.shape[-1] != linear.out_features:
         raise ValueError(
             f"x {tuple(x.shape)} and inp {tuple(inp.shape)} do not fit a Linear({linear.in_features}, "
@@ -453,16 +267,30 @@ def tanh_gated_linear(
     weight, bias = linear.weight, linear.bias
 
     def triton_reasons() -> List[str]:
-        module = _triton_module("ops.gated_linear")
-        if module is None:
-            return ["this build has no Triton kernel for tanh_gated_linear"]
-        return module.unsupported_reasons(x, inp, weight, bias, alpha, row_gate)
+        from .ops import gated_linear as gated_ops
 
-    if _backend.choose("tanh_gated_linear", (x, inp, weight, alpha), triton_reasons) == "triton":
-        from .ops import gated_linear as _triton_gate
+        return gated_ops.unsupported_reasons(x, inp, weight, bias, alpha, row_gate)
 
-        return _triton_gate.tanh_gated_linear(x, inp, weight, bias, alpha, row_gate)
-    return tanh_gated_residual(x, F.linear(inp, weight, bias), alpha, row_gate)
+    if _backend.choose("gated_linear", (x, inp, weight, alpha), triton_reasons) == "torch":
+        return torch_path.gated_linear(x, inp, weight, bias, alpha, row_gate)
+    from .ops.gated_linear import gated_linear as kernel_path
+
+    return kernel_path(x, inp, weight, bias, alpha, row_gate)
 
 
-__all__ = ["media_cross_attention", "perceiver_attention", "tanh_gated_residual", "tanh_gated_linear"]
+# Names before the one-stem-per-op rename (kept: user code and earlier notes use them).
+media_cross_attention = media_xattn
+perceiver_attention = perceiver_attn
+tanh_gated_residual = gated_residual
+tanh_gated_linear = gated_linear
+
+__all__ = [
+    "media_xattn",
+    "perceiver_attn",
+    "gated_residual",
+    "gated_linear",
+    "media_cross_attention",
+    "perceiver_attention",
+    "tanh_gated_residual",
+    "tanh_gated_linear",
+]

@@ -17,9 +17,10 @@ below are memoised on the identity and version of the tensor they read.
 """
 from __future__ import annotations
 
+import math
 import threading
 import weakref
-from typing import List, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
 
 import torch
 
@@ -27,13 +28,26 @@ IMMEDIATE = "immediate"
 ALL_PREVIOUS = "all_previous"
 MODES = (IMMEDIATE, ALL_PREVIOUS)
 
-# A run is a stretch of consecutive text tokens of one sample (or of every sample, when all samples share one
-# mask) that see the same media range: (batch index or None for "all samples", t0, t1, lo, hi).
-Run = Tuple[Optional[int], int, int, int, int]
+def visible_media(text_time: torch.Tensor, num_media: int, immediate: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The visibility rule: per-token visible media ``[lo, hi)`` (int32, same shape as ``text_time``), ``(0, 0)``
+    for a token that sees nothing. Keys are ``latents *`` these. Every backend, the schedules and the reference use
+    this one definition (the kernels evaluate the same rule on device: ``_visible_keys`` in kernels/media_xattn.py).
+    """
+    tt = text_time
+    if immediate:
+        seen = (tt >= 1) & (tt <= num_media)
+        zero = torch.zeros_like(tt)
+        return torch.where(seen, tt - 1, zero), torch.where(seen, tt, zero)
+    hi = tt.clamp(min=0, max=num_media)
+    return torch.zeros_like(hi), hi
 
 
 class MediaMask:
     """Which media each text token may attend to, in closed form (never a text x media matrix).
+
+    Plain data plus the visibility rule (:func:`visible_media`). Backends derive their own schedules from it (the
+    Triton launchers' run-aligned tiles, the PyTorch path's runs and chunks) and keep them on the mask with
+    :meth:`cached`, so the layers of one forward pass, which share one mask, build each schedule once.
 
     Attributes:
         text_time: int32 tensor (batch, text): 1-based media index per token, 0 for a token with no media. In
@@ -42,7 +56,7 @@ class MediaMask:
         mode: ``"immediate"`` or ``"all_previous"``.
     """
 
-    __slots__ = ("text_time", "num_media", "mode", "_runs", "_range", "_chunks", "__weakref__")
+    __slots__ = ("text_time", "num_media", "mode", "_cache", "__weakref__")
 
     def __init__(self, text_time: torch.Tensor, num_media: int, mode: str):
         if mode not in MODES:
@@ -52,9 +66,7 @@ class MediaMask:
         self.text_time = text_time.to(torch.int32)
         self.num_media = int(num_media)
         self.mode = mode
-        self._runs: Optional[List[Run]] = None
-        self._range: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-        self._chunks = None
+        self._cache: Dict[Hashable, Any] = {}
 
     @property
     def immediate(self) -> bool:
@@ -72,81 +84,21 @@ class MediaMask:
             return self
         return MediaMask(self.text_time.to(device), self.num_media, self.mode)
 
+    def cached(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """``build()``, computed once per mask and ``key`` (a backend's schedule for this mask)."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
     def media_range(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-token visible media ``[lo, hi)`` (int32 tensors of shape (batch, text)); ``lo >= hi`` means none."""
-        if self._range is None:
-            tt = self.text_time
-            if self.immediate:
-                valid = (tt >= 1) & (tt <= self.num_media)
-                lo = torch.where(valid, tt - 1, torch.zeros_like(tt))
-                hi = torch.where(valid, tt, torch.zeros_like(tt))
-            else:
-                lo = torch.zeros_like(tt)
-                hi = tt.clamp(max=self.num_media)
-            self._range = (lo, hi)
-        return self._range
+        return self.cached("media_range", lambda: visible_media(self.text_time, self.num_media, self.immediate))
 
     def visible(self) -> torch.Tensor:
         """Dense (batch, text, num_media) boolean view of the mask: for tests and the rare general fallback."""
         lo, hi = self.media_range()
         media = torch.arange(self.num_media, device=lo.device)
         return (media >= lo[..., None]) & (media < hi[..., None])
-
-    def runs(self) -> List[Run]:
-        """Stretches of consecutive tokens that see the same media range (host-side; one sync, then cached).
-
-        When every sample has the same mask the runs cover all samples at once (batch index ``None``).
-        """
-        if self._runs is None:
-            lo, hi = (x.cpu() for x in self.media_range())
-            batch, length = lo.shape
-            if batch > 1 and bool((lo == lo[:1]).all()) and bool((hi == hi[:1]).all()):
-                rows = [(None, lo[0], hi[0])]
-            else:
-                rows = [(b, lo[b], hi[b]) for b in range(batch)]
-            runs: List[Run] = []
-            for b, lo_row, hi_row in rows:
-                if length == 0:
-                    continue
-                change = ((lo_row[1:] != lo_row[:-1]) | (hi_row[1:] != hi_row[:-1])).nonzero().flatten() + 1
-                starts = [0] + change.tolist()
-                ends = starts[1:] + [length]
-                lo_list, hi_list = lo_row.tolist(), hi_row.tolist()
-                runs += [(b, s, e, lo_list[s], hi_list[s]) for s, e in zip(starts, ends)]
-            self._runs = runs
-        return self._runs
-
-
-    def chunks(self, batch: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
-        """Immediate mode as one batched attention: the tokens of each run, cut into chunks of at most ``size``
-        tokens, each chunk paired with the one media its tokens see.
-
-        Returns ``(token_index, media_index, size)``: ``token_index`` (chunks, size) holds flat token indices
-        ``b * text + t`` (padding slots point at ``batch * text``, one past the end), ``media_index`` (chunks,)
-        holds flat media indices ``b * num_media + m``. Tokens that see nothing are in no chunk. Cached.
-        """
-        if not self.immediate:
-            raise ValueError("chunks() describes the immediate mode only")
-        if self._chunks is None:
-            runs = [r for r in self.runs() if r[4] > r[3]]
-            num_text = self.text_time.shape[1]
-            longest = max((t1 - t0 for _, t0, t1, _, _ in runs), default=1)
-            # chunks as long as the longest run (rounded up to a power of two), at most 64 tokens: one chunk per
-            # image at Flamingo's usual spacing, and little padding for decode steps (runs of one token)
-            size = min(64, 1 << (longest - 1).bit_length())
-            tokens, media = [], []
-            for b, t0, t1, lo, _ in runs:
-                for sample in (range(batch) if b is None else (b,)):
-                    for start in range(t0, t1, size):
-                        stop = min(start + size, t1)
-                        row = list(range(sample * num_text + start, sample * num_text + stop))
-                        tokens.append(row + [batch * num_text] * (size - len(row)))
-                        media.append(sample * self.num_media + lo)
-            device = self.text_time.device
-            token_index = torch.tensor(tokens, dtype=torch.long).reshape(-1, size).to(device)
-            media_index = torch.tensor(media, dtype=torch.long).to(device)
-            self._chunks = (token_index, media_index, size)
-        return self._chunks
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -270,3 +222,85 @@ def from_idefics_additive_mask(mask: torch.Tensor, num_images: int, latents_per_
         return _classify_allowed(allowed)
 
     return memoised(mask, ("idefics-additive", num_images, latents_per_image), build)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# IDEFICS layers: recover the closed form from the expanded additive mask
+# --------------------------------------------------------------------------------------------------------------
+
+# How the gated layer recovers the media structure. IdeficsModel hands every gated layer the image mask already
+# expanded to an additive (batch, 1, text, images * latents) bias, and the number of latents per image is not passed
+# (it is ``image_hidden_states.size(1)`` *before* IdeficsModel flattens the images, and depends on the resampler, the
+# image size and ``interpolate_pos_encoding``). The layer does not need it: call ``b`` a *block size* when ``b``
+# divides the key count and every mask row is constant on each block of ``b`` consecutive keys. Any block size gives
+# a lossless (batch, text, keys / b) per-block mask, and the block sizes are exactly the divisors of
+# ``gcd(keys, every column where some row changes value)``. The largest one, that gcd, is a multiple of the true
+# latent count, so a one-hot image row stays one-hot (blocks only merge images whose columns are identical in every
+# row, i.e. images no token attends to) and the mask keeps its closed form (:class:`fastflamingo.masks.MediaMask`).
+# Masks with values other than 0 and ``finfo.min`` / ``-inf`` are soft biases with no such form: they run through
+# dense ``scaled_dot_product_attention`` with the bias itself, which is upstream's computation.
+
+
+def _is_hard_mask(mask: torch.Tensor) -> bool:
+    """True when every entry is "attend" or "blocked" (no soft bias), i.e. the mask is a 0/1 pattern."""
+    if mask.dtype == torch.bool:
+        return True
+    blocked = torch.finfo(mask.dtype).min
+    return bool(((mask == 0) | (mask == blocked) | (mask == float("-inf"))).all())
+
+
+def _allowed_keys(mask: torch.Tensor) -> torch.Tensor:
+    """(batch, text, keys) boolean: True where a token may attend (bool masks: True; additive masks: 0)."""
+    return mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
+
+
+def _block_size(mask: torch.Tensor) -> Optional[int]:
+    """Largest block size on which every row of a hard mask is constant (see the module docstring), or None
+    when the mask is a soft bias."""
+    if not _is_hard_mask(mask):
+        return None
+    allowed = _allowed_keys(mask)
+    num_keys = allowed.shape[-1]
+    if num_keys == 0:
+        return 0
+    # columns j where some row differs from column j - 1: a block boundary has to fall on each of them
+    changes = (allowed[..., 1:] != allowed[..., :-1]).flatten(0, -2).any(0).nonzero().flatten() + 1
+    block = num_keys
+    for j in changes.tolist():
+        block = math.gcd(block, j)
+        if block == 1:
+            break
+    return block
+
+
+def idefics_media_mask(image_attention_mask: Optional[torch.Tensor], batch: int, num_text: int, num_keys: int,
+                       device=None):
+    """The mask an IDEFICS gated layer receives, as ``media_cross_attention`` takes it.
+
+    Returns a :class:`MediaMask` (closed form), a boolean (batch, text, media) tensor (hard
+    mask without closed form), or None when the mask is a soft additive bias (the caller then uses it as is).
+    ``image_attention_mask`` None means every token sees every key (upstream's eager attention without a mask).
+    """
+    if image_attention_mask is None:
+        return all_media(batch, num_text, 1 if num_keys else 0, device)
+    m = image_attention_mask
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"image_attention_mask must be a torch.Tensor, got {type(m).__name__}")
+    expected = f"(batch, 1, text, images * latents) = ({batch}, 1, {num_text}, {num_keys})"
+    if m.dim() != 4 or m.shape[1] != 1 or m.shape[2] != num_text or m.shape[3] != num_keys:
+        raise ValueError(f"image_attention_mask must have shape {expected}, got {tuple(m.shape)}")
+    if m.shape[0] != batch:
+        if m.shape[0] != 1:
+            raise ValueError(f"image_attention_mask must have shape {expected}, got {tuple(m.shape)}")
+        m = m.expand(batch, -1, -1, -1)  # upstream broadcasts a batch-1 mask
+    if not (m.is_floating_point() or m.dtype == torch.bool):
+        raise TypeError(
+            "image_attention_mask must be an additive float mask (0 = attend, finfo.min = blocked) or a boolean "
+            f"mask (True = attend), got dtype {m.dtype}"
+        )
+    block = memoised(m, ("idefics-block-size",), lambda: _block_size(m))
+    if block is None:
+        return None
+    if block == 0:
+        return from_idefics_additive_mask(m, 0, 0)
+    return from_idefics_additive_mask(m, num_keys // block, block)

@@ -14,19 +14,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import functional as FF
-from . import masks
+from . import functional, masks
+from ._checks import check_tensor
 from .cache import ProjectionCache
-
-
-def _check_tensor(name: str, t, dims, feature: Optional[int] = None, what: str = "") -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    dims = (dims,) if isinstance(dims, int) else tuple(dims)
-    if t.dim() not in dims:
-        raise ValueError(f"{name} must have shape {what}, got {tuple(t.shape)}")
-    if feature is not None and t.shape[-1] != feature:
-        raise ValueError(f"{name} has feature size {t.shape[-1]} but the module expects {feature} ({what})")
 
 
 class FeedForward(nn.Sequential):
@@ -142,15 +132,15 @@ class MaskedCrossAttention(nn.Module):
             use_cached_media: every token comes after the prompt's last media (decoding); ``media_locations`` then
                 describes the prompt and may be longer or shorter than ``x``.
         """
-        _check_tensor("x", x, 3, self.norm.normalized_shape[0], "(batch, text, dim)")
-        _check_tensor("media", media, 4, self.to_kv.in_features, "(batch, num_media, latents, dim_visual)")
+        check_tensor("x", x, 3, self.norm.normalized_shape[0], "(batch, text, dim)")
+        check_tensor("media", media, 4, self.to_kv.in_features, "(batch, num_media, latents, dim_visual)")
         if media.shape[0] != x.shape[0]:
             raise ValueError(f"media has batch size {media.shape[0]} but x has batch size {x.shape[0]}")
         mask = self.media_mask(x, media, media_locations, use_cached_media)
         batch, num_text = x.shape[:2]
         q = self.to_q(self.norm(x)).view(batch, num_text, self.heads, self.dim_head)
         k, v, r = self.project_media_grouped(media)
-        out = FF.media_cross_attention(q, k, v, mask, scale=self.scale, kv_repeat=r)
+        out = functional.media_xattn(q, k, v, mask, scale=self.scale, kv_group=r)
         return out.reshape(batch, num_text, self.heads * self.dim_head)
 
 
@@ -185,13 +175,13 @@ class GatedCrossAttentionBlock(nn.Module):
         # each branch's last projection carries the gated residual in its epilogue (fused on the Triton backend)
         if isinstance(self.attn, MaskedCrossAttention):
             attended = self.attn.attend(x, media, media_locations, use_cached_media)
-            x = FF.tanh_gated_linear(x, attended, self.attn.to_out, self.attn_gate)
+            x = functional.gated_linear(x, attended, self.attn.to_out, self.attn_gate)
         else:  # a user-replaced attention module
-            x = FF.tanh_gated_residual(x, self.attn(x, media, media_locations, use_cached_media), self.attn_gate)
+            x = functional.gated_residual(x, self.attn(x, media, media_locations, use_cached_media), self.attn_gate)
         if isinstance(self.ff, FeedForward):
             hidden = self.ff[2](self.ff[1](self.ff[0](x)))
-            return FF.tanh_gated_linear(x, hidden, self.ff[3], self.ff_gate)
-        return FF.tanh_gated_residual(x, self.ff(x), self.ff_gate)
+            return functional.gated_linear(x, hidden, self.ff[3], self.ff_gate)
+        return functional.gated_residual(x, self.ff(x), self.ff_gate)
 
 
 class PerceiverAttention(nn.Module):
@@ -224,8 +214,8 @@ class PerceiverAttention(nn.Module):
             (b, T, n2, dim).
         """
         dim = self.norm_media.normalized_shape[0]
-        _check_tensor("x", x, 4, dim, "(batch, num_media, tokens, dim)")
-        _check_tensor("latents", latents, 4, dim, "(batch, num_media, latents, dim)")
+        check_tensor("x", x, 4, dim, "(batch, num_media, tokens, dim)")
+        check_tensor("latents", latents, 4, dim, "(batch, num_media, latents, dim)")
         if x.shape[:2] != latents.shape[:2]:
             raise ValueError(f"x {tuple(x.shape)} and latents {tuple(latents.shape)} must agree on (batch, num_media)")
         inner = self.heads * self.dim_head
@@ -235,7 +225,7 @@ class PerceiverAttention(nn.Module):
         q = self._split_heads(self.to_q(latents), rows)
         kv_media = self.to_kv(x)
         kv_latents = self.to_kv(latents)
-        out = FF.perceiver_attention(
+        out = functional.perceiver_attn(
             q,
             self._split_heads(kv_media[..., :inner], rows),
             self._split_heads(kv_media[..., inner:], rows),
@@ -295,7 +285,7 @@ class PerceiverResampler(nn.Module):
             (b, T, num_latents, dim).
         """
         dim = self.latents.shape[-1]
-        _check_tensor("x", x, 5, dim, "(batch, num_media, frames, tokens, dim)")
+        check_tensor("x", x, 5, dim, "(batch, num_media, frames, tokens, dim)")
         batch, num_media, frames, tokens = x.shape[:4]
         if self.frame_embs is not None:
             if frames > self.frame_embs.shape[0]:

@@ -9,11 +9,19 @@ GELU / ReLU / SwiGLU MLPs, float and vector alphas, IDEFICS' additive ``finfo.mi
 gets a uniform average over all media (all-previous mode before the first image; more ``<image>`` tokens than
 images in immediate mode). ``semantics="fastflamingo"`` gives such tokens an attention output of exactly zero,
 which is what fastflamingo computes (README, "Semantics note"). Everything else is identical.
+
+The last section restates the three ops in the kernels' own layout (``media_xattn``, ``perceiver_attn``,
+``gated_linear``): dense, differentiable, in the dtype of their inputs (call them with fp64 tensors). They are the
+oracles of the kernel tests, the self-test and the benchmarks' correctness gate.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+
+from .masks import visible_media
 
 SEMANTICS = ("upstream", "fastflamingo")
 
@@ -187,7 +195,45 @@ def idefics_perceiver_resampler(module, context):
     return module.layer_norm(latents)
 
 
+# ------------------------------------------------------------------------------- ops in the kernels' layout
+
+
+def media_xattn(q, k, v, text_time, num_media: int, immediate: bool, scale: Optional[float] = None):
+    """Masked media cross-attention, dense: q (B, T, H, D), k/v (B, num_media * n, H, D) media-major, ``text_time``
+    (B, T). Token t sees keys ``[lo * n, hi * n)`` with ``(lo, hi) = visible_media(text_time)``; a token that sees
+    nothing gets exactly 0 (fastflamingo semantics). Differentiable; no NaN in the forward or backward pass."""
+    latents = k.shape[1] // num_media if num_media else 0
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    lo, hi = visible_media(text_time.to(q.device), num_media, immediate)
+    key = torch.arange(k.shape[1], device=q.device)
+    allowed = (key >= lo[..., None] * latents) & (key < hi[..., None] * latents)  # (B, T, keys)
+    seen = allowed.any(-1)[:, None, :, None]  # (B, 1, T, 1)
+    scores = torch.einsum("bthd,bkhd->bhtk", q, k) * scale
+    scores = scores.masked_fill(~allowed[:, None], float("-inf")).masked_fill(~seen, 0.0)  # no all -inf rows
+    probs = torch.softmax(scores, dim=-1).masked_fill(~seen, 0.0)
+    return torch.einsum("bhtk,bkhd->bthd", probs, v)
+
+
+def perceiver_attn(q, k_media, v_media, k_latents, v_latents, scale: Optional[float] = None):
+    """Latents q (N, L, H, D) attend to ``[media; latents]`` keys and values (concatenated here)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k, v = torch.cat((k_media, k_latents), 1), torch.cat((v_media, v_latents), 1)
+    probs = torch.softmax(torch.einsum("nlhd,nkhd->nhlk", q, k) * scale, dim=-1)
+    return torch.einsum("nhlk,nkhd->nlhd", probs, v)
+
+
+def gated_linear(x, inp, weight, bias, alpha, row_gate=None):
+    """Upstream's gated branch: ``h.masked_fill(row_gate == 0, 0) * alpha.tanh() + x`` with ``h = linear(inp)``."""
+    h = F.linear(inp, weight, bias)
+    if row_gate is not None:
+        h = h.masked_fill((row_gate == 0)[..., None], 0.0)
+    return h * alpha.tanh() + x
+
+
 __all__ = [
+    "media_xattn",
+    "perceiver_attn",
+    "gated_linear",
     "text_time",
     "flamingo_attention",
     "feed_forward",

@@ -1,13 +1,23 @@
 """Triton kernels of fastflamingo (installed as ``fastflamingo.kernels``; the source folder is ``kernels/``).
 
-One kernel family per module; each module holds its ``@triton.jit`` kernels, host launchers returning plain tensors,
-its launch configurations and ``aot_variants()`` for ``python -m fastflamingo.aot``. Importing this package does
-not import triton (only the family modules do): ``fastflamingo`` loads them lazily through
-``fastflamingo._backend.load_kernels``.
+One kernel family per module, named by its op's stem: the ``@triton.jit`` kernels, their launch configurations, the
+device-side schedules and ``aot_variants()`` for ``python -m fastflamingo.aot``. The host-side launchers and the
+custom ops are in ``fastflamingo/ops/<stem>.py``, which import these modules on their first launch. Importing this
+package does not import triton (only the family modules do).
 """
 
-# Every kernel family, in the order ``python -m fastflamingo.aot`` compiles them. A new family (perceiver attention,
-# tanh gating) adds its module name here and an ``aot_variants(quick: bool)`` function in the module.
+# Every kernel family, in the order ``python -m fastflamingo.aot`` compiles them. A new family adds its module
+# name here and to :func:`families`, and an ``aot_variants(quick: bool)`` function in the module.
 KERNEL_FAMILIES = ("media_xattn", "perceiver_attn", "gated_linear", "media_decode")
 
-__all__ = ["KERNEL_FAMILIES"]
+
+def families() -> dict:
+    """``{name: module}`` for every kernel family (imports triton)."""
+    from . import gated_linear, media_decode, media_xattn, perceiver_attn
+
+    modules = {"media_xattn": media_xattn, "perceiver_attn": perceiver_attn, "gated_linear": gated_linear,
+               "media_decode": media_decode}
+    return {name: modules[name] for name in KERNEL_FAMILIES}
+
+
+__all__ = ["KERNEL_FAMILIES", "families"]

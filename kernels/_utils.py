@@ -21,7 +21,6 @@ INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 LOG2E = 1.4426950408889634
 
 TORCH_TO_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-SUPPORTED_DTYPES = tuple(TORCH_TO_TRITON_DTYPE)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -41,25 +40,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs use exact IEEE products, so fp32 results agree with an fp32 reference to ~1e-6 on every device
     (TF32 would cost three decimal digits); fp16/bf16 use tensor cores regardless of this setting."""
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """Kernels take every stride explicitly but assume unit stride along head_dim (vectorised loads)."""
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
-
-
-def check_out(name: str, out: Optional[torch.Tensor], shape, dtype, device) -> torch.Tensor:
-    """A launcher's output buffer: a fresh ``torch.empty``, or the caller's preallocated tensor (tests pass
-    NaN-filled ones to prove every element is written) after checking its shape, dtype, device and unit last
-    stride."""
-    if out is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != torch.device(device):
-        raise ValueError(f"{name} must be a {dtype} tensor of shape {tuple(shape)} on {device}, "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-    if out.stride(-1) != 1 and out.shape[-1] > 1:
-        raise ValueError(f"{name} must have unit stride along its last dimension, got strides {out.stride()}")
-    return out
 
 
 def length_bucket(n: int) -> int:

@@ -18,12 +18,12 @@ traffic is most of the difference.
 Rows: the leading dims of ``x``, ``inp`` and ``y`` are flattened to M rows addressed as
 ``(row // rows_per_batch) * stride_b + (row % rows_per_batch) * stride_t``, so any 3-D view (a slice of a fused
 projection, a transposed batch) is read in place; only unit stride along the feature dim is assumed. Row offsets
-are int64. The backward pass is in ``fastflamingo/_triton_gate.py`` (cuBLAS GEMMs; see there why).
+are int64. The launcher and the backward pass are in ``fastflamingo/ops/gated_linear.py`` (the backward runs on
+cuBLAS GEMMs; see there why).
 """
 from __future__ import annotations
 
-import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List
 
 import torch
 import triton
@@ -34,12 +34,8 @@ from ._utils import (
     TORCH_TO_TRITON_DTYPE,
     AotVariant,
     ConfigChooser,
-    ConfigLike,
-    as_config,
-    cdiv,
     config_label,
     dot_precision,
-    length_bucket,
     make_aot_variant,
     next_power_of_2,
 )
@@ -182,131 +178,7 @@ def _prune(configs: List[triton.Config], key: tuple) -> List[triton.Config]:
 
 
 _CANDIDATES = [INTERPRETER_CONFIG] if INTERPRET else []
-FWD_CHOOSER = ConfigChooser("tanh_gated_linear_fwd", _CANDIDATES, _prune)
-
-
-# ================================================================================================================
-# Launcher
-# ================================================================================================================
-
-
-def result_dtype(x: torch.Tensor, inp: torch.Tensor, alpha: torch.Tensor) -> torch.dtype:
-    """dtype of upstream's ``linear(inp) * alpha.tanh() + x``: PyTorch promotion, where a 0-dim alpha does not
-    promote a floating-point branch (a (1,)-shaped alpha does: bf16 activations with an fp32 gate give fp32)."""
-    branch = torch.promote_types(inp.dtype, alpha.dtype) if alpha.dim() > 0 else inp.dtype
-    return torch.promote_types(branch, x.dtype) if x.dim() > 0 else branch
-
-
-def _row_views(tensors: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], bool, int, List[Tuple[int, int]]]:
-    """Address the rows of every tensor (same leading shape) as ``(row // R) * stride_b + (row % R) * stride_t``.
-
-    Returns the tensors (a tensor is copied only if its last stride is not 1 or its leading dims cannot be viewed
-    as (B, R)), whether R < M is needed (``BATCHED``; False when every tensor flattens to one row stride), R and
-    each tensor's (stride_b, stride_t).
-    """
-    tensors = [t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous() for t in tensors]
-    lead = tuple(tensors[0].shape[:-1])
-    rows = math.prod(lead)
-    try:  # every tensor flattens to (M, D) with one row stride
-        flat = [t.view(rows, t.shape[-1]) for t in tensors]
-        return tensors, False, max(rows, 1), [(0, f.stride(0)) for f in flat]
-    except RuntimeError:
-        pass
-    batch = lead[0] if lead else 1
-    per_batch = rows // batch if batch else 0
-    strides = []
-    for i, t in enumerate(tensors):
-        try:
-            v = t.view(batch, per_batch, t.shape[-1])
-        except RuntimeError:
-            tensors[i] = t = t.contiguous()
-            v = t.view(batch, per_batch, t.shape[-1])
-        strides.append((v.stride(0), v.stride(1)))
-    return tensors, True, max(per_batch, 1), strides
-
-
-def check_inputs(x, inp, weight, bias, alpha, row_gate) -> None:
-    """Shapes and dtypes the kernel needs (ValueError / TypeError otherwise)."""
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be (out_features, in_features), got {tuple(weight.shape)}")
-    n_out, k_in = weight.shape
-    if inp.dim() < 1 or inp.shape[-1] != k_in or x.shape[-1:] != (n_out,) or x.shape[:-1] != inp.shape[:-1]:
-        raise ValueError(f"x {tuple(x.shape)} and inp {tuple(inp.shape)} do not fit weight {tuple(weight.shape)}")
-    if inp.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        raise TypeError(f"inp, weight (and bias) must share a dtype, got {inp.dtype}, {weight.dtype}"
-                        + (f", {bias.dtype}" if bias is not None else ""))
-    for name, t in (("x", x), ("inp", inp), ("alpha", alpha)):
-        if t.dtype not in TORCH_TO_TRITON_DTYPE:
-            raise TypeError(f"{name} dtype {t.dtype} is not supported (fp32, fp16, bf16)")
-    if bias is not None and tuple(bias.shape) != (n_out,):
-        raise ValueError(f"bias must be ({n_out},), got {tuple(bias.shape)}")
-    if not (alpha.numel() == 1 or (alpha.numel() == n_out and alpha.dim() >= 1 and alpha.shape[-1] == n_out)):
-        raise ValueError(f"alpha must have 1 element or {n_out} channels, got shape {tuple(alpha.shape)}")
-    if alpha.dim() > x.dim():
-        raise ValueError(f"alpha {tuple(alpha.shape)} has more dims than x {tuple(x.shape)}")
-    if row_gate is not None and tuple(row_gate.shape) != tuple(x.shape[:-1]):
-        raise ValueError(f"row_gate must have shape {tuple(x.shape[:-1])}, got {tuple(row_gate.shape)}")
-
-
-def gated_linear_fwd(
-    x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: torch.Tensor,
-    row_gate: Optional[torch.Tensor] = None, config: Optional[ConfigLike] = None, *,
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """``y = x + tanh(alpha) * (inp @ weight^T + bias)``, rows with ``row_gate == 0`` exactly ``x``.
-
-    Args:
-        x: (..., N) residual; inp: (..., K) with the same leading dims; weight: (N, K); bias: (N,) or None, in
-            inp's dtype; alpha: 1 element, or N channels (shape (N,) or (1, 1, N)); row_gate: x's leading shape,
-            any dtype, or None. fp32/fp16/bf16; x and alpha may differ from inp.
-        config: force a launch config (``{"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}``), bypassing the autotuner.
-        out: optional preallocated output (x's shape, :func:`result_dtype`, unit last stride).
-
-    Returns:
-        y with x's shape and :func:`result_dtype` (upstream's promotion).
-    """
-    check_inputs(x, inp, weight, bias, alpha, row_gate)
-    out_dtype = result_dtype(x, inp, alpha)
-    n_out, k_in = weight.shape
-    if out is None:
-        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    elif out.shape != x.shape or out.dtype != out_dtype or out.device != x.device:
-        raise ValueError(f"out must be a {out_dtype} tensor of shape {tuple(x.shape)} on {x.device}, got "
-                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
-    rows = x.numel() // max(n_out, 1)
-    if out.numel() == 0:
-        return out
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    alpha_flat = alpha.reshape(-1)
-    per_channel = alpha_flat.numel() > 1
-    gate = None
-    if row_gate is not None:
-        gate = row_gate.reshape(-1)  # (M,): a copy only for an odd layout of a small tensor
-        if gate.dtype == torch.bool:
-            gate = gate.view(torch.uint8)  # the kernel compares the loaded value with 0
-    (x2, a2, y2), batched, per_batch, strides = _row_views([x, inp, out])
-    if y2.data_ptr() != out.data_ptr():
-        raise ValueError("out must have unit stride along its last dimension")
-    (sxb, sxt), (sab, sat), (syb, syt) = strides
-
-    def run(cfg: triton.Config) -> None:
-        block_m, block_n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-        grid = (cdiv(rows, block_m) * cdiv(n_out, block_n),)
-        _gated_linear_fwd_kernel[grid](
-            x2, a2, weight, bias if bias is not None else weight, alpha_flat, gate if gate is not None else x2, y2,
-            sxb, sxt, sab, sat, weight.stride(0), syb, syt,
-            alpha_flat.stride(0), gate.stride(0) if gate is not None else 0,
-            rows, n_out, k_in, per_batch,
-            HAS_BIAS=bias is not None, ALPHA_PER_CHANNEL=per_channel, HAS_GATE=gate is not None, BATCHED=batched,
-            GROUP=GROUP_M, DOT_PRECISION=dot_precision(inp.dtype), **cfg.kwargs,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-
-    key = (length_bucket(rows), n_out, k_in, inp.dtype, x.dtype, alpha.dtype, out_dtype, per_channel,
-           gate is not None, bias is not None, batched)
-    cfg = as_config(config) if config is not None else FWD_CHOOSER.choose(key, run)
-    run(cfg)
-    return out
+FWD_CHOOSER = ConfigChooser("gated_linear_fwd", _CANDIDATES, _prune)
 
 
 # ================================================================================================================
@@ -340,7 +212,7 @@ def aot_variants(quick: bool = False) -> List[AotVariant]:
                                   **config.kwargs)
                 flags = "".join(name for name, on in zip(("+vec", "+gate", "+bias", "+3d"), epilogue) if on)
                 variants.append(make_aot_variant(
-                    "tanh_gated_linear_fwd", _gated_linear_fwd_kernel, pointers=pointers, constexprs=constexprs,
+                    "gated_linear_fwd", _gated_linear_fwd_kernel, pointers=pointers, constexprs=constexprs,
                     config=config, label=f"{io}{'/a32' if mixed else ''}{flags} {config_label(config)}",
                     unaligned=("stride_alpha", "stride_gate")))
     return variants

@@ -22,7 +22,7 @@ with one program per query tile, and in all-previous mode each token may see tho
 * With one split (immediate mode with 64 latents: a token's range is one 64-key tile) the split kernel writes the
   final output itself (``DIRECT``): one launch, no workspace.
 
-Host side (``media_decode_fwd``): the number of splits and the tile sizes come from the shapes only (batch, heads,
+Host side (``launch`` in ``fastflamingo/ops/media_decode.py``): the number of splits and the tile sizes come from the shapes only (batch, heads,
 key count, head_dim, dtype, the device's SM count), never from tensor values and never from timing, and the
 launcher performs no ``.item()``/``.tolist()``/``.cpu()`` or branch on tensor values. Once the kernels are compiled
 (the first call), a decode step can therefore be captured in a CUDA graph and replayed with new inputs.
@@ -33,7 +33,7 @@ keeps ``BLOCK_N * token stride`` below 2**31). fp32 statistics and fp32 ``tl.dot
 from __future__ import annotations
 
 import functools
-from typing import List, Optional
+from typing import List
 
 import torch
 import triton
@@ -41,26 +41,15 @@ import triton.language as tl
 
 from ._utils import (
     INTERPRET,
-    LOG2E,
     TORCH_TO_TRITON_DTYPE,
     AotVariant,
-    ConfigLike,
-    as_config,
     cdiv,
-    check_out,
     config_label,
     dot_precision,
     head_block,
     make_aot_variant,
 )
-from .media_xattn import (
-    _NO_KEY,
-    _check_inputs,
-    _online_softmax,
-    _text_time_int32,
-    _tile_addressable,
-    _visible_keys,
-)
+from .media_xattn import _NO_KEY, _online_softmax, _visible_keys
 
 # Rows of the query tile: every token of a decode step sits in one tile, and tl.dot needs at least 16 rows.
 BLOCK_M = 16
@@ -257,101 +246,6 @@ def choose_splits(batch: int, heads: int, visible_keys: int, block_n: int, sms: 
         return 1
     wanted = cdiv(SPLIT_WAVES * sms, max(batch * heads, 1))
     return max(1, min(wanted, cdiv(tiles, MIN_TILES_PER_SPLIT), MAX_SPLITS))
-
-
-# ================================================================================================================
-# Launcher
-# ================================================================================================================
-
-
-def media_decode_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
-    num_media: int, latents: int, immediate: bool, scale: float,
-    config: Optional[ConfigLike] = None, num_splits: Optional[int] = None, *, out: Optional[torch.Tensor] = None,
-    kv_group: int = 1,
-) -> torch.Tensor:
-    """Decode-step forward: o (B, Tq, H, D) in q's dtype.
-
-    Args:
-        q: (B, Tq, H, D) new query tokens, Tq <= 16. k, v: (B, M*n, H, D) cached media keys/values, media-major,
-            any strides (views of a fused K/V projection are fine; a tensor whose last stride is not 1 is copied).
-            fp32, fp16 or bf16, all the same dtype; D <= 128.
-        text_time: (B, Tq) 1-based media index per token (0: none); any integer dtype, any strides.
-        num_media, latents: M and n. immediate: immediate (True) or all-previous (False) mode. scale: softmax scale.
-        config: force the split kernel's config (``{"BLOCK_N": 16}``). num_splits: force the split count (>= 1);
-            splits beyond the visible key tiles are allowed (they write empty partials).
-        out: optional preallocated output (unit last stride).
-        kv_group: k, v have batch ``B // kv_group`` and query sample ``b`` reads K/V row ``b // kv_group`` (beam
-            search: the beams of a sample share one cached media projection).
-
-    No host synchronisation and no data-dependent host decision: capturable in a CUDA graph after the first call.
-    """
-    kv_group = int(kv_group)
-    _check_inputs(q, k, v, text_time, num_media, latents, kv_group)
-    batch, num_tokens, heads, head_dim = q.shape
-    if num_tokens > MAX_TOKENS:
-        raise ValueError(f"decode serves at most {MAX_TOKENS} query tokens per sample, got {num_tokens}")
-    q, k, v = (_tile_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
-    text_time = _text_time_int32(text_time)
-    o = _tile_addressable(check_out("out", out, q.shape, q.dtype, q.device), "out", copy=False)
-    if o.numel() == 0:
-        return o
-    if num_media * latents == 0:
-        return o.zero_()
-
-    cfg = as_config(config) if config is not None else default_config(q.dtype, head_dim)
-    block_n = cfg.kwargs["BLOCK_N"]
-    if num_splits is None:
-        visible = latents if immediate else num_media * latents
-        num_splits = choose_splits(batch, heads, visible, block_n, sm_count(q.device))
-    num_splits = int(num_splits)
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    block_d = head_block(head_dim)
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-                  IMMEDIATE=bool(immediate), DOT_PRECISION=dot_precision(q.dtype),
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    grid = (num_splits, batch // kv_group * heads, kv_group)  # axis 1: (K/V row, head); axis 2: its samples
-    if num_splits == 1:
-        # the only split sees every visible key: its normalised output is final
-        _media_decode_split_kernel[grid](
-            q, k, v, o, o, o, text_time,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            o.stride(0), o.stride(1), o.stride(2),
-            0, 0, 0, 0, 0,
-            text_time.stride(0), text_time.stride(1),
-            heads, num_tokens, num_media, latents, 1, kv_group, float(scale) * LOG2E,
-            DIRECT=True, **common,
-        )
-        return o
-
-    # fp32 partials, [(sample, head), token, split, :] so that the combine reads one token's splits contiguously
-    o_part = torch.empty((batch * heads, num_tokens, num_splits, head_dim), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((batch * heads, num_tokens, num_splits), dtype=torch.float32, device=q.device)
-    _media_decode_split_kernel[grid](
-        q, k, v, o, o_part, lse_part, text_time,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
-        o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        lse_part.stride(0), lse_part.stride(1),
-        text_time.stride(0), text_time.stride(1),
-        heads, num_tokens, num_media, latents, num_splits, kv_group, float(scale) * LOG2E,
-        DIRECT=False, **common,
-    )
-    _media_decode_combine_kernel[(num_tokens, batch * heads)](
-        o_part, lse_part, o,
-        o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        lse_part.stride(0), lse_part.stride(1),
-        o.stride(0), o.stride(1), o.stride(2),
-        heads, num_splits,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=COMBINE_BLOCK_S,
-        num_warps=COMBINE_CONFIG.num_warps, num_stages=COMBINE_CONFIG.num_stages,
-    )
-    return o
 
 
 # ================================================================================================================

@@ -34,10 +34,13 @@ head_dim is assumed). Sample, head and tile-start offsets are int64 scalars, so 
 of media index correctly; offsets inside a tile are int32 (``rows * token stride``, kept below 2**31 by the
 launchers), which keeps the address arithmetic out of the register budget. head_dim is padded to the next power of
 two (at least 16) with masked loads.
+
+This file holds the kernels, their launch configurations and the device-side schedules; the host-side launchers
+and the custom ops are in ``fastflamingo/ops/media_xattn.py`` (``docs/design.md`` shows the layers).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import triton
@@ -45,18 +48,12 @@ import triton.language as tl
 
 from ._utils import (
     INTERPRET,
-    LOG2E,
     TORCH_TO_TRITON_DTYPE,
     AotVariant,
     ConfigChooser,
-    ConfigLike,
-    as_config,
-    cdiv,
-    check_out,
     config_label,
     dot_precision,
     head_block,
-    last_dim_contiguous,
     length_bucket,
     make_aot_variant,
 )
@@ -367,32 +364,20 @@ def _media_xattn_bwd_dq_kernel(
 # ================================================================================================================
 
 
-def visible_media(text_time: torch.Tensor, num_media: int, immediate: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-token visible media [lo, hi) (int32, (B, T)); (0, 0) for a token that sees nothing.
-
-    The same rule as ``_visible_keys`` in media units (keys are ``latents *`` these).
-    """
-    tt = text_time
-    if immediate:
-        seen = (tt >= 1) & (tt <= num_media)
-        zero = torch.zeros_like(tt)
-        return torch.where(seen, tt - 1, zero), torch.where(seen, tt, zero)
-    hi = tt.clamp(min=0, max=num_media)
-    return torch.zeros_like(hi), hi
-
-
 def query_tile_slots(num_tokens: int, num_media: int, block_m: int) -> int:
     """Upper bound of run-aligned query tiles per sample (see the module docstring); also >= ceil(T / BLOCK_M)."""
     return max(1, min(num_tokens, num_tokens // block_m + num_media + 2))
 
 
-def query_tile_schedule(text_time: torch.Tensor, num_media: int, immediate: bool,
+def query_tile_schedule(lo: torch.Tensor, hi: torch.Tensor, num_media: int,
                         block_m: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Run-aligned query tiles: int32 (B, slots) ``tile_start`` / ``tile_end``; unused slots have start == end."""
-    batch, num_tokens = text_time.shape
-    device = text_time.device
+    """Run-aligned query tiles: int32 (B, slots) ``tile_start`` / ``tile_end``; unused slots have start == end.
+
+    ``lo``, ``hi``: each token's visible media (``fastflamingo.masks.visible_media``); a run is a stretch of
+    tokens with equal (lo, hi)."""
+    batch, num_tokens = lo.shape
+    device = lo.device
     slots = query_tile_slots(num_tokens, num_media, block_m)
-    lo, hi = visible_media(text_time, num_media, immediate)
     pos = torch.arange(num_tokens, device=device, dtype=torch.int32).expand(batch, num_tokens)
     change = torch.ones((batch, num_tokens), dtype=torch.bool, device=device)
     change[:, 1:] = (lo[:, 1:] != lo[:, :-1]) | (hi[:, 1:] != hi[:, :-1])
@@ -421,11 +406,12 @@ def query_tile_schedule(text_time: torch.Tensor, num_media: int, immediate: bool
     return start, end
 
 
-def media_token_ranges(text_time: torch.Tensor, num_media: int, immediate: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per (sample, media): [first, last + 1) of the tokens that see it, int32 (B, M); empty as (T, 0)."""
-    batch, num_tokens = text_time.shape
-    device = text_time.device
-    lo, hi = visible_media(text_time, num_media, immediate)
+def media_token_ranges(lo: torch.Tensor, hi: torch.Tensor, num_media: int,
+                       immediate: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per (sample, media): [first, last + 1) of the tokens that see it, int32 (B, M); empty as (T, 0).
+    ``lo``, ``hi``: each token's visible media (``fastflamingo.masks.visible_media``)."""
+    batch, num_tokens = lo.shape
+    device = lo.device
     pos = torch.arange(num_tokens, device=device, dtype=torch.int32).expand(batch, num_tokens)
     # immediate: a token sees media lo only; all-previous: it sees 0..hi-1, so index it by its last media and
     # spread with a reversed running min/max below. Tokens that see nothing go to a dummy column M.
@@ -481,7 +467,7 @@ def shipped_configs(kind: str, dtype: torch.dtype, head_dim: int) -> List[triton
     return _GPU_CONFIGS[(kind, precision, 64 if head_block(head_dim) <= 64 else 128)]
 
 
-def _autotune_key(q: torch.Tensor, num_media: int, latents: int, immediate: bool) -> tuple:
+def autotune_key(q: torch.Tensor, num_media: int, latents: int, immediate: bool) -> tuple:
     """head_dim, latents per media, mode, dtype and bucketed lengths (text per sample, media per sample)."""
     return (q.shape[-1], latents, bool(immediate), q.dtype, length_bucket(q.shape[1]), length_bucket(num_media))
 
@@ -510,210 +496,6 @@ _CANDIDATES = [INTERPRETER_CONFIG] if INTERPRET else []
 FWD_CHOOSER = ConfigChooser("media_xattn_fwd", _CANDIDATES, _pruner("fwd"))
 DKDV_CHOOSER = ConfigChooser("media_xattn_bwd_dkdv", _CANDIDATES, _pruner("dkdv"))
 DQ_CHOOSER = ConfigChooser("media_xattn_bwd_dq", _CANDIDATES, _pruner("dq"))
-
-
-# ================================================================================================================
-# Launchers
-# ================================================================================================================
-
-
-def _check_inputs(q, k, v, text_time, num_media, latents, kv_group=1):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("q, k, v must be (batch, tokens, heads, head_dim)")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in TORCH_TO_TRITON_DTYPE:
-        raise TypeError(f"q, k, v must share a dtype among fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
-    batch, _, heads, head_dim = q.shape
-    if kv_group < 1 or batch % kv_group:
-        raise ValueError(f"kv_group must be >= 1 and divide the batch {batch}, got {kv_group}")
-    kv_shape = (batch // kv_group, num_media * latents, heads, head_dim)
-    if k.shape != kv_shape or v.shape != k.shape:
-        raise ValueError(f"k, v must be {kv_shape}, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if tuple(text_time.shape) != (batch, q.shape[1]):
-        raise ValueError(f"text_time must be {(batch, q.shape[1])}, got {tuple(text_time.shape)}")
-    if head_dim > 128:
-        raise ValueError(f"head_dim {head_dim} > 128 is not supported")
-    if batch * heads > 65535:  # the grid's second axis carries (sample, head); CUDA caps it at 65535
-        raise ValueError(f"batch * heads = {batch * heads} > 65535 is not supported")
-
-
-# In-tile offsets are int32: (rows per tile <= 128) * token stride + head_dim must stay below 2**31.
-_MAX_TOKEN_STRIDE = 2 ** 31 // 256
-
-
-def _tile_addressable(t: torch.Tensor, name: str, copy: bool = True) -> torch.Tensor:
-    t = last_dim_contiguous(t)
-    if t.dim() > 1 and t.stride(1) >= _MAX_TOKEN_STRIDE:
-        if copy:
-            t = t.contiguous()
-        if t.stride(1) >= _MAX_TOKEN_STRIDE:
-            raise ValueError(f"{name} has token stride {t.stride(1)} >= {_MAX_TOKEN_STRIDE} elements: not supported")
-    return t
-
-
-def _text_time_int32(text_time: torch.Tensor) -> torch.Tensor:
-    return text_time if text_time.dtype == torch.int32 else text_time.to(torch.int32)
-
-
-def media_xattn_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
-    num_media: int, latents: int, immediate: bool, scale: float,
-    config: Optional[ConfigLike] = None, *, out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
-    kv_group: int = 1,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward pass.
-
-    Args:
-        q: (B, T, H, D) text queries; k, v: (B, M*n, H, D) media keys/values, media-major. Any strides (a tensor
-            whose last stride is not 1 is copied). fp32, fp16 or bf16, all the same dtype; D <= 128.
-        text_time: (B, T) 1-based media index per token (0: none); any integer dtype, any strides.
-        num_media, latents: M and n. immediate: immediate (True) or all-previous (False) mode.
-        scale: softmax scale. config: force a launch config (``{"BLOCK_M": 16, "BLOCK_N": 32}``), bypassing the
-            autotuner. out, lse: optional preallocated outputs (unit last stride).
-        kv_group: k, v have batch ``B // kv_group`` and query sample ``b`` reads K/V row ``b // kv_group`` (beams
-            sharing one media projection). Forward only: :func:`media_xattn_bwd` needs one K/V row per sample.
-
-    Returns:
-        o (B, T, H, D) in q's dtype, and lse (B, H, T) fp32 natural-log sum-exp of the scaled visible scores
-        (``+inf`` for tokens that see nothing).
-    """
-    kv_group = int(kv_group)
-    _check_inputs(q, k, v, text_time, num_media, latents, kv_group)
-    q, k, v = (_tile_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
-    text_time = _text_time_int32(text_time)
-    batch, num_tokens, heads, head_dim = q.shape
-    o = _tile_addressable(check_out("out", out, q.shape, q.dtype, q.device), "out", copy=False)
-    lse = check_out("lse", lse, (batch, heads, num_tokens), torch.float32, q.device)
-    if o.numel() == 0:
-        return o, lse
-    if num_media * latents == 0:
-        o.zero_()
-        lse.fill_(float("inf"))
-        return o, lse
-
-    qk_scale = float(scale) * LOG2E
-    block_d = head_block(head_dim)
-    precision = dot_precision(q.dtype)
-
-    def run(cfg: triton.Config) -> None:
-        block_m = cfg.kwargs["BLOCK_M"]
-        tile_start, tile_end = query_tile_schedule(text_time, num_media, immediate, block_m)
-        grid = (tile_start.shape[1], batch // kv_group * heads, kv_group)  # axis 1: (K/V row, head); 2: its samples
-        _media_xattn_fwd_kernel[grid](
-            q, k, v, o, lse, text_time, tile_start, tile_end,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            o.stride(0), o.stride(1), o.stride(2),
-            lse.stride(0), lse.stride(1),
-            text_time.stride(0), text_time.stride(1),
-            tile_start.stride(0),
-            heads, num_media, latents, kv_group, qk_scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.kwargs["BLOCK_N"],
-            IMMEDIATE=bool(immediate), DOT_PRECISION=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-
-    cfg = as_config(config) if config is not None else FWD_CHOOSER.choose(
-        _autotune_key(q, num_media, latents, immediate), run)
-    run(cfg)
-    return o, lse
-
-
-def media_xattn_bwd(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    text_time: torch.Tensor, num_media: int, latents: int, immediate: bool, scale: float,
-    config: Optional[ConfigLike] = None, *, dq: Optional[torch.Tensor] = None, dk: Optional[torch.Tensor] = None,
-    dv: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward pass: (dq, dk, dv) with the shapes and dtypes of (q, k, v).
-
-    ``do`` may have any strides, including 0 (an expanded gradient). ``config`` forces one launch config for both
-    the dK/dV and the dQ kernel; dq/dk/dv are optional preallocated outputs. Deterministic: every output element
-    is written by exactly one program, with no atomics.
-    """
-    _check_inputs(q, k, v, text_time, num_media, latents)
-    if do.shape != q.shape or o.shape != q.shape:
-        raise ValueError(f"do {tuple(do.shape)} and o {tuple(o.shape)} must have q's shape {tuple(q.shape)}")
-    if tuple(lse.shape) != (q.shape[0], q.shape[2], q.shape[1]) or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be fp32 (batch, heads, text) = {(q.shape[0], q.shape[2], q.shape[1])}, "
-                         f"got {lse.dtype} {tuple(lse.shape)}")
-    q, k, v, o = (_tile_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v"), (o, "o")))
-    do = _tile_addressable(do.to(q.dtype), "do")
-    text_time = _text_time_int32(text_time)
-    batch, num_tokens, heads, head_dim = q.shape
-    dq = _tile_addressable(check_out("dq", dq, q.shape, q.dtype, q.device), "dq", copy=False)
-    dk = _tile_addressable(check_out("dk", dk, k.shape, k.dtype, k.device), "dk", copy=False)
-    dv = _tile_addressable(check_out("dv", dv, v.shape, v.dtype, v.device), "dv", copy=False)
-    if num_tokens == 0 or num_media * latents == 0 or batch * heads * head_dim == 0:
-        dq.zero_()
-        dk.zero_()
-        dv.zero_()
-        return dq, dk, dv
-    if lse.stride(-1) != 1:
-        lse = lse.contiguous()
-
-    qk_scale = float(scale) * LOG2E
-    block_d = head_block(head_dim)
-    precision = dot_precision(q.dtype)
-    delta = torch.empty_like(lse, memory_format=torch.contiguous_format)
-    _media_xattn_bwd_preprocess_kernel[(cdiv(num_tokens, PREPROCESS_BLOCK_M), batch * heads)](
-        o, do, delta,
-        o.stride(0), o.stride(1), o.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        delta.stride(0), delta.stride(1),
-        num_tokens, heads,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=PREPROCESS_BLOCK_M, num_warps=4,
-    )
-    if lse.stride() != delta.stride():  # the backward kernels share one set of (B, H) strides for lse and delta
-        lse = lse.contiguous()
-    token_first, token_end = media_token_ranges(text_time, num_media, immediate)
-
-    def run_dkdv(cfg: triton.Config) -> None:
-        block_n = cfg.kwargs["BLOCK_N"]
-        grid = (num_media * cdiv(latents, block_n), batch * heads)
-        _media_xattn_bwd_dkdv_kernel[grid](
-            q, k, v, do, lse, delta, text_time, token_first, token_end, dk, dv,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            lse.stride(0), lse.stride(1),
-            text_time.stride(0), text_time.stride(1),
-            token_first.stride(0),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
-            heads, num_media, latents, qk_scale, float(scale),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=block_n,
-            IMMEDIATE=bool(immediate), DOT_PRECISION=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-
-    def run_dq(cfg: triton.Config) -> None:
-        block_m = cfg.kwargs["BLOCK_M"]
-        tile_start, tile_end = query_tile_schedule(text_time, num_media, immediate, block_m)
-        grid = (tile_start.shape[1], batch * heads)
-        _media_xattn_bwd_dq_kernel[grid](
-            q, k, v, do, lse, delta, text_time, tile_start, tile_end, dq,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            lse.stride(0), lse.stride(1),
-            text_time.stride(0), text_time.stride(1),
-            tile_start.stride(0),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            heads, num_media, latents, qk_scale, float(scale),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.kwargs["BLOCK_N"],
-            IMMEDIATE=bool(immediate), DOT_PRECISION=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-
-    key = _autotune_key(q, num_media, latents, immediate)
-    dkdv_cfg = as_config(config) if config is not None else DKDV_CHOOSER.choose(key, run_dkdv)
-    run_dkdv(dkdv_cfg)
-    dq_cfg = as_config(config) if config is not None else DQ_CHOOSER.choose(key, run_dq)
-    run_dq(dq_cfg)
-    return dq, dk, dv
 
 
 # ================================================================================================================

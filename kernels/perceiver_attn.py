@@ -28,7 +28,7 @@ padded to the next power of two (at least 16: ``tl.dot`` needs K >= 16) with mas
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List
 
 import torch
 import triton
@@ -36,24 +36,16 @@ import triton.language as tl
 
 from ._utils import (
     INTERPRET,
-    LOG2E,
     TORCH_TO_TRITON_DTYPE,
     AotVariant,
     ConfigChooser,
-    ConfigLike,
-    as_config,
-    cdiv,
-    check_out,
     config_label,
     dot_precision,
     head_block,
-    last_dim_contiguous,
     length_bucket,
     make_aot_variant,
 )
 
-MAX_HEAD_DIM = 128
-_INT32_LIMIT = 2**31
 
 # ================================================================================================================
 # Kernels
@@ -280,7 +272,7 @@ def shipped_configs(kind: str, dtype: torch.dtype, head_dim: int) -> List[triton
     return _GPU_CONFIGS[(kind, precision, 64 if head_block(head_dim) <= 64 else 128)]
 
 
-def _autotune_key(q: torch.Tensor, media_tokens: int) -> tuple:
+def autotune_key(q: torch.Tensor, media_tokens: int) -> tuple:
     """head_dim, dtype, latents (exact: it decides the query tile), bucketed media length and (media x heads)."""
     return (q.shape[-1], q.dtype, q.shape[1], length_bucket(media_tokens), length_bucket(q.shape[0] * q.shape[2]))
 
@@ -307,165 +299,6 @@ def _pruner(kind: str):
 _CANDIDATES = [INTERPRETER_CONFIG] if INTERPRET else []
 FWD_CHOOSER = ConfigChooser("perceiver_fwd", _CANDIDATES, _pruner("fwd"))
 BWD_CHOOSER = ConfigChooser("perceiver_bwd", _CANDIDATES, _pruner("bwd"))
-
-
-# ================================================================================================================
-# Launchers
-# ================================================================================================================
-
-
-def check_inputs(q, k_media, v_media, k_latents, v_latents) -> None:
-    """Shapes and dtypes the kernels need (ValueError / TypeError otherwise)."""
-    tensors = (q, k_media, v_media, k_latents, v_latents)
-    if any(t.dim() != 4 for t in tensors):
-        raise ValueError("q, k_media, v_media, k_latents, v_latents must be (N, tokens, heads, head_dim)")
-    if len({t.dtype for t in tensors}) != 1 or q.dtype not in TORCH_TO_TRITON_DTYPE:
-        raise TypeError("q, k_media, v_media, k_latents, v_latents must share a dtype among fp32/fp16/bf16, got "
-                        + ", ".join(str(t.dtype) for t in tensors))
-    num, latents, heads, head_dim = q.shape
-    media_tokens = k_media.shape[1]
-    if k_media.shape != (num, media_tokens, heads, head_dim) or v_media.shape != k_media.shape:
-        raise ValueError(f"k_media, v_media must be {(num, media_tokens, heads, head_dim)}, "
-                         f"got {tuple(k_media.shape)} and {tuple(v_media.shape)}")
-    if k_latents.shape != q.shape or v_latents.shape != q.shape:
-        raise ValueError(f"k_latents, v_latents must have q's shape {tuple(q.shape)}, "
-                         f"got {tuple(k_latents.shape)} and {tuple(v_latents.shape)}")
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim {head_dim} is outside 1..{MAX_HEAD_DIM}")
-
-
-def _check_row_strides(tensors, block: int) -> None:
-    """Offsets inside a tile are int32: ``block`` rows of any tensor must stay below 2**31 elements."""
-    for t in tensors:
-        if t.dim() >= 2 and t.numel() and abs(t.stride(1)) * block >= _INT32_LIMIT:
-            raise ValueError(f"token stride {t.stride(1)} is too large for int32 tile offsets (block {block})")
-
-
-def perceiver_fwd(
-    q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor, k_latents: torch.Tensor, v_latents: torch.Tensor,
-    scale: float, config: Optional[ConfigLike] = None, *, out: Optional[torch.Tensor] = None,
-    lse: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward pass.
-
-    Args:
-        q: (N, L, H, D) latent queries; k_media, v_media: (N, P, H, D); k_latents, v_latents: (N, L, H, D). Any
-            strides (a tensor whose last stride is not 1 is copied); fp32, fp16 or bf16, all one dtype; D <= 128.
-        scale: softmax scale. config: force a launch config (``{"BLOCK_M": 64, "BLOCK_N": 32}``), bypassing the
-            autotuner. out, lse: optional preallocated outputs (unit last stride).
-
-    Returns:
-        o (N, L, H, D) in q's dtype, and lse (N, H, L) fp32: natural-log sum-exp of the scaled scores over all
-        P + L keys.
-    """
-    check_inputs(q, k_media, v_media, k_latents, v_latents)
-    q, k_media, v_media, k_latents, v_latents = (
-        last_dim_contiguous(t) for t in (q, k_media, v_media, k_latents, v_latents))
-    num, latents, heads, head_dim = q.shape
-    media_tokens = k_media.shape[1]
-    o = check_out("out", out, q.shape, q.dtype, q.device)
-    lse = check_out("lse", lse, (num, heads, latents), torch.float32, q.device)
-    if o.numel() == 0:
-        return o, lse
-
-    qk_scale = float(scale) * LOG2E
-    block_d = head_block(head_dim)
-    precision = dot_precision(q.dtype)
-
-    def run(cfg: triton.Config) -> None:
-        block_m, block_n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-        _check_row_strides((q, o), block_m)
-        _check_row_strides((k_media, v_media, k_latents, v_latents), block_n)
-        grid = (num * heads, cdiv(latents, block_m))
-        _perceiver_fwd_kernel[grid](
-            q, k_media, v_media, k_latents, v_latents, o, lse,
-            q.stride(0), q.stride(1), q.stride(2),
-            k_media.stride(0), k_media.stride(1), k_media.stride(2),
-            v_media.stride(0), v_media.stride(1), v_media.stride(2),
-            k_latents.stride(0), k_latents.stride(1), k_latents.stride(2),
-            v_latents.stride(0), v_latents.stride(1), v_latents.stride(2),
-            o.stride(0), o.stride(1), o.stride(2),
-            lse.stride(0), lse.stride(1),
-            heads, media_tokens, latents, qk_scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-
-    cfg = as_config(config) if config is not None else FWD_CHOOSER.choose(_autotune_key(q, media_tokens), run)
-    run(cfg)
-    return o, lse
-
-
-def perceiver_bwd(
-    do: torch.Tensor, q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor, k_latents: torch.Tensor,
-    v_latents: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, scale: float,
-    config: Optional[ConfigLike] = None, *, dq: Optional[torch.Tensor] = None,
-    dk_media: Optional[torch.Tensor] = None, dv_media: Optional[torch.Tensor] = None,
-    dk_latents: Optional[torch.Tensor] = None, dv_latents: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward pass: (dq, dk_media, dv_media, dk_latents, dv_latents), shapes and dtypes of the inputs.
-
-    ``do`` may have any strides, including 0 (an expanded gradient). ``config`` forces a launch config; the d*
-    arguments are optional preallocated outputs (unit last stride). Deterministic: no atomics; with several query
-    tiles (L > BLOCK_M) the per-tile fp32 dK/dV partials are summed in a fixed order.
-    """
-    check_inputs(q, k_media, v_media, k_latents, v_latents)
-    if do.shape != q.shape or o.shape != q.shape:
-        raise ValueError(f"do {tuple(do.shape)} and o {tuple(o.shape)} must have q's shape {tuple(q.shape)}")
-    q, k_media, v_media, k_latents, v_latents, o = (
-        last_dim_contiguous(t) for t in (q, k_media, v_media, k_latents, v_latents, o))
-    do = last_dim_contiguous(do.to(q.dtype))
-    if lse.stride(-1) != 1:
-        lse = lse.contiguous()
-    num, latents, heads, head_dim = q.shape
-    media_tokens = k_media.shape[1]
-    dq = check_out("dq", dq, q.shape, q.dtype, q.device)
-    grads = [check_out(name, buf, t.shape, t.dtype, t.device) for name, buf, t in (
-        ("dk_media", dk_media, k_media), ("dv_media", dv_media, v_media),
-        ("dk_latents", dk_latents, k_latents), ("dv_latents", dv_latents, v_latents))]
-    if latents == 0 or num * heads * head_dim == 0:  # no queries: nothing depends on the keys
-        for g in (dq, *grads):
-            g.zero_()
-        return (dq, *grads)
-
-    qk_scale = float(scale) * LOG2E
-    block_d = head_block(head_dim)
-    precision = dot_precision(q.dtype)
-
-    def run(cfg: triton.Config) -> None:
-        block_m, block_n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-        tiles = cdiv(latents, block_m)
-        if tiles == 1:  # one query tile: dK/dV are final where the kernel writes them (tile stride unused)
-            targets = [g.unsqueeze(0) for g in grads]
-        else:  # per-tile fp32 partials, summed below in a fixed order
-            targets = [torch.empty((tiles,) + tuple(g.shape), dtype=torch.float32, device=g.device) for g in grads]
-        _check_row_strides((q, o, do, dq), block_m)
-        _check_row_strides((k_media, v_media, k_latents, v_latents), block_n)
-        _check_row_strides([t[0] for t in targets], block_n)
-        dkm, dvm, dkl, dvl = targets
-        _perceiver_bwd_kernel[(num * heads, tiles)](
-            q, k_media, v_media, k_latents, v_latents, o, do, lse, dq, dkm, dvm, dkl, dvl,
-            q.stride(0), q.stride(1), q.stride(2),
-            k_media.stride(0), k_media.stride(1), k_media.stride(2),
-            v_media.stride(0), v_media.stride(1), v_media.stride(2),
-            k_latents.stride(0), k_latents.stride(1), k_latents.stride(2),
-            v_latents.stride(0), v_latents.stride(1), v_latents.stride(2),
-            o.stride(0), o.stride(1), o.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            lse.stride(0), lse.stride(1),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            *dkm.stride()[:4], *dvm.stride()[:4], *dkl.stride()[:4], *dvl.stride()[:4],
-            heads, media_tokens, latents, qk_scale, float(scale),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        if tiles > 1:
-            for g, part in zip(grads, targets):
-                g.copy_(part.sum(dim=0))
-
-    cfg = as_config(config) if config is not None else BWD_CHOOSER.choose(_autotune_key(q, media_tokens), run)
-    run(cfg)
-    return (dq, *grads)
 
 
 # ================================================================================================================

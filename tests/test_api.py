@@ -9,6 +9,7 @@ import torch
 import fastflamingo as ff
 from fastflamingo import functional as F
 from fastflamingo import masks
+from fastflamingo.ops import torch_path
 from fastflamingo.testing import random_media_locations
 from helpers import assert_close
 
@@ -46,7 +47,7 @@ def _attention_inputs(batch=2, num_text=9, num_media=2, latents=3, heads=2, head
 
 def test_auto_uses_torch_on_cpu(monkeypatch):
     calls = []
-    monkeypatch.setattr(F, "_media_cross_attention_runs", lambda *a: calls.append(1) or a[0].new_zeros(a[0].shape))
+    monkeypatch.setattr(torch_path, "_runs_path", lambda *a: calls.append(1) or a[0].new_zeros(a[0].shape))
     q, k, v, mask = _attention_inputs()
     with ff.backend("auto"):
         F.media_cross_attention(q, k, v, mask)
@@ -90,7 +91,7 @@ def test_closed_form_equals_upstream_mask(seed, immediate):
     # runs cover every token exactly once, in order, and agree with the per-token range
     lo, hi = mask.media_range()
     covered = torch.zeros(batch, num_text, dtype=torch.int32)
-    for b, t0, t1, r_lo, r_hi in mask.runs():
+    for b, t0, t1, r_lo, r_hi in torch_path.runs(mask):
         rows = slice(None) if b is None else slice(b, b + 1)
         covered[rows, t0:t1] += 1
         assert (lo[rows, t0:t1] == r_lo).all() and (hi[rows, t0:t1] == r_hi).all()
@@ -146,7 +147,7 @@ def dense_reference(q, k, v, allowed_keys, scale):
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("immediate", [True, False])
 def test_torch_path_matches_dense_fp64(seed, immediate, few_runs, monkeypatch):
-    monkeypatch.setattr(F, "_FEW_RUNS", few_runs)  # exercise both strategies of the PyTorch path
+    monkeypatch.setattr(torch_path, "_FEW_RUNS", few_runs)  # exercise both strategies of the PyTorch path
     g = torch.Generator().manual_seed(seed)
     batch, num_text, num_media, latents = 2, int(torch.randint(1, 50, (1,), generator=g)), 3, 5
     heads, head_dim = 2, 8
@@ -283,16 +284,16 @@ def _shared_text_time(groups, r, num_text, num_media, immediate, seed=0):
 def _check_grouped(q, k, v, mask, r, path, monkeypatch):
     """kv_repeat=r equals attention against explicitly repeat_interleaved K/V, and takes the expected path."""
     calls = []
-    original = getattr(F, path)
+    original = getattr(torch_path, path)
 
     def spy(*args, **kwargs):
         calls.append(path)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(F, path, spy)
+    monkeypatch.setattr(torch_path, path, spy)
     with ff.backend("torch"), torch.no_grad():
         got = F.media_cross_attention(q, k, v, mask, kv_repeat=r)
-        monkeypatch.setattr(F, path, original)
+        monkeypatch.setattr(torch_path, path, original)
         ref = F.media_cross_attention(q, k.repeat_interleave(r, 0), v.repeat_interleave(r, 0), mask)
     assert calls, f"{path} did not serve the grouped call"
     assert got.shape == ref.shape
@@ -307,8 +308,8 @@ def test_kv_repeat_chunks_path(r, monkeypatch):
     for b in range(2 * r):  # many runs (> _FEW_RUNS), different per sample: the chunked path
         tt[b] = torch.tensor([0, 1, 2, 3, 1, 2, 3, 2, 1, 3] * 2)[(torch.arange(20) + b) % 20]
     mask = masks.MediaMask(tt, num_media, masks.IMMEDIATE)
-    assert len(mask.runs()) > F._FEW_RUNS
-    _check_grouped(q, k, v, mask, r, "_media_cross_attention_chunks", monkeypatch)
+    assert len(torch_path.runs(mask)) > torch_path._FEW_RUNS
+    _check_grouped(q, k, v, mask, r, "_chunks_path", monkeypatch)
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared_runs", "per_sample_runs"])
@@ -325,8 +326,8 @@ def test_kv_repeat_runs_path(shared, immediate, monkeypatch):
                           dtype=torch.int32)
     q, k, v = _grouped_inputs(groups, r, num_text, num_media, seed=1)
     mask = masks.MediaMask(tt, num_media, masks.IMMEDIATE if immediate else masks.ALL_PREVIOUS)
-    assert len(mask.runs()) <= F._FEW_RUNS or not immediate
-    assert (mask.runs()[0][0] is None) == shared
+    assert len(torch_path.runs(mask)) <= torch_path._FEW_RUNS or not immediate
+    assert (torch_path.runs(mask)[0][0] is None) == shared
     _check_grouped(q, k, v, mask, r, "_runs_forward_grouped", monkeypatch)
 
 
@@ -336,7 +337,7 @@ def test_kv_repeat_prefix_path(num_text, monkeypatch):
     q, k, v = _grouped_inputs(3, r, num_text, 3, seed=2)
     mask = _shared_text_time(3, r, num_text, 3, immediate=False, seed=2)
     mask.text_time[0] = 0  # a sample that sees nothing stays exactly 0
-    _check_grouped(q, k, v, mask, r, "_media_cross_attention_prefix", monkeypatch)
+    _check_grouped(q, k, v, mask, r, "_prefix_path", monkeypatch)
     with ff.backend("torch"), torch.no_grad():
         assert torch.equal(F.media_cross_attention(q, k, v, mask, kv_repeat=r)[0], torch.zeros_like(q[0]))
 
@@ -346,7 +347,7 @@ def test_kv_repeat_dense_path(monkeypatch):
     q, k, v = _grouped_inputs(2, r, num_text, num_media, seed=3)
     allowed = torch.rand(2 * r, num_text, num_media, generator=torch.Generator().manual_seed(3)) > 0.5
     allowed[1, 2] = False  # a token that sees nothing
-    _check_grouped(q, k, v, allowed, r, "_media_cross_attention_dense", monkeypatch)
+    _check_grouped(q, k, v, allowed, r, "_dense_path", monkeypatch)
 
 
 def test_kv_repeat_no_media_and_validation():

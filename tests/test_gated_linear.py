@@ -1,4 +1,4 @@
-"""Triton tanh-gated linear (kernels/gated_linear.py, fastflamingo/_triton_gate.py).
+"""Triton tanh-gated linear (kernels/gated_linear.py, fastflamingo/ops/gated_linear.py).
 
 ``y = x + tanh(alpha) * rowmask(inp @ W^T + b)`` against a float64 reference with upstream's semantics
 (``masked_fill`` of the branch, PyTorch dtype promotion), forward and every gradient (x, inp, weight, bias,
@@ -7,12 +7,13 @@ launched into NaN-filled buffers, so every element is proven written.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fastflamingo
-from fastflamingo import _backend
-from fastflamingo import functional as FF
+from fastflamingo import functional
+from fastflamingo import reference as oracle
+from fastflamingo.ops import gated_linear as tg
+from helpers import assert_close
 
 pytestmark = pytest.mark.triton
 
@@ -30,15 +31,9 @@ GRAD_NAMES = ("dx", "dinp", "dweight", "dbias", "dalpha")
 @pytest.fixture(scope="module")
 def kernels():
     pytest.importorskip("triton")
-    return _backend.load_kernels("gated_linear")
+    from fastflamingo.kernels import gated_linear
 
-
-def upstream_expression(x, inp, weight, bias, alpha, row_gate):
-    """What OpenFlamingo / IDEFICS compute (``h.masked_fill(gate == 0, 0) * alpha.tanh() + x``)."""
-    h = F.linear(inp, weight, bias)
-    if row_gate is not None:
-        h = h.masked_fill((row_gate == 0)[..., None], 0.0)
-    return h * alpha.tanh() + x
+    return gated_linear
 
 
 def reference(x, inp, weight, bias, alpha, row_gate, grad_out):
@@ -46,18 +41,9 @@ def reference(x, inp, weight, bias, alpha, row_gate, grad_out):
     leaves = [t.detach().to("cpu", torch.float64).requires_grad_() if t is not None else None
               for t in (x, inp, weight, bias, alpha)]
     gate = row_gate.cpu() if row_gate is not None else None
-    y = upstream_expression(*leaves, gate)
+    y = oracle.gated_linear(*leaves, gate)
     y.backward(grad_out.detach().to("cpu", torch.float64))
     return y.detach(), [t.grad if t is not None else None for t in leaves]
-
-
-def assert_close(name, actual, expected, tol):
-    actual = actual.detach().to("cpu", torch.float64)
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{name}: {int((~torch.isfinite(actual)).sum())} non-finite elements"
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    assert err <= tol * max(scale, 1e-30), f"{name}: max error {err:.3e} > {tol:.1e} * max |ref| {scale:.3e}"
 
 
 def make_alpha(kind, n_out, generator):
@@ -95,13 +81,12 @@ def make_case(device, lead, n_out, k_in, dtype, *, alpha="scalar", alpha_dtype=N
 
 def run_case(kernels, device, *, lead=(3, 37), n_out=80, k_in=40, dtype=torch.float32, config=None,
              grad="random", seed=0, **kw):
-    from fastflamingo.ops import gated_linear as _triton_gate
 
     x, inp, weight, bias, alpha, row_gate = make_case(device, lead, n_out, k_in, dtype, seed=seed, **kw)
     with torch.no_grad():
-        expected_dtype = upstream_expression(x, inp, weight, bias, alpha, row_gate).dtype
+        expected_dtype = oracle.gated_linear(x, inp, weight, bias, alpha, row_gate).dtype
     out = torch.full(x.shape, float("nan"), dtype=expected_dtype, device=device)
-    y = kernels.gated_linear_fwd(x, inp, weight, bias, alpha, row_gate, config=config, out=out)
+    y = tg.launch_fwd(x, inp, weight, bias, alpha, row_gate, config=config, out=out)
     assert y.data_ptr() == out.data_ptr() and y.dtype == expected_dtype
 
     gen = torch.Generator().manual_seed(seed + 1)
@@ -111,18 +96,18 @@ def run_case(kernels, device, *, lead=(3, 37), n_out=80, k_in=40, dtype=torch.fl
         dy = torch.randn(y.shape, generator=gen).to(y.dtype).to(device)
     ref_y, ref_grads = reference(x, inp, weight, bias, alpha, row_gate, dy)
     fwd_tol, bwd_tol = TOLERANCE[dtype]
-    assert_close("y", y, ref_y, fwd_tol)
+    assert_close(y, ref_y, fwd_tol, "y")
     if row_gate is not None:  # dropped rows are x exactly
         dropped = (row_gate == 0).cpu()
         assert torch.equal(y.cpu()[dropped], x.cpu().to(y.dtype)[dropped])
 
-    dinp, dweight, dbias, dalpha = _triton_gate.gated_linear_bwd(dy, inp, weight, bias, alpha, row_gate)
+    dinp, dweight, dbias, dalpha = tg.backward(dy, inp, weight, bias, alpha, row_gate)
     grads = (dy.to(x.dtype), dinp, dweight, dbias if bias is not None else None, dalpha)
     for name, got, want in zip(GRAD_NAMES, grads, ref_grads):
         if want is None:
             assert bias is None and dbias.numel() == 0
             continue
-        assert_close(name, got, want, bwd_tol)
+        assert_close(got, want, bwd_tol, name)
     for got, like in zip(grads, (x, inp, weight, bias, alpha)):  # gradients in the dtype and shape of their input
         if like is not None:
             assert got.dtype == like.dtype and got.shape == like.shape
@@ -191,23 +176,22 @@ def test_dropped_rows_with_non_finite_branch(kernels, device, bad):
     """Rows the gate drops may hold inf/NaN in the branch (here: in inp). masked_fill semantics: y is x exactly
     there, and dx, dinp, dalpha stay finite. dweight also stays finite (upstream's is NaN: 0 * inf in
     dh^T @ inp); it equals the gradient with those inp rows zeroed."""
-    from fastflamingo.ops import gated_linear as _triton_gate
 
     x, inp, weight, bias, alpha, row_gate = make_case(device, (2, 21), 48, 40, torch.float32, alpha="vector3d",
                                                       gate=True, bias=True, seed=4)
     dropped = row_gate == 0
     poisoned = inp.clone()
     poisoned[dropped] = bad
-    y = _triton_gate.tanh_gated_linear(x, poisoned, weight, bias, alpha, row_gate)
+    y = tg.gated_linear(x, poisoned, weight, bias, alpha, row_gate)
     assert torch.equal(y[dropped], x[dropped])
     dy = torch.randn_like(y)
     clean = torch.where(dropped[..., None], torch.zeros_like(inp), inp)
     ref_y, ref_grads = reference(x, clean, weight, bias, alpha, row_gate, dy)
-    assert_close("y", y, ref_y, 1e-5)
-    dinp, dweight, dbias, dalpha = _triton_gate.gated_linear_bwd(dy, poisoned, weight, bias, alpha, row_gate)
+    assert_close(y, ref_y, 1e-5, "y")
+    dinp, dweight, dbias, dalpha = tg.backward(dy, poisoned, weight, bias, alpha, row_gate)
     assert (dinp[dropped] == 0).all()
     for name, got, want in zip(GRAD_NAMES[1:], (dinp, dweight, dbias, dalpha), ref_grads[1:]):
-        assert_close(name, got, want, 1e-5)
+        assert_close(got, want, 1e-5, name)
 
 
 def test_tanh_accuracy(kernels, device):
@@ -216,7 +200,7 @@ def test_tanh_accuracy(kernels, device):
     x = torch.zeros(1, alphas.numel(), dtype=torch.float32, device=device)
     inp = torch.ones(1, 16, dtype=torch.float32, device=device)
     weight = torch.full((alphas.numel(), 16), 1.0 / 16, dtype=torch.float32, device=device)
-    y = kernels.gated_linear_fwd(x, inp, weight, None, alphas.float().to(device), None)  # h = 1: y = tanh(alpha)
+    y = tg.launch_fwd(x, inp, weight, None, alphas.float().to(device), None)  # h = 1: y = tanh(alpha)
     expected = torch.tanh(alphas.float().double())
     err = ((y.double().cpu()[0] - expected).abs() / expected.abs().clamp_min(1e-30)).max().item()
     assert err < 4e-7, err
@@ -229,7 +213,6 @@ def test_tanh_accuracy(kernels, device):
 
 @pytest.mark.parametrize("variant", ["vector-gate-bias", "scalar"])
 def test_opcheck(device, variant):
-    from fastflamingo.ops import gated_linear as tg
 
     if variant == "scalar":
         x, inp, w, b, a, g = make_case(device, (3, 5), 24, 16, torch.float32, alpha="scalar", seed=2)
@@ -237,15 +220,15 @@ def test_opcheck(device, variant):
         x, inp, w, b, a, g = make_case(device, (3, 5), 24, 16, torch.float32, alpha="vector3d", gate=True,
                                        bias=True, seed=2)
     args = [t.requires_grad_() if t is not None and t is not g else t for t in (x, inp, w, b, a)] + [g]
-    torch.library.opcheck(tg.tanh_gated_linear_op, tuple(args))
+    torch.library.opcheck(tg.fwd_op, tuple(args))
     dy = torch.randn(x.shape, device=device)
-    torch.library.opcheck(tg.tanh_gated_linear_bwd_op, (dy, *[t.detach() if t is not None else None
+    torch.library.opcheck(tg.bwd_op, (dy, *[t.detach() if t is not None else None
                                                               for t in args[1:5]], g))
 
 
 @pytest.mark.parametrize("alpha", ["scalar", "vector3d"])
 def test_functional_dispatch_gradients(device, alpha):
-    """functional.tanh_gated_linear with an nn.Linear: backend('triton') vs backend('torch'), every gradient."""
+    """functional.gated_linear with an nn.Linear: backend('triton') vs backend('torch'), every gradient."""
     x, inp, _, _, a, gate = make_case(device, (2, 9), 32, 24, torch.float32, alpha=alpha, gate=True, seed=6)
     linear = nn.Linear(24, 32, bias=True).to(device)
     weights = torch.randn(x.shape, device=device)
@@ -254,18 +237,17 @@ def test_functional_dispatch_gradients(device, alpha):
         xx, ii, aa = (t.detach().clone().requires_grad_() for t in (x, inp, a))
         linear.zero_grad(set_to_none=True)
         with fastflamingo.backend(name):
-            y = FF.tanh_gated_linear(xx, ii, linear, aa, gate)
+            y = functional.gated_linear(xx, ii, linear, aa, gate)
         (y * weights).sum().backward()
         results[name] = (y.detach(), xx.grad, ii.grad, linear.weight.grad, linear.bias.grad, aa.grad)
     for label, mine, ref in zip(("y",) + GRAD_NAMES, results["triton"], results["torch"]):
-        assert_close(label, mine, ref.double().cpu(), 1e-5)
+        assert_close(mine, ref.double().cpu(), 1e-5, label)
 
 
 def test_torch_compile_aot_eager(device):
-    from fastflamingo.ops import gated_linear as tg
 
     def f(x, inp, w, a, gate):
-        return (tg.tanh_gated_linear(x, inp, w, None, a, gate) ** 2).sum()
+        return (tg.gated_linear(x, inp, w, None, a, gate) ** 2).sum()
 
     x, inp, w, _, a, gate = make_case(device, (2, 6), 24, 16, torch.float32, alpha="vector3d", gate=True, seed=8)
     eager = [t.detach().clone().requires_grad_() for t in (x, inp, w, a)]
@@ -277,7 +259,6 @@ def test_torch_compile_aot_eager(device):
 
 
 def test_unsupported_reasons(device):
-    from fastflamingo.ops import gated_linear as tg
 
     x, inp, w, b, a, g = make_case(device, (2, 5), 24, 16, torch.float32, alpha="vector3d", gate=True, bias=True)
     assert tg.unsupported_reasons(x, inp, w, b, a, g) == []
@@ -321,9 +302,9 @@ def test_openflamingo_gated_cross_attention_block(device):
         grads = {"x": xi.grad, "media": mi.grad, **{n: p.grad for n, p in module.named_parameters()}}
         results.append((out.detach(), grads))
     (out_up, g_up), (out_me, g_me) = results
-    assert_close("output", out_me, out_up.double().cpu(), 1e-5)
+    assert_close(out_me, out_up.double().cpu(), 1e-5, "output")
     for name, g in g_up.items():
-        assert_close(f"grad {name}", g_me[name], g.double().cpu(), 1e-4)
+        assert_close(g_me[name], g.double().cpu(), 1e-4, f"grad {name}")
 
 
 @pytest.mark.parametrize("alpha_type", ["float", "vector"])
@@ -339,5 +320,5 @@ def test_idefics_gated_cross_attention_layer(device, alpha_type):
     ref, ref_grads = run_layer(up, x, img, mask, gate, w)
     with fastflamingo.backend("triton"):
         out, grads = run_layer(mine, x, img, mask, gate, w)
-    assert_close("output", out, ref.double().cpu(), 1e-5)
+    assert_close(out, ref.double().cpu(), 1e-5, "output")
     assert_grads_close({k: v.cpu() for k, v in grads.items()}, {k: v.cpu() for k, v in ref_grads.items()}, tol=1e-4)

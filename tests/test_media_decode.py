@@ -1,5 +1,6 @@
-"""Decode kernels of masked media cross-attention (kernels/media_decode.py), their dispatch in
-fastflamingo/_triton_xattn.py, and the all-previous decode branch of the PyTorch path (fastflamingo/functional.py).
+"""Decode kernels of masked media cross-attention (kernels/media_decode.py, fastflamingo/ops/media_decode.py), their
+dispatch in fastflamingo/functional.py, and the all-previous decode branch of the PyTorch path
+(fastflamingo/ops/torch_path.py).
 
 On a CPU machine the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1); on a CUDA machine
 the same tests run natively, plus the CUDA-graph capture test. Every result is compared with a dense float64
@@ -11,8 +12,11 @@ import random
 import pytest
 import torch
 
-from fastflamingo import _backend
-from fastflamingo.masks import ALL_PREVIOUS, IMMEDIATE, MediaMask
+from fastflamingo import reference as oracle
+from fastflamingo.ops import media_decode as decode_ops
+from fastflamingo.ops import media_xattn as xattn_ops
+from helpers import assert_close
+from fastflamingo.masks import ALL_PREVIOUS, IMMEDIATE, MediaMask, visible_media
 
 # max |kernel - reference| / max |reference| per dtype; docs: /work/shared/CPU_TESTING.md section 10
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -24,7 +28,9 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id
 @pytest.fixture(scope="module")
 def decode():
     pytest.importorskip("triton")
-    return _backend.load_kernels("media_decode")
+    from fastflamingo.kernels import media_decode
+
+    return media_decode
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -33,33 +39,17 @@ def decode():
 
 
 def visible_keys(text_time, num_media, latents, immediate):
-    """(B, T, M*n) bool from the mask rule: key j belongs to media j // n + 1 (1-based); immediate sees the media
-    equal to text_time, all-previous every media <= text_time (text_time <= 0: nothing)."""
-    media_of_key = torch.arange(num_media * latents) // latents + 1
-    tt = text_time.to("cpu", torch.int64)[..., None]
-    return media_of_key == tt if immediate else media_of_key <= tt
+    """(B, T, M*n) bool of the keys each token sees (fastflamingo.masks' rule, which test_api checks against the
+    upstream masks)."""
+    lo, hi = visible_media(text_time.to("cpu", torch.int64), num_media, immediate)
+    key = torch.arange(num_media * latents)
+    return (key >= lo[..., None] * latents) & (key < hi[..., None] * latents)
 
 
 def reference(q, k, v, text_time, num_media, latents, immediate, scale):
-    """Dense float64 attention; tokens that see no key get exactly 0."""
+    """The float64 oracle; tokens that see no key get exactly 0."""
     qd, kd, vd = (t.detach().to("cpu", torch.float64) for t in (q, k, v))
-    allowed = visible_keys(text_time, num_media, latents, immediate)[:, None]  # (B, 1, T, L)
-    seen = allowed.any(-1, keepdim=True)
-    scores = torch.einsum("bthd,blhd->bhtl", qd, kd) * scale
-    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~seen, 0.0)  # no all -inf row: no NaN
-    probs = torch.softmax(scores, dim=-1).masked_fill(~seen, 0.0)
-    return torch.einsum("bhtl,blhd->bthd", probs, vd)
-
-
-def assert_close(name, actual, expected, tol):
-    actual = actual.detach().to("cpu", torch.float64)
-    assert not torch.isnan(actual).any(), f"{name}: {int(torch.isnan(actual).sum())} NaN elements (unwritten?)"
-    scale = expected.abs().max().item()
-    err = (actual - expected).abs().max().item()
-    if scale == 0.0:
-        assert err == 0.0, f"{name}: reference is all zeros but max |kernel| = {err}"
-    else:
-        assert err <= tol * scale, f"{name}: max error {err:.3e} > {tol:.1e} * max |ref| {scale:.3e}"
+    return oracle.media_xattn(qd, kd, vd, text_time.cpu(), num_media, immediate, scale)
 
 
 def make_inputs(device, batch, num_tokens, heads, head_dim, num_keys, dtype, *, fused_kv=True, seed=0):
@@ -92,11 +82,11 @@ def run_case(decode, device, *, text_time, heads, head_dim, num_media, latents, 
     text_time = text_time.to(device)
     scale = head_dim ** -0.5
     out = torch.full(q.shape, float("nan"), dtype=dtype, device=device)
-    o = decode.media_decode_fwd(q, k, v, text_time, num_media, latents, immediate, scale, config=config,
+    o = decode_ops.launch(q, k, v, text_time, num_media, latents, immediate, scale, config=config,
                                 num_splits=num_splits, out=out)
     assert o.data_ptr() == out.data_ptr()
     ref = reference(q, k, v, text_time, num_media, latents, immediate, scale)
-    assert_close("o", o, ref, TOLERANCE[dtype])
+    assert_close(o, ref, TOLERANCE[dtype], "o")
     seen = visible_keys(text_time, num_media, latents, immediate).any(-1)  # (B, Tq)
     assert (o.cpu()[~seen] == 0).all(), "tokens that see no media must get exactly 0"
     return o
@@ -309,8 +299,6 @@ class _HostSyncGuard:
 def test_launcher_makes_no_host_sync(decode, device, monkeypatch, immediate):
     """After a warm-up, a decode launch (DIRECT and split+combine) and the op-level call read nothing back from
     the device: every Tensor-to-host conversion raises while the launcher's host code runs."""
-    from fastflamingo.ops import media_xattn as _triton_xattn
-
     guard = _HostSyncGuard(monkeypatch)
     monkeypatch.setattr(decode, "_media_decode_split_kernel", guard.unguarded(decode._media_decode_split_kernel))
     monkeypatch.setattr(decode, "_media_decode_combine_kernel", guard.unguarded(decode._media_decode_combine_kernel))
@@ -318,16 +306,16 @@ def test_launcher_makes_no_host_sync(decode, device, monkeypatch, immediate):
     q, k, v = make_inputs(device, 2, 2, 2, 32, 3 * 32, torch.float32)
     ref = reference(q, k, v, text_time, 3, 32, immediate, 0.2)
     for splits in (1, 3):
-        decode.media_decode_fwd(q, k, v, text_time, 3, 32, immediate, 0.2, num_splits=splits)  # warm-up
+        decode_ops.launch(q, k, v, text_time, 3, 32, immediate, 0.2, num_splits=splits)  # warm-up
     guard.on = True
     with pytest.raises(AssertionError, match="host synchronisation"):
         torch.ones(1).item()  # the guard is live: the launches below would fail the same way
-    outs = [decode.media_decode_fwd(q, k, v, text_time, 3, 32, immediate, 0.2, num_splits=s) for s in (1, 3)]
+    outs = [decode_ops.launch(q, k, v, text_time, 3, 32, immediate, 0.2, num_splits=s) for s in (1, 3)]
     with torch.no_grad():
-        outs.append(_triton_xattn.media_cross_attention(q, k, v, text_time, 3, 32, immediate, 0.2))
+        outs.append(decode_ops.media_decode(q, k, v, text_time, 3, 32, immediate, 0.2))
     guard.on = False
     for o in outs:
-        assert_close("o", o, ref, TOLERANCE[torch.float32])
+        assert_close(o, ref, TOLERANCE[torch.float32], "o")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -351,14 +339,12 @@ def test_functional_dispatch(decode, device, monkeypatch, mode):
     """backend("triton"): no_grad with one token runs the decode kernels; with grad, or with more tokens than
     DECODE_MAX_TOKENS, the prefill kernel. All agree with the PyTorch path."""
     import fastflamingo
-    from fastflamingo import functional
-    from fastflamingo.ops import media_xattn as _triton_xattn
+    from fastflamingo import _backend, functional
 
-    prefill = _backend.load_kernels("media_xattn")
     calls = []
-    _spy(monkeypatch, decode, "media_decode_fwd", calls)
-    _spy(monkeypatch, prefill, "media_xattn_fwd", calls)
-    limit = _triton_xattn.DECODE_MAX_TOKENS
+    _spy(monkeypatch, decode_ops, "launch", calls)
+    _spy(monkeypatch, xattn_ops, "launch_fwd", calls)
+    limit = _backend.DECODE_MAX_TOKENS
 
     def problem(num_tokens):
         q, k, v = make_inputs(device, 2, num_tokens, 2, 32, 3 * 32, torch.float32, seed=num_tokens)
@@ -368,62 +354,58 @@ def test_functional_dispatch(decode, device, monkeypatch, mode):
     q, k, v, mask = problem(1)
     with torch.no_grad():
         with fastflamingo.backend("torch"):
-            want = functional.media_cross_attention(q, k, v, mask)
+            want = functional.media_xattn(q, k, v, mask)
         with fastflamingo.backend("triton"):
-            got = functional.media_cross_attention(q, k, v, mask)
-    assert calls == ["media_decode_fwd"]
+            got = functional.media_xattn(q, k, v, mask)
+    assert calls == ["launch"]
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
     calls.clear()
     q.requires_grad_(True)
     with fastflamingo.backend("triton"):
-        got = functional.media_cross_attention(q, k, v, mask)
-    assert calls == ["media_xattn_fwd"] and got.requires_grad
+        got = functional.media_xattn(q, k, v, mask)
+    assert calls == ["launch_fwd"] and got.requires_grad
     torch.testing.assert_close(got.detach(), want, atol=2e-5, rtol=2e-5)
 
     calls.clear()
     q, k, v, mask = problem(limit + 1)
     with torch.no_grad(), fastflamingo.backend("triton"):
-        got = functional.media_cross_attention(q, k, v, mask)
-    assert calls == ["media_xattn_fwd"]
+        got = functional.media_xattn(q, k, v, mask)
+    assert calls == ["launch_fwd"]
     with torch.no_grad(), fastflamingo.backend("torch"):
-        torch.testing.assert_close(got, functional.media_cross_attention(q, k, v, mask), atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(got, functional.media_xattn(q, k, v, mask), atol=2e-5, rtol=2e-5)
 
     calls.clear()
     q, k, v, mask = problem(limit)
     with torch.no_grad(), fastflamingo.backend("triton"):
-        functional.media_cross_attention(q, k, v, mask)
-    assert calls == ["media_decode_fwd"]
+        functional.media_xattn(q, k, v, mask)
+    assert calls == ["launch"]
 
 
 @pytest.mark.triton
 def test_opcheck(decode, device):
-    from fastflamingo.ops import media_xattn as _triton_xattn  # noqa: F401  (registers the ops)
-
     q, k, v = make_inputs(device, 2, 2, 2, 32, 2 * 32, torch.float32)
     text_time = torch.tensor([[1, 2], [0, 2]], dtype=torch.int32, device=device)
     for immediate in (True, False):
-        torch.library.opcheck(torch.ops.fastflamingo.media_xattn_decode.default,
+        torch.library.opcheck(torch.ops.fastflamingo.media_decode.default,
                               (q, k, v, text_time, 2, 32, immediate, 0.2))
 
 
 @pytest.mark.triton
 def test_torch_compile_decode_step(decode, device, monkeypatch):
     """A compiled no-grad decode step calls the decode op as one opaque node (fullgraph: no graph break)."""
-    from fastflamingo.ops import media_xattn as _triton_xattn
-
     calls = []
-    _spy(monkeypatch, decode, "media_decode_fwd", calls)
+    _spy(monkeypatch, decode_ops, "launch", calls)
     q, k, v = make_inputs(device, 2, 1, 2, 32, 3 * 32, torch.float32)
     text_time = torch.tensor([[3], [1]], dtype=torch.int32, device=device)
 
     def step(q, k, v, text_time):
-        return torch.tanh(_triton_xattn.media_cross_attention(q, k, v, text_time, 3, 32, False, 0.2)) + q
+        return torch.tanh(decode_ops.media_decode(q, k, v, text_time, 3, 32, False, 0.2)) + q
 
     with torch.no_grad():
         got = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v, text_time)
         want = step(q, k, v, text_time)
-    assert calls == ["media_decode_fwd", "media_decode_fwd"]
+    assert calls == ["launch", "launch"]
     torch.testing.assert_close(got, want)
 
 
@@ -467,8 +449,6 @@ def test_aot_variants_cover_shipped_configs(decode):
 def test_cuda_graph_capture(decode, device, immediate):
     """Capture one decode step (op level, so a split+combine launch in all-previous mode and a DIRECT launch in
     immediate mode) after warm-up; replay with new q and text_time copied into the static inputs."""
-    from fastflamingo.ops import media_xattn as _triton_xattn
-
     batch, heads, head_dim, num_media, latents = 2, 4, 64, 33, 64
     q, k, v = make_inputs(device, batch, 1, heads, head_dim, num_media * latents, torch.bfloat16)
     text_time = torch.tensor([[33], [5]], dtype=torch.int32, device=device)
@@ -476,7 +456,7 @@ def test_cuda_graph_capture(decode, device, immediate):
 
     def step():
         with torch.no_grad():
-            return _triton_xattn.media_cross_attention(q, k, v, text_time, num_media, latents, immediate, scale)
+            return decode_ops.media_decode(q, k, v, text_time, num_media, latents, immediate, scale)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -499,8 +479,7 @@ def test_cuda_graph_capture(decode, device, immediate):
         torch.cuda.synchronize()
         eager = step()
         torch.testing.assert_close(static_out, eager, atol=0, rtol=0)
-        assert_close("o", static_out, reference(q, k, v, text_time, num_media, latents, immediate, scale),
-                     TOLERANCE[torch.bfloat16])
+        assert_close(static_out, reference(q, k, v, text_time, num_media, latents, immediate, scale), TOLERANCE[torch.bfloat16], "o")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -525,30 +504,29 @@ def test_torch_path_all_previous_decode(device, monkeypatch, seed):
     v = kv[..., heads * head_dim:].view(batch, -1, heads, head_dim)
     mask = MediaMask(text_time.to(device), num_media, ALL_PREVIOUS)
 
-    def no_runs(self):
+    def no_runs(mask):
         raise AssertionError("the per-sample run loop ran instead of the batched decode branch")
 
-    monkeypatch.setattr(MediaMask, "runs", no_runs)
+    from fastflamingo.ops import torch_path
+
+    monkeypatch.setattr(torch_path, "runs", no_runs)
     with fastflamingo.backend("torch"):
-        out = functional.media_cross_attention(q, k, v, mask)
+        out = functional.media_xattn(q, k, v, mask)
     qd = q.detach().double().cpu().requires_grad_()
     kvd = kv.detach().double().cpu().requires_grad_()
     kd = kvd[..., : heads * head_dim].view(batch, -1, heads, head_dim)
     vd = kvd[..., heads * head_dim:].view(batch, -1, heads, head_dim)
     ref = reference(qd, kd, vd, text_time, num_media, latents, False, head_dim ** -0.5)
-    assert_close("o", out, ref, 1e-5)
+    assert_close(out, ref, 1e-5, "o")
     seen = visible_keys(text_time, num_media, latents, False).any(-1)
     assert (out.detach().cpu()[~seen] == 0).all()
-    # gradients against fp64 autograd through the same dense reference (rebuilt differentiably)
-    allowed = visible_keys(text_time, num_media, latents, False)[:, None]
-    scores = torch.einsum("bthd,blhd->bhtl", qd, kd) * head_dim ** -0.5
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
-    ref_out = torch.einsum("bhtl,blhd->bthd", probs, vd)
+    # gradients against fp64 autograd through the same dense oracle
+    ref_out = oracle.media_xattn(qd, kd, vd, text_time, num_media, False, head_dim ** -0.5)
     grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
     gq, gkv = torch.autograd.grad(out, (q, kv), grad.to(out.dtype).to(device))
     rq, rkv = torch.autograd.grad(ref_out, (qd, kvd), grad)
-    assert_close("dq", gq, rq, 1e-5)
-    assert_close("dkv", gkv, rkv, 1e-5)
+    assert_close(gq, rq, 1e-5, "dq")
+    assert_close(gkv, rkv, 1e-5, "dkv")
     assert (gq.cpu()[~seen] == 0).all()
 
 
@@ -562,7 +540,7 @@ def test_torch_path_all_previous_decode_nothing_visible(device):
     v = torch.randn(2, 3 * 8, 2, 16, device=device, requires_grad=True)
     mask = MediaMask(torch.zeros(2, 1, dtype=torch.int32, device=device), 3, ALL_PREVIOUS)
     with fastflamingo.backend("torch"):
-        out = functional.media_cross_attention(q, k, v, mask)
+        out = functional.media_xattn(q, k, v, mask)
     assert out.shape == q.shape and (out == 0).all() and out.requires_grad
     gq, gk, gv = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True, materialize_grads=True)
     assert (gq == 0).all() and (gk == 0).all() and (gv == 0).all()
@@ -580,14 +558,13 @@ def test_kv_group_matches_repeated_kv(decode, device, dtype, immediate, num_spli
     q, k, v = make_inputs(device, groups * r, 2, heads, head_dim, num_media * latents, dtype)
     k, v = k[:groups], v[:groups]
     scale = head_dim ** -0.5
-    got = decode.media_decode_fwd(q, k, v, text_time, num_media, latents, immediate, scale, num_splits=num_splits,
+    got = decode_ops.launch(q, k, v, text_time, num_media, latents, immediate, scale, num_splits=num_splits,
                                   kv_group=r)
     k_rep, v_rep = k.repeat_interleave(r, 0), v.repeat_interleave(r, 0)
-    want = decode.media_decode_fwd(q, k_rep, v_rep, text_time, num_media, latents, immediate, scale,
+    want = decode_ops.launch(q, k_rep, v_rep, text_time, num_media, latents, immediate, scale,
                                    num_splits=num_splits)
     assert torch.equal(got, want)
-    assert_close("o", got, reference(q, k_rep, v_rep, text_time, num_media, latents, immediate, scale),
-                 TOLERANCE[dtype])
+    assert_close(got, reference(q, k_rep, v_rep, text_time, num_media, latents, immediate, scale), TOLERANCE[dtype], "o")
 
 
 @pytest.mark.triton
@@ -602,7 +579,7 @@ def test_functional_kv_repeat_decode_dispatch(decode, device):
     mask = MediaMask(torch.tensor([[1], [2], [2], [0], [1], [2]], dtype=torch.int32), num_media, IMMEDIATE)
     with torch.no_grad():
         with fastflamingo.backend("triton"):
-            got = functional.media_cross_attention(q, k, v, mask, kv_repeat=r)
+            got = functional.media_xattn(q, k, v, mask, kv_repeat=r)
         with fastflamingo.backend("torch"):
-            want = functional.media_cross_attention(q, k, v, mask, kv_repeat=r)
-    assert_close("o", got, want.double().cpu(), TOLERANCE[torch.float32])
+            want = functional.media_xattn(q, k, v, mask, kv_repeat=r)
+    assert_close(got, want.double().cpu(), TOLERANCE[torch.float32], "o")

@@ -1,8 +1,8 @@
-"""Triton masked media cross-attention (kernels/masked_cross_attention.py, fastflamingo/_triton_xattn.py).
+"""Triton masked media cross-attention (kernels/media_xattn.py, fastflamingo/ops/media_xattn.py).
 
 On a CPU machine the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1); on a CUDA machine
-the same tests run natively. Every result is compared with a dense float64 reference written here from the mask
-rule (scores, boolean mask from text_time, exact-zero rows), computed from the inputs as rounded to the test dtype.
+the same tests run natively. Every result is compared with the dense float64 oracle ``fastflamingo.reference.media_xattn``
+(scores, the visibility rule, exact-zero rows), computed from the inputs as rounded to the test dtype.
 Outputs and gradients are launched into NaN-filled buffers, so every element is proven written.
 """
 import os
@@ -13,12 +13,14 @@ import sys
 import pytest
 import torch
 
-from fastflamingo import _backend
-from fastflamingo.masks import ALL_PREVIOUS, IMMEDIATE, MediaMask
+from fastflamingo import reference as oracle
+from fastflamingo.masks import ALL_PREVIOUS, IMMEDIATE, MediaMask, visible_media
+from fastflamingo.ops import media_xattn as xattn_ops
+from helpers import assert_close
 
 pytestmark = pytest.mark.triton
 
-# max |kernel - reference| / max |reference|, for (output, gradients); docs: /work/shared/CPU_TESTING.md section 10
+# max |kernel - reference| / max |reference|, for (output, gradients); docs/testing.md, "Tolerances"
 TOLERANCE = {
     torch.float32: (1e-4, 2e-4),
     torch.float16: (5e-3, 1e-2),
@@ -30,7 +32,9 @@ SMALL_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 @pytest.fixture(scope="module")
 def kernels():
     pytest.importorskip("triton")
-    return _backend.load_kernels("media_xattn")
+    from fastflamingo.kernels import media_xattn
+
+    return media_xattn
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -39,38 +43,21 @@ def kernels():
 
 
 def visible_mask(text_time, num_media, latents, immediate):
-    """(B, T, M*n) bool: key j belongs to media j // n + 1 (1-based); immediate sees media == text_time, all-previous
-    sees media <= text_time (so text_time <= 0 sees nothing, and text_time > M sees nothing / everything)."""
-    media_of_key = torch.arange(num_media * latents) // latents + 1
-    tt = text_time.to("cpu", torch.int64)[..., None]
-    return media_of_key == tt if immediate else media_of_key <= tt
+    """(B, T, M*n) bool of the keys each token sees (fastflamingo.masks' rule, which test_api checks against the
+    upstream masks)."""
+    lo, hi = visible_media(text_time.to("cpu", torch.int64), num_media, immediate)
+    key = torch.arange(num_media * latents)
+    return (key >= lo[..., None] * latents) & (key < hi[..., None] * latents)
 
 
 def reference(q, k, v, text_time, num_media, latents, immediate, scale, grad_out=None):
-    """Dense float64 attention with the mask; rows that see nothing are exactly 0. Returns o and, with grad_out,
-    (dq, dk, dv)."""
+    """The float64 oracle's o and, with grad_out, (dq, dk, dv)."""
     qd, kd, vd = (t.detach().to("cpu", torch.float64).requires_grad_() for t in (q, k, v))
-    allowed = visible_mask(text_time, num_media, latents, immediate)[:, None]  # (B, 1, T, L)
-    seen = allowed.any(-1, keepdim=True)
-    scores = torch.einsum("bthd,blhd->bhtl", qd, kd) * scale
-    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~seen, 0.0)  # no all -inf rows: no NaN
-    probs = torch.softmax(scores, dim=-1).masked_fill(~seen, 0.0)
-    out = torch.einsum("bhtl,blhd->bthd", probs, vd)
+    out = oracle.media_xattn(qd, kd, vd, text_time.cpu(), num_media, immediate, scale)
     if grad_out is None:
         return out.detach(), None
     out.backward(grad_out.detach().to("cpu", torch.float64))
     return out.detach(), (qd.grad, kd.grad, vd.grad)
-
-
-def assert_close(name, actual, expected, tol):
-    actual = actual.detach().to("cpu", torch.float64)
-    assert not torch.isnan(actual).any(), f"{name}: {int(torch.isnan(actual).sum())} NaN elements (unwritten?)"
-    scale = expected.abs().max().item()
-    err = (actual - expected).abs().max().item()
-    if scale == 0.0:
-        assert err == 0.0, f"{name}: reference is all zeros but max |kernel| = {err}"
-    else:
-        assert err <= tol * scale, f"{name}: max error {err:.3e} > {tol:.1e} * max |ref| {scale:.3e}"
 
 
 def nan_like(shape, dtype, device):
@@ -114,7 +101,7 @@ def run_case(kernels, device, *, text_time, heads, head_dim, num_media, latents,
 
     out = nan_like(q.shape, dtype, device)
     lse = nan_like((batch, heads, num_text), torch.float32, device)
-    o, lse_out = kernels.media_xattn_fwd(q, k, v, text_time, num_media, latents, immediate, scale, config=config,
+    o, lse_out = xattn_ops.launch_fwd(q, k, v, text_time, num_media, latents, immediate, scale, config=config,
                                          out=out, lse=lse)
     assert o.data_ptr() == out.data_ptr() and lse_out.data_ptr() == lse.data_ptr()
     seen = visible_mask(text_time, num_media, latents, immediate).any(-1)  # (B, T)
@@ -131,7 +118,7 @@ def run_case(kernels, device, *, text_time, heads, head_dim, num_media, latents,
             grad_out = torch.randn(batch, num_text, heads, head_dim, generator=gen).to(dtype).to(device)
     ref_o, ref_grads = reference(q, k, v, text_time, num_media, latents, immediate, scale, grad_out)
 
-    assert_close("o", o, ref_o, fwd_tol)
+    assert_close(o, ref_o, fwd_tol, "o")
     o_cpu, lse_cpu = o.detach().cpu(), lse.cpu()
     assert (o_cpu[~seen] == 0).all(), "tokens that see no media must get exactly 0"
     assert torch.isinf(lse_cpu.transpose(1, 2)[~seen]).all() and torch.isfinite(lse_cpu.transpose(1, 2)[seen]).all()
@@ -139,11 +126,11 @@ def run_case(kernels, device, *, text_time, heads, head_dim, num_media, latents,
         return
 
     dq, dk, dv = (nan_like(t.shape, dtype, device) for t in (q, k, v))
-    grads = kernels.media_xattn_bwd(grad_out, q, k, v, o, lse, text_time, num_media, latents, immediate, scale,
+    grads = xattn_ops.launch_bwd(grad_out, q, k, v, o, lse, text_time, num_media, latents, immediate, scale,
                                     config=config, dq=dq, dk=dk, dv=dv)
     assert all(g.data_ptr() == b.data_ptr() for g, b in zip(grads, (dq, dk, dv)))
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert_close(name, got, want, bwd_tol)
+        assert_close(got, want, bwd_tol, name)
     assert (dq.cpu()[~seen] == 0).all(), "tokens that see no media must get a zero gradient"
     key_seen = visible_mask(text_time, num_media, latents, immediate).any(1)  # (B, L)
     assert (dk.cpu()[~key_seen] == 0).all() and (dv.cpu()[~key_seen] == 0).all()
@@ -263,8 +250,8 @@ def test_long_text_many_media(kernels, device, immediate):
     q, k, v = make_inputs(device, 1, num_text, heads, head_dim, num_media * latents, torch.float32)
     grad_out = torch.randn(q.shape, generator=gen).to(device)
     scale = head_dim ** -0.5
-    o, lse = kernels.media_xattn_fwd(q, k, v, text_time.to(device), num_media, latents, immediate, scale)
-    dq, dk, dv = kernels.media_xattn_bwd(grad_out, q, k, v, o, lse, text_time.to(device), num_media, latents,
+    o, lse = xattn_ops.launch_fwd(q, k, v, text_time.to(device), num_media, latents, immediate, scale)
+    dq, dk, dv = xattn_ops.launch_bwd(grad_out, q, k, v, o, lse, text_time.to(device), num_media, latents,
                                          immediate, scale)
     ref_o, ref_dq, ref_dk, ref_dv = [], [], 0.0, 0.0
     for chunk in torch.arange(num_text).split(2048):
@@ -273,9 +260,9 @@ def test_long_text_many_media(kernels, device, immediate):
         ref_o.append(o_part)
         ref_dq.append(dq_part)
         ref_dk, ref_dv = ref_dk + dk_part, ref_dv + dv_part
-    assert_close("o", o, torch.cat(ref_o, 1), 1e-4)
+    assert_close(o, torch.cat(ref_o, 1), 1e-4, "o")
     for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), (torch.cat(ref_dq, 1), ref_dk, ref_dv)):
-        assert_close(name, got, want, 2e-4)
+        assert_close(got, want, 2e-4, name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -351,9 +338,9 @@ def test_schedules(kernels, seed, block_m):
     case = random_case(seed)
     text_time, num_media, immediate = case["text_time"], case["num_media"], case["immediate"]
     batch, num_text = text_time.shape
-    start, end = kernels.query_tile_schedule(text_time, num_media, immediate, block_m)
+    lo, hi = visible_media(text_time, num_media, immediate)
+    start, end = kernels.query_tile_schedule(lo, hi, num_media, block_m)
     assert start.shape == (batch, kernels.query_tile_slots(num_text, num_media, block_m))
-    lo, hi = kernels.visible_media(text_time, num_media, immediate)
     monotone = bool((text_time[:, 1:] >= text_time[:, :-1]).all())
     for b in range(batch):
         covered = torch.zeros(num_text, dtype=torch.int32)
@@ -367,7 +354,7 @@ def test_schedules(kernels, seed, block_m):
         assert (covered == 1).all(), "every token in exactly one tile"
         if monotone:  # cumsum layouts always fit the slots: every tile lies inside one run
             assert aligned
-    first, stop = kernels.media_token_ranges(text_time, num_media, immediate)
+    first, stop = kernels.media_token_ranges(lo, hi, num_media, immediate)
     want_first, want_end = brute_force_ranges(text_time, num_media, immediate)
     seen = want_end > 0
     assert torch.equal(first[seen], want_first[seen]) and torch.equal(stop[seen], want_end[seen])
@@ -389,7 +376,6 @@ def small_problem(device, dtype=torch.float32, requires_grad=True):
 
 @pytest.mark.parametrize("immediate", MODES)
 def test_opcheck(kernels, device, immediate):
-    from fastflamingo.ops import media_xattn as _triton_xattn  # noqa: F401  (registers the ops)
 
     q, k, v, text_time = small_problem(device)
     fwd = torch.ops.fastflamingo.media_xattn_fwd
@@ -410,9 +396,7 @@ def _gated_block(xattn):
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_torch_compile(kernels, device, compile_backend):
-    from fastflamingo.ops import media_xattn as _triton_xattn
-
-    block = _gated_block(_triton_xattn.media_cross_attention)
+    block = _gated_block(xattn_ops.media_xattn)
     gate = torch.tensor(0.5, device=device, requires_grad=True)
     q, k, v, text_time = small_problem(device)
     compiled = torch.compile(block, backend=compile_backend, fullgraph=True)
@@ -434,7 +418,7 @@ def test_functional_dispatch_runs_the_kernel(kernels, device, monkeypatch, mode)
     from fastflamingo import functional
 
     calls = {"fwd": 0, "bwd": 0}
-    original_fwd, original_bwd = kernels.media_xattn_fwd, kernels.media_xattn_bwd
+    original_fwd, original_bwd = xattn_ops.launch_fwd, xattn_ops.launch_bwd
 
     def spy_fwd(*args, **kwargs):
         calls["fwd"] += 1
@@ -444,14 +428,14 @@ def test_functional_dispatch_runs_the_kernel(kernels, device, monkeypatch, mode)
         calls["bwd"] += 1
         return original_bwd(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "media_xattn_fwd", spy_fwd)
-    monkeypatch.setattr(kernels, "media_xattn_bwd", spy_bwd)
+    monkeypatch.setattr(xattn_ops, "launch_fwd", spy_fwd)
+    monkeypatch.setattr(xattn_ops, "launch_bwd", spy_bwd)
     q, k, v, text_time = small_problem(device)
     mask = MediaMask(text_time, 2, mode)
     results = {}
     for name in ("triton", "torch"):
         with fastflamingo.backend(name):
-            out = functional.media_cross_attention(q, k, v, mask)
+            out = functional.media_xattn(q, k, v, mask)
             results[name] = (out, *torch.autograd.grad(out.square().sum(), (q, k, v)))
     assert calls == {"fwd": 1, "bwd": 1}
     for got, want in zip(results["triton"], results["torch"]):
@@ -493,9 +477,9 @@ def test_kernels_are_interpreted_under_interpret(kernels):
 def test_launcher_validates_outputs(kernels, device):
     q, k, v, text_time = small_problem(device, requires_grad=False)
     with pytest.raises(ValueError, match="out must be"):
-        kernels.media_xattn_fwd(q, k, v, text_time, 2, 32, True, 0.1, out=torch.empty(3, device=device))
+        xattn_ops.launch_fwd(q, k, v, text_time, 2, 32, True, 0.1, out=torch.empty(3, device=device))
     with pytest.raises(ValueError, match="k, v must be"):
-        kernels.media_xattn_fwd(q, k, v, text_time, 3, 32, True, 0.1)
+        xattn_ops.launch_fwd(q, k, v, text_time, 3, 32, True, 0.1)
 
 
 @pytest.mark.gpu
@@ -512,9 +496,9 @@ def test_int64_offsets_beyond_2_31_elements(kernels, device):
     q = torch.randn(batch, num_text, heads, head_dim, dtype=torch.bfloat16, device=device)
     text_time = cumsum_time(batch, num_text, [0, 20, 40]).to(device) * 85  # media 85, 170, 255
     scale = head_dim ** -0.5
-    o, _ = kernels.media_xattn_fwd(q, k, v, text_time, num_media, latents, True, scale)
+    o, _ = xattn_ops.launch_fwd(q, k, v, text_time, num_media, latents, True, scale)
     ref, _ = reference(q, k.contiguous(), v.contiguous(), text_time, num_media, latents, True, scale)
-    assert_close("o", o, ref, TOLERANCE[torch.bfloat16][0])
+    assert_close(o, ref, TOLERANCE[torch.bfloat16][0], "o")
 
 
 def test_imports_stay_light():
@@ -552,18 +536,18 @@ def test_forward_kv_group_matches_repeated_kv(kernels, device, dtype, immediate)
     k, v = k[:groups], v[:groups]  # one K/V row per group
     text_time = text_time.to(device)
     scale = head_dim ** -0.5
-    got, lse = kernels.media_xattn_fwd(q, k, v, text_time, num_media, latents, immediate, scale,
+    got, lse = xattn_ops.launch_fwd(q, k, v, text_time, num_media, latents, immediate, scale,
                                        config=SMALL_BLOCKS, kv_group=r)
     k_rep, v_rep = k.repeat_interleave(r, 0), v.repeat_interleave(r, 0)
-    want, want_lse = kernels.media_xattn_fwd(q, k_rep, v_rep, text_time, num_media, latents, immediate, scale,
+    want, want_lse = xattn_ops.launch_fwd(q, k_rep, v_rep, text_time, num_media, latents, immediate, scale,
                                              config=SMALL_BLOCKS)
     assert torch.equal(got, want) and torch.equal(lse, want_lse)
     ref, _ = reference(q, k_rep, v_rep, text_time, num_media, latents, immediate, scale)
-    assert_close("o", got, ref, TOLERANCE[dtype][0])
+    assert_close(got, ref, TOLERANCE[dtype][0], "o")
     with pytest.raises(ValueError, match="kv_group must be >= 1 and divide the batch"):
-        kernels.media_xattn_fwd(q, k, v, text_time, num_media, latents, immediate, scale, kv_group=4)
+        xattn_ops.launch_fwd(q, k, v, text_time, num_media, latents, immediate, scale, kv_group=4)
     with pytest.raises(ValueError, match="k, v must be"):  # the backward takes one K/V row per sample only
-        kernels.media_xattn_bwd(got, q, k, v, got, lse, text_time, num_media, latents, immediate, scale)
+        xattn_ops.launch_bwd(got, q, k, v, got, lse, text_time, num_media, latents, immediate, scale)
 
 
 def test_functional_kv_repeat_triton_prefill_and_grad(kernels, device):
@@ -578,9 +562,9 @@ def test_functional_kv_repeat_triton_prefill_and_grad(kernels, device):
     mask = MediaMask(cumsum_time(2 * r, 20, [0, 9]), num_media, ALL_PREVIOUS)
     with torch.no_grad():
         with fastflamingo.backend("triton"):
-            got = functional.media_cross_attention(q, k, v, mask, kv_repeat=r)
+            got = functional.media_xattn(q, k, v, mask, kv_repeat=r)
         with fastflamingo.backend("torch"):
-            want = functional.media_cross_attention(q, k, v, mask, kv_repeat=r)
-    assert_close("o", got, want.double().cpu(), TOLERANCE[torch.float32][0])
+            want = functional.media_xattn(q, k, v, mask, kv_repeat=r)
+    assert_close(got, want.double().cpu(), TOLERANCE[torch.float32][0], "o")
     with fastflamingo.backend("triton"), pytest.raises(ValueError, match="inference only"):
-        functional.media_cross_attention(q.requires_grad_(True), k, v, mask, kv_repeat=r)
+        functional.media_xattn(q.requires_grad_(True), k, v, mask, kv_repeat=r)

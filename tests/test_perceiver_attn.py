@@ -1,4 +1,4 @@
-"""Triton Perceiver-resampler attention (kernels/perceiver_attention.py, fastflamingo/_triton_perceiver.py).
+"""Triton Perceiver-resampler attention (kernels/perceiver_attn.py, fastflamingo/ops/perceiver_attn.py).
 
 On a CPU machine the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1); on a CUDA machine
 the same tests run natively. Results are compared with a float64 reference (concatenated keys, plain softmax)
@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import fastflamingo
-from fastflamingo import _backend
-from fastflamingo import functional as FF
+from fastflamingo import functional
+from fastflamingo import reference as oracle
+from fastflamingo.ops import perceiver_attn as tp
+from helpers import assert_close
 
 pytestmark = pytest.mark.triton
 
@@ -28,29 +30,17 @@ GRAD_NAMES = ("dq", "dk_media", "dv_media", "dk_latents", "dv_latents")
 @pytest.fixture(scope="module")
 def kernels():
     pytest.importorskip("triton")
-    return _backend.load_kernels("perceiver_attn")
+    from fastflamingo.kernels import perceiver_attn
+
+    return perceiver_attn
 
 
 def reference(q, k_media, v_media, k_latents, v_latents, scale, grad_out):
     """float64 attention of q over the concatenated [media; latents] keys; returns o and the five gradients."""
     ts = [t.detach().to("cpu", torch.float64).requires_grad_() for t in (q, k_media, v_media, k_latents, v_latents)]
-    qd, kmd, vmd, kld, vld = ts
-    k, v = torch.cat((kmd, kld), 1), torch.cat((vmd, vld), 1)
-    probs = torch.softmax(torch.einsum("nlhd,nkhd->nhlk", qd, k) * scale, dim=-1)
-    out = torch.einsum("nhlk,nkhd->nlhd", probs, v)
+    out = oracle.perceiver_attn(*ts, scale)
     out.backward(grad_out.detach().to("cpu", torch.float64))
     return out.detach(), [t.grad for t in ts]
-
-
-def assert_close(name, actual, expected, tol):
-    actual = actual.detach().to("cpu", torch.float64)
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert not torch.isnan(actual).any(), f"{name}: {int(torch.isnan(actual).sum())} NaN elements (unwritten?)"
-    if expected.numel() == 0:
-        return
-    scale = expected.abs().max().item()
-    err = (actual - expected).abs().max().item()
-    assert err <= tol * max(scale, 1e-30), f"{name}: max error {err:.3e} > {tol:.1e} * max |ref| {scale:.3e}"
 
 
 def nan_like(t, dtype=None):
@@ -90,7 +80,7 @@ def run_case(kernels, device, *, num=2, latents=64, media_tokens=37, heads=2, he
     fwd_tol, bwd_tol = TOLERANCE[dtype]
     out = nan_like(q)
     lse = torch.full((num, heads, latents), float("nan"), device=device)
-    o, lse_out = kernels.perceiver_fwd(*inputs, scale, config=config, out=out, lse=lse)
+    o, lse_out = tp.launch_fwd(*inputs, scale, config=config, out=out, lse=lse)
     assert o.data_ptr() == out.data_ptr() and lse_out.data_ptr() == lse.data_ptr()
 
     gen = torch.Generator().manual_seed(seed + 1)
@@ -101,18 +91,18 @@ def run_case(kernels, device, *, num=2, latents=64, media_tokens=37, heads=2, he
     else:
         grad_out = torch.randn(q.shape, generator=gen).to(dtype).to(device)
     ref_o, ref_grads = reference(*inputs, scale, grad_out)
-    assert_close("o", o, ref_o, fwd_tol)
+    assert_close(o, ref_o, fwd_tol, "o")
     keys = torch.cat((inputs[1], inputs[3]), 1).to("cpu", torch.float64)
     ref_lse = torch.logsumexp(torch.einsum("nlhd,nkhd->nhlk", q.to("cpu", torch.float64), keys) * scale, dim=-1)
-    assert_close("lse", lse, ref_lse, 1e-5 if dtype == torch.float32 else 1e-3)
+    assert_close(lse, ref_lse, 1e-5 if dtype == torch.float32 else 1e-3, "lse")
 
     buffers = [nan_like(t) for t in inputs]
-    grads = kernels.perceiver_bwd(grad_out, *inputs, o, lse, scale, config=config, dq=buffers[0],
+    grads = tp.launch_bwd(grad_out, *inputs, o, lse, scale, config=config, dq=buffers[0],
                                   dk_media=buffers[1], dv_media=buffers[2], dk_latents=buffers[3],
                                   dv_latents=buffers[4])
     assert all(g.data_ptr() == b.data_ptr() for g, b in zip(grads, buffers))
     for name, got, want in zip(GRAD_NAMES, grads, ref_grads):
-        assert_close(name, got, want, bwd_tol)
+        assert_close(got, want, bwd_tol, name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -164,21 +154,21 @@ def test_large_scores_stay_finite(kernels, device):
     """Scores of +-1e3 (a fp32 softmax without max subtraction would overflow): output and grads stay exact."""
     q, km, vm, kl, vl = make_inputs(device, 1, 16, 40, 1, 32, torch.float32)
     q = q * 30.0
-    o, lse = kernels.perceiver_fwd(q, km, vm, kl, vl, 1.0)
+    o, lse = tp.launch_fwd(q, km, vm, kl, vl, 1.0)
     grad_out = torch.randn_like(q)
     ref_o, ref_grads = reference(q, km, vm, kl, vl, 1.0, grad_out)
-    assert_close("o", o, ref_o, 1e-4)
-    for name, got, want in zip(GRAD_NAMES, kernels.perceiver_bwd(grad_out, q, km, vm, kl, vl, o, lse, 1.0),
+    assert_close(o, ref_o, 1e-4, "o")
+    for name, got, want in zip(GRAD_NAMES, tp.launch_bwd(grad_out, q, km, vm, kl, vl, o, lse, 1.0),
                                ref_grads):
-        assert_close(name, got, want, 1e-3)
+        assert_close(got, want, 1e-3, name)
 
 
 def test_deterministic(kernels, device):
     inputs = make_inputs(device, 2, 100, 30, 2, 32, torch.float16)
-    o, lse = kernels.perceiver_fwd(*inputs, 0.2)
+    o, lse = tp.launch_fwd(*inputs, 0.2)
     grad_out = torch.randn_like(o)
-    first = kernels.perceiver_bwd(grad_out, *inputs, o, lse, 0.2)
-    second = kernels.perceiver_bwd(grad_out, *inputs, o, lse, 0.2)
+    first = tp.launch_bwd(grad_out, *inputs, o, lse, 0.2)
+    second = tp.launch_bwd(grad_out, *inputs, o, lse, 0.2)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
@@ -203,36 +193,34 @@ def test_gpu_candidates_cover_latents(kernels):
 
 
 def test_opcheck(device):
-    from fastflamingo.ops import perceiver_attn as tp
 
     inputs = [t.requires_grad_() for t in make_inputs(device, 2, 5, 9, 2, 16, torch.float32, seed=3)]
-    torch.library.opcheck(tp.perceiver_attn_fwd, (*inputs, 0.25))
+    torch.library.opcheck(tp.fwd_op, (*inputs, 0.25))
     with torch.no_grad():
-        o, lse = tp.perceiver_attn_fwd(*inputs, 0.25)
+        o, lse = tp.fwd_op(*inputs, 0.25)
     detached = [t.detach() for t in inputs]
-    torch.library.opcheck(tp.perceiver_attn_bwd, (torch.randn_like(o), *detached, o, lse, 0.25))
+    torch.library.opcheck(tp.bwd_op, (torch.randn_like(o), *detached, o, lse, 0.25))
 
 
 def test_functional_backend_triton_gradients(device):
-    """fastflamingo.functional.perceiver_attention with backend('triton'): every input's gradient, with fused
+    """fastflamingo.functional.perceiver_attn with backend('triton'): every input's gradient, with fused
     K/V views (their gradients land in the fused projection's output)."""
     inputs = make_inputs(device, 2, 12, 30, 2, 24, torch.float32, fused_kv=True, seed=5)
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     grad_out = torch.randn(inputs[0].shape, device=device)
     with fastflamingo.backend("triton"):
-        out = FF.perceiver_attention(*leaves)
+        out = functional.perceiver_attn(*leaves)
     out.backward(grad_out)
     ref_o, ref_grads = reference(*inputs, 24 ** -0.5, grad_out)
-    assert_close("o", out, ref_o, 1e-4)
+    assert_close(out, ref_o, 1e-4, "o")
     for name, leaf, want in zip(GRAD_NAMES, leaves, ref_grads):
-        assert_close(name, leaf.grad, want, 2e-4)
+        assert_close(leaf.grad, want, 2e-4, name)
 
 
 def test_torch_compile_aot_eager(device):
-    from fastflamingo.ops import perceiver_attn as tp
 
     def f(q, km, vm, kl, vl):
-        return (tp.perceiver_attention(q, km, vm, kl, vl, 0.3) * 2.0).sum()
+        return (tp.perceiver_attn(q, km, vm, kl, vl, 0.3) * 2.0).sum()
 
     inputs = make_inputs(device, 2, 8, 12, 2, 16, torch.float32, seed=7)
     eager = [t.detach().clone().requires_grad_() for t in inputs]
@@ -244,7 +232,6 @@ def test_torch_compile_aot_eager(device):
 
 
 def test_unsupported_reasons(device):
-    from fastflamingo.ops import perceiver_attn as tp
 
     q, km, vm, kl, vl = make_inputs(device, 1, 4, 6, 2, 16, torch.float32)
     assert tp.unsupported_reasons(q, km, vm, kl, vl) == []
@@ -283,9 +270,9 @@ def test_openflamingo_perceiver_resampler(device):
     out_up, g_up = _module_grads(up, x.clone().requires_grad_())
     with fastflamingo.backend("triton"):
         out_me, g_me = _module_grads(mine, x.clone().requires_grad_())
-    assert_close("output", out_me, out_up.double().cpu(), 1e-5)
+    assert_close(out_me, out_up.double().cpu(), 1e-5, "output")
     for name, g in g_up.items():
-        assert_close(f"grad {name}", g_me[name], g.double().cpu(), 1e-4)
+        assert_close(g_me[name], g.double().cpu(), 1e-4, f"grad {name}")
 
 
 @pytest.mark.parametrize("qk", [True, False], ids=["qk-layernorm", "plain"])
@@ -310,10 +297,10 @@ def test_idefics_perceiver_resampler(device, qk):
     out_up, g_up = _module_grads(up, context.clone().requires_grad_())
     with fastflamingo.backend("triton"):
         out_me, g_me = _module_grads(mine, context.clone().requires_grad_())
-    assert_close("output", out_me, out_up.double().cpu(), 1e-5)
+    assert_close(out_me, out_up.double().cpu(), 1e-5, "output")
     largest = max(g.abs().max().item() for g in g_up.values())
     for name, g in g_up.items():
         if name.endswith("k_layer_norm.bias"):  # analytically zero: both sides are rounding noise
             assert g_me[name].abs().max() <= 1e-5 * largest
             continue
-        assert_close(f"grad {name}", g_me[name], g.double().cpu(), 1e-4)
+        assert_close(g_me[name], g.double().cpu(), 1e-4, f"grad {name}")

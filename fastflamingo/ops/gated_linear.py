@@ -1,4 +1,5 @@
-"""Tanh-gated linear (``x + tanh(alpha) * rowmask(inp @ weight^T + bias)``) behind ``torch.library`` custom ops.
+"""Tanh-gated linear (``x + tanh(alpha) * rowmask(inp @ weight^T + bias)``): the launcher of the Triton GEMM in
+``kernels/gated_linear.py``, the backward, and the ``torch.library`` custom ops around them.
 
 Forward: the Triton GEMM of ``kernels/gated_linear.py`` with the gate in its epilogue. The branch ``h`` is never
 written to memory, and it is not saved for the backward pass either (upstream saves it: one activation-sized tensor
@@ -17,49 +18,52 @@ Backward (``fastflamingo::tanh_gated_linear_bwd``), with ``t = tanh(alpha)``, ``
 summed over n as well for a scalar alpha. ``sum_m g h`` equals ``sum_k W * G`` exactly (``h = inp @ W^T``), so
 d alpha costs an (N, K) elementwise product instead of a pass over two (M, N) tensors, and it is as accurate as
 the fp32 G. The two GEMMs are cuBLAS (torch.mm): they have no epilogue worth fusing once ``t`` sits in the weight
-(dinp) or in an (N, K) output scale (dW), and a plain GEMM is what cuBLAS is tuned for (PERF.md row C uses it
-as the speed-of-light bound; not measured here: no GPU); the remaining elementwise work is on (N, K) and (M, K)
+(dinp) or in an (N, K) output scale (dW), and a plain GEMM is what cuBLAS is tuned for (docs/performance.md uses
+it as the speed-of-light bound); the remaining elementwise work is on (N, K) and (M, K)
 tensors, never on (M, N). G uses cuBLAS's fp16/bf16 -> fp32 output
 (``torch.mm(..., out_dtype=torch.float32)``, CUDA) where available, else upcast operands.
 
 The ops are opaque to torch.compile (an ``autograd.Function`` launching the kernel would be traced into by Dynamo:
-/work/shared/CPU_TESTING.md section 5). Importing this module needs torch only: triton and the kernels are imported
+docs/testing.md, "torch.compile"). Importing this module needs torch only: triton and the kernels are imported
 on the first call.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import math
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from .. import _backend
-
-_KERNELS = "gated_linear"
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .._checks import SUPPORTED_DTYPES
+from ._launch import ConfigLike
 
 
 def _kernels():
-    return _backend.load_kernels(_KERNELS)
+    """(the kernel module, kernels/_utils): imported on the first launch, since they import triton."""
+    from ..kernels import _utils, gated_linear
+
+    return gated_linear, _utils
 
 
-def _result_dtype(x: torch.Tensor, inp: torch.Tensor, alpha: torch.Tensor) -> torch.dtype:
-    """upstream's ``linear(inp) * alpha.tanh() + x`` dtype (the same rule as ``kernels.gated_linear.result_dtype``,
-    repeated here so the fake implementation does not import triton)."""
+def result_dtype(x: torch.Tensor, inp: torch.Tensor, alpha: torch.Tensor) -> torch.dtype:
+    """dtype of upstream's ``linear(inp) * alpha.tanh() + x``: PyTorch promotion, where a 0-dim alpha does not
+    promote a floating-point branch (a (1,)-shaped alpha does: bf16 activations with an fp32 gate give fp32)."""
     branch = torch.promote_types(inp.dtype, alpha.dtype) if alpha.dim() > 0 else inp.dtype
-    return torch.promote_types(branch, x.dtype)
+    return torch.promote_types(branch, x.dtype) if x.dim() > 0 else branch
 
 
-@torch.library.custom_op("fastflamingo::tanh_gated_linear", mutates_args=())
-def tanh_gated_linear_op(
+@torch.library.custom_op("fastflamingo::gated_linear", mutates_args=())
+def fwd_op(
     x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: torch.Tensor,
     row_gate: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    return _kernels().gated_linear_fwd(x, inp, weight, bias, alpha, row_gate)
+    return launch_fwd(x, inp, weight, bias, alpha, row_gate)
 
 
-@tanh_gated_linear_op.register_fake
+@fwd_op.register_fake
 def _(x, inp, weight, bias, alpha, row_gate):
-    return x.new_empty(x.shape, dtype=_result_dtype(x, inp, alpha))
+    return x.new_empty(x.shape, dtype=result_dtype(x, inp, alpha))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,7 +83,7 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
-def gated_linear_bwd(
+def backward(
     dy: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: torch.Tensor,
     row_gate: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,15 +119,15 @@ def gated_linear_bwd(
     return dinp.reshape(inp.shape), dweight, dbias, dalpha.to(alpha.dtype)
 
 
-@torch.library.custom_op("fastflamingo::tanh_gated_linear_bwd", mutates_args=())
-def tanh_gated_linear_bwd_op(
+@torch.library.custom_op("fastflamingo::gated_linear_bwd", mutates_args=())
+def bwd_op(
     dy: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: torch.Tensor,
     row_gate: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gated_linear_bwd(dy, inp, weight, bias, alpha, row_gate)
+    return backward(dy, inp, weight, bias, alpha, row_gate)
 
 
-@tanh_gated_linear_bwd_op.register_fake
+@bwd_op.register_fake
 def _(dy, inp, weight, bias, alpha, row_gate):
     dbias = bias.new_empty(bias.shape) if bias is not None else weight.new_empty((0,))
     return inp.new_empty(inp.shape), weight.new_empty(weight.shape), dbias, alpha.new_empty(alpha.shape)
@@ -137,21 +141,21 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     inp, weight, bias, alpha, row_gate = ctx.saved_tensors
-    dinp, dweight, dbias, dalpha = tanh_gated_linear_bwd_op(dy, inp, weight, bias, alpha, row_gate)
+    dinp, dweight, dbias, dalpha = bwd_op(dy, inp, weight, bias, alpha, row_gate)
     return dy.to(ctx.x_dtype), dinp, dweight, dbias if bias is not None else None, dalpha, None
 
 
-tanh_gated_linear_op.register_autograd(_backward, setup_context=_setup_context)
+fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def tanh_gated_linear(
+def gated_linear(
     x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: torch.Tensor,
     row_gate: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``x + tanh(alpha) * (inp @ weight^T + bias)`` with rows where ``row_gate == 0`` exactly ``x``, the gate in
     the epilogue of the Triton GEMM; differentiable w.r.t. x, inp, weight, bias and alpha. The result dtype is
     upstream's promotion of (branch, alpha, x)."""
-    return tanh_gated_linear_op(x, inp, weight, bias, alpha, row_gate)
+    return fwd_op(x, inp, weight, bias, alpha, row_gate)
 
 
 def unsupported_reasons(x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -185,3 +189,116 @@ def unsupported_reasons(x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor
             reasons.append(f"row_gate dtype {row_gate.dtype} is not supported")
     reasons += _backend.interpreter_bf16_reasons((inp, weight))
     return reasons
+
+
+def _row_views(tensors: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], bool, int, List[Tuple[int, int]]]:
+    """Address the rows of every tensor (same leading shape) as ``(row // R) * stride_b + (row % R) * stride_t``.
+
+    Returns the tensors (a tensor is copied only if its last stride is not 1 or its leading dims cannot be viewed
+    as (B, R)), whether R < M is needed (``BATCHED``; False when every tensor flattens to one row stride), R and
+    each tensor's (stride_b, stride_t).
+    """
+    tensors = [t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous() for t in tensors]
+    lead = tuple(tensors[0].shape[:-1])
+    rows = math.prod(lead)
+    try:  # every tensor flattens to (M, D) with one row stride
+        flat = [t.view(rows, t.shape[-1]) for t in tensors]
+        return tensors, False, max(rows, 1), [(0, f.stride(0)) for f in flat]
+    except RuntimeError:
+        pass
+    batch = lead[0] if lead else 1
+    per_batch = rows // batch if batch else 0
+    strides = []
+    for i, t in enumerate(tensors):
+        try:
+            v = t.view(batch, per_batch, t.shape[-1])
+        except RuntimeError:
+            tensors[i] = t = t.contiguous()
+            v = t.view(batch, per_batch, t.shape[-1])
+        strides.append((v.stride(0), v.stride(1)))
+    return tensors, True, max(per_batch, 1), strides
+
+
+def _check_inputs(x, inp, weight, bias, alpha, row_gate) -> None:
+    """Shapes and dtypes the kernel needs (ValueError / TypeError otherwise)."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (out_features, in_features), got {tuple(weight.shape)}")
+    n_out, k_in = weight.shape
+    if inp.dim() < 1 or inp.shape[-1] != k_in or x.shape[-1:] != (n_out,) or x.shape[:-1] != inp.shape[:-1]:
+        raise ValueError(f"x {tuple(x.shape)} and inp {tuple(inp.shape)} do not fit weight {tuple(weight.shape)}")
+    if inp.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise TypeError(f"inp, weight (and bias) must share a dtype, got {inp.dtype}, {weight.dtype}"
+                        + (f", {bias.dtype}" if bias is not None else ""))
+    for name, t in (("x", x), ("inp", inp), ("alpha", alpha)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} dtype {t.dtype} is not supported (fp32, fp16, bf16)")
+    if bias is not None and tuple(bias.shape) != (n_out,):
+        raise ValueError(f"bias must be ({n_out},), got {tuple(bias.shape)}")
+    if not (alpha.numel() == 1 or (alpha.numel() == n_out and alpha.dim() >= 1 and alpha.shape[-1] == n_out)):
+        raise ValueError(f"alpha must have 1 element or {n_out} channels, got shape {tuple(alpha.shape)}")
+    if alpha.dim() > x.dim():
+        raise ValueError(f"alpha {tuple(alpha.shape)} has more dims than x {tuple(x.shape)}")
+    if row_gate is not None and tuple(row_gate.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"row_gate must have shape {tuple(x.shape[:-1])}, got {tuple(row_gate.shape)}")
+
+
+def launch_fwd(
+    x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: torch.Tensor,
+    row_gate: Optional[torch.Tensor] = None, config: Optional[ConfigLike] = None, *,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``y = x + tanh(alpha) * (inp @ weight^T + bias)``, rows with ``row_gate == 0`` exactly ``x``.
+
+    Args:
+        x: (..., N) residual; inp: (..., K) with the same leading dims; weight: (N, K); bias: (N,) or None, in
+            inp's dtype; alpha: 1 element, or N channels (shape (N,) or (1, 1, N)); row_gate: x's leading shape,
+            any dtype, or None. fp32/fp16/bf16; x and alpha may differ from inp.
+        config: force a launch config (``{"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}``), bypassing the autotuner.
+        out: optional preallocated output (x's shape, the dtype of :func:`result_dtype`, unit last stride).
+
+    Returns:
+        y with x's shape and the dtype of :func:`result_dtype` (upstream's promotion).
+    """
+    K, U = _kernels()
+    _check_inputs(x, inp, weight, bias, alpha, row_gate)
+    out_dtype = result_dtype(x, inp, alpha)
+    n_out, k_in = weight.shape
+    if out is None:
+        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    elif out.shape != x.shape or out.dtype != out_dtype or out.device != x.device:
+        raise ValueError(f"out must be a {out_dtype} tensor of shape {tuple(x.shape)} on {x.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    rows = x.numel() // max(n_out, 1)
+    if out.numel() == 0:
+        return out
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    alpha_flat = alpha.reshape(-1)
+    per_channel = alpha_flat.numel() > 1
+    gate = None
+    if row_gate is not None:
+        gate = row_gate.reshape(-1)  # (M,): a copy only for an odd layout of a small tensor
+        if gate.dtype == torch.bool:
+            gate = gate.view(torch.uint8)  # the kernel compares the loaded value with 0
+    (x2, a2, y2), batched, per_batch, strides = _row_views([x, inp, out])
+    if y2.data_ptr() != out.data_ptr():
+        raise ValueError("out must have unit stride along its last dimension")
+    (sxb, sxt), (sab, sat), (syb, syt) = strides
+
+    def run(cfg) -> None:
+        block_m, block_n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        grid = (U.cdiv(rows, block_m) * U.cdiv(n_out, block_n),)
+        K._gated_linear_fwd_kernel[grid](
+            x2, a2, weight, bias if bias is not None else weight, alpha_flat, gate if gate is not None else x2, y2,
+            sxb, sxt, sab, sat, weight.stride(0), syb, syt,
+            alpha_flat.stride(0), gate.stride(0) if gate is not None else 0,
+            rows, n_out, k_in, per_batch,
+            HAS_BIAS=bias is not None, ALPHA_PER_CHANNEL=per_channel, HAS_GATE=gate is not None, BATCHED=batched,
+            GROUP=K.GROUP_M, DOT_PRECISION=U.dot_precision(inp.dtype), **cfg.kwargs,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    key = (U.length_bucket(rows), n_out, k_in, inp.dtype, x.dtype, alpha.dtype, out_dtype, per_channel,
+           gate is not None, bias is not None, batched)
+    cfg = U.as_config(config) if config is not None else K.FWD_CHOOSER.choose(key, run)
+    run(cfg)
+    return out

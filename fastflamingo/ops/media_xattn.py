@@ -1,96 +1,71 @@
-"""Triton masked media cross-attention behind ``torch.library`` custom ops.
+"""Masked media cross-attention (prefill, forward and backward) on the Triton kernels of
+``kernels/media_xattn.py``: the launchers and the ``torch.library`` custom ops around them.
 
-The kernels are exposed as two custom ops, ``fastflamingo::media_xattn_fwd`` (returns ``o`` and the fp32 LSE) and
-``fastflamingo::media_xattn_bwd``, with fake (meta) implementations and an autograd registration, plus the
-inference-only decode op ``fastflamingo::media_xattn_decode`` (split-KV flash-decoding kernels, no autograd), which
-serves calls with at most ``DECODE_MAX_TOKENS`` query tokens per sample that need no gradient. Custom ops are
+Two custom ops, ``fastflamingo::media_xattn_fwd`` (returns ``o`` and the fp32 LSE) and
+``fastflamingo::media_xattn_bwd``, with fake (meta) implementations and an autograd registration. Custom ops are
 opaque to torch.compile, so a compiled model calls the kernels as they are; an ``autograd.Function`` that launches
-the kernels itself would be traced into by Dynamo and break (docs: /work/shared/CPU_TESTING.md section 5).
+the kernels itself would be traced into by Dynamo and break (docs/testing.md, "torch.compile"). Decode steps (a few
+tokens, no gradient) go to ``fastflamingo.ops.media_decode`` instead; ``fastflamingo.functional`` decides.
 
-Importing this module needs torch only: triton and the kernels are imported on the first call.
+The launchers (:func:`launch_fwd`, :func:`launch_bwd`) are the host side of the kernels: they check what memory
+safety needs (shapes, int32 tile offsets, the CUDA grid limit), build the device-side schedules, pick a launch
+config and launch. Importing this module needs torch only: triton and the kernels are imported on the first launch.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from .. import _backend
+from .._checks import SUPPORTED_DTYPES, unsupported_dtype_reasons
+from ..masks import visible_media
+from ._launch import ConfigLike, check_out, unit_last_stride
 
-_KERNELS = "media_xattn"
-_DECODE_KERNELS = "media_decode"
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 
 
 def _kernels():
-    return _backend.load_kernels(_KERNELS)
+    """(the kernel module, kernels/_utils): imported on the first launch, since they import triton."""
+    from ..kernels import _utils, media_xattn
 
-
-def _decode_kernels():
-    return _backend.load_kernels(_DECODE_KERNELS)
-
-
-# Largest query tokens per sample sent to the decode kernels. They put all of a sample's tokens in one 16-row MMA tile
-# (loading each K/V tile once for all of them) and scan the union of the tokens' key ranges; 8 covers a decode step
-# (1 token), beam/speculative drafts of a few tokens, and short chunks, while keeping the union of visible ranges of
-# tokens that see different media (immediate mode, an <image> inside the chunk) small. Longer queries have enough
-# rows to parallelise over, so the prefill kernel (run-aligned query tiles, no split) serves them.
-DECODE_MAX_TOKENS = _backend.DECODE_MAX_TOKENS
+    return media_xattn, _utils
 
 
 @torch.library.custom_op("fastflamingo::media_xattn_fwd", mutates_args=())
-def media_xattn_fwd(
+def fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
-    num_media: int, latents: int, immediate: bool, scale: float, kv_repeat: int = 1,
+    num_media: int, latents: int, immediate: bool, scale: float, kv_group: int = 1,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _kernels().media_xattn_fwd(q, k, v, text_time, num_media, latents, immediate, scale, kv_group=kv_repeat)
+    return launch_fwd(q, k, v, text_time, num_media, latents, immediate, scale, kv_group=kv_group)
 
 
-@media_xattn_fwd.register_fake
-def _(q, k, v, text_time, num_media, latents, immediate, scale, kv_repeat=1):
+@fwd_op.register_fake
+def _(q, k, v, text_time, num_media, latents, immediate, scale, kv_group=1):
     batch, num_text, heads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads, num_text), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastflamingo::media_xattn_bwd", mutates_args=())
-def media_xattn_bwd(
+def bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     text_time: torch.Tensor, num_media: int, latents: int, immediate: bool, scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _kernels().media_xattn_bwd(do, q, k, v, o, lse, text_time, num_media, latents, immediate, scale)
+    return launch_bwd(do, q, k, v, o, lse, text_time, num_media, latents, immediate, scale)
 
 
-@media_xattn_bwd.register_fake
+@bwd_op.register_fake
 def _(do, q, k, v, o, lse, text_time, num_media, latents, immediate, scale):
     # the kernels allocate contiguous gradients, whatever the strides of q, k, v
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-@torch.library.custom_op("fastflamingo::media_xattn_decode", mutates_args=())
-def media_xattn_decode(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
-    num_media: int, latents: int, immediate: bool, scale: float, kv_repeat: int = 1,
-) -> torch.Tensor:
-    return _decode_kernels().media_decode_fwd(q, k, v, text_time, num_media, latents, immediate, scale,
-                                              kv_group=kv_repeat)
-
-
-@media_xattn_decode.register_fake
-def _(q, k, v, text_time, num_media, latents, immediate, scale, kv_repeat=1):
-    return q.new_empty(q.shape)  # the launcher allocates a contiguous output, like new_empty
-
-
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def _setup_context(ctx, inputs, output):
-    q, k, v, text_time, num_media, latents, immediate, scale, kv_repeat = inputs
+    q, k, v, text_time, num_media, latents, immediate, scale, kv_group = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, text_time)
     ctx.mask_args = (num_media, latents, immediate, scale)
-    ctx.kv_repeat = kv_repeat
+    ctx.kv_group = kv_group
 
 
 def _backward(ctx, grad_o, grad_lse):
@@ -99,52 +74,30 @@ def _backward(ctx, grad_o, grad_lse):
     num_media, latents, immediate, scale = ctx.mask_args
     if grad_o is None:
         return None, None, None, None, None, None, None, None, None
-    if ctx.kv_repeat != 1:
+    if ctx.kv_group != 1:
         # the backward kernels take one K/V row per sample; grouped K/V only ever comes from the inference cache
-        raise ValueError("media_xattn_fwd with kv_repeat > 1 has no backward (inference only)")
-    dq, dk, dv = media_xattn_bwd(grad_o, q, k, v, o, lse, text_time, num_media, latents, immediate, scale)
+        raise ValueError("media_xattn_fwd with kv_group > 1 has no backward (inference only)")
+    dq, dk, dv = bwd_op(grad_o, q, k, v, o, lse, text_time, num_media, latents, immediate, scale)
     return dq, dk, dv, None, None, None, None, None, None
 
 
-media_xattn_fwd.register_autograd(_backward, setup_context=_setup_context)
+fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def media_cross_attention(
+def media_xattn(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
-    num_media: int, latents: int, immediate: bool, scale: float, kv_repeat: int = 1,
+    num_media: int, latents: int, immediate: bool, scale: float, kv_group: int = 1,
 ) -> torch.Tensor:
-    """Masked media cross-attention through the Triton kernels; differentiable w.r.t. q, k and v.
-
-    Calls that need no gradient (``torch.no_grad()``, or none of q, k, v requires grad) with at most
-    ``DECODE_MAX_TOKENS`` query tokens per sample run the decode kernels; everything else the prefill kernels.
-
-    Shapes and semantics: :func:`fastflamingo.functional.media_cross_attention` (q (B, T, H, D), k/v
-    (B, num_media * latents, H, D), ``text_time`` (B, T) 1-based media index, 0 for none). ``kv_repeat`` r: k/v
-    have batch B // r and sample b reads K/V row b // r (forward only).
-    """
-    if text_time.dtype != torch.int32:
-        text_time = text_time.to(torch.int32)
-    kv_repeat = int(kv_repeat)
-    if kv_repeat != 1 and _needs_grad(q, k, v):
-        raise ValueError("kv_repeat > 1 is inference only: the backward kernels need one K/V row per sample")
-    if q.shape[1] <= DECODE_MAX_TOKENS and not _needs_grad(q, k, v):
-        # decode step: split-KV kernels, no host synchronisation (CUDA-graph capturable), no autograd needed
-        return media_xattn_decode(q, k, v, text_time, int(num_media), int(latents), bool(immediate), float(scale),
-                                  kv_repeat)
-    o, _ = media_xattn_fwd(q, k, v, text_time, int(num_media), int(latents), bool(immediate), float(scale),
-                           kv_repeat)
+    """Masked media cross-attention through the prefill kernels; differentiable w.r.t. q, k and v (with
+    ``kv_group`` 1). Shapes and semantics: :func:`fastflamingo.functional.media_xattn` (q (B, T, H, D), k/v
+    (B // kv_group, num_media * latents, H, D), ``text_time`` (B, T) 1-based media index, 0 for none)."""
+    o, _ = fwd_op(q, k, v, text_time, int(num_media), int(latents), bool(immediate), float(scale), int(kv_group))
     return o
 
 
 def unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> List[str]:
     """What the kernels cannot serve about these inputs (devices are checked by ``_backend``); empty: supported."""
-    reasons = []
-    dtypes = {t.dtype for t in (q, k, v)}
-    if len(dtypes) > 1:
-        reasons.append(f"q, k, v have different dtypes {sorted(str(d) for d in dtypes)}")
-    for dtype in sorted(dtypes, key=str):
-        if dtype not in SUPPORTED_DTYPES:
-            reasons.append(f"dtype {dtype} is not supported (fp32, fp16, bf16)")
+    reasons = unsupported_dtype_reasons((("q", q), ("k", k), ("v", v)))
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             reasons.append(f"{name} must be 4-D (batch, tokens, heads, head_dim), got shape {tuple(t.shape)}")
@@ -157,3 +110,208 @@ def unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Li
                 reasons.append(f"head_dim {head_dim} is outside the supported {MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
     reasons += _backend.interpreter_bf16_reasons((q, k, v))
     return reasons
+
+
+def _check_inputs(q, k, v, text_time, num_media, latents, kv_group=1):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be (batch, tokens, heads, head_dim)")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q, k, v must share a dtype among fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    batch, _, heads, head_dim = q.shape
+    if kv_group < 1 or batch % kv_group:
+        raise ValueError(f"kv_group must be >= 1 and divide the batch {batch}, got {kv_group}")
+    kv_shape = (batch // kv_group, num_media * latents, heads, head_dim)
+    if k.shape != kv_shape or v.shape != k.shape:
+        raise ValueError(f"k, v must be {kv_shape}, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if tuple(text_time.shape) != (batch, q.shape[1]):
+        raise ValueError(f"text_time must be {(batch, q.shape[1])}, got {tuple(text_time.shape)}")
+    if head_dim > 128:
+        raise ValueError(f"head_dim {head_dim} > 128 is not supported")
+    if batch * heads > 65535:  # the grid's second axis carries (sample, head); CUDA caps it at 65535
+        raise ValueError(f"batch * heads = {batch * heads} > 65535 is not supported")
+
+
+# In-tile offsets are int32: (rows per tile <= 128) * token stride + head_dim must stay below 2**31.
+_MAX_TOKEN_STRIDE = 2 ** 31 // 256
+
+
+def _tile_addressable(t: torch.Tensor, name: str, copy: bool = True) -> torch.Tensor:
+    """``t`` as the kernels can address it: unit stride along head_dim (vectorised loads; any other stride is
+    explicit) and in-tile offsets that fit int32."""
+    t = unit_last_stride(t)
+    if t.dim() > 1 and t.stride(1) >= _MAX_TOKEN_STRIDE:
+        if copy:
+            t = t.contiguous()
+        if t.stride(1) >= _MAX_TOKEN_STRIDE:
+            raise ValueError(f"{name} has token stride {t.stride(1)} >= {_MAX_TOKEN_STRIDE} elements: not supported")
+    return t
+
+
+def _text_time_int32(text_time: torch.Tensor) -> torch.Tensor:
+    return text_time if text_time.dtype == torch.int32 else text_time.to(torch.int32)
+
+
+def launch_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
+    num_media: int, latents: int, immediate: bool, scale: float,
+    config: Optional[ConfigLike] = None, *, out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
+    kv_group: int = 1,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward pass.
+
+    Args:
+        q: (B, T, H, D) text queries; k, v: (B, M*n, H, D) media keys/values, media-major. Any strides (a tensor
+            whose last stride is not 1 is copied). fp32, fp16 or bf16, all the same dtype; D <= 128.
+        text_time: (B, T) 1-based media index per token (0: none); any integer dtype, any strides.
+        num_media, latents: M and n. immediate: immediate (True) or all-previous (False) mode.
+        scale: softmax scale. config: force a launch config (``{"BLOCK_M": 16, "BLOCK_N": 32}``), bypassing the
+            autotuner. out, lse: optional preallocated outputs (unit last stride).
+        kv_group: k, v have batch ``B // kv_group`` and query sample ``b`` reads K/V row ``b // kv_group`` (beams
+            sharing one media projection). Forward only: :func:`launch_bwd` needs one K/V row per sample.
+
+    Returns:
+        o (B, T, H, D) in q's dtype, and lse (B, H, T) fp32 natural-log sum-exp of the scaled visible scores
+        (``+inf`` for tokens that see nothing).
+    """
+    K, U = _kernels()
+    kv_group = int(kv_group)
+    _check_inputs(q, k, v, text_time, num_media, latents, kv_group)
+    q, k, v = (_tile_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
+    text_time = _text_time_int32(text_time)
+    batch, num_tokens, heads, head_dim = q.shape
+    o = _tile_addressable(check_out("out", out, q.shape, q.dtype, q.device), "out", copy=False)
+    lse = check_out("lse", lse, (batch, heads, num_tokens), torch.float32, q.device)
+    if o.numel() == 0:
+        return o, lse
+    if num_media * latents == 0:
+        o.zero_()
+        lse.fill_(float("inf"))
+        return o, lse
+
+    qk_scale = float(scale) * U.LOG2E
+    block_d = U.head_block(head_dim)
+    precision = U.dot_precision(q.dtype)
+    lo, hi = visible_media(text_time, num_media, immediate)
+
+    def run(cfg) -> None:
+        block_m = cfg.kwargs["BLOCK_M"]
+        tile_start, tile_end = K.query_tile_schedule(lo, hi, num_media, block_m)
+        grid = (tile_start.shape[1], batch // kv_group * heads, kv_group)  # axis 1: (K/V row, head); 2: its samples
+        K._media_xattn_fwd_kernel[grid](
+            q, k, v, o, lse, text_time, tile_start, tile_end,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            lse.stride(0), lse.stride(1),
+            text_time.stride(0), text_time.stride(1),
+            tile_start.stride(0),
+            heads, num_media, latents, kv_group, qk_scale,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.kwargs["BLOCK_N"],
+            IMMEDIATE=bool(immediate), DOT_PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    cfg = U.as_config(config) if config is not None else K.FWD_CHOOSER.choose(
+        K.autotune_key(q, num_media, latents, immediate), run)
+    run(cfg)
+    return o, lse
+
+
+def launch_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    text_time: torch.Tensor, num_media: int, latents: int, immediate: bool, scale: float,
+    config: Optional[ConfigLike] = None, *, dq: Optional[torch.Tensor] = None, dk: Optional[torch.Tensor] = None,
+    dv: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward pass: (dq, dk, dv) with the shapes and dtypes of (q, k, v).
+
+    ``do`` may have any strides, including 0 (an expanded gradient). ``config`` forces one launch config for both
+    the dK/dV and the dQ kernel; dq/dk/dv are optional preallocated outputs. Deterministic: every output element
+    is written by exactly one program, with no atomics.
+    """
+    K, U = _kernels()
+    _check_inputs(q, k, v, text_time, num_media, latents)
+    if do.shape != q.shape or o.shape != q.shape:
+        raise ValueError(f"do {tuple(do.shape)} and o {tuple(o.shape)} must have q's shape {tuple(q.shape)}")
+    if tuple(lse.shape) != (q.shape[0], q.shape[2], q.shape[1]) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be fp32 (batch, heads, text) = {(q.shape[0], q.shape[2], q.shape[1])}, "
+                         f"got {lse.dtype} {tuple(lse.shape)}")
+    q, k, v, o = (_tile_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v"), (o, "o")))
+    do = _tile_addressable(do.to(q.dtype), "do")
+    text_time = _text_time_int32(text_time)
+    batch, num_tokens, heads, head_dim = q.shape
+    dq = _tile_addressable(check_out("dq", dq, q.shape, q.dtype, q.device), "dq", copy=False)
+    dk = _tile_addressable(check_out("dk", dk, k.shape, k.dtype, k.device), "dk", copy=False)
+    dv = _tile_addressable(check_out("dv", dv, v.shape, v.dtype, v.device), "dv", copy=False)
+    if num_tokens == 0 or num_media * latents == 0 or batch * heads * head_dim == 0:
+        dq.zero_()
+        dk.zero_()
+        dv.zero_()
+        return dq, dk, dv
+    if lse.stride(-1) != 1:
+        lse = lse.contiguous()
+
+    qk_scale = float(scale) * U.LOG2E
+    block_d = U.head_block(head_dim)
+    precision = U.dot_precision(q.dtype)
+    delta = torch.empty_like(lse, memory_format=torch.contiguous_format)
+    K._media_xattn_bwd_preprocess_kernel[(U.cdiv(num_tokens, K.PREPROCESS_BLOCK_M), batch * heads)](
+        o, do, delta,
+        o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        delta.stride(0), delta.stride(1),
+        num_tokens, heads,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=K.PREPROCESS_BLOCK_M, num_warps=4,
+    )
+    if lse.stride() != delta.stride():  # the backward kernels share one set of (B, H) strides for lse and delta
+        lse = lse.contiguous()
+    lo, hi = visible_media(text_time, num_media, immediate)
+    token_first, token_end = K.media_token_ranges(lo, hi, num_media, immediate)
+
+    def run_dkdv(cfg) -> None:
+        block_n = cfg.kwargs["BLOCK_N"]
+        grid = (num_media * U.cdiv(latents, block_n), batch * heads)
+        K._media_xattn_bwd_dkdv_kernel[grid](
+            q, k, v, do, lse, delta, text_time, token_first, token_end, dk, dv,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            lse.stride(0), lse.stride(1),
+            text_time.stride(0), text_time.stride(1),
+            token_first.stride(0),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            heads, num_media, latents, qk_scale, float(scale),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=block_n,
+            IMMEDIATE=bool(immediate), DOT_PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    def run_dq(cfg) -> None:
+        block_m = cfg.kwargs["BLOCK_M"]
+        tile_start, tile_end = K.query_tile_schedule(lo, hi, num_media, block_m)
+        grid = (tile_start.shape[1], batch * heads)
+        K._media_xattn_bwd_dq_kernel[grid](
+            q, k, v, do, lse, delta, text_time, tile_start, tile_end, dq,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            lse.stride(0), lse.stride(1),
+            text_time.stride(0), text_time.stride(1),
+            tile_start.stride(0),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            heads, num_media, latents, qk_scale, float(scale),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.kwargs["BLOCK_N"],
+            IMMEDIATE=bool(immediate), DOT_PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    key = K.autotune_key(q, num_media, latents, immediate)
+    dkdv_cfg = U.as_config(config) if config is not None else K.DKDV_CHOOSER.choose(key, run_dkdv)
+    run_dkdv(dkdv_cfg)
+    dq_cfg = U.as_config(config) if config is not None else K.DQ_CHOOSER.choose(key, run_dq)
+    run_dq(dq_cfg)
+    return dq, dk, dv

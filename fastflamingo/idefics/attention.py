@@ -1,0 +1,166 @@
+"""The cross attention of an IDEFICS gated layer (upstream ``IdeficsAttention(is_cross_attention=True)``) and the
+per-head RMSNorm it uses."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import functional, masks
+from .._checks import check_tensor
+from ..cache import ProjectionCache
+from ..ops.torch_path import fold_groups, unfold_groups
+from .config import DEFAULTS, get, vision_embed_dim
+
+
+class IdeficsRMSNorm(nn.Module):
+    """Upstream's RMSNorm, same arithmetic: variance in fp32, the result cast to the weight's dtype only when the
+    weight is half precision (so fp32 weights on bf16 activations give fp32, as upstream)."""
+
+    _fastflamingo_dropin = True
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            hidden_states = hidden_states.to(self.weight.dtype)
+        return self.weight * hidden_states
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class IdeficsCrossAttention(nn.Module):
+    """The ``cross_attn`` of an IDEFICS gated layer: upstream ``IdeficsAttention(is_cross_attention=True)`` keys
+    (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, optional per-head RMSNorm ``q_layer_norm``/``k_layer_norm``);
+    no RoPE, as upstream for cross attention."""
+
+    _fastflamingo_dropin = True
+
+    def __init__(self, config: Any, layer_idx: Optional[int] = None):
+        super().__init__()
+        self.config = config
+        self.hidden_size = int(get(config, "hidden_size", DEFAULTS))
+        self.num_heads = int(get(config, "num_attention_heads", DEFAULTS))
+        self.head_dim = self.hidden_size // self.num_heads
+        if self.head_dim * self.num_heads != self.hidden_size:
+            raise ValueError(
+                f"hidden_size must be divisible by num_heads (got `hidden_size`: {self.hidden_size} and "
+                f"`num_heads`: {self.num_heads})."
+            )
+        self.dropout = float(get(config, "dropout", DEFAULTS))
+        self.scaling = self.head_dim**-0.5
+        self.layer_idx = layer_idx
+        self.is_cross_attention = True
+        vision_dim = vision_embed_dim(config)
+        self.kv_input_dim = self.hidden_size if vision_dim is None else int(vision_dim)
+        inner = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(self.hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(self.kv_input_dim, inner, bias=False)
+        self.v_proj = nn.Linear(self.kv_input_dim, inner, bias=False)
+        self.o_proj = nn.Linear(inner, self.hidden_size, bias=False)
+        self.qk_layer_norms = bool(get(config, "qk_layer_norms", DEFAULTS))
+        if self.qk_layer_norms:
+            eps = float(get(config, "rms_norm_eps", DEFAULTS))
+            self.q_layer_norm = IdeficsRMSNorm(self.head_dim, eps=eps)
+            self.k_layer_norm = IdeficsRMSNorm(self.head_dim, eps=eps)
+        self.media_cache = ProjectionCache()  # normalized K and V of the last images, reused across decode steps
+
+    def project_media(self, image_hidden_states: torch.Tensor):
+        """K (after the optional per-head RMSNorm) and V of the image hidden states, (batch, keys, heads, head_dim),
+        one row per image row. :meth:`attend` uses :meth:`project_media_grouped` instead (no per-beam copies)."""
+        k, v, r = self.project_media_grouped(image_hidden_states)
+        if r > 1:  # expand the shared rows back for a caller that expects one per image row (not the hot path)
+            k, v = k.repeat_interleave(r, dim=0), v.repeat_interleave(r, dim=0)
+        return k, v
+
+    def project_media_grouped(self, image_hidden_states: torch.Tensor):
+        """``(k, v, r)`` with K and V of batch ``batch // r``: image row b uses K/V row b // r. In eval mode
+        without autograd the result is reused while the images and the weights are unchanged, and images whose rows
+        repeat in groups of r (beam search expands the inputs per beam) are projected once per group; else r = 1."""
+
+        def project(states: torch.Tensor):
+            batch, num_keys = states.shape[:2]
+            k = self.k_proj(states).view(batch, num_keys, self.num_heads, self.head_dim)
+            v = self.v_proj(states).view(batch, num_keys, self.num_heads, self.head_dim)
+            return (self.k_layer_norm(k) if self.qk_layer_norms else k), v
+
+        weights = [*self.k_proj.parameters(), *self.v_proj.parameters()]
+        if self.qk_layer_norms:
+            weights += list(self.k_layer_norm.parameters())
+        (k, v), r = self.media_cache.get_grouped(self, image_hidden_states, weights, project)
+        return k, v, r
+
+    def forward(self, hidden_states: torch.Tensor, key_value_states: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None, position_ids=None, cache=None, **kwargs):
+        """Upstream's ``IdeficsAttention.forward`` arguments and return value ``(attn_output, None)`` (sdpa
+        returns no weights upstream either). ``position_ids`` is unused: cross attention has no RoPE."""
+        if cache is not None:
+            raise NotImplementedError("Past key value states are not implemented for Idefics cross attention module.")
+        out = self.attend(hidden_states, key_value_states, attention_mask)
+        return self.o_proj(out), None
+
+    def attend(self, hidden_states: torch.Tensor, key_value_states: Optional[torch.Tensor],
+               attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The attention output before ``o_proj``: (batch, text, heads * head_dim)."""
+        if key_value_states is None:
+            raise ValueError("IDEFICS cross attention needs key_value_states (the image hidden states)")
+        check_tensor("hidden_states", hidden_states, 3, self.hidden_size, "(batch, text, hidden_size)")
+        check_tensor("image_hidden_states", key_value_states, 3, self.kv_input_dim,
+                      "(batch, images * latents, vision embed_dim)")
+        batch, num_text = hidden_states.shape[:2]
+        if key_value_states.shape[0] != batch:
+            raise ValueError(
+                f"image_hidden_states {tuple(key_value_states.shape)} and hidden_states {tuple(hidden_states.shape)} "
+                "must have the same batch size"
+            )
+        num_keys = key_value_states.shape[1]
+        mask = masks.idefics_media_mask(attention_mask, batch, num_text, num_keys, hidden_states.device)
+        heads = (self.num_heads, self.head_dim)
+        q = self.q_proj(hidden_states).view(batch, num_text, *heads)
+        if self.qk_layer_norms:
+            q = self.q_layer_norm(q)
+        k, v, r = self.project_media_grouped(key_value_states)
+        q, k, v = _common_dtype(q, k, v)
+        dropout_p = self.dropout if self.training else 0.0
+        if mask is None:  # soft additive bias: upstream's dense computation, bias included
+            bias = _broadcast_batch(attention_mask, batch).to(q.dtype)  # (batch, 1 or heads, text, keys)
+            q_rows = q
+            if r > 1:
+                # K/V shared by r beams (cached, inference only): fold each group's r query rows into one longer
+                # row, and their bias rows with them, so one SDPA call reads each shared K/V row once
+                q_rows = fold_groups(q, r)
+                bias = fold_groups(bias.transpose(1, 2), r).transpose(1, 2)
+            out = F.scaled_dot_product_attention(
+                q_rows.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                attn_mask=bias, dropout_p=dropout_p, scale=self.scaling,
+            ).transpose(1, 2)
+            if r > 1:
+                out = unfold_groups(out, r)
+        else:
+            out = functional.media_xattn(q, k, v, mask, scale=self.scaling, dropout_p=dropout_p, kv_group=r)
+        return out.reshape(batch, num_text, self.num_heads * self.head_dim)
+
+
+def _broadcast_batch(mask: torch.Tensor, batch: int) -> torch.Tensor:
+    return mask if mask.shape[0] == batch else mask.expand(batch, -1, -1, -1)
+
+
+def _common_dtype(q, k, v):
+    """q/k/v can disagree on dtype only when fp32 qk-norm weights meet half-precision activations (autocast);
+    upstream's attention matmuls then run in the autocast dtype, so use that (else plain promotion)."""
+    if q.dtype == k.dtype == v.dtype:
+        return q, k, v
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
