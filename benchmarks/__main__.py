@@ -1,9 +1,11 @@
 """``python -m benchmarks``: the fastflamingo benchmark suite.
 
-Default on CPU: the issue-2 cells (core cross-attention ``xattn`` and the whole ``MaskedCrossAttention`` module
-``mca`` at 0, 4, 8, 16, 32 shots, 2048 text tokens, fp32), a few minutes on 2 cores. Default on CUDA: the PERF.md
-section 9.1 realistic diagonal for every op in bf16; ``--full`` for the grid, ``--priority`` for the PERF.md
-section 9.4 cells, ``--dry-run`` for the same code paths at toy sizes on CPU.
+Default on CPU: the core cross-attention ``media_xattn`` and the whole ``MaskedCrossAttention`` module ``mca`` at 0,
+4, 8, 16, 32 shots, 2048 text tokens, fp32, a few minutes on 2 cores. Default on CUDA: the realistic diagonal of
+docs/performance.md for every op in bf16; ``--full`` for the grid, ``--priority`` for the priority cells,
+``--dry-run`` for the same code paths at toy sizes on CPU. Ops are named by their stem (``media_xattn``,
+``media_decode``, ``perceiver_attn``, ``gated_linear``); the older names ``xattn``, ``decode``, ``perceiver_core``
+and ``gate`` are accepted too.
 
 Every run calibrates the device (copy GB/s, GEMM TFLOP/s), then writes
 ``benchmarks/results/<device>-<date>-<commit>.json|.csv`` (or into ``--out``) and prints a table.
@@ -38,8 +40,8 @@ def parse_args(argv=None):
     ap.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     ap.add_argument("--passes", help="comma list of fwd,bwd,fwd+bwd,gen (default: each case's passes)")
     ap.add_argument("--quick", action="store_true", help="fewer shapes (0 and 32 shots), shorter time budget")
-    ap.add_argument("--full", action="store_true", help="the full PERF.md grid instead of the realistic diagonal")
-    ap.add_argument("--priority", action="store_true", help="the PERF.md section 9.4 priority cells (device check)")
+    ap.add_argument("--full", action="store_true", help="the full grid (docs/performance.md) instead of the realistic diagonal")
+    ap.add_argument("--priority", action="store_true", help="the priority cells of docs/performance.md (device check)")
     ap.add_argument("--dry-run", action="store_true", help="same code paths at toy sizes, forced onto the CPU")
     ap.add_argument("--budget", type=float, help="seconds of timing per cell (default: 0.4 CPU, 0.1 CUDA)")
     ap.add_argument("--deadline", type=float, help="stop measuring after this many seconds (rows say skipped)")
@@ -72,13 +74,13 @@ def build_plans(args, ops, device):
         profile = "quick"
     else:
         profile = "cpu" if device == "cpu" else "diagonal"
-    wanted_ops = _csv(args.ops)
+    wanted_ops = [registry.canonical(o) for o in _csv(args.ops) or ()]
     if wanted_ops:
         unknown = [o for o in wanted_ops if o not in ops]
         if unknown:
             raise SystemExit(f"unknown op(s) {unknown}; known: {', '.join(ops)}")
         selected = [ops[o] for o in wanted_ops]
-    elif args.priority:  # every op; each op's "priority" profile holds its PERF.md section 9.4 cells (or none)
+    elif args.priority:  # every op; each op's "priority" profile holds its priority cells (docs/performance.md) (or none)
         selected = list(ops.values())
     else:
         selected = [op for op in ops.values() if device in op.default_devices]
@@ -149,9 +151,10 @@ def main(argv=None) -> int:
     rows = result.rows
     table_shots = [int(s) for s in _csv(args.table_shots)] if args.table_shots else None
     if table_shots is None:
-        xs = [r["shots"] for r in rows if r["op"] != "gate"]
+        xs = [r["shots"] for r in rows if registry.canonical(r["op"]) != "gated_linear"]
         table_shots = [max(xs)] if xs else None
-    shown = [r for r in rows if r["op"] in ("gate",) or not table_shots or r["shots"] in table_shots]
+    shown = [r for r in rows if registry.canonical(r["op"]) == "gated_linear" or not table_shots
+             or r["shots"] in table_shots]
     print()
     print(report.describe({"meta": result.meta, "calibration": c}))
     print(report.text_table(shown))

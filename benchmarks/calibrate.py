@@ -1,4 +1,4 @@
-"""Measured ceilings of the machine, used as roofline denominators in the same run (PERF.md section 7).
+"""Measured ceilings of the machine, used as roofline denominators in the same run (docs/performance.md, "Roofline").
 
 A large device-to-device copy gives the achievable memory bandwidth (read + write bytes counted) and a large
 square matmul gives the achievable dense FLOP/s of the benchmark dtype. Spec sheets overstate both by 10-20 %, so
@@ -12,7 +12,7 @@ import torch
 
 from .timing import time_call
 
-# CUDA: 1 GiB copy (far beyond L2) and the 8192^3 GEMM of PERF.md; CPU: sizes that take ~0.1 s on 2 cores
+# CUDA: 1 GiB copy (far beyond L2) and an 8192^3 GEMM; CPU: sizes that take ~0.1 s on 2 cores
 _SIZES = {
     "cuda": dict(copy_bytes=1 << 30, gemm_n=8192),
     "cpu": dict(copy_bytes=256 << 20, gemm_n=2048),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-call GPU check (issue 5): install, test suite natively on CUDA, calibration + PERF.md section 9.4 priority
+# One-call GPU check (issue 5): install, test suite natively on CUDA, calibration + priority (docs/performance.md, "Priority cells")
 # cells, all logs and results in OUTDIR, a short table printed last. Fits in 8 minutes on an H100:
 #   install ~30 s | tests <= TEST_TIMEOUT (180 s) | benchmarks stop measuring at BENCH_DEADLINE (200 s, results kept),
 #   hard limit BENCH_TIMEOUT (240 s).

@@ -1,5 +1,5 @@
 """Op ``e2e``: whole random-weight models, unpatched (``upstream``) vs ``fastflamingo.patch(model)``
-(PERF.md section 9.2 row F).
+(docs/performance.md, "Benchmark matrix", row F).
 
 Models (``model`` parameter of a case):
 

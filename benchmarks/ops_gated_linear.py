@@ -1,8 +1,7 @@
-"""Op ``gate``: the tanh-gated out-projection ``y = x + tanh(alpha) * (a @ W^T)`` (PERF.md section 9.2 row C).
+"""Op ``gated_linear`` (alias ``gate``): the tanh-gated out-projection ``y = x + tanh(alpha) * (a @ W^T)`` (docs/performance.md, "Benchmark matrix", row C).
 
 Providers: ``upstream`` (OpenFlamingo's eager ``attn(x) * attn_gate.tanh() + x``), ``fastflamingo``
-(``functional.tanh_gated_linear``: the gate fused into the projection's epilogue on Triton; or
-``tanh_gated_residual`` after the projection where that function does not exist), ``compile`` / ``compile-max-autotune``
+(``functional.gated_linear``: the gate fused into the projection's epilogue on Triton), ``compile`` / ``compile-max-autotune``
 (``torch.compile`` of the eager expression, CUDA), and ``gemm-alone`` (the projection without the gate: the speed
 of light of any fused version, kind ``bound``).
 
@@ -17,9 +16,11 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from fastflamingo import reference as ff_reference
+
 from .registry import Case, Op, Provider, Runner, register_op, register_provider
 
-OP = "gate"
+OP = "gated_linear"
 
 
 def _case(name, m, k, n, alpha="scalar") -> Case:
@@ -62,7 +63,7 @@ def make_inputs(case: Case, device: str, dtype: torch.dtype):
 
 def reference(inputs, case):
     a, w, x, alpha = (t.detach().float() for t in (inputs.a, inputs.w, inputs.x, inputs.alpha))
-    return x + torch.tanh(alpha) * (a @ w.T)
+    return ff_reference.gated_linear(x, a, w, None, alpha)
 
 
 def work(case: Case, pass_: str, dtype):
@@ -89,11 +90,8 @@ def _build_upstream(inputs, case, device, dtype) -> Runner:
 def _build_fastflamingo(inputs, case, device, dtype) -> Runner:
     from fastflamingo import functional as FF
 
-    if hasattr(FF, "tanh_gated_linear"):  # x + tanh(alpha) * linear(inp), fused into the GEMM epilogue on Triton
-        return Runner(lambda: FF.tanh_gated_linear(inputs.x, inputs.a, inputs.linear, inputs.alpha),
-                      note="tanh_gated_linear")
-    return Runner(lambda: FF.tanh_gated_residual(inputs.x, F.linear(inputs.a, inputs.w), inputs.alpha),
-                  note="linear + tanh_gated_residual")
+    # x + tanh(alpha) * linear(inp), fused into the GEMM epilogue on Triton
+    return Runner(lambda: FF.gated_linear(inputs.x, inputs.a, inputs.linear, inputs.alpha), note="gated_linear")
 
 
 def _compile_builder(mode):

@@ -1,4 +1,4 @@
-"""Op ``xattn``: the masked media cross-attention core (PERF.md section 9.2, rows A and A').
+"""Op ``media_xattn`` (alias ``xattn``): the masked media cross-attention core (docs/performance.md, "Benchmark matrix", rows A and A').
 
 Inputs are q (B, T, H, d) and media K/V (B, n_img * latents, H, d), as ``fastflamingo.functional`` takes them;
 every provider gets the same tensors. Providers:
@@ -8,12 +8,12 @@ every provider gets the same tensors. Providers:
   mode), including the mask construction it does on every call;
 - ``sdpa`` (CPU) / ``sdpa-efficient``, ``sdpa-cudnn``, ``sdpa-math`` (CUDA, forced with ``sdpa_kernel``): dense
   (B, 1, T, keys) boolean mask built once (prep), rows that see nothing get every key and are zeroed after;
-- ``flex`` / ``flex-128x64``: FlexAttention with the PERF.md section 1.4 ``mask_mod`` (compiled on CUDA; eager,
+- ``flex`` / ``flex-128x64``: FlexAttention with the ``mask_mod`` of docs/performance.md ("FlexAttention") (compiled on CUDA; eager,
   forward only, on CPU); BlockMask build time is the prep time;
 - ``flash-varlen`` / ``torch-varlen``: immediate mode as segment-to-segment varlen attention (one segment per
   (sample, image) with text); packing (gathering K/V per segment) is the prep time and the timed call is the
   kernel on packed tensors;
-- ``fastflamingo``: ``functional.media_cross_attention`` (Triton on CUDA via ``auto``, the run-based PyTorch path
+- ``fastflamingo``: ``functional.media_xattn`` (Triton on CUDA via ``auto``, the run-based PyTorch path
   on CPU); ``fastflamingo-torch`` forces the PyTorch path (CUDA only, to see what the kernel adds).
 """
 from __future__ import annotations
@@ -28,11 +28,12 @@ import torch.nn.functional as F
 
 import fastflamingo
 from fastflamingo import masks as ff_masks
+from fastflamingo import reference as ff_reference
 
 from . import shapes
 from .registry import Case, Op, Provider, Runner, register_op, register_provider
 
-OP = "xattn"
+OP = "media_xattn"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -139,13 +140,8 @@ def reference_core(q, k, v, mask, latents, scale):
     batch, text, heads, _ = q.shape
     if batch * heads * text * k.shape[1] > _DENSE_REFERENCE_MAX:
         with fastflamingo.backend("torch"):
-            return fastflamingo.functional.media_cross_attention(q, k, v, mask, scale=scale)
-    keymask, sees = dense_key_mask(mask.to(q.device), latents)
-    scores = torch.einsum("bthd,bkhd->bhtk", q, k) * scale
-    scores = scores.masked_fill(~keymask[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # empty rows: all -inf -> NaN -> 0
-    out = torch.einsum("bhtk,bkhd->bthd", probs, v)
-    return out * sees[:, :, None, None]
+            return fastflamingo.functional.media_xattn(q, k, v, mask, scale=scale)
+    return ff_reference.media_xattn(q, k, v, mask.text_time, mask.num_media, mask.immediate, scale)
 
 
 def reference(inputs, case):
@@ -335,7 +331,7 @@ register_provider(OP, Provider("flex-128x64", "baseline", _flex_builder((128, 64
 def _pack_segments(inputs, device):
     """One varlen segment per (sample, image) that has text: q rows = its tokens, K/V rows = its latents.
 
-    Tokens that see no media are dropped (no zero-length KV segments, see PERF.md section 2.2) and written as
+    Tokens that see no media are dropped (no zero-length KV segments, see docs/performance.md, "Varlen attention") and written as
     zeros when unpacking.
     """
     tt = inputs.mask.text_time.to(device).long()
@@ -430,16 +426,17 @@ register_provider(OP, Provider("torch-varlen", "baseline", _varlen_builder("torc
 def _fastflamingo_builder(backend_name):
     def build(inputs, case, device, dtype) -> Runner:
         from fastflamingo import functional as FF
+        from fastflamingo.ops import torch_path
 
         q, k, v, scale = inputs.q, inputs.k, inputs.v, inputs.scale
         start = time.perf_counter()
         mask = inputs.mask.to(device)
-        mask.runs()  # the host-side run list is built once per batch and shared by the layers (prep)
+        torch_path.runs(mask)  # the PyTorch path's run list is built once per batch and shared by the layers (prep)
         prep_ms = (time.perf_counter() - start) * 1e3
 
         def forward():
             with fastflamingo.backend(backend_name):
-                return FF.media_cross_attention(q, k, v, mask, scale=scale)
+                return FF.media_xattn(q, k, v, mask, scale=scale)
 
         return Runner(forward, prep_ms=prep_ms, note=f"backend={backend_name}")
 
@@ -447,6 +444,6 @@ def _fastflamingo_builder(backend_name):
 
 
 register_provider(OP, Provider("fastflamingo", "fastflamingo", _fastflamingo_builder("auto"),
-                               description="fastflamingo.functional.media_cross_attention (auto backend)"))
+                               description="fastflamingo.functional.media_xattn (auto backend)"))
 register_provider(OP, Provider("fastflamingo-torch", "fastflamingo", _fastflamingo_builder("torch"), devices=("cuda",),
                                description="fastflamingo PyTorch path forced on CUDA"))

@@ -1,11 +1,9 @@
-"""Issue 4 ops: the Perceiver attention core, whole resamplers, and IDEFICS' gated cross-attention layer.
+"""Module ops: whole resamplers and IDEFICS' gated cross-attention layer (the Perceiver attention core is in
+``ops_perceiver_attn.py``).
 
-- ``perceiver_core`` (PERF.md section 9.2 row B): latent queries attend to ``[media tokens; latents]``; providers
-  ``upstream`` (OpenFlamingo's einsum on the concatenated keys with the amax shift), ``sdpa`` (SDPA on the
-  concatenated keys), ``flex`` (FlexAttention, no mask; CUDA) and ``fastflamingo`` (two key sources, no concat).
 - ``resampler``: the whole ``PerceiverResampler`` (OpenFlamingo, depth 6, 8 x 64) or
   ``IdeficsPerceiverResampler`` (depth 6, 16 x 96, qk LayerNorm), upstream module vs the drop-in.
-- ``idefics_block``: transformers' ``IdeficsGatedCrossAttentionLayer`` vs the drop-in, prefill (row E).
+- ``idefics_block``: transformers' ``IdeficsGatedCrossAttentionLayer`` vs the drop-in, prefill (docs/performance.md, matrix row E).
 
 References come from :mod:`fastflamingo.reference` (upstream's math restated), in fp32.
 """
@@ -16,7 +14,6 @@ from types import SimpleNamespace
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 
 import fastflamingo
 from fastflamingo import reference as ref
@@ -45,111 +42,6 @@ def _tiny(case: Case) -> Case:
     if "text" in p:
         p.update(text=24, hidden=64, lm_heads=4)
     return Case(case.op, p, _label(case.op, p), min(case.shots, 2), case.passes, case.providers)
-
-
-# ------------------------------------------------------------------------------------------------------ core
-
-
-def _core_cases(profile: str, shots: Optional[List[int]] = None) -> List[Case]:
-    if profile in ("cpu", "quick"):
-        return [_case("perceiver_core", "of", 1, s) for s in (shots or (4, 32))]
-    if profile == "priority":
-        return [_case("perceiver_core", m, 16, 32) for m in ("of", "idefics")]
-    return [_case("perceiver_core", m, b, s) for m in ("of", "idefics") for b, s in ((1, 4), (4, 8), (16, 32))]
-
-
-def _core_inputs(case: Case, device: str, dtype: torch.dtype):
-    p = case.params
-    g = torch.Generator().manual_seed(0)
-    n = p["batch"] * (p["shots"] + 1)
-
-    def rnd(tokens):
-        return torch.randn(n, tokens, p["heads"], p["head_dim"], generator=g).to(device, dtype).requires_grad_()
-
-    ns = SimpleNamespace(q=rnd(p["latents"]), k_media=rnd(p["tokens"]), v_media=rnd(p["tokens"]),
-                         k_latents=rnd(p["latents"]), v_latents=rnd(p["latents"]), scale=p["head_dim"] ** -0.5)
-    ns.leaves = [ns.q, ns.k_media, ns.v_media, ns.k_latents, ns.v_latents]
-    return ns
-
-
-def _core_reference(inputs, case):
-    q, km, vm, kl, vl = (t.detach().float() for t in inputs.leaves)
-    k, v = torch.cat((km, kl), 1), torch.cat((vm, vl), 1)
-    probs = torch.softmax(torch.einsum("nlhd,nshd->nhls", q, k) * inputs.scale, -1)
-    return torch.einsum("nhls,nshd->nlhd", probs, v)
-
-
-def _core_work(case: Case, pass_: str, dtype):
-    p = case.params
-    n = p["batch"] * (p["shots"] + 1)
-    keys = p["tokens"] + p["latents"]
-    es = torch.tensor([], dtype=dtype).element_size()
-    flops = 4 * n * p["heads"] * p["latents"] * keys * p["head_dim"]
-    io = es * n * p["heads"] * p["head_dim"] * (2 * keys + 2 * p["latents"])  # read q, k, v; write o
-    return {"fwd": (flops, io), "bwd": (2.5 * flops, 2 * io), "fwd+bwd": (3.5 * flops, 3 * io)}.get(pass_, (None, None))
-
-
-register_op(Op("perceiver_core", "Perceiver attention core: latents attend to [media; latents]", _core_cases,
-               _core_inputs, _core_reference, _core_work, _tiny, default_devices=("cuda",)))
-
-
-def _upstream_core(inputs, case, device, dtype) -> Runner:
-    def run():  # OpenFlamingo helpers.py PerceiverAttention, after the projections
-        k = torch.cat((inputs.k_media, inputs.k_latents), 1).transpose(1, 2)
-        v = torch.cat((inputs.v_media, inputs.v_latents), 1).transpose(1, 2)
-        sim = torch.einsum("...id,...jd->...ij", inputs.q.transpose(1, 2) * inputs.scale, k)
-        attn = (sim - sim.amax(dim=-1, keepdim=True).detach()).softmax(dim=-1)
-        return torch.einsum("...ij,...jd->...id", attn, v).transpose(1, 2)
-
-    return Runner(run)
-
-
-def _sdpa_core(inputs, case, device, dtype) -> Runner:
-    def run():
-        k = torch.cat((inputs.k_media, inputs.k_latents), 1).transpose(1, 2)
-        v = torch.cat((inputs.v_media, inputs.v_latents), 1).transpose(1, 2)
-        return F.scaled_dot_product_attention(inputs.q.transpose(1, 2), k, v, scale=inputs.scale).transpose(1, 2)
-
-    return Runner(run, note="cat + SDPA")
-
-
-def _flex_core(inputs, case, device, dtype) -> Runner:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    compiled = torch.compile(flex_attention, dynamic=False)
-
-    def run():
-        k = torch.cat((inputs.k_media, inputs.k_latents), 1).transpose(1, 2)
-        v = torch.cat((inputs.v_media, inputs.v_latents), 1).transpose(1, 2)
-        return compiled(inputs.q.transpose(1, 2), k, v, scale=inputs.scale).transpose(1, 2)
-
-    return Runner(run, note="cat + compiled flex_attention")
-
-
-def _ff_core(inputs, case, device, dtype) -> Runner:
-    from fastflamingo import functional as FF
-
-    return Runner(lambda: FF.perceiver_attention(inputs.q, inputs.k_media, inputs.v_media, inputs.k_latents,
-                                                 inputs.v_latents, scale=inputs.scale))
-
-
-def _flex_unavailable(device, dtype):
-    if device != "cuda":
-        return "FlexAttention is compiled for CUDA here (no backward on CPU)"
-    try:
-        import torch.nn.attention.flex_attention  # noqa: F401
-    except ImportError as exc:
-        return f"flex_attention unavailable ({exc})"
-    return None
-
-
-register_provider("perceiver_core", Provider("upstream", "upstream", _upstream_core,
-                                             description="OpenFlamingo einsum on cat(media, latents)"))
-register_provider("perceiver_core", Provider("sdpa", "baseline", _sdpa_core, description="cat + SDPA"))
-register_provider("perceiver_core", Provider("flex", "baseline", _flex_core, _flex_unavailable, devices=("cuda",),
-                                             description="cat + FlexAttention (no mask)"))
-register_provider("perceiver_core", Provider("fastflamingo", "fastflamingo", _ff_core,
-                                             description="functional.perceiver_attention (two sources, no cat)"))
 
 
 # ------------------------------------------------------------------------------------------------- modules
@@ -181,7 +73,7 @@ def _module_cases(op):
                 extra.update(text=1024, hidden=1024, lm_heads=8, intermediate=2816)
             return [_case(op, m, 1, s, **extra) for m in (("idefics",) if op == "idefics_block" else ("of", "idefics"))
                     for s in (shots or (4,))]
-        if profile == "priority":  # not among PERF.md section 9.4's cells: keep the one-call GPU check short
+        if profile == "priority":  # not among the priority cells of docs/performance.md: keep the one-call GPU check short
             return []
         models = ("idefics",) if op == "idefics_block" else ("of", "idefics")
         return [_case(op, m, b, s, **extra) for m in models for b, s in ((1, 4), (4, 8), (16, 32))]

@@ -14,7 +14,6 @@ Provider kinds, used for speedups:
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -81,7 +80,7 @@ class Op:
     """An op: shapes (``cases``), inputs, the fp32 reference, and analytic work for the roofline.
 
     - ``cases(profile)`` -> list of :class:`Case`; profiles: ``cpu`` (default on CPU), ``diagonal`` (default on
-      CUDA, PERF.md section 9.1), ``full`` (grid), ``priority`` (PERF.md section 9.4), ``quick``.
+      CUDA, docs/performance.md, "Benchmark matrix"), ``full`` (grid), ``priority`` (docs/performance.md, "Priority cells"), ``quick``.
     - ``tiny(case)`` -> the same case at toy sizes (``--dry-run``).
     - ``make_inputs(case, device, dtype)`` -> an object with a ``leaves`` list (tensors/parameters that receive
       gradients; cleared between backward reps).
@@ -102,9 +101,14 @@ class Op:
 
 OPS: Dict[str, Op] = {}
 _LOADED = False
-# op modules, imported on first use; a module that fails to import is reported, not fatal
-OP_MODULES = ("ops_media_xattn", "ops_modules", "ops_gated_linear", "ops_e2e", "ops_resampler")
 LOAD_ERRORS: Dict[str, str] = {}
+# Op names before the one-stem-per-op rename: accepted by --ops and read from older result files.
+ALIASES = {"xattn": "media_xattn", "decode": "media_decode", "gate": "gated_linear", "perceiver_core": "perceiver_attn"}
+
+
+def canonical(name: str) -> str:
+    """The current name of an op (``xattn`` -> ``media_xattn``); other names unchanged."""
+    return ALIASES.get(name, name)
 
 
 def register_op(op: Op) -> Op:
@@ -122,13 +126,41 @@ def register_provider(op_name: str, provider: Provider) -> Provider:
     return provider
 
 
+def _op_modules():
+    """The op modules, each imported on first use; a module that fails to import is reported, not fatal."""
+
+    def ops_media_xattn():
+        from . import ops_media_xattn  # noqa: F401
+
+    def ops_media_decode():
+        from . import ops_media_decode  # noqa: F401
+
+    def ops_perceiver_attn():
+        from . import ops_perceiver_attn  # noqa: F401
+
+    def ops_gated_linear():
+        from . import ops_gated_linear  # noqa: F401
+
+    def ops_modules():
+        from . import ops_modules  # noqa: F401
+
+    def ops_resampler():
+        from . import ops_resampler  # noqa: F401
+
+    def ops_e2e():
+        from . import ops_e2e  # noqa: F401
+
+    return (ops_media_xattn, ops_media_decode, ops_perceiver_attn, ops_gated_linear, ops_modules, ops_resampler,
+            ops_e2e)
+
+
 def load_all() -> Dict[str, Op]:
     global _LOADED
     if not _LOADED:
         _LOADED = True
-        for module in OP_MODULES:
+        for load in _op_modules():
             try:
-                importlib.import_module(f"benchmarks.{module}")
+                load()
             except Exception as exc:  # keep the other ops usable
-                LOAD_ERRORS[module] = f"{type(exc).__name__}: {exc}"
+                LOAD_ERRORS[load.__name__] = f"{type(exc).__name__}: {exc}"
     return OPS

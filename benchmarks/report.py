@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 from . import results as R
+from .registry import canonical
 
 COLUMNS = [
     ("op", "op"), ("case", "shape"), ("dtype", "dtype"), ("pass", "pass"), ("provider", "provider"),
@@ -57,7 +58,8 @@ def select(rows: Iterable[Dict], shots: Optional[List[int]] = None, passes: Opti
            ops: Optional[List[str]] = None) -> List[Dict]:
     return [
         r for r in rows
-        if (not shots or r.get("shots") in shots) and (not passes or r["pass"] in passes) and (not ops or r["op"] in ops)
+        if (not shots or r.get("shots") in shots) and (not passes or r["pass"] in passes)
+        and (not ops or canonical(r["op"]) in {canonical(o) for o in ops})
     ]
 
 

@@ -1,4 +1,4 @@
-"""Model shapes and the shot/text axes of PERF.md section 9.1, shared by the op modules.
+"""Model shapes and the shot/text axes of docs/performance.md, "Benchmark matrix", shared by the op modules.
 
 Presets (heads x head_dim of the cross-attention, latents per image, LM width, vision width):
 

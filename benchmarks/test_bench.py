@@ -30,7 +30,7 @@ CELLS = [
 
 
 def _case(op_name, shots):
-    op = registry.load_all()[op_name]
+    op = registry.load_all()[registry.canonical(op_name)]
     case = op.cases("cpu", [shots])[0]
     case.params = dict(case.params, text=TEXT)
     case.label = case.label.replace("T2048", f"T{TEXT}")

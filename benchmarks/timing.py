@@ -1,4 +1,4 @@
-"""Timing and peak-memory measurement (PERF.md section 9.3).
+"""Timing and peak-memory measurement (docs/performance.md, "Protocol").
 
 CUDA: ``triton.testing.do_bench`` (L2 flushed between reps) with quantiles [0.5, 0.2, 0.8]; the first call
 (autotuning, ``torch.compile``) is timed on its own and reported as ``warmup_ms``, never mixed into the quantiles.

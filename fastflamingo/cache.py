@@ -2,7 +2,7 @@
 
 During generation the media (Perceiver latents) of a model stay the same while text tokens are produced one at a
 time, yet OpenFlamingo and IDEFICS recompute every cross-attention layer's K/V projection of all media at every
-step, and IDEFICS on transformers 5 even reruns the whole resampler (SEMANTICS.md section 5). A
+step, and IDEFICS on transformers 5 even reruns the whole resampler (docs/design.md, "Generation"). A
 :class:`ProjectionCache` on each layer remembers the last result and returns it while it is provably still valid.
 
 The entry is keyed on:
@@ -22,7 +22,7 @@ Beam search: OpenFlamingo's ``generate`` repeat_interleaves the images per beam 
 same way, so the media of a batch of B samples with r beams holds r identical consecutive rows per sample.
 :meth:`ProjectionCache.get_grouped` finds that repeat factor once per cached media (an exact comparison) and
 projects only the unique rows, so the cached K/V holds one row per sample instead of r copies; attention then reads
-K/V row ``b // r`` for query row ``b`` (``kv_repeat`` of :func:`fastflamingo.functional.media_cross_attention`).
+K/V row ``b // r`` for query row ``b`` (``kv_group`` of :func:`fastflamingo.functional.media_xattn`).
 """
 from __future__ import annotations
 

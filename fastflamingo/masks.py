@@ -275,7 +275,7 @@ def _block_size(mask: torch.Tensor) -> Optional[int]:
 
 def idefics_media_mask(image_attention_mask: Optional[torch.Tensor], batch: int, num_text: int, num_keys: int,
                        device=None):
-    """The mask an IDEFICS gated layer receives, as ``media_cross_attention`` takes it.
+    """The mask an IDEFICS gated layer receives, as :func:`fastflamingo.functional.media_xattn` takes it.
 
     Returns a :class:`MediaMask` (closed form), a boolean (batch, text, media) tensor (hard
     mask without closed form), or None when the mask is a soft additive bias (the caller then uses it as is).

@@ -55,7 +55,7 @@ def load_open_flamingo() -> types.SimpleNamespace:
 
 def _fix_generate_for_transformers5(mixin) -> None:
     """transformers 5 drops an all-ones ``attention_mask`` in generate, and OpenFlamingo's ``FlamingoLMMixin.forward``
-    requires it positionally (SEMANTICS.md section 7): give it a default of None."""
+    requires it positionally (docs/testing.md, "Upstream packages"): give it a default of None."""
     if getattr(mixin.forward, "_fastflamingo_default_mask", False):
         return
     original = mixin.forward

@@ -17,7 +17,7 @@ from helpers import assert_close
 
 pytestmark = pytest.mark.triton
 
-TOLERANCE = {  # (output, gradients), relative to max |reference|; CPU_TESTING.md section 10
+TOLERANCE = {  # (output, gradients), relative to max |reference|; docs/testing.md, "Tolerances"
     torch.float32: (1e-5, 1e-5),
     torch.float16: (5e-3, 1e-2),
     torch.bfloat16: (3e-2, 6e-2),

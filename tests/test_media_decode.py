@@ -18,7 +18,7 @@ from fastflamingo.ops import media_xattn as xattn_ops
 from helpers import assert_close
 from fastflamingo.masks import ALL_PREVIOUS, IMMEDIATE, MediaMask, visible_media
 
-# max |kernel - reference| / max |reference| per dtype; docs: /work/shared/CPU_TESTING.md section 10
+# max |kernel - reference| / max |reference| per dtype; docs/testing.md, "Tolerances"
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 MODES = [pytest.param(True, id="immediate"), pytest.param(False, id="all_previous")]
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),

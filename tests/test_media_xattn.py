@@ -412,7 +412,7 @@ def test_torch_compile(kernels, device, compile_backend):
 
 @pytest.mark.parametrize("mode", [IMMEDIATE, ALL_PREVIOUS])
 def test_functional_dispatch_runs_the_kernel(kernels, device, monkeypatch, mode):
-    """``backend("triton")`` sends functional.media_cross_attention through the kernels (on CPU: interpreted), and
+    """``backend("triton")`` sends functional.media_xattn through the kernels (on CPU: interpreted), and
     it matches the PyTorch path in value and gradient."""
     import fastflamingo
     from fastflamingo import functional

@@ -16,7 +16,7 @@ from helpers import assert_close
 
 pytestmark = pytest.mark.triton
 
-# max |kernel - reference| / max |reference|, for (output, gradients); docs: /work/shared/CPU_TESTING.md section 10
+# max |kernel - reference| / max |reference|, for (output, gradients); docs/testing.md, "Tolerances"
 TOLERANCE = {
     torch.float32: (1e-4, 2e-4),
     torch.float16: (5e-3, 1e-2),

@@ -108,7 +108,7 @@ class IdeficsPerceiverResampler(nn.Module):
             for _ in range(depth)
         )
         self.layer_norm = nn.LayerNorm(self.embed_dim)
-        # transformers 5 reruns the resampler on the same vision features at every decode step (SEMANTICS.md 5):
+        # transformers 5 reruns the resampler on the same vision features at every decode step (docs/design.md, "Generation"):
         # in eval mode without autograd the last result is reused while the features and weights are unchanged
         self.media_cache = ProjectionCache()
 

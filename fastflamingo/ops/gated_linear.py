@@ -6,7 +6,7 @@ written to memory, and it is not saved for the backward pass either (upstream sa
 per gated branch), nor recomputed: the only gradient that needs it, ``d alpha``, follows from the weight-gradient
 GEMM (below).
 
-Backward (``fastflamingo::tanh_gated_linear_bwd``), with ``t = tanh(alpha)``, ``g = rowmask(dy)`` and
+Backward (``fastflamingo::gated_linear_bwd``), with ``t = tanh(alpha)``, ``g = rowmask(dy)`` and
 ``G = g^T @ inp`` (N, K) computed once in fp32::
 
     dx      = dy

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .. import idefics as ff
+from .. import idefics
 from ._common import Rule, class_named
 
 
@@ -41,7 +41,7 @@ def _convert_gated_layer(m: nn.Module) -> nn.Module:
         alpha_initializer="zeros",  # values are adopted from the upstream Parameters
         vision_config=dict(embed_dim=attn.k_proj.in_features),
     )
-    new = ff.IdeficsGatedCrossAttentionLayer(config, layer_idx=getattr(attn, "layer_idx", None))
+    new = idefics.IdeficsGatedCrossAttentionLayer(config, layer_idx=getattr(attn, "layer_idx", None))
     if attn.qk_layer_norms:
         new.cross_attn.q_layer_norm.variance_epsilon = attn.q_layer_norm.variance_epsilon
         new.cross_attn.k_layer_norm.variance_epsilon = attn.k_layer_norm.variance_epsilon
@@ -69,7 +69,7 @@ def _is_perceiver_attention(m: nn.Module) -> bool:
 
 
 def _convert_perceiver_attention(m: nn.Module) -> nn.Module:
-    return ff.IdeficsPerceiverAttention(m.embed_dim, m.n_heads, m.head_dim, bool(m.qk_layer_norms))
+    return idefics.IdeficsPerceiverAttention(m.embed_dim, m.n_heads, m.head_dim, bool(m.qk_layer_norms))
 
 
 def _is_resampler(m: nn.Module) -> bool:
@@ -89,7 +89,7 @@ def _convert_resampler(m: nn.Module) -> nn.Module:
         perceiver_config=dict(qk_layer_norms_perceiver=bool(m.qk_layer_norms)),
         vision_config=dict(embed_dim=vision_dim),
     )
-    new = ff.IdeficsPerceiverResampler(config, m.embed_dim, len(m.blocks), m.n_heads, m.head_dim, m.n_latents)
+    new = idefics.IdeficsPerceiverResampler(config, m.embed_dim, len(m.blocks), m.n_heads, m.head_dim, m.n_latents)
     if new.intermediate_dim != m.intermediate_dim:
         raise ValueError(
             f"cannot patch IdeficsPerceiverResampler: MLP width {m.intermediate_dim} is not 4 x {vision_dim}"
