@@ -56,7 +56,9 @@ def parse_args(argv=None):
 
 def _list(ops) -> None:
     for name, op in ops.items():
-        print(f"{name}: {op.description} (default on: {', '.join(op.default_devices) or 'opt-in'})")
+        aliases = [old for old, new in registry.ALIASES.items() if new == name]
+        also = f" [also --ops {', '.join(aliases)}]" if aliases else ""
+        print(f"{name}{also}: {op.description} (default on: {', '.join(op.default_devices) or 'opt-in'})")
         for p in op.providers.values():
             print(f"    {p.name:22s} {p.kind:12s} {p.description} [{', '.join(p.devices)}]")
     for module, err in registry.LOAD_ERRORS.items():
@@ -125,7 +127,7 @@ def main(argv=None) -> int:
         raise SystemExit("nothing to run for these options (see --list)")
     budget = args.budget or (0.05 if args.dry_run else 0.25 if args.quick else 0.4 if device == "cpu" else 0.1)
     start = time.monotonic()
-    meta = R.metadata(device, sys.argv if argv is None else ["benchmarks", *argv])
+    meta = R.metadata(device, ["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
     meta.update(profile=profile, dry_run=args.dry_run, budget_s=budget)
     out_dir = Path(args.out) if args.out else R.RESULTS_DIR
     result = R.ResultFile(meta, out_dir)

@@ -45,9 +45,9 @@ def visible_media(text_time: torch.Tensor, num_media: int, immediate: bool) -> T
 class MediaMask:
     """Which media each text token may attend to, in closed form (never a text x media matrix).
 
-    Plain data plus the visibility rule (:func:`visible_media`). Backends derive their own schedules from it (the
-    Triton launchers' run-aligned tiles, the PyTorch path's runs and chunks) and keep them on the mask with
-    :meth:`cached`, so the layers of one forward pass, which share one mask, build each schedule once.
+    Plain data plus the visibility rule (:func:`visible_media`). A backend that derives a schedule from it (the
+    PyTorch path's runs and chunks) keeps it on the mask with :meth:`cached`, so the layers of one forward pass,
+    which share one mask, build it once.
 
     Attributes:
         text_time: int32 tensor (batch, text): 1-based media index per token, 0 for a token with no media. In

@@ -10,7 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # limits of docs/design.md, "Layout": a module that outgrows them holds more than one concept
 MAX_LINES = {"fastflamingo": 450, "kernels": 600}
-OUTSIDE = re.compile(r"\.\./shared|/work/shared|\b(PERF|SEMANTICS|CPU_TESTING|STYLE)\.md\b")
+# assembled from pieces, so that this file does not match itself
+OUTSIDE = re.compile("|".join((r"\.\./" + "shared", "/work/" + "shared", r"\b(PERF|SEMANTICS|CPU_TESTING|STYLE)\." + r"md\b")))
 
 
 def _tracked(*patterns):
