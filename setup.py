@@ -32,7 +32,8 @@ setup(
     long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["fastflamingo", "fastflamingo.patching", "fastflamingo.kernels"],
+    packages=["fastflamingo", "fastflamingo.idefics", "fastflamingo.mllama", "fastflamingo.ops", "fastflamingo.patching",
+              "fastflamingo.kernels"],
     package_dir={"fastflamingo": "fastflamingo", "fastflamingo.kernels": "kernels"},
     install_requires=["torch>=2.4"],
     extras_require={

@@ -150,8 +150,14 @@ def _op_modules():
     def ops_e2e():
         from . import ops_e2e  # noqa: F401
 
+    def ops_mllama_xattn():
+        from . import ops_mllama_xattn  # noqa: F401
+
+    def ops_mllama_decode():
+        from . import ops_mllama_decode  # noqa: F401
+
     return (ops_media_xattn, ops_media_decode, ops_perceiver_attn, ops_gated_linear, ops_modules, ops_resampler,
-            ops_e2e)
+            ops_e2e, ops_mllama_xattn, ops_mllama_decode)
 
 
 def load_all() -> Dict[str, Op]:

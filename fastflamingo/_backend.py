@@ -37,8 +37,10 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
+@torch.compiler.assume_constant_result
 def requested_backend() -> str:
-    """The backend asked for right now: context manager, then environment, then ``auto``."""
+    """The backend asked for right now: context manager, then environment, then ``auto``. Under torch.compile the
+    answer at compile time is baked into the graph (Dynamo cannot trace ``ContextVar.get``)."""
     name = _override.get()
     if name is not None:
         return name

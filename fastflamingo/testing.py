@@ -169,3 +169,37 @@ def random_media_locations(batch: int, num_text: int, num_media: int, generator=
             positions = torch.randperm(num_text, generator=generator)[: min(count, num_text)]
             locations[b, positions] = True
     return locations.to(device)
+
+
+def tiny_mllama(attn_implementation: str = "eager", *, image_size: int = 28, patch_size: int = 14,
+                max_num_tiles: int = 4, hidden_size: int = 64, num_heads: int = 8, num_kv_heads: int = 2,
+                intermediate_size: int = 96, cross_attention_layers=(1, 3), num_layers: int = 4, vocab_size: int = 100,
+                gate: Optional[float] = 0.6, seed: int = 0):
+    """A random-weight transformers ``MllamaForConditionalGeneration`` (Llama 3.2 Vision) at toy sizes, in eval
+    mode: (560 / 14)^2 + 1 = 1601 vision tokens per tile become ``(image_size / patch_size)^2 + 1`` (5 by default),
+    aspect ratios 1 x n (``aspect_ratio_id`` n for n tiles). ``gate``: value of every cross-attention tanh gate (upstream initialises them to
+    0, which would hide the cross-attention layers); None keeps the initialisation. Token ids: 0 pad, 1 bos, 2 eos,
+    ``vocab_size - 1`` the image token."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    aspect_ratios = [[1, t] for t in range(1, max_num_tiles + 1)]  # n tiles: aspect_ratio_id n
+    config = MllamaConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                           intermediate_size=64, image_size=image_size, patch_size=patch_size,
+                           max_num_tiles=max_num_tiles, intermediate_layers_indices=[0, 1], vision_output_dim=96,
+                           supported_aspect_ratios=aspect_ratios),
+        text_config=dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                         intermediate_size=intermediate_size, cross_attention_layers=list(cross_attention_layers),
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        image_token_index=vocab_size - 1,
+    )
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = MllamaForConditionalGeneration(config).eval()
+    if gate is not None:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                    param.fill_(gate)
+    return model

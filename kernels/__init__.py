@@ -8,15 +8,15 @@ package does not import triton (only the family modules do).
 
 # Every kernel family, in the order ``python -m fastflamingo.aot`` compiles them. A new family adds its module
 # name here and to :func:`families`, and an ``aot_variants(quick: bool)`` function in the module.
-KERNEL_FAMILIES = ("media_xattn", "perceiver_attn", "gated_linear", "media_decode")
+KERNEL_FAMILIES = ("media_xattn", "perceiver_attn", "gated_linear", "media_decode", "mllama_xattn", "mllama_decode")
 
 
 def families() -> dict:
     """``{name: module}`` for every kernel family (imports triton)."""
-    from . import gated_linear, media_decode, media_xattn, perceiver_attn
+    from . import gated_linear, media_decode, media_xattn, mllama_decode, mllama_xattn, perceiver_attn
 
     modules = {"media_xattn": media_xattn, "perceiver_attn": perceiver_attn, "gated_linear": gated_linear,
-               "media_decode": media_decode}
+               "media_decode": media_decode, "mllama_xattn": mllama_xattn, "mllama_decode": mllama_decode}
     return {name: modules[name] for name in KERNEL_FAMILIES}
 
 

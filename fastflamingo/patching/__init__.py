@@ -1,8 +1,9 @@
 """``fastflamingo.patch(model)``: swap fastflamingo's drop-ins into an existing model, in place.
 
 Supported: OpenFlamingo ``Flamingo`` (open-flamingo 2.0.1), Hugging Face ``IdeficsForVisionText2Text`` /
-``IdeficsModel``, flamingo-pytorch ``FlamingoPaLM``, and any module that contains their gated cross-attention
-blocks, masked cross-attention, perceiver resamplers or perceiver attention layers.
+``IdeficsModel``, ``MllamaForConditionalGeneration`` / ``MllamaModel`` / ``MllamaForCausalLM`` (Llama 3.2 Vision),
+flamingo-pytorch ``FlamingoPaLM``, and any module that contains their gated cross-attention blocks, masked
+cross-attention, perceiver resamplers or perceiver attention layers.
 """
 from __future__ import annotations
 
@@ -17,25 +18,31 @@ SUPPORTED = (
     "IdeficsPerceiverResampler",
     "flamingo-pytorch FlamingoPaLM (0.1.2): GatedCrossAttentionBlock, MaskedCrossAttention, PerceiverResampler, "
     "PerceiverAttention",
+    "Hugging Face transformers MllamaForConditionalGeneration / MllamaModel / MllamaForCausalLM: "
+    "MllamaCrossAttentionDecoderLayer, MllamaTextCrossAttention",
 )
 
 
-def _rules():
-    from . import flamingo, idefics
+def _rules(model: nn.Module, empty_rows: str):
+    from . import flamingo, idefics, mllama
 
-    return flamingo.RULES + idefics.RULES
+    return flamingo.RULES + idefics.RULES + mllama.rules(model, empty_rows)
 
 
-def patch(model: nn.Module) -> PatchReport:
+def patch(model: nn.Module, *, empty_rows: str = "hf") -> PatchReport:
     """Replace, in place, every supported Flamingo module inside ``model`` with its fastflamingo drop-in.
 
     The drop-ins keep the very same Parameter objects (optimizer state and wrappers survive) and state_dict keys;
     every alias of a replaced module points to the one new module. Returns a :class:`PatchReport`; undo with
     :func:`unpatch`. Raises TypeError for a model with nothing to patch.
+
+    ``empty_rows`` (mllama only): what a text token that sees no image gets from the cross-attention. ``"hf"``
+    (default) is transformers 5 exactly: attention over every vision key, padding included, added through the gate
+    (only the MLP is masked). ``"zero"`` is Meta's reference and vLLM: no attention output (transformers #39379).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastflamingo.patch expects an nn.Module, got {type(model).__name__}")
-    rules = _rules()
+    rules = _rules(model, empty_rows)
     if any(rule.matches(model) for rule in rules):
         raise TypeError(
             f"fastflamingo.patch replaces modules inside a model, and {type(model).__name__} is itself a patchable "

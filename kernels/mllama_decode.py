@@ -1,0 +1,295 @@
+"""Llama 3.2 Vision (mllama) cross-attention for decoding: a few new tokens read the transformers ``Cache`` in place.
+
+Math: transformers' own, exactly. Query head ``h`` of token ``t`` attends to every key of the cached vision K/V
+(B, Hkv, K, D) (head ``h // G``) with the additive mask the layer receives, ``s = scale * q k^T + mask[t, key]``,
+``o = softmax(s) v``. The mask is read, not decoded, so any mask works (soft biases, masks no processor would
+make) and nothing has to be known about its structure on the host: no host synchronisation, CUDA-graph capturable.
+
+Skipping padded tiles. The keys are cut into *units* of ``unit_len`` keys (one vision tile: 1601 for Llama 3.2;
+the launcher uses one unit of all keys when the key count is not a multiple). A unit whose mask entries are all
+``<= finfo.min`` for every token of the sample adds nothing to any row's softmax, so it is never read: the caller
+passes, per sample, the visited unit indices (``UNITS``, visited first) and their count (``UNIT_COUNT``), computed
+on the device from the mask (``fastflamingo.mllama.mask.decode_units``). A padded tile of a 1-tile image is 3/4 of
+the cache that upstream reads.
+
+Rows that see nothing. Upstream adds ``finfo.min`` and takes an ordinary softmax, so a row whose every key is masked
+gets the uniform average of all keys (never produced by transformers' model, which unmasks such rows, but exact
+here too): scores are computed in natural-log units, clamped at ``-1e38`` (so ``finfo.min + score`` stays finite
+when moved to the log2 domain: a masked key still weighs ``exp2(-1.4e38) = 0`` next to any real key, and all-masked
+rows see equal scores) and ``decode_units`` visits every unit of a sample that has such a row.
+
+Layout (flash-decoding): one program owns all ``Tq`` tokens x the ``G`` query heads of one K/V head (``ROWS`` rows
+in one MMA tile; K/V is read once per K/V head, never repeated) and one *split* of the visited units. Each split
+writes a normalised partial output and its log2 LSE to an fp32 workspace, merged by media_decode's combine kernel;
+with one split the kernel writes the output directly. The split count comes from shapes only
+(``media_decode.choose_splits``).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (
+    INTERPRET,
+    LOG2E,
+    TORCH_TO_TRITON_DTYPE,
+    AotVariant,
+    ConfigLike,
+    as_config,
+    check_out,
+    config_label,
+    dot_precision,
+    head_block,
+    make_aot_variant,
+    next_power_of_2,
+)
+from .media_decode import COMBINE_BLOCK_S, COMBINE_CONFIG, _media_decode_combine_kernel, choose_splits, sm_count
+from .mllama_xattn import _addressable, online_softmax_step
+
+# Most query tokens per sample a decode launch takes (tokens x group heads share one tile of at most 128 rows).
+MAX_TOKENS = 16
+_MAX_ROWS = 128
+# Scores are clamped here (natural-log units) before the exp2 domain: finfo.min + score would overflow to -inf.
+_SCORE_FLOOR = tl.constexpr(-1.0e38)
+
+
+@triton.jit
+def _mllama_decode_split_kernel(
+    Q, K, V, MASK, O, O_PART, LSE_PART, UNITS, UNIT_COUNT,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_mb, stride_mt, stride_mk,
+    stride_ob, stride_ot, stride_oh,
+    stride_wbh, stride_wt, stride_ws,
+    stride_lbh, stride_lt,
+    stride_ub,
+    num_kv_heads, num_tokens, num_keys, unit_len, num_splits, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: every token x group head of one (sample, K/V head), one split of the sample's visited units.
+
+    ``DIRECT`` (one split): write the normalised output to ``O``. Otherwise write the fp32 partial ``acc / l`` to
+    ``O_PART[b*H + h, t, split, :]`` and ``m + log2(l)`` (``-inf`` if no key) to ``LSE_PART[b*H + h, t, split]``.
+    """
+    pid_split = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    kvh = (pid_bh % num_kv_heads).to(tl.int64)
+
+    rows = tl.arange(0, ROWS)
+    tok = rows // GROUP  # row r = token r // GROUP, query head kvh * GROUP + r % GROUP
+    head = rows % GROUP
+    cols = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = tok < num_tokens
+    d_ok = offs_d < HEAD_DIM
+    md_ok = m_ok[:, None] & d_ok[None, :]
+
+    count = tl.load(UNIT_COUNT + b).to(tl.int64)
+    unit_first = (pid_split * count // num_splits).to(tl.int32)
+    unit_end = ((pid_split + 1) * count // num_splits).to(tl.int32)
+
+    q_offs = tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+    b_q = tl.load(Q + b * stride_qb + kvh * GROUP * stride_qh + q_offs, mask=md_ok, other=0.0)  # [ROWS, BLOCK_D]
+    kt_offs = offs_d[:, None] + cols[None, :] * stride_kl  # [BLOCK_D, BLOCK_N]
+    v_offs = cols[:, None] * stride_vl + offs_d[None, :]
+    m_offs = tok[:, None] * stride_mt + cols[None, :] * stride_mk  # [ROWS, BLOCK_N]
+    p_k0 = K + b * stride_kb + kvh * stride_kh
+    p_v0 = V + b * stride_vb + kvh * stride_vh
+    p_m0 = MASK + b * stride_mb
+
+    b_m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([ROWS], dtype=tl.float32)
+    b_acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    # one flat loop over (unit, key tile) pairs: tile t of the split is tile t % tiles_per_unit of unit t // ...
+    tiles_per_unit = tl.cdiv(unit_len, BLOCK_N)
+    for t in range(unit_first * tiles_per_unit, unit_end * tiles_per_unit):
+        unit = tl.load(UNITS + b * stride_ub + t // tiles_per_unit)
+        start = (t % tiles_per_unit) * BLOCK_N
+        key0 = unit.to(tl.int64) * unit_len + start
+        n_ok = cols < tl.minimum(unit_len - start, num_keys - key0)  # the unit's end (the last unit may be short)
+        b_kt = tl.load(p_k0 + key0 * stride_kl + kt_offs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * sm_scale  # natural-log units
+        if HAS_MASK:
+            b_s += tl.load(p_m0 + key0 * stride_mk + m_offs, mask=m_ok[:, None] & n_ok[None, :],
+                           other=0.0).to(tl.float32)
+            b_s = tl.maximum(b_s, _SCORE_FLOOR)
+        b_s2 = tl.where(m_ok[:, None] & n_ok[None, :], b_s * 1.4426950408889634, float("-inf"))
+        b_v = tl.load(p_v0 + key0 * stride_vl + v_offs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        b_m, b_l, b_acc = online_softmax_step(b_s2, b_v, b_m, b_l, b_acc, DOT_PRECISION)
+
+    m_seen = b_l > 0.0
+    b_l_safe = tl.where(m_seen, b_l, 1.0)
+    b_o = b_acc / b_l_safe[:, None]  # exactly 0 for rows that saw nothing here
+    if DIRECT:
+        o_offs = tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+        tl.store(O + b * stride_ob + kvh * GROUP * stride_oh + o_offs, b_o.to(O.dtype.element_ty), mask=md_ok)
+    else:
+        split = pid_split.to(tl.int64)
+        bh = b * (num_kv_heads * GROUP) + kvh * GROUP + head  # the combine kernel's (sample, query head) row
+        w_offs = bh[:, None] * stride_wbh + tok[:, None] * stride_wt + offs_d[None, :]
+        tl.store(O_PART + split * stride_ws + w_offs, b_o, mask=md_ok)
+        b_lse = tl.where(m_seen, b_m + tl.log2(b_l_safe), float("-inf"))
+        tl.store(LSE_PART + split + bh * stride_lbh + tok * stride_lt, b_lse, mask=m_ok)
+
+
+# ================================================================================================================
+# Launch configuration (shapes only: nothing here reads a tensor value or times anything)
+# ================================================================================================================
+
+INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=1)
+
+# GPU config per (precision, head tile): decode is bandwidth-bound, so the key tile is sized for bytes in flight
+# (pipelined K and V tiles) rather than for MMA shape; fp32 uses IEEE FMA loops with operands in registers. Every
+# entry compiles for sm_80/sm_90 at <= 240 registers without spills at every shape of ``aot_variants`` (with and
+# without a mask, direct and split): 64-key tiles spilled at head_dim 128, as did the fp32 configs with wider tiles.
+_GPU_CONFIG_TABLE = {
+    ("lowp", 64): (64, 4, 3),
+    ("lowp", 128): (32, 4, 3),
+    ("fp32", 64): (32, 8, 1),
+    ("fp32", 128): (16, 4, 1),
+}
+_GPU_CONFIGS = {key: triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+                for key, (n, w, s) in _GPU_CONFIG_TABLE.items()}
+
+
+def shipped_config(dtype: torch.dtype, head_dim: int) -> triton.Config:
+    precision = "fp32" if dtype == torch.float32 else "lowp"
+    return _GPU_CONFIGS[(precision, 64 if head_block(head_dim) <= 64 else 128)]
+
+
+def rows_for(num_tokens: int, group: int) -> int:
+    """Rows of the program's tile: tokens x group heads, padded to a power of two, at least 16 (``tl.dot``)."""
+    return max(16, next_power_of_2(num_tokens * group))
+
+
+# ================================================================================================================
+# Launcher
+# ================================================================================================================
+
+
+def mllama_decode_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], units: torch.Tensor,
+    unit_count: torch.Tensor, unit_len: int, scale: float, config: Optional[ConfigLike] = None,
+    num_splits: Optional[int] = None, *, out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Decode-step forward: o (B, Tq, H, D) in q's dtype.
+
+    Args:
+        q: (B, Tq, H, D), Tq * (H / Hkv) <= 128. k, v: (B, Hkv, K, D), the cache layer's tensors (any strides with
+            unit last stride: read in place). fp32/fp16/bf16, D <= 128.
+        mask: additive float mask (B or 1, Tq, K) (any strides, 0 strides included), or None (every key).
+        units, unit_count: int32 (B, U) unit indices (visited first) and (B,) how many to visit; ``unit_len`` keys
+            per unit (the last unit may be shorter).
+        config: force ``{"BLOCK_N": 16}``. num_splits: force the split count.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"q must be (B, Tq, H, D) and k, v (B, Hkv, K, D), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in TORCH_TO_TRITON_DTYPE:
+        raise TypeError(f"q, k, v must share a dtype among fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    batch, num_tokens, heads, head_dim = q.shape
+    kv_heads, num_keys = k.shape[1], k.shape[2]
+    if k.shape[0] != batch or k.shape[3] != head_dim or kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)} (B, Hkv | H, K, D)")
+    group = heads // kv_heads
+    if num_tokens * group > _MAX_ROWS or head_dim > 128:
+        raise ValueError(f"decode serves tokens x group <= {_MAX_ROWS} and head_dim <= 128, got {num_tokens} x "
+                         f"{group}, {head_dim}")
+    if units.dim() != 2 or units.shape[0] != batch or units.dtype != torch.int32 \
+            or tuple(unit_count.shape) != (batch,) or unit_count.dtype != torch.int32:
+        raise ValueError("units must be int32 (B, U) and unit_count int32 (B,)")
+    o = _addressable(check_out("out", out, q.shape, q.dtype, q.device), "out", copy=False)
+    if o.numel() == 0:
+        return o
+    if num_keys == 0:
+        return o.zero_()
+    q, k, v = (_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
+    if mask is not None:
+        if mask.dim() != 3 or mask.shape[1:] != (num_tokens, num_keys) or mask.shape[0] not in (1, batch):
+            raise ValueError(f"mask must be (B, Tq, K) = {(batch, num_tokens, num_keys)}, got {tuple(mask.shape)}")
+        if mask.dtype == torch.bool:  # True = attend
+            mask = torch.where(mask, 0.0, float("-inf")).to(q.dtype)
+        mask = mask.expand(batch, -1, -1)
+    units = units.contiguous()
+
+    cfg = as_config(config) if config is not None else (INTERPRETER_CONFIG if INTERPRET
+                                                        else shipped_config(q.dtype, head_dim))
+    block_n = cfg.kwargs["BLOCK_N"]
+    if num_splits is None:
+        num_splits = choose_splits(batch, kv_heads, num_keys, block_n, sm_count(q.device))
+    num_splits = int(num_splits)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    mask_arg = mask if mask is not None else q
+    mask_strides = (mask.stride(0), mask.stride(1), mask.stride(2)) if mask is not None else (0, 0, 0)
+    common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), ROWS=rows_for(num_tokens, group),
+                  BLOCK_N=block_n, HAS_MASK=mask is not None, DOT_PRECISION=dot_precision(q.dtype),
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), *mask_strides, o.stride(0), o.stride(1), o.stride(2))
+    grid = (num_splits, batch * kv_heads)
+    if num_splits == 1:
+        _mllama_decode_split_kernel[grid](
+            q, k, v, mask_arg, o, o, o, units, unit_count, *args, 0, 0, 0, 0, 0, units.stride(0),
+            kv_heads, num_tokens, num_keys, unit_len, 1, float(scale), DIRECT=True, **common)
+        return o
+    o_part = torch.empty((batch * heads, num_tokens, num_splits, head_dim), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((batch * heads, num_tokens, num_splits), dtype=torch.float32, device=q.device)
+    _mllama_decode_split_kernel[grid](
+        q, k, v, mask_arg, o, o_part, lse_part, units, unit_count, *args,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+        units.stride(0), kv_heads, num_tokens, num_keys, unit_len, num_splits, float(scale), DIRECT=False, **common)
+    _media_decode_combine_kernel[(num_tokens, batch * heads)](
+        o_part, lse_part, o,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        lse_part.stride(0), lse_part.stride(1),
+        o.stride(0), o.stride(1), o.stride(2),
+        heads, num_splits,
+        HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_S=COMBINE_BLOCK_S,
+        num_warps=COMBINE_CONFIG.num_warps, num_stages=COMBINE_CONFIG.num_stages,
+    )
+    return o
+
+
+# ================================================================================================================
+# Ahead-of-time compile variants (python -m fastflamingo.aot)
+# ================================================================================================================
+
+# (head_dim, group, tokens): a Llama 3.2 11B / 90B decode step (groups 4 / 8, one token), 11B with 8 draft tokens
+# (32 rows), and a 64-wide head without GQA.
+_AOT_SHAPES = ((128, 4, 1), (128, 8, 1), (128, 4, 8), (64, 1, 1))
+_AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def aot_variants(quick: bool = False) -> List[AotVariant]:
+    """The split kernel (DIRECT and partial-writing, with and without a mask) at the shipped config of every dtype
+    and shape; the combine kernel is media_decode's (compiled by that family). ``quick``: bf16, 11B decode."""
+    dtypes = (torch.bfloat16,) if quick else _AOT_DTYPES
+    shapes = ((128, 4, 1),) if quick else _AOT_SHAPES
+    variants = []
+    for dtype in dtypes:
+        io = TORCH_TO_TRITON_DTYPE[dtype]
+        for head_dim, group, tokens in shapes:
+            config = shipped_config(dtype, head_dim)
+            for direct in (True, False):
+                for has_mask in (True, False):
+                    part = io if direct else "fp32"
+                    pointers = {"Q": io, "K": io, "V": io, "MASK": io, "O": io, "O_PART": part, "LSE_PART": part,
+                                "UNITS": "i32", "UNIT_COUNT": "i32"}
+                    constexprs = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim),
+                                      ROWS=rows_for(tokens, group), HAS_MASK=has_mask, DIRECT=direct,
+                                      DOT_PRECISION=dot_precision(dtype), **config.kwargs)
+                    label = (f"{io} d{head_dim} g{group} t{tokens} {'direct' if direct else 'split'} "
+                             f"{'mask' if has_mask else 'nomask'} {config_label(config)}")
+                    variants.append(make_aot_variant(
+                        "mllama_decode_split", _mllama_decode_split_kernel, pointers=pointers,
+                        constexprs=constexprs, config=config, label=label, floats=("sm_scale",),
+                        unaligned=("stride_mb", "stride_mt", "stride_mk", "stride_wt", "stride_ws", "stride_lbh",
+                                   "stride_lt", "stride_ub")))
+    return variants

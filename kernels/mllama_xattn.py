@@ -1,0 +1,699 @@
+"""Llama 3.2 Vision (mllama) cross-attention, prefill forward and backward: interval-masked GQA attention.
+
+Math. Text queries ``q`` (B, S, H, D) attend to the vision keys/values ``k, v`` of the transformers cache layout
+(B, Hkv, I * L, D): I image slots of ``L = max_tiles * tokens_per_tile`` keys each (1601 tokens per tile, 4 tiles
+for Llama 3.2). Query head ``h`` reads K/V head ``h // G`` (GQA, ``G = H / Hkv``). Token ``t`` sees
+
+* the images ``[img_start[t], img_end[t])``, and of image ``j`` only its real keys ``[j*L, j*L + image_keys[j])``
+  (``image_keys = num_tiles * tokens_per_tile``; padded tiles and padded image slots are never visited), or
+* every key ``[0, I*L)``, padded tiles included, when ``img_start[t] == -1`` (transformers' semantics for a row that
+  sees no image: its additive mask is all zeros), or
+* nothing when ``img_start[t] == img_end[t]``: ``o = 0``, LSE ``+inf``, zero gradients.
+
+``o = softmax(scale * q k^T over the visible keys) v`` with an online softmax in the exp2 domain, fp32 statistics
+and fp32 ``tl.dot`` accumulation; the natural-log LSE (fp32, (B, H, S)) is saved for the backward pass.
+
+GQA without repeating K/V. One program owns ``BLOCK_M`` tokens x the ``G`` query heads of one K/V head: its
+``ROWS = BLOCK_M * G`` query rows (row ``r`` = token ``r // G``, head ``r % G`` of the group) share every K/V tile
+it loads, so K/V is read once per K/V head and query tile, never once per query head, and never copied. The
+backward's dK/dV program loops over the same rows, so the sum over the group's query heads happens in registers
+(no atomics, deterministic).
+
+Loops. A query tile visits the images ``[min start, max end)`` of its rows and, inside image ``j``, its real keys
+in ``BLOCK_N`` steps; ``tokens_per_tile`` (1601) is not a multiple of any tile size, so the last key tile of each
+image is partial and masked (keys past the image's real keys are neither loaded nor scored). Query tiles are aligned
+to runs of tokens that see the same images (``media_xattn.query_tile_schedule`` on run ids), so every row of a tile
+normally needs exactly the keys the tile visits; each row is still masked by its own range, so any tile split stays
+exact. dK/dV programs own one ``BLOCK_N`` key tile of one image slot and loop over the tokens that see that image
+(``image_token_ranges``); key tiles nobody sees (padding, unless some row sees every key) write zeros and stop.
+
+q/k RMSNorm are not fused here, on purpose: ``q_norm`` is one elementwise pass over q (S x H x D, about 0.1% of
+this kernel's work at 1601 keys per token), and ``k_norm`` runs once per image and layer on the projection, whose
+normalised result is what the transformers ``Cache`` stores and every decode step reuses; inside this kernel it would
+be recomputed for every query tile, and in the backward both norms' weight gradients would need a reduction across
+programs. Likewise the gated epilogues (``o_proj``, ``down_proj``) are the gated projection op, not this kernel.
+
+Offsets: sample/head/image/tile bases are int64 scalars; offsets inside a tile are int32 (the launchers keep
+``ROWS * token stride`` and ``BLOCK_N * key stride`` below 2**31). head_dim is padded to a power of two >= 16.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (
+    INTERPRET,
+    LOG2E,
+    TORCH_TO_TRITON_DTYPE,
+    AotVariant,
+    ConfigChooser,
+    ConfigLike,
+    as_config,
+    cdiv,
+    check_out,
+    config_label,
+    dot_precision,
+    head_block,
+    last_dim_contiguous,
+    length_bucket,
+    make_aot_variant,
+)
+from .media_xattn import PREPROCESS_BLOCK_M, _media_xattn_bwd_preprocess_kernel, query_tile_schedule
+
+_NO_IMAGE = tl.constexpr(2147483647)  # identity of the min over the rows' first images
+ALL_KEYS = -1  # img_start of a row that sees every key (padding included)
+
+# ================================================================================================================
+# Kernels
+# ================================================================================================================
+
+
+@triton.jit
+def online_softmax_step(b_s2, b_v, b_m, b_l, b_acc, DOT_PRECISION: tl.constexpr):
+    """One key tile of FlashAttention's online softmax: ``b_s2`` are the tile's scores in the log2 domain
+    (``-inf`` where a row may not look), ``b_v`` its values. Returns the updated running max, sum and output
+    accumulator (fp32). Rows that have seen no key keep a finite pivot, so exp2(-inf - pivot) is 0, not NaN."""
+    b_m_new = tl.maximum(b_m, tl.max(b_s2, axis=1))
+    b_pivot = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    b_p = tl.exp2(b_s2 - b_pivot[:, None])
+    b_alpha = tl.exp2(b_m - b_pivot)
+    b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+    # P is rounded to the value dtype before the product, as every fp16/bf16 FlashAttention does.
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+    return b_m_new, b_l, b_acc
+
+
+@triton.jit
+def _rows_images(p_start, p_end, tok, m_ok, stride_st, num_images):
+    """Per row: first image, end image, and whether it sees every key (``img_start == -1``); ``p_start`` /
+    ``p_end`` point at the tile's first token; rows past the tile see nothing."""
+    b_s = tl.load(p_start + tok * stride_st, mask=m_ok, other=0)
+    b_e = tl.load(p_end + tok * stride_st, mask=m_ok, other=0)
+    b_all = b_s < 0
+    b_s = tl.where(b_all, 0, b_s)
+    b_e = tl.where(b_all, num_images, b_e)
+    return b_s, b_e, b_all
+
+
+@triton.jit
+def _tile_images(p_start, p_end, tok, m_ok, stride_st, num_images):
+    """:func:`_rows_images` plus what the query tile loops over: the images ``[img_lo, img_hi)`` any row sees
+    (empty when none does) and whether some row sees every key."""
+    b_s, b_e, b_all = _rows_images(p_start, p_end, tok, m_ok, stride_st, num_images)
+    img_lo = tl.min(tl.where(b_e > b_s, b_s, _NO_IMAGE), axis=0)
+    img_hi = tl.max(b_e, axis=0)
+    any_all = tl.max(b_all.to(tl.int32), axis=0) > 0
+    return b_s, b_e, b_all, img_lo, img_hi, any_all
+
+
+@triton.jit
+def _image_span(j, b_s, b_e, b_all, any_all, n_real, image_stride):
+    """Keys of image slot ``j`` the tile visits (``[0, limit)``: its real keys, or the whole slot when some row
+    sees every key) and, per row, the keys ``[0, row_end)`` it sees there (0 for rows that do not see ``j``)."""
+    limit = tl.where(any_all, image_stride, n_real)
+    row_end = tl.where((j >= b_s) & (j < b_e), tl.where(b_all, image_stride, n_real), 0)
+    return limit, row_end
+
+
+@triton.jit
+def _mllama_xattn_fwd_kernel(
+    Q, K, V, O, LSE, IMG_START, IMG_END, IMG_KEYS, TILE_START, TILE_END,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lh,
+    stride_sb, stride_st,
+    stride_nb,
+    stride_pb,
+    num_kv_heads, num_images, image_stride, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: one run-aligned tile of ``BLOCK_M`` tokens x the ``GROUP`` query heads of one K/V head."""
+    ROWS: tl.constexpr = BLOCK_M * GROUP
+    pid_tile = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    kvh = (pid_bh % num_kv_heads).to(tl.int64)
+    t_start = tl.load(TILE_START + b * stride_pb + pid_tile)
+    t_end = tl.load(TILE_END + b * stride_pb + pid_tile)
+    if t_start >= t_end:  # surplus slot of the upper-bound grid
+        return
+    t0 = t_start.to(tl.int64)
+
+    rows = tl.arange(0, ROWS)
+    tok = rows // GROUP  # row r = token r // GROUP, query head kvh * GROUP + r % GROUP
+    head = rows % GROUP
+    cols = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = t_start + tok < t_end
+    d_ok = offs_d < HEAD_DIM
+    md_ok = m_ok[:, None] & d_ok[None, :]
+
+    b_s, b_e, b_all, img_lo, img_hi, any_all = _tile_images(
+        IMG_START + b * stride_sb + t0 * stride_st, IMG_END + b * stride_sb + t0 * stride_st, tok, m_ok, stride_st,
+        num_images)
+
+    q_offs = tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+    p_q = Q + b * stride_qb + t0 * stride_qt + kvh * GROUP * stride_qh
+    b_q = tl.load(p_q + q_offs, mask=md_ok, other=0.0)  # [ROWS, BLOCK_D]
+    kt_offs = offs_d[:, None] + cols[None, :] * stride_kl  # [BLOCK_D, BLOCK_N]
+    v_offs = cols[:, None] * stride_vl + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+
+    b_m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([ROWS], dtype=tl.float32)
+    b_acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for j in range(img_lo, img_hi):
+        n_real = tl.load(IMG_KEYS + b * stride_nb + j)
+        limit, row_end = _image_span(j, b_s, b_e, b_all, any_all, n_real, image_stride)
+        key0 = (j * image_stride).to(tl.int64)  # < 2**31: a key index
+        p_k = K + b * stride_kb + kvh * stride_kh + key0 * stride_kl
+        p_v = V + b * stride_vb + kvh * stride_vh + key0 * stride_vl
+        for start in range(0, limit, BLOCK_N):
+            offs_n = start + cols
+            n_ok = offs_n < limit
+            b_kt = tl.load(p_k + kt_offs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+            b_s2 = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale
+            b_s2 = tl.where(offs_n[None, :] < row_end[:, None], b_s2, float("-inf"))
+            b_v = tl.load(p_v + v_offs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            b_m, b_l, b_acc = online_softmax_step(b_s2, b_v, b_m, b_l, b_acc, DOT_PRECISION)
+            p_k += BLOCK_N * stride_kl
+            p_v += BLOCK_N * stride_vl
+
+    m_seen = b_l > 0.0  # a row that saw at least one key has l >= 1
+    b_l_safe = tl.where(m_seen, b_l, 1.0)
+    b_o = b_acc / b_l_safe[:, None]  # exactly 0 for rows that see nothing (acc is 0)
+    b_lse = tl.where(m_seen, (b_m + tl.log2(b_l_safe)) * 0.6931471805599453, float("inf"))
+    o_offs = tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    p_o = O + b * stride_ob + t0 * stride_ot + kvh * GROUP * stride_oh
+    tl.store(p_o + o_offs, b_o.to(O.dtype.element_ty), mask=md_ok)
+    p_lse = LSE + b * stride_lb + kvh * GROUP * stride_lh + t0
+    tl.store(p_lse + head * stride_lh + tok, b_lse, mask=m_ok)
+
+
+@triton.jit
+def _mllama_xattn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, IMG_START, IMG_END, IMG_KEYS, HAS_ALL, TOKEN_FIRST, TOKEN_END, DK, DV,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_gb, stride_gt, stride_gh,
+    stride_lb, stride_lh,
+    stride_sb, stride_st,
+    stride_nb,
+    stride_dkb, stride_dkh, stride_dkl,
+    stride_dvb, stride_dvh, stride_dvl,
+    num_kv_heads, num_images, image_stride, qk_scale, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: one ``BLOCK_N`` key tile of one image slot and K/V head; loops over the tokens that see the
+    image, all ``GROUP`` query heads at once. Computed transposed ([keys, rows]) so the accumulators need no
+    transpose: ``dv += p^T do``, ``dk += scale * ds^T q`` with ``ds = p * (do v^T - delta)``."""
+    ROWS: tl.constexpr = BLOCK_M * GROUP
+    pid_tile = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    kvh = (pid_bh % num_kv_heads).to(tl.int64)
+    tiles_per_image = tl.cdiv(image_stride, BLOCK_N)
+    j = pid_tile // tiles_per_image
+    start = (pid_tile % tiles_per_image) * BLOCK_N
+    n0 = j.to(tl.int64) * image_stride + start
+    cols = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    offs_n = start + cols  # key offsets inside the image slot
+    nd_ok = (offs_n < image_stride)[:, None] & d_ok[None, :]
+    p_dk = DK + b * stride_dkb + kvh * stride_dkh + n0 * stride_dkl
+    p_dv = DV + b * stride_dvb + kvh * stride_dvh + n0 * stride_dvl
+    dk_offs = cols[:, None] * stride_dkl + offs_d[None, :]
+    dv_offs = cols[:, None] * stride_dvl + offs_d[None, :]
+
+    n_real = tl.load(IMG_KEYS + b * stride_nb + j)
+    sees_all = tl.load(HAS_ALL + b) != 0
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if (start < n_real) | sees_all:  # else a padded tile no row sees: its gradients are exactly zero
+        k_ok = (offs_n < tl.where(sees_all, image_stride, n_real))[:, None] & d_ok[None, :]
+        p_k = K + b * stride_kb + kvh * stride_kh + n0 * stride_kl
+        p_v = V + b * stride_vb + kvh * stride_vh + n0 * stride_vl
+        b_k = tl.load(p_k + cols[:, None] * stride_kl + offs_d[None, :], mask=k_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
+        b_v = tl.load(p_v + cols[:, None] * stride_vl + offs_d[None, :], mask=k_ok, other=0.0)
+        tok_first = tl.load(TOKEN_FIRST + b * stride_nb + j)
+        tok_end = tl.load(TOKEN_END + b * stride_nb + j)
+
+        rows = tl.arange(0, ROWS)
+        tok = rows // GROUP
+        head = rows % GROUP
+        m0 = tok_first.to(tl.int64)
+        p_q = Q + b * stride_qb + m0 * stride_qt + kvh * GROUP * stride_qh
+        p_do = DO + b * stride_gb + m0 * stride_gt + kvh * GROUP * stride_gh
+        p_lse = LSE + b * stride_lb + kvh * GROUP * stride_lh + m0
+        p_delta = DELTA + b * stride_lb + kvh * GROUP * stride_lh + m0
+        p_start = IMG_START + b * stride_sb + m0 * stride_st
+        p_end = IMG_END + b * stride_sb + m0 * stride_st
+        q_offs = tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+        do_offs = tok[:, None] * stride_gt + head[:, None] * stride_gh + offs_d[None, :]
+        l_offs = head * stride_lh + tok
+        for start_m in range(tok_first, tok_end, BLOCK_M):
+            m_ok = start_m + tok < tok_end
+            md_ok = m_ok[:, None] & d_ok[None, :]
+            b_s, b_e, b_all = _rows_images(p_start, p_end, tok, m_ok, stride_st, num_images)
+            row_end = tl.where((j >= b_s) & (j < b_e), tl.where(b_all, image_stride, n_real), 0)
+            vis_t = offs_n[:, None] < row_end[None, :]  # [BLOCK_N, ROWS]
+            b_q = tl.load(p_q + q_offs, mask=md_ok, other=0.0)
+            b_do = tl.load(p_do + do_offs, mask=md_ok, other=0.0)
+            b_lse2 = tl.load(p_lse + l_offs, mask=m_ok, other=0.0) * 1.4426950408889634
+            b_delta = tl.load(p_delta + l_offs, mask=m_ok, other=0.0)
+
+            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, ROWS]
+            b_pt = tl.where(vis_t, tl.exp2(b_st - b_lse2[None, :]), 0.0)
+            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BLOCK_N, ROWS]
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+            p_q += BLOCK_M * stride_qt
+            p_do += BLOCK_M * stride_gt
+            p_lse += BLOCK_M
+            p_delta += BLOCK_M
+            p_start += BLOCK_M * stride_st
+            p_end += BLOCK_M * stride_st
+    b_dk = b_dk * sm_scale
+    tl.store(p_dk + dk_offs, b_dk.to(DK.dtype.element_ty), mask=nd_ok)
+    tl.store(p_dv + dv_offs, b_dv.to(DV.dtype.element_ty), mask=nd_ok)
+
+
+@triton.jit
+def _mllama_xattn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, IMG_START, IMG_END, IMG_KEYS, TILE_START, TILE_END, DQ,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_gb, stride_gt, stride_gh,
+    stride_lb, stride_lh,
+    stride_sb, stride_st,
+    stride_nb,
+    stride_pb,
+    stride_dqb, stride_dqt, stride_dqh,
+    num_kv_heads, num_images, image_stride, qk_scale, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: one run-aligned query tile of one K/V head (the forward's loops);
+    ``dq = scale * sum over visible keys of ds k``."""
+    ROWS: tl.constexpr = BLOCK_M * GROUP
+    pid_tile = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    kvh = (pid_bh % num_kv_heads).to(tl.int64)
+    t_start = tl.load(TILE_START + b * stride_pb + pid_tile)
+    t_end = tl.load(TILE_END + b * stride_pb + pid_tile)
+    if t_start >= t_end:
+        return
+    t0 = t_start.to(tl.int64)
+
+    rows = tl.arange(0, ROWS)
+    tok = rows // GROUP
+    head = rows % GROUP
+    cols = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = t_start + tok < t_end
+    d_ok = offs_d < HEAD_DIM
+    md_ok = m_ok[:, None] & d_ok[None, :]
+
+    b_s, b_e, b_all, img_lo, img_hi, any_all = _tile_images(
+        IMG_START + b * stride_sb + t0 * stride_st, IMG_END + b * stride_sb + t0 * stride_st, tok, m_ok, stride_st,
+        num_images)
+
+    q_offs = tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+    do_offs = tok[:, None] * stride_gt + head[:, None] * stride_gh + offs_d[None, :]
+    b_q = tl.load(Q + b * stride_qb + t0 * stride_qt + kvh * GROUP * stride_qh + q_offs, mask=md_ok, other=0.0)
+    b_do = tl.load(DO + b * stride_gb + t0 * stride_gt + kvh * GROUP * stride_gh + do_offs, mask=md_ok, other=0.0)
+    l_offs = head * stride_lh + tok
+    l_base = b * stride_lb + kvh * GROUP * stride_lh + t0
+    b_lse2 = tl.load(LSE + l_base + l_offs, mask=m_ok, other=0.0) * 1.4426950408889634
+    b_delta = tl.load(DELTA + l_base + l_offs, mask=m_ok, other=0.0)
+    kt_offs = offs_d[:, None] + cols[None, :] * stride_kl  # [BLOCK_D, BLOCK_N]
+    vt_offs = offs_d[:, None] + cols[None, :] * stride_vl
+
+    b_dq = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for j in range(img_lo, img_hi):
+        n_real = tl.load(IMG_KEYS + b * stride_nb + j)
+        limit, row_end = _image_span(j, b_s, b_e, b_all, any_all, n_real, image_stride)
+        key0 = (j * image_stride).to(tl.int64)  # < 2**31: a key index
+        p_k = K + b * stride_kb + kvh * stride_kh + key0 * stride_kl
+        p_v = V + b * stride_vb + kvh * stride_vh + key0 * stride_vl
+        for start in range(0, limit, BLOCK_N):
+            offs_n = start + cols
+            dn_ok = d_ok[:, None] & (offs_n < limit)[None, :]
+            b_kt = tl.load(p_k + kt_offs, mask=dn_ok, other=0.0)
+            b_vt = tl.load(p_v + vt_offs, mask=dn_ok, other=0.0)
+            b_s2 = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [ROWS, BLOCK_N]
+            b_p = tl.where(offs_n[None, :] < row_end[:, None], tl.exp2(b_s2 - b_lse2[:, None]), 0.0)
+            b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dq += tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), input_precision=DOT_PRECISION)
+            p_k += BLOCK_N * stride_kl
+            p_v += BLOCK_N * stride_vl
+
+    b_dq = b_dq * sm_scale
+    dq_offs = tok[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_d[None, :]
+    p_dq = DQ + b * stride_dqb + t0 * stride_dqt + kvh * GROUP * stride_dqh
+    tl.store(p_dq + dq_offs, b_dq.to(DQ.dtype.element_ty), mask=md_ok)
+
+
+# ================================================================================================================
+# Device-side schedules (torch ops on the device: no host synchronisation)
+# ================================================================================================================
+
+
+def run_ids(img_start: torch.Tensor, img_end: torch.Tensor) -> torch.Tensor:
+    """1-based index of the run (stretch of consecutive tokens seeing the same images) of every token, int32."""
+    change = torch.ones_like(img_start, dtype=torch.bool)
+    change[:, 1:] = (img_start[:, 1:] != img_start[:, :-1]) | (img_end[:, 1:] != img_end[:, :-1])
+    return change.cumsum(dim=1, dtype=torch.int32)
+
+
+def query_tiles(img_start: torch.Tensor, img_end: torch.Tensor, max_runs: int,
+                block_m: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run-aligned query tiles (B, slots) ``tile_start`` / ``tile_end``: media_xattn's schedule, fed with run ids
+    as an all-previous ``text_time`` (its runs are exactly where the id changes) and ``max_runs`` as the media
+    count (so the grid bound ``S // BLOCK_M + max_runs + 2`` holds every tile)."""
+    return query_tile_schedule(run_ids(img_start, img_end), max(int(max_runs), 1), False, block_m)
+
+
+def image_token_ranges(img_start: torch.Tensor, img_end: torch.Tensor,
+                       num_images: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per (sample, image slot): ``[first, last + 1)`` of the tokens that see it (rows that see every key count
+    for every slot), int32 (B, I); ``(S, 0)`` when none does."""
+    num_tokens = img_start.shape[1]
+    slot = torch.arange(num_images, device=img_start.device, dtype=torch.int32)
+    sees = (slot >= img_start.clamp(min=0)[..., None]) & (slot < img_end[..., None])  # (B, S, I)
+    pos = torch.arange(num_tokens, device=img_start.device, dtype=torch.int32)[:, None]
+    first = torch.where(sees, pos, num_tokens).amin(dim=1)
+    last = torch.where(sees, pos, -1).amax(dim=1)
+    return first.to(torch.int32).contiguous(), (last + 1).to(torch.int32).contiguous()
+
+
+# ================================================================================================================
+# Launch configurations
+# ================================================================================================================
+
+def _cfg(rows: int, block_n: int, num_warps: int, num_stages: int) -> triton.Config:
+    """``rows`` = BLOCK_M tokens x GROUP heads per program (BLOCK_M follows from the launch's group size)."""
+    return triton.Config({"ROWS": rows, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+
+
+# Under the interpreter one config, and a big one: the interpreter's cost is per tile, not per FLOP.
+INTERPRETER_CONFIG = _cfg(64, 64, 4, 1)
+
+# GPU candidates (ROWS, BLOCK_N, num_warps, num_stages) per kernel, input precision and head tile. ROWS counts query
+# rows (tokens x heads of a group), the quantity that sizes registers. Every entry compiles for sm_80 and sm_90 at
+# <= 240 registers without spills at every (head_dim, group) of ``aot_variants`` (``python -m fastflamingo.aot
+# --family mllama_xattn``); candidates that went over were dropped (4-warp 64-row tiles at head_dim 128 take 255
+# registers on sm_80, so the 128-wide heads use 8 warps). fp32 uses IEEE products (FMA loops): 16-row tiles, a
+# correctness path, not a fast one.
+_GPU_CONFIG_TABLE = {
+    ("fwd", "lowp", 64): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+    ("fwd", "lowp", 128): [(128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2)],
+    ("dkdv", "lowp", 64): [(64, 32, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
+    ("dkdv", "lowp", 128): [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
+    ("dq", "lowp", 64): [(32, 64, 4, 1), (32, 32, 8, 2), (16, 64, 4, 2)],
+    ("dq", "lowp", 128): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 4, 2)],
+    ("fwd", "fp32", 64): [(16, 32, 8, 1)],
+    ("fwd", "fp32", 128): [(16, 64, 8, 1)],
+    ("dkdv", "fp32", 64): [(16, 32, 4, 1)],
+    ("dkdv", "fp32", 128): [(16, 32, 4, 1)],
+    ("dq", "fp32", 64): [(16, 16, 8, 1)],
+    ("dq", "fp32", 128): [(16, 32, 8, 1)],
+}
+_GPU_CONFIGS = {key: [_cfg(*c) for c in table] for key, table in _GPU_CONFIG_TABLE.items()}
+
+
+def shipped_configs(kind: str, dtype: torch.dtype, head_dim: int) -> List[triton.Config]:
+    """The GPU candidates of one kernel for this dtype and head size (what ``fastflamingo.aot`` compiles)."""
+    precision = "fp32" if dtype == torch.float32 else "lowp"
+    return _GPU_CONFIGS[(kind, precision, 64 if head_block(head_dim) <= 64 else 128)]
+
+
+def block_m_of(config: triton.Config, group: int) -> int:
+    """Tokens per program: the config's query rows shared among the ``group`` heads of a K/V head."""
+    return max(1, config.kwargs["ROWS"] // group)
+
+
+def _autotune_key(q: torch.Tensor, group: int, image_stride: int) -> tuple:
+    return (q.shape[-1], group, image_stride, q.dtype, length_bucket(q.shape[1]))
+
+
+def _pruner(kind: str):
+    def prune(configs: List[triton.Config], key: tuple) -> List[triton.Config]:
+        if INTERPRET:
+            return configs
+        head_dim, group, _, dtype, text_bucket = key
+        kept = [c for c in shipped_configs(kind, dtype, head_dim) if c.kwargs["ROWS"] >= group]
+        # a tile never needs more token rows than the text has
+        fitting = [c for c in kept if c.kwargs["ROWS"] // group <= max(1, text_bucket)]
+        return fitting or kept
+
+    return prune
+
+
+_CANDIDATES = [INTERPRETER_CONFIG] if INTERPRET else []
+FWD_CHOOSER = ConfigChooser("mllama_xattn_fwd", _CANDIDATES, _pruner("fwd"))
+DKDV_CHOOSER = ConfigChooser("mllama_xattn_bwd_dkdv", _CANDIDATES, _pruner("dkdv"))
+DQ_CHOOSER = ConfigChooser("mllama_xattn_bwd_dq", _CANDIDATES, _pruner("dq"))
+
+
+# ================================================================================================================
+# Launchers
+# ================================================================================================================
+
+# In-tile offsets are int32: (rows per tile <= 128) * token stride + head_dim must stay below 2**31.
+_MAX_STRIDE = 2 ** 31 // 256
+
+
+def _check_inputs(q, k, v, img_start, img_end, image_keys, image_stride):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q must be (batch, text, heads, head_dim) and k, v (batch, kv_heads, keys, head_dim)")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in TORCH_TO_TRITON_DTYPE:
+        raise TypeError(f"q, k, v must share a dtype among fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    batch, num_tokens, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"q has {heads} heads, not a multiple of the {kv_heads} K/V heads")
+    num_images = image_keys.shape[1]
+    kv_shape = (batch, kv_heads, num_images * image_stride, head_dim)
+    if tuple(k.shape) != kv_shape or v.shape != k.shape:
+        raise ValueError(f"k, v must be {kv_shape}, got {tuple(k.shape)} and {tuple(v.shape)}")
+    for name, t in (("img_start", img_start), ("img_end", img_end)):
+        if tuple(t.shape) != (batch, num_tokens) or t.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32 {(batch, num_tokens)}, got {t.dtype} {tuple(t.shape)}")
+    if image_keys.dim() != 2 or image_keys.shape[0] != batch or image_keys.dtype != torch.int32:
+        raise ValueError(f"image_keys must be int32 (batch, images), got {image_keys.dtype} {tuple(image_keys.shape)}")
+    if head_dim > 128:
+        raise ValueError(f"head_dim {head_dim} > 128 is not supported")
+    if batch * kv_heads > 65535:
+        raise ValueError(f"batch * kv_heads = {batch * kv_heads} > 65535 is not supported")
+
+
+def _addressable(t: torch.Tensor, name: str, copy: bool = True) -> torch.Tensor:
+    t = last_dim_contiguous(t)
+    if max(t.stride()[:-1], default=0) >= _MAX_STRIDE:
+        if copy:
+            t = t.contiguous()
+        if max(t.stride()[1:-1], default=0) >= _MAX_STRIDE:
+            raise ValueError(f"{name} has a stride >= {_MAX_STRIDE} elements inside a sample: not supported")
+    return t
+
+
+def _common_constexprs(q: torch.Tensor, group: int, config: triton.Config) -> dict:
+    return dict(GROUP=group, HEAD_DIM=q.shape[-1], BLOCK_D=head_block(q.shape[-1]),
+                BLOCK_M=block_m_of(config, group), BLOCK_N=config.kwargs["BLOCK_N"],
+                DOT_PRECISION=dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def mllama_xattn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, img_start: torch.Tensor, img_end: torch.Tensor,
+    image_keys: torch.Tensor, image_stride: int, max_runs: int, scale: float,
+    config: Optional[ConfigLike] = None, *, out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward pass.
+
+    Args:
+        q: (B, S, H, D) queries, any strides with unit last stride. k, v: (B, Hkv, I * image_stride, D) (the
+            transformers cache layout, or any strided view of it); H a multiple of Hkv. fp32/fp16/bf16, D <= 128.
+        img_start, img_end: int32 (B, S) image range per token (``img_start == -1``: every key).
+        image_keys: int32 (B, I) real keys per image slot (``num_tiles * tokens_per_tile``).
+        image_stride: keys per image slot (``max_tiles * tokens_per_tile``). max_runs: the most runs of tokens
+            seeing the same images in any sample (sizes the query-tile grid).
+        config: force a launch config (``{"ROWS": 32, "BLOCK_N": 16}``). out, lse: optional preallocated outputs.
+
+    Returns:
+        o (B, S, H, D) in q's dtype and lse (B, H, S) fp32 (``+inf`` for tokens that see nothing).
+    """
+    _check_inputs(q, k, v, img_start, img_end, image_keys, image_stride)
+    q, k, v = (_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
+    batch, num_tokens, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    o = _addressable(check_out("out", out, q.shape, q.dtype, q.device), "out", copy=False)
+    lse = check_out("lse", lse, (batch, heads, num_tokens), torch.float32, q.device)
+    if o.numel() == 0:
+        return o, lse
+    if k.shape[2] == 0:
+        o.zero_()
+        lse.fill_(float("inf"))
+        return o, lse
+    qk_scale = float(scale) * LOG2E
+
+    def run(cfg: triton.Config) -> None:
+        consts = _common_constexprs(q, group, cfg)
+        tile_start, tile_end = query_tiles(img_start, img_end, max_runs, consts["BLOCK_M"])
+        _mllama_xattn_fwd_kernel[(tile_start.shape[1], batch * kv_heads)](
+            q, k, v, o, lse, img_start, img_end, image_keys, tile_start, tile_end,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            lse.stride(0), lse.stride(1),
+            img_start.stride(0), img_start.stride(1),
+            image_keys.stride(0),
+            tile_start.stride(0),
+            kv_heads, image_keys.shape[1], image_stride, qk_scale,
+            **consts,
+        )
+
+    cfg = as_config(config) if config is not None else FWD_CHOOSER.choose(
+        _autotune_key(q, group, image_stride), run)
+    run(cfg)
+    return o, lse
+
+
+def mllama_xattn_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    img_start: torch.Tensor, img_end: torch.Tensor, image_keys: torch.Tensor, image_stride: int, max_runs: int,
+    scale: float, config: Optional[ConfigLike] = None, *, dq: Optional[torch.Tensor] = None,
+    dk: Optional[torch.Tensor] = None, dv: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward pass: (dq, dk, dv) with the shapes and dtypes of (q, k, v); dk/dv are exactly 0 on keys no row
+    sees. ``do`` may have any strides, including 0. Deterministic: every output element is written by exactly one
+    program, with no atomics. ``config`` forces one launch config for both kernels."""
+    _check_inputs(q, k, v, img_start, img_end, image_keys, image_stride)
+    if do.shape != q.shape or o.shape != q.shape:
+        raise ValueError(f"do {tuple(do.shape)} and o {tuple(o.shape)} must have q's shape {tuple(q.shape)}")
+    batch, num_tokens, heads, head_dim = q.shape
+    if tuple(lse.shape) != (batch, heads, num_tokens) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be fp32 {(batch, heads, num_tokens)}, got {lse.dtype} {tuple(lse.shape)}")
+    q, k, v, o = (_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v"), (o, "o")))
+    do = _addressable(do.to(q.dtype), "do")
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    num_images = image_keys.shape[1]
+    dq = _addressable(check_out("dq", dq, q.shape, q.dtype, q.device), "dq", copy=False)
+    dk = _addressable(check_out("dk", dk, k.shape, k.dtype, k.device), "dk", copy=False)
+    dv = _addressable(check_out("dv", dv, v.shape, v.dtype, v.device), "dv", copy=False)
+    if num_tokens == 0 or k.shape[2] == 0 or batch * heads * head_dim == 0:
+        for t in (dq, dk, dv):
+            t.zero_()
+        return dq, dk, dv
+    lse = lse.contiguous()
+    qk_scale = float(scale) * LOG2E
+    block_d = head_block(head_dim)
+    delta = torch.empty_like(lse)
+    _media_xattn_bwd_preprocess_kernel[(cdiv(num_tokens, PREPROCESS_BLOCK_M), batch * heads)](
+        o, do, delta,
+        o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        delta.stride(0), delta.stride(1),
+        num_tokens, heads,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=PREPROCESS_BLOCK_M, num_warps=4,
+    )
+    token_first, token_end = image_token_ranges(img_start, img_end, num_images)
+    has_all = (img_start < 0).any(dim=1).to(torch.int32)
+
+    def run_dkdv(cfg: triton.Config) -> None:
+        consts = _common_constexprs(q, group, cfg)
+        grid = (num_images * cdiv(image_stride, consts["BLOCK_N"]), batch * kv_heads)
+        _mllama_xattn_bwd_dkdv_kernel[grid](
+            q, k, v, do, lse, delta, img_start, img_end, image_keys, has_all, token_first, token_end, dk, dv,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            lse.stride(0), lse.stride(1),
+            img_start.stride(0), img_start.stride(1),
+            image_keys.stride(0),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            kv_heads, num_images, image_stride, qk_scale, float(scale),
+            **consts,
+        )
+
+    def run_dq(cfg: triton.Config) -> None:
+        consts = _common_constexprs(q, group, cfg)
+        tile_start, tile_end = query_tiles(img_start, img_end, max_runs, consts["BLOCK_M"])
+        _mllama_xattn_bwd_dq_kernel[(tile_start.shape[1], batch * kv_heads)](
+            q, k, v, do, lse, delta, img_start, img_end, image_keys, tile_start, tile_end, dq,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            lse.stride(0), lse.stride(1),
+            img_start.stride(0), img_start.stride(1),
+            image_keys.stride(0),
+            tile_start.stride(0),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            kv_heads, num_images, image_stride, qk_scale, float(scale),
+            **consts,
+        )
+
+    key = _autotune_key(q, group, image_stride)
+    dkdv_cfg = as_config(config) if config is not None else DKDV_CHOOSER.choose(key, run_dkdv)
+    run_dkdv(dkdv_cfg)
+    dq_cfg = as_config(config) if config is not None else DQ_CHOOSER.choose(key, run_dq)
+    run_dq(dq_cfg)
+    return dq, dk, dv
+
+
+# ================================================================================================================
+# Ahead-of-time compile variants (python -m fastflamingo.aot)
+# ================================================================================================================
+
+# (head_dim, group): Llama 3.2 11B (128, 4) and 90B (128, 8), a 64-wide head with groups 1 and 2.
+_AOT_SHAPES = ((128, 4), (128, 8), (64, 1), (64, 2))
+_AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def aot_variants(quick: bool = False) -> List[AotVariant]:
+    """Every kernel at every shipped config, dtype and (head_dim, group); ``quick``: bf16, Llama 3.2 11B shape,
+    first config of each kernel."""
+    kernels = (
+        ("fwd", _mllama_xattn_fwd_kernel, ("Q", "K", "V", "O"), ("LSE",),
+         ("IMG_START", "IMG_END", "IMG_KEYS", "TILE_START", "TILE_END"), ("qk_scale",)),
+        ("dkdv", _mllama_xattn_bwd_dkdv_kernel, ("Q", "K", "V", "DO", "DK", "DV"), ("LSE", "DELTA"),
+         ("IMG_START", "IMG_END", "IMG_KEYS", "HAS_ALL", "TOKEN_FIRST", "TOKEN_END"), ("qk_scale", "sm_scale")),
+        ("dq", _mllama_xattn_bwd_dq_kernel, ("Q", "K", "V", "DO", "DQ"), ("LSE", "DELTA"),
+         ("IMG_START", "IMG_END", "IMG_KEYS", "TILE_START", "TILE_END"), ("qk_scale", "sm_scale")),
+    )
+    dtypes = (torch.bfloat16,) if quick else _AOT_DTYPES
+    shapes = ((128, 4),) if quick else _AOT_SHAPES
+    variants = []
+    for dtype in dtypes:
+        io = TORCH_TO_TRITON_DTYPE[dtype]
+        for kind, fn, io_ptrs, f32_ptrs, i32_ptrs, floats in kernels:
+            pointers = {**{p: io for p in io_ptrs}, **{p: "fp32" for p in f32_ptrs}, **{p: "i32" for p in i32_ptrs}}
+            for head_dim, group in shapes:
+                configs = [c for c in shipped_configs(kind, dtype, head_dim) if c.kwargs["ROWS"] >= group]
+                for config in configs[:1] if quick else configs:
+                    constexprs = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim),
+                                      BLOCK_M=block_m_of(config, group), BLOCK_N=config.kwargs["BLOCK_N"],
+                                      DOT_PRECISION=dot_precision(dtype))
+                    label = f"{io} d{head_dim} g{group} {config_label(config)}"
+                    variants.append(make_aot_variant(
+                        f"mllama_xattn_{kind}", fn, pointers=pointers, constexprs=constexprs, config=config,
+                        label=label, floats=floats, unaligned=("stride_st", "stride_sb", "stride_nb", "stride_pb", "stride_lb", "stride_lh")))
+    return variants
