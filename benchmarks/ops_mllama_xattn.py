@@ -1,4 +1,5 @@
-"""Op ``mllama``: Llama 3.2 Vision (transformers ``models/mllama``) cross-attention, three kinds of cells:
+"""Op ``mllama``: Llama 3.2 Vision (transformers ``models/mllama``) cross-attention, the layer and the core (and, as op
+``mllama_decode`` in ops_mllama_decode.py, the decode step), three kinds of cells:
 
 - ``layer``: one ``MllamaCrossAttentionDecoderLayer`` (RMSNorm, q/k/v projections with q/k norms, GQA attention over
   the projected vision states, ``o_proj`` + tanh gate, RMSNorm + SwiGLU MLP * row flag + tanh gate), prefill;
@@ -39,6 +40,7 @@ from fastflamingo.mllama import mask as mask_mod
 from .registry import Case, Op, Provider, Runner, register_op, register_provider
 
 OP = "mllama"
+DECODE_OP = "mllama_decode"  # the decode-step cells: benchmarks/ops_mllama_decode.py
 TOKENS_PER_TILE, MAX_TILES = 1601, 4
 MODELS = {
     "cpu": dict(hidden=1024, heads=8, kv_heads=2, intermediate=3584, tokens_per_tile=TOKENS_PER_TILE),
@@ -62,30 +64,41 @@ def _case(what, model, batch, text, images, tiles, first=0, passes=None, provide
              **MODELS[model])
     if passes is None:
         passes = ("fwd",) if what == "decode" else ("fwd", "fwd+bwd")
-    return Case(OP, p, _label(p), images, passes=passes, providers=providers)
+    return Case(DECODE_OP if what == "decode" else OP, p, _label(p), images, passes=passes, providers=providers)
 
 
 def cases(profile: str, shots: Optional[List[int]] = None) -> List[Case]:
     if profile in ("cpu", "quick"):
         out = [_case("layer", "cpu", 1, 512, 2, 1), _case("layer", "cpu", 1, 512, 2, 1, first=64, passes=("fwd",)),
-               _case("core", "cpu", 1, 512, 2, 1), _case("core", "cpu", 1, 512, 2, 1, first=64, passes=("fwd",)),
-               _case("decode", "cpu", 1, 512, 2, 1)]
+               _case("core", "cpu", 1, 512, 2, 1), _case("core", "cpu", 1, 512, 2, 1, first=64, passes=("fwd",))]
         if profile == "quick":
             out = [c for c in out if not c.params["first"]]
     elif profile == "diagonal":
         out = [_case(what, "11b", b, t, i, n) for what in ("layer", "core")
                for b, t, i, n in ((1, 512, 1, 1), (1, 2048, 2, 4), (8, 512, 1, 4), (1, 4096, 4, 4))]
-        out += [_case("decode", "11b", b, 512, 1, 4) for b in (1, 8)]
     elif profile == "full":
         out = [_case(what, "11b", b, t, i, n) for what in ("layer", "core") for b in (1, 8) for t in (512, 4096)
                for i in (1, 2, 4) for n in (1, 4)]
         out += [_case(what, "11b", 1, 512, 2, 1, first=64, passes=("fwd",)) for what in ("layer", "core")]
-        out += [_case("decode", "11b", b, 512, i, n) for b in (1, 8) for i in (1, 4) for n in (1, 4)]
-    elif profile == "priority":  # the issue's GPU targets
+    elif profile == "priority":  # the issue's GPU target for the attention core
         rivals = ["upstream-sdpa", "flex", "fastflamingo"]
-        out = [_case("core", "11b", 1, 2048, 2, 2, providers=rivals), _case("core", "11b", 8, 512, 1, 4,
-                                                                         providers=rivals),
-               _case("decode", "11b", 8, 512, 1, 4, providers=["upstream-sdpa", "fastflamingo"])]
+        out = [_case("core", "11b", 1, 2048, 2, 2, providers=rivals),
+               _case("core", "11b", 8, 512, 1, 4, providers=rivals)]
+    else:
+        raise ValueError(f"unknown profile {profile}")
+    return [c for c in out if not shots or c.shots in shots]
+
+
+def decode_cases(profile: str, shots: Optional[List[int]] = None) -> List[Case]:
+    """The decode-step cells (op ``mllama_decode``)."""
+    if profile in ("cpu", "quick"):
+        out = [_case("decode", "cpu", 1, 512, 2, 1)]
+    elif profile == "diagonal":
+        out = [_case("decode", "11b", b, 512, 1, 4) for b in (1, 8)]
+    elif profile == "full":
+        out = [_case("decode", "11b", b, 512, i, n) for b in (1, 8) for i in (1, 4) for n in (1, 4)]
+    elif profile == "priority":  # the issue's GPU target for a decode step
+        out = [_case("decode", "11b", 8, 512, 1, 4, providers=["upstream-sdpa", "fastflamingo"])]
     else:
         raise ValueError(f"unknown profile {profile}")
     return [c for c in out if not shots or c.shots in shots]
@@ -244,7 +257,7 @@ def work(case: Case, pass_: str, dtype):
     return {"fwd": (fwd, fwd_bytes), "fwd+bwd": (3 * fwd, 3 * fwd_bytes)}.get(pass_, (None, None))
 
 
-register_op(Op(OP, "Llama 3.2 Vision cross-attention: decoder layer, attention core, decode step", cases,
+register_op(Op(OP, "Llama 3.2 Vision cross-attention: decoder layer and attention core, prefill", cases,
                make_inputs, reference, work, tiny, default_devices=("cuda",)))
 
 
@@ -369,13 +382,19 @@ def _build_flex(inputs, case, device, dtype) -> Runner:
     return Runner(forward, prep_ms=prep_ms, note=note)
 
 
-register_provider(OP, Provider("upstream-sdpa", "upstream", _upstream("sdpa"), _upstream_unavailable,
-                               description="transformers layer / sdpa_attention_forward (4D mask, repeated K/V)"))
-register_provider(OP, Provider("upstream-eager", "baseline", _upstream("eager"), _upstream_unavailable,
-                               description="transformers layer / eager_attention_forward"))
-register_provider(OP, Provider("flex", "baseline", _build_flex, _flex_unavailable,
-                               description="FlexAttention, mask_mod from the closed form, enable_gqa (core)"))
-register_provider(OP, Provider("fastflamingo", "fastflamingo", _fastflamingo("hf"),
-                               description="fastflamingo drop-in / mllama_xattn, transformers' semantics"))
-register_provider(OP, Provider("fastflamingo-zero", "fastflamingo", _fastflamingo("zero"),
-                               description="the same with empty_rows='zero' (Meta / vLLM), rows without an image"))
+def register_providers(op: str) -> None:
+    """The providers of ``op`` (``mllama`` here, ``mllama_decode`` in ops_mllama_decode.py)."""
+    register_provider(op, Provider("upstream-sdpa", "upstream", _upstream("sdpa"), _upstream_unavailable,
+                                   description="transformers layer / sdpa_attention_forward (4D mask, repeated K/V)"))
+    register_provider(op, Provider("upstream-eager", "baseline", _upstream("eager"), _upstream_unavailable,
+                                   description="transformers layer / eager_attention_forward"))
+    if op == OP:
+        register_provider(op, Provider("flex", "baseline", _build_flex, _flex_unavailable,
+                                       description="FlexAttention, mask_mod from the closed form, enable_gqa (core)"))
+    register_provider(op, Provider("fastflamingo", "fastflamingo", _fastflamingo("hf"),
+                                   description="fastflamingo drop-in / mllama_xattn, transformers' semantics"))
+    register_provider(op, Provider("fastflamingo-zero", "fastflamingo", _fastflamingo("zero"),
+                                   description="the same with empty_rows='zero' (Meta / vLLM), rows with an image"))
+
+
+register_providers(OP)

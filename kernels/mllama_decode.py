@@ -26,7 +26,7 @@ with one split the kernel writes the output directly. The split count comes from
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 import triton
@@ -34,24 +34,16 @@ import triton.language as tl
 
 from ._utils import (
     INTERPRET,
-    LOG2E,
     TORCH_TO_TRITON_DTYPE,
     AotVariant,
-    ConfigLike,
-    as_config,
-    check_out,
     config_label,
     dot_precision,
     head_block,
     make_aot_variant,
     next_power_of_2,
 )
-from .media_decode import COMBINE_BLOCK_S, COMBINE_CONFIG, _media_decode_combine_kernel, choose_splits, sm_count
-from .mllama_xattn import _addressable, online_softmax_step
+from .mllama_xattn import online_softmax_step
 
-# Most query tokens per sample a decode launch takes (tokens x group heads share one tile of at most 128 rows).
-MAX_TOKENS = 16
-_MAX_ROWS = 128
 # Scores are clamped here (natural-log units) before the exp2 domain: finfo.min + score would overflow to -inf.
 _SCORE_FLOOR = tl.constexpr(-1.0e38)
 
@@ -163,98 +155,13 @@ def shipped_config(dtype: torch.dtype, head_dim: int) -> triton.Config:
     return _GPU_CONFIGS[(precision, 64 if head_block(head_dim) <= 64 else 128)]
 
 
+def default_config(dtype: torch.dtype, head_dim: int) -> triton.Config:
+    return INTERPRETER_CONFIG if INTERPRET else shipped_config(dtype, head_dim)
+
+
 def rows_for(num_tokens: int, group: int) -> int:
     """Rows of the program's tile: tokens x group heads, padded to a power of two, at least 16 (``tl.dot``)."""
     return max(16, next_power_of_2(num_tokens * group))
-
-
-# ================================================================================================================
-# Launcher
-# ================================================================================================================
-
-
-def mllama_decode_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], units: torch.Tensor,
-    unit_count: torch.Tensor, unit_len: int, scale: float, config: Optional[ConfigLike] = None,
-    num_splits: Optional[int] = None, *, out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Decode-step forward: o (B, Tq, H, D) in q's dtype.
-
-    Args:
-        q: (B, Tq, H, D), Tq * (H / Hkv) <= 128. k, v: (B, Hkv, K, D), the cache layer's tensors (any strides with
-            unit last stride: read in place). fp32/fp16/bf16, D <= 128.
-        mask: additive float mask (B or 1, Tq, K) (any strides, 0 strides included), or None (every key).
-        units, unit_count: int32 (B, U) unit indices (visited first) and (B,) how many to visit; ``unit_len`` keys
-            per unit (the last unit may be shorter).
-        config: force ``{"BLOCK_N": 16}``. num_splits: force the split count.
-    """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"q must be (B, Tq, H, D) and k, v (B, Hkv, K, D), got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in TORCH_TO_TRITON_DTYPE:
-        raise TypeError(f"q, k, v must share a dtype among fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
-    batch, num_tokens, heads, head_dim = q.shape
-    kv_heads, num_keys = k.shape[1], k.shape[2]
-    if k.shape[0] != batch or k.shape[3] != head_dim or kv_heads == 0 or heads % kv_heads:
-        raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)} (B, Hkv | H, K, D)")
-    group = heads // kv_heads
-    if num_tokens * group > _MAX_ROWS or head_dim > 128:
-        raise ValueError(f"decode serves tokens x group <= {_MAX_ROWS} and head_dim <= 128, got {num_tokens} x "
-                         f"{group}, {head_dim}")
-    if units.dim() != 2 or units.shape[0] != batch or units.dtype != torch.int32 \
-            or tuple(unit_count.shape) != (batch,) or unit_count.dtype != torch.int32:
-        raise ValueError("units must be int32 (B, U) and unit_count int32 (B,)")
-    o = _addressable(check_out("out", out, q.shape, q.dtype, q.device), "out", copy=False)
-    if o.numel() == 0:
-        return o
-    if num_keys == 0:
-        return o.zero_()
-    q, k, v = (_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
-    if mask is not None:
-        if mask.dim() != 3 or mask.shape[1:] != (num_tokens, num_keys) or mask.shape[0] not in (1, batch):
-            raise ValueError(f"mask must be (B, Tq, K) = {(batch, num_tokens, num_keys)}, got {tuple(mask.shape)}")
-        if mask.dtype == torch.bool:  # True = attend
-            mask = torch.where(mask, 0.0, float("-inf")).to(q.dtype)
-        mask = mask.expand(batch, -1, -1)
-    units = units.contiguous()
-
-    cfg = as_config(config) if config is not None else (INTERPRETER_CONFIG if INTERPRET
-                                                        else shipped_config(q.dtype, head_dim))
-    block_n = cfg.kwargs["BLOCK_N"]
-    if num_splits is None:
-        num_splits = choose_splits(batch, kv_heads, num_keys, block_n, sm_count(q.device))
-    num_splits = int(num_splits)
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    mask_arg = mask if mask is not None else q
-    mask_strides = (mask.stride(0), mask.stride(1), mask.stride(2)) if mask is not None else (0, 0, 0)
-    common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), ROWS=rows_for(num_tokens, group),
-                  BLOCK_N=block_n, HAS_MASK=mask is not None, DOT_PRECISION=dot_precision(q.dtype),
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), *mask_strides, o.stride(0), o.stride(1), o.stride(2))
-    grid = (num_splits, batch * kv_heads)
-    if num_splits == 1:
-        _mllama_decode_split_kernel[grid](
-            q, k, v, mask_arg, o, o, o, units, unit_count, *args, 0, 0, 0, 0, 0, units.stride(0),
-            kv_heads, num_tokens, num_keys, unit_len, 1, float(scale), DIRECT=True, **common)
-        return o
-    o_part = torch.empty((batch * heads, num_tokens, num_splits, head_dim), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((batch * heads, num_tokens, num_splits), dtype=torch.float32, device=q.device)
-    _mllama_decode_split_kernel[grid](
-        q, k, v, mask_arg, o, o_part, lse_part, units, unit_count, *args,
-        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
-        units.stride(0), kv_heads, num_tokens, num_keys, unit_len, num_splits, float(scale), DIRECT=False, **common)
-    _media_decode_combine_kernel[(num_tokens, batch * heads)](
-        o_part, lse_part, o,
-        o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        lse_part.stride(0), lse_part.stride(1),
-        o.stride(0), o.stride(1), o.stride(2),
-        heads, num_splits,
-        HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_S=COMBINE_BLOCK_S,
-        num_warps=COMBINE_CONFIG.num_warps, num_stages=COMBINE_CONFIG.num_stages,
-    )
-    return o
 
 
 # ================================================================================================================

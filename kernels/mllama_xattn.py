@@ -38,7 +38,7 @@ Offsets: sample/head/image/tile bases are int64 scalars; offsets inside a tile a
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import triton
@@ -46,22 +46,16 @@ import triton.language as tl
 
 from ._utils import (
     INTERPRET,
-    LOG2E,
     TORCH_TO_TRITON_DTYPE,
     AotVariant,
     ConfigChooser,
-    ConfigLike,
-    as_config,
-    cdiv,
-    check_out,
     config_label,
     dot_precision,
     head_block,
-    last_dim_contiguous,
     length_bucket,
     make_aot_variant,
 )
-from .media_xattn import PREPROCESS_BLOCK_M, _media_xattn_bwd_preprocess_kernel, query_tile_schedule
+from .media_xattn import query_tile_schedule
 
 _NO_IMAGE = tl.constexpr(2147483647)  # identity of the min over the rows' first images
 ALL_KEYS = -1  # img_start of a row that sees every key (padding included)
@@ -371,19 +365,12 @@ def _mllama_xattn_bwd_dq_kernel(
 # ================================================================================================================
 
 
-def run_ids(img_start: torch.Tensor, img_end: torch.Tensor) -> torch.Tensor:
-    """1-based index of the run (stretch of consecutive tokens seeing the same images) of every token, int32."""
-    change = torch.ones_like(img_start, dtype=torch.bool)
-    change[:, 1:] = (img_start[:, 1:] != img_start[:, :-1]) | (img_end[:, 1:] != img_end[:, :-1])
-    return change.cumsum(dim=1, dtype=torch.int32)
-
-
 def query_tiles(img_start: torch.Tensor, img_end: torch.Tensor, max_runs: int,
                 block_m: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Run-aligned query tiles (B, slots) ``tile_start`` / ``tile_end``: media_xattn's schedule, fed with run ids
-    as an all-previous ``text_time`` (its runs are exactly where the id changes) and ``max_runs`` as the media
-    count (so the grid bound ``S // BLOCK_M + max_runs + 2`` holds every tile)."""
-    return query_tile_schedule(run_ids(img_start, img_end), max(int(max_runs), 1), False, block_m)
+    """Run-aligned query tiles (B, slots) ``tile_start`` / ``tile_end``: media_xattn's schedule, whose runs are the
+    stretches of equal (lo, hi) = (img_start, img_end), with ``max_runs`` in place of the media count (so the grid
+    bound ``S // BLOCK_M + max_runs + 2`` holds every tile)."""
+    return query_tile_schedule(img_start, img_end, max(int(max_runs), 1), block_m)
 
 
 def image_token_ranges(img_start: torch.Tensor, img_end: torch.Tensor,
@@ -445,7 +432,7 @@ def block_m_of(config: triton.Config, group: int) -> int:
     return max(1, config.kwargs["ROWS"] // group)
 
 
-def _autotune_key(q: torch.Tensor, group: int, image_stride: int) -> tuple:
+def autotune_key(q: torch.Tensor, group: int, image_stride: int) -> tuple:
     return (q.shape[-1], group, image_stride, q.dtype, length_bucket(q.shape[1]))
 
 
@@ -466,197 +453,6 @@ _CANDIDATES = [INTERPRETER_CONFIG] if INTERPRET else []
 FWD_CHOOSER = ConfigChooser("mllama_xattn_fwd", _CANDIDATES, _pruner("fwd"))
 DKDV_CHOOSER = ConfigChooser("mllama_xattn_bwd_dkdv", _CANDIDATES, _pruner("dkdv"))
 DQ_CHOOSER = ConfigChooser("mllama_xattn_bwd_dq", _CANDIDATES, _pruner("dq"))
-
-
-# ================================================================================================================
-# Launchers
-# ================================================================================================================
-
-# In-tile offsets are int32: (rows per tile <= 128) * token stride + head_dim must stay below 2**31.
-_MAX_STRIDE = 2 ** 31 // 256
-
-
-def _check_inputs(q, k, v, img_start, img_end, image_keys, image_stride):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("q must be (batch, text, heads, head_dim) and k, v (batch, kv_heads, keys, head_dim)")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in TORCH_TO_TRITON_DTYPE:
-        raise TypeError(f"q, k, v must share a dtype among fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
-    batch, num_tokens, heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    if kv_heads == 0 or heads % kv_heads:
-        raise ValueError(f"q has {heads} heads, not a multiple of the {kv_heads} K/V heads")
-    num_images = image_keys.shape[1]
-    kv_shape = (batch, kv_heads, num_images * image_stride, head_dim)
-    if tuple(k.shape) != kv_shape or v.shape != k.shape:
-        raise ValueError(f"k, v must be {kv_shape}, got {tuple(k.shape)} and {tuple(v.shape)}")
-    for name, t in (("img_start", img_start), ("img_end", img_end)):
-        if tuple(t.shape) != (batch, num_tokens) or t.dtype != torch.int32:
-            raise ValueError(f"{name} must be int32 {(batch, num_tokens)}, got {t.dtype} {tuple(t.shape)}")
-    if image_keys.dim() != 2 or image_keys.shape[0] != batch or image_keys.dtype != torch.int32:
-        raise ValueError(f"image_keys must be int32 (batch, images), got {image_keys.dtype} {tuple(image_keys.shape)}")
-    if head_dim > 128:
-        raise ValueError(f"head_dim {head_dim} > 128 is not supported")
-    if batch * kv_heads > 65535:
-        raise ValueError(f"batch * kv_heads = {batch * kv_heads} > 65535 is not supported")
-
-
-def _addressable(t: torch.Tensor, name: str, copy: bool = True) -> torch.Tensor:
-    t = last_dim_contiguous(t)
-    if max(t.stride()[:-1], default=0) >= _MAX_STRIDE:
-        if copy:
-            t = t.contiguous()
-        if max(t.stride()[1:-1], default=0) >= _MAX_STRIDE:
-            raise ValueError(f"{name} has a stride >= {_MAX_STRIDE} elements inside a sample: not supported")
-    return t
-
-
-def _common_constexprs(q: torch.Tensor, group: int, config: triton.Config) -> dict:
-    return dict(GROUP=group, HEAD_DIM=q.shape[-1], BLOCK_D=head_block(q.shape[-1]),
-                BLOCK_M=block_m_of(config, group), BLOCK_N=config.kwargs["BLOCK_N"],
-                DOT_PRECISION=dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
-
-
-def mllama_xattn_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, img_start: torch.Tensor, img_end: torch.Tensor,
-    image_keys: torch.Tensor, image_stride: int, max_runs: int, scale: float,
-    config: Optional[ConfigLike] = None, *, out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward pass.
-
-    Args:
-        q: (B, S, H, D) queries, any strides with unit last stride. k, v: (B, Hkv, I * image_stride, D) (the
-            transformers cache layout, or any strided view of it); H a multiple of Hkv. fp32/fp16/bf16, D <= 128.
-        img_start, img_end: int32 (B, S) image range per token (``img_start == -1``: every key).
-        image_keys: int32 (B, I) real keys per image slot (``num_tiles * tokens_per_tile``).
-        image_stride: keys per image slot (``max_tiles * tokens_per_tile``). max_runs: the most runs of tokens
-            seeing the same images in any sample (sizes the query-tile grid).
-        config: force a launch config (``{"ROWS": 32, "BLOCK_N": 16}``). out, lse: optional preallocated outputs.
-
-    Returns:
-        o (B, S, H, D) in q's dtype and lse (B, H, S) fp32 (``+inf`` for tokens that see nothing).
-    """
-    _check_inputs(q, k, v, img_start, img_end, image_keys, image_stride)
-    q, k, v = (_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
-    batch, num_tokens, heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    group = heads // kv_heads
-    o = _addressable(check_out("out", out, q.shape, q.dtype, q.device), "out", copy=False)
-    lse = check_out("lse", lse, (batch, heads, num_tokens), torch.float32, q.device)
-    if o.numel() == 0:
-        return o, lse
-    if k.shape[2] == 0:
-        o.zero_()
-        lse.fill_(float("inf"))
-        return o, lse
-    qk_scale = float(scale) * LOG2E
-
-    def run(cfg: triton.Config) -> None:
-        consts = _common_constexprs(q, group, cfg)
-        tile_start, tile_end = query_tiles(img_start, img_end, max_runs, consts["BLOCK_M"])
-        _mllama_xattn_fwd_kernel[(tile_start.shape[1], batch * kv_heads)](
-            q, k, v, o, lse, img_start, img_end, image_keys, tile_start, tile_end,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            o.stride(0), o.stride(1), o.stride(2),
-            lse.stride(0), lse.stride(1),
-            img_start.stride(0), img_start.stride(1),
-            image_keys.stride(0),
-            tile_start.stride(0),
-            kv_heads, image_keys.shape[1], image_stride, qk_scale,
-            **consts,
-        )
-
-    cfg = as_config(config) if config is not None else FWD_CHOOSER.choose(
-        _autotune_key(q, group, image_stride), run)
-    run(cfg)
-    return o, lse
-
-
-def mllama_xattn_bwd(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    img_start: torch.Tensor, img_end: torch.Tensor, image_keys: torch.Tensor, image_stride: int, max_runs: int,
-    scale: float, config: Optional[ConfigLike] = None, *, dq: Optional[torch.Tensor] = None,
-    dk: Optional[torch.Tensor] = None, dv: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward pass: (dq, dk, dv) with the shapes and dtypes of (q, k, v); dk/dv are exactly 0 on keys no row
-    sees. ``do`` may have any strides, including 0. Deterministic: every output element is written by exactly one
-    program, with no atomics. ``config`` forces one launch config for both kernels."""
-    _check_inputs(q, k, v, img_start, img_end, image_keys, image_stride)
-    if do.shape != q.shape or o.shape != q.shape:
-        raise ValueError(f"do {tuple(do.shape)} and o {tuple(o.shape)} must have q's shape {tuple(q.shape)}")
-    batch, num_tokens, heads, head_dim = q.shape
-    if tuple(lse.shape) != (batch, heads, num_tokens) or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be fp32 {(batch, heads, num_tokens)}, got {lse.dtype} {tuple(lse.shape)}")
-    q, k, v, o = (_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v"), (o, "o")))
-    do = _addressable(do.to(q.dtype), "do")
-    kv_heads = k.shape[1]
-    group = heads // kv_heads
-    num_images = image_keys.shape[1]
-    dq = _addressable(check_out("dq", dq, q.shape, q.dtype, q.device), "dq", copy=False)
-    dk = _addressable(check_out("dk", dk, k.shape, k.dtype, k.device), "dk", copy=False)
-    dv = _addressable(check_out("dv", dv, v.shape, v.dtype, v.device), "dv", copy=False)
-    if num_tokens == 0 or k.shape[2] == 0 or batch * heads * head_dim == 0:
-        for t in (dq, dk, dv):
-            t.zero_()
-        return dq, dk, dv
-    lse = lse.contiguous()
-    qk_scale = float(scale) * LOG2E
-    block_d = head_block(head_dim)
-    delta = torch.empty_like(lse)
-    _media_xattn_bwd_preprocess_kernel[(cdiv(num_tokens, PREPROCESS_BLOCK_M), batch * heads)](
-        o, do, delta,
-        o.stride(0), o.stride(1), o.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        delta.stride(0), delta.stride(1),
-        num_tokens, heads,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=PREPROCESS_BLOCK_M, num_warps=4,
-    )
-    token_first, token_end = image_token_ranges(img_start, img_end, num_images)
-    has_all = (img_start < 0).any(dim=1).to(torch.int32)
-
-    def run_dkdv(cfg: triton.Config) -> None:
-        consts = _common_constexprs(q, group, cfg)
-        grid = (num_images * cdiv(image_stride, consts["BLOCK_N"]), batch * kv_heads)
-        _mllama_xattn_bwd_dkdv_kernel[grid](
-            q, k, v, do, lse, delta, img_start, img_end, image_keys, has_all, token_first, token_end, dk, dv,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            lse.stride(0), lse.stride(1),
-            img_start.stride(0), img_start.stride(1),
-            image_keys.stride(0),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
-            kv_heads, num_images, image_stride, qk_scale, float(scale),
-            **consts,
-        )
-
-    def run_dq(cfg: triton.Config) -> None:
-        consts = _common_constexprs(q, group, cfg)
-        tile_start, tile_end = query_tiles(img_start, img_end, max_runs, consts["BLOCK_M"])
-        _mllama_xattn_bwd_dq_kernel[(tile_start.shape[1], batch * kv_heads)](
-            q, k, v, do, lse, delta, img_start, img_end, image_keys, tile_start, tile_end, dq,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            lse.stride(0), lse.stride(1),
-            img_start.stride(0), img_start.stride(1),
-            image_keys.stride(0),
-            tile_start.stride(0),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            kv_heads, num_images, image_stride, qk_scale, float(scale),
-            **consts,
-        )
-
-    key = _autotune_key(q, group, image_stride)
-    dkdv_cfg = as_config(config) if config is not None else DKDV_CHOOSER.choose(key, run_dkdv)
-    run_dkdv(dkdv_cfg)
-    dq_cfg = as_config(config) if config is not None else DQ_CHOOSER.choose(key, run_dq)
-    run_dq(dq_cfg)
-    return dq, dk, dv
 
 
 # ================================================================================================================

@@ -5,8 +5,14 @@ import random
 
 import torch
 
+import helpers
+
 IMAGE = 99  # tiny_mllama's image token (vocab_size - 1)
 PAD = 0
+# kernel-level tests: tokens per tile (not a multiple of any kernel tile, like 1601) and tiles per image slot
+P, T = 7, 3
+# max |kernel - reference| / max |reference| for (output, gradients)
+TOLERANCE = {torch.float32: (1e-4, 2e-4), torch.float16: (5e-3, 1e-2), torch.bfloat16: (3e-2, 6e-2)}
 
 
 def processor_mask(rows, num_tiles, max_tiles=4):
@@ -80,3 +86,47 @@ def model_inputs(rows, tiles, max_tiles=4, image_size=28, seed=0, mask=True):
             cam = torch.cat((cam, cam.new_zeros(batch, length, num_images - cam.shape[2], max_tiles)), dim=2)
         out["cross_attention_mask"] = cam
     return out
+
+
+def prepare(cam, tokens_per_tile, dtype):
+    """transformers' own expansion of a processor mask: the additive (B, 1, S, keys) mask and the row flag."""
+    from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
+
+    return _prepare_cross_attention_mask(cam, num_vision_tokens=tokens_per_tile, dtype=dtype)
+
+
+def assert_close(name, actual, expected, tol):
+    """max |actual - expected| <= tol * max |expected| (exact when the reference is 0), no NaN (unwritten)."""
+    helpers.assert_close(actual.detach().to("cpu", torch.float64), expected, tol, name)
+
+
+def mixed_layout():
+    """Two samples, 13 tokens, up to 2 images of up to 3 tiles: text before the first image (rows that see no
+    image), a 1-tile image then a 3-tile image; consecutive images of 2 and 3 tiles; left padding."""
+    rows = [[5, 6, IMAGE, 7, 8, 9, 10, IMAGE, 11, 12, 13, 14, 15],
+            [PAD, PAD, IMAGE, IMAGE, 7, 8, 9, 10, 11, 12, 13, 14, 15]]
+    return processor_mask(rows, [[1, 3], [2, 3]], T)
+
+
+def make_qkv(device, dtype, batch, num_text, heads, kv_heads, head_dim, num_keys, seed=0):
+    """q as a strided view (every other head of a wider projection), k/v as transposed views of a
+    (batch, keys, kv_heads, head_dim) projection: the kernels take any strides."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, num_text, 2 * heads, head_dim, generator=g)[:, :, ::2]
+    kv = torch.randn(batch, num_keys, 2, kv_heads, head_dim, generator=g)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def nan_like(shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def additive_reference(q, k, v, additive, scale):
+    """transformers' attention in float64: softmax(scale q k^T + mask) v, GQA by repetition."""
+    qd, kd, vd = (t.detach().to("cpu", torch.float64) for t in (q, k, v))
+    group = q.shape[2] // k.shape[1]
+    scores = torch.einsum("bshd,bhkd->bhsk", qd, kd.repeat_interleave(group, 1)) * scale
+    if additive is not None:
+        scores = scores + additive.to("cpu", torch.float64)
+    return torch.einsum("bhsk,bhkd->bshd", torch.softmax(scores, -1), vd.repeat_interleave(group, 1))

@@ -1,5 +1,6 @@
-"""mllama cross-attention core: the closed-form mask, the Triton kernels (kernels/mllama_xattn.py,
-kernels/mllama_decode.py; interpreted on CPU, native on CUDA), the PyTorch path and the dispatch.
+"""mllama cross-attention core: the closed-form mask, the prefill kernels (kernels/mllama_xattn.py through
+fastflamingo/ops/mllama_xattn.py; interpreted on CPU, native on CUDA), the PyTorch path and the dispatch (the
+decode kernel: test_mllama_decode.py).
 
 Every result is compared with a float64 oracle written from the semantics (fastflamingo.mllama.reference: the
 processor mask's meaning, or the additive mask as transformers adds it), computed from the inputs as rounded to the
@@ -11,47 +12,11 @@ import pytest
 import torch
 
 import fastflamingo
-import helpers
 from fastflamingo.mllama import mask as M
 from fastflamingo.mllama import mllama_xattn, reference, torch_path
-from mllama_cases import IMAGE, PAD, processor_mask, random_rows
+from mllama_cases import (P, TOLERANCE, T, additive_reference, assert_close, make_qkv, mixed_layout, nan_like,
+                          prepare, processor_mask, random_rows)
 
-# max |kernel - reference| / max |reference| for (output, gradients)
-TOLERANCE = {torch.float32: (1e-4, 2e-4), torch.float16: (5e-3, 1e-2), torch.bfloat16: (3e-2, 6e-2)}
-P, T = 7, 3  # tokens per tile (not a multiple of any kernel tile, like 1601), tiles per image
-
-
-def _prepare(cam, tokens_per_tile, dtype):
-    from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
-
-    return _prepare_cross_attention_mask(cam, num_vision_tokens=tokens_per_tile, dtype=dtype)
-
-
-def assert_close(name, actual, expected, tol):
-    """max |actual - expected| <= tol * max |expected| (exact when the reference is 0), no NaN (unwritten)."""
-    helpers.assert_close(actual.detach().to("cpu", torch.float64), expected, tol, name)
-
-
-def mixed_layout():
-    """Two samples, 13 tokens, up to 2 images of up to 3 tiles: text before the first image (rows that see no
-    image), a 1-tile image then a 3-tile image; consecutive images of 2 and 3 tiles; left padding."""
-    rows = [[5, 6, IMAGE, 7, 8, 9, 10, IMAGE, 11, 12, 13, 14, 15],
-            [PAD, PAD, IMAGE, IMAGE, 7, 8, 9, 10, 11, 12, 13, 14, 15]]
-    return processor_mask(rows, [[1, 3], [2, 3]], T)
-
-
-def make_qkv(device, dtype, batch, num_text, heads, kv_heads, head_dim, num_keys, seed=0):
-    """q as a strided view (every other head of a wider projection), k/v as transposed views of a
-    (batch, keys, kv_heads, head_dim) projection: the kernels take any strides."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, num_text, 2 * heads, head_dim, generator=g)[:, :, ::2]
-    kv = torch.randn(batch, num_keys, 2, kv_heads, head_dim, generator=g)
-    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
-
-
-def nan_like(shape, dtype, device):
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,7 +37,7 @@ def test_closed_form_of_processor_masks(empty_rows):
         closed = M.from_cross_attention_mask(cam, P, empty_rows)
         assert closed is not None
         assert torch.equal(closed.visible(), reference.visible_keys(cam, P, empty_rows))
-        additive, flag = _prepare(cam, P, torch.float32)
+        additive, flag = prepare(cam, P, torch.float32)
         recovered = M.from_additive_mask(additive, P, 4, flag, empty_rows)
         assert recovered is not None
         for name in ("img_start", "img_end", "image_keys"):
@@ -82,7 +47,7 @@ def test_closed_form_of_processor_masks(empty_rows):
 
 def test_masks_without_closed_form_are_refused():
     cam = mixed_layout()
-    additive, _ = _prepare(cam, P, torch.float32)
+    additive, _ = prepare(cam, P, torch.float32)
     assert M.from_additive_mask(additive, P, T) is not None
 
     def refused(mask, tokens_per_tile=P, max_tiles=T):
@@ -100,24 +65,10 @@ def test_masks_without_closed_form_are_refused():
     blocked_row = additive.clone()
     blocked_row[1, 0, 6] = torch.finfo(torch.float32).min  # a row that sees nothing (upstream: uniform average)
     assert refused(soft) and refused(not_constant) and refused(blocked_row)
-    assert refused(_prepare(gap, P, torch.float32)[0])
-    assert refused(_prepare(not_prefix, P, torch.float32)[0])
+    assert refused(prepare(gap, P, torch.float32)[0])
+    assert refused(prepare(not_prefix, P, torch.float32)[0])
     assert refused(additive, tokens_per_tile=P + 1)  # keys are not images x tiles x P
     assert M.from_cross_attention_mask(gap) is None
-
-
-def test_decode_units_skip_padded_tiles():
-    cam = mixed_layout()[:, -1:]  # the last row: what every decode step repeats
-    additive, flag = _prepare(cam, P, torch.float32)
-    units, count, unit_len = M.decode_units(additive, 2 * T * P, P, 2, "cpu")
-    assert unit_len == P and count.tolist() == [3, 5]  # sample 0: image 1 (3 tiles); sample 1: images 0 and 1
-    assert units[0, :3].tolist() == [3, 4, 5] and units[1, :5].tolist() == [0, 1, 3, 4, 5]
-    # hf: a row that sees no image sees every tile; zero mode: it is ignored
-    empty = torch.zeros(1, 1, 1, 2 * T * P)
-    assert M.decode_units(empty, 2 * T * P, P, 1, "cpu")[1].tolist() == [2 * T]
-    assert M.decode_units(empty, 2 * T * P, P, 1, "cpu", torch.zeros(1, 1, 1, 1))[1].tolist() == [0]
-    # a key count that is not a multiple of the tile: one unit of every key
-    assert M.decode_units(None, 20, P, 1, "cpu")[1:] == (torch.tensor([1], dtype=torch.int32), 20)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,8 +78,9 @@ def test_decode_units_skip_padded_tiles():
 
 @pytest.fixture(scope="module")
 def kernels():
+    """The launchers (fastflamingo.ops.mllama_xattn); the kernels themselves need triton."""
     pytest.importorskip("triton")
-    from fastflamingo.kernels import mllama_xattn
+    from fastflamingo.ops import mllama_xattn
 
     return mllama_xattn
 
@@ -155,9 +107,9 @@ def test_prefill_kernels_match_fp64(kernels, device, dtype, group, empty_rows):
     config = {"ROWS": 16, "BLOCK_N": 16}
     o = nan_like(q.shape, dtype, device)
     lse = nan_like((batch, heads, num_text), torch.float32, device)
-    kernels.mllama_xattn_fwd(q, k, v, *args, closed.image_stride, closed.max_runs, scale, config, out=o, lse=lse)
+    kernels.launch_fwd(q, k, v, *args, closed.image_stride, closed.max_runs, scale, config, out=o, lse=lse)
     grads = [nan_like(t.shape, dtype, device) for t in (q, k, v)]
-    kernels.mllama_xattn_bwd(do, q, k, v, o, lse, *args, closed.image_stride, closed.max_runs, scale, config,
+    kernels.launch_bwd(do, q, k, v, o, lse, *args, closed.image_stride, closed.max_runs, scale, config,
                              dq=grads[0], dk=grads[1], dv=grads[2])
     want, want_grads = reference.attention(q, k, v, visible, scale, grad_out=do)
     tol_o, tol_g = TOLERANCE[dtype]
@@ -186,59 +138,6 @@ def test_prefill_default_config_and_autograd(kernels, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Decode kernel
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def additive_reference(q, k, v, additive, scale):
-    """transformers' attention in float64: softmax(scale q k^T + mask) v, GQA by repetition."""
-    qd, kd, vd = (t.detach().to("cpu", torch.float64) for t in (q, k, v))
-    group = q.shape[2] // k.shape[1]
-    scores = torch.einsum("bshd,bhkd->bhsk", qd, kd.repeat_interleave(group, 1)) * scale
-    if additive is not None:
-        scores = scores + additive.to("cpu", torch.float64)
-    return torch.einsum("bhsk,bhkd->bshd", torch.softmax(scores, -1), vd.repeat_interleave(group, 1))
-
-
-DECODE_CASES = [(torch.float32, 4, 1, 1), (torch.float32, 1, 3, 3), (torch.bfloat16, 4, 1, 2),
-                (torch.float16, 2, 2, 5)]
-
-
-@pytest.mark.triton
-@pytest.mark.parametrize("dtype,group,tokens,splits", DECODE_CASES,
-                         ids=[f"{str(d)[6:]}-g{g}-t{t}-s{s}" for d, g, t, s in DECODE_CASES])
-def test_decode_kernel_matches_fp64(device, dtype, group, tokens, splits):
-    """Reads the cache layout in place with the additive mask: hf rows that see no image (all keys), partial tiles,
-    an all-blocked row (upstream: uniform average), a soft bias, a batch-1 (stride-0) mask; split counts 1..5."""
-    pytest.importorskip("triton")
-    from fastflamingo.kernels import mllama_decode
-
-    cam = mixed_layout()[:, -tokens:].clone()
-    cam[0, 0] = 0  # sample 0's first decode token sees no image
-    additive, _ = _prepare(cam, P, dtype)
-    additive = additive.to(device)
-    if tokens > 1:
-        additive[1, 0, 1] = torch.finfo(dtype).min  # a row that sees nothing at all
-        additive[0, 0, -1, :5] = -1.5  # a soft bias
-    batch, heads, head_dim = 2, 2 * group, 32
-    q, k, v = make_qkv(device, dtype, batch, tokens, heads, 2, head_dim, 2 * T * P, seed=2)
-    units, count, unit_len = M.decode_units(additive, 2 * T * P, P, batch, device)
-    scale = head_dim ** -0.5
-    out = nan_like(q.shape, dtype, device)
-    mllama_decode.mllama_decode_fwd(q, k, v, additive[:, 0], units, count, unit_len, scale, {"BLOCK_N": 16},
-                                    num_splits=splits, out=out)
-    assert_close("o", out, additive_reference(q, k, v, additive, scale), TOLERANCE[dtype][0])
-    # one mask row shared by the batch (stride 0), and no mask at all
-    shared = additive[:1].expand(batch, -1, -1, -1)
-    units, count, unit_len = M.decode_units(shared, 2 * T * P, P, batch, device)
-    got = mllama_decode.mllama_decode_fwd(q, k, v, shared[:, 0], units, count, unit_len, scale, num_splits=splits)
-    assert_close("o shared mask", got, additive_reference(q, k, v, shared, scale), TOLERANCE[dtype][0])
-    units, count, unit_len = M.decode_units(None, 2 * T * P, P, batch, device)
-    got = mllama_decode.mllama_decode_fwd(q, k, v, None, units, count, unit_len, scale, num_splits=splits)
-    assert_close("o no mask", got, additive_reference(q, k, v, None, scale), TOLERANCE[dtype][0])
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # PyTorch path, dispatch, custom ops, torch.compile
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -248,7 +147,7 @@ def test_torch_path_matches_fp64(empty_rows):
     """Runs (closed form) and the dense path with the additive mask agree with the oracle, values and gradients;
     "zero" rows are exactly 0 on both."""
     cam = mixed_layout()
-    additive, flag = _prepare(cam, P, torch.float64)
+    additive, flag = prepare(cam, P, torch.float64)
     visible = reference.visible_keys(cam, P, empty_rows)
     q, k, v = (t.requires_grad_() for t in make_qkv("cpu", torch.float64, 2, cam.shape[1], 8, 2, 16, 2 * T * P))
     do = torch.randn(q.shape, dtype=torch.float64)
@@ -267,7 +166,7 @@ def test_dispatch(device, monkeypatch):
     """auto on CPU tensors: the PyTorch path; an explicit triton request with a mask that has no closed form raises
     BackendError instead of falling back; a soft bias runs densely, exactly as transformers."""
     cam = mixed_layout()
-    additive, _ = _prepare(cam, P, torch.float32)
+    additive, _ = prepare(cam, P, torch.float32)
     q, k, v = make_qkv("cpu", torch.float32, 2, cam.shape[1], 4, 2, 16, 2 * T * P)
     soft = additive.clone()
     soft[:, :, :, :3] = -1.0
@@ -293,31 +192,7 @@ def test_opcheck(device):
     q, k, v = (t.contiguous().requires_grad_() for t in (q, k, v))
     args = (closed.img_start.to(device), closed.img_end.to(device), closed.image_keys.to(device),
             closed.image_stride, closed.max_runs, 0.25)
-    torch.library.opcheck(ops.mllama_xattn_fwd, (q, k, v, *args), test_utils=("test_schema", "test_faketensor"))
-    o, lse = ops.mllama_xattn_fwd(q.detach(), k.detach(), v.detach(), *args)
-    torch.library.opcheck(ops.mllama_xattn_bwd, (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse,
-                                                 *args), test_utils=("test_schema", "test_faketensor"))
-    additive = _prepare(cam[:, -1:], P, torch.float32)[0].to(device)
-    units, count, unit_len = M.decode_units(additive, 2 * T * P, P, 2, device)
-    torch.library.opcheck(ops.mllama_xattn_decode, (q[:, :1].detach(), k.detach(), v.detach(), additive[:, 0],
-                                                    units, count, unit_len, 0.25),
+    torch.library.opcheck(ops.fwd_op, (q, k, v, *args), test_utils=("test_schema", "test_faketensor"))
+    o, lse = ops.fwd_op(q.detach(), k.detach(), v.detach(), *args)
+    torch.library.opcheck(ops.bwd_op, (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, *args),
                           test_utils=("test_schema", "test_faketensor"))
-
-
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
-def test_torch_compile_decode_step(device, backend):
-    """A decode step through ``mllama_xattn`` compiles with fullgraph=True (no host synchronisation, no graph
-    break): the decode op on Triton, the dense path on PyTorch."""
-    if backend == "triton" and device == "cpu":
-        pytest.importorskip("triton")
-    cam = mixed_layout()[:, -1:]
-    additive = _prepare(cam, P, torch.float32)[0].to(device)
-    q, k, v = make_qkv(device, torch.float32, 2, 1, 4, 2, 16, 2 * T * P)
-
-    def step(q, k, v, mask):
-        return torch.tanh(mllama_xattn(q, k, v, mask, tokens_per_tile=P, max_tiles=T)) + q
-
-    with torch.no_grad(), fastflamingo.backend(backend):
-        got = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v, additive)
-        want = step(q, k, v, additive)
-    torch.testing.assert_close(got, want)

@@ -130,28 +130,31 @@ def mllama_xattn(
     def triton_reasons() -> List[str]:
         if dropout_p:
             return [f"attention dropout (dropout_p={dropout_p}) is not supported by the kernels"]
+        from ..ops import mllama_decode as decode_ops
         from ..ops import mllama_xattn as ops
 
         reasons = ops.unsupported_reasons(q, k, v)
         group = q.shape[2] // k.shape[1]
         if decode:
-            if num_text * group > ops.DECODE_MAX_ROWS:
-                reasons.append(f"decode: {num_text} tokens x {group} heads per K/V head > {ops.DECODE_MAX_ROWS}")
+            if num_text * group > decode_ops.MAX_ROWS:
+                reasons.append(f"decode: {num_text} tokens x {group} heads per K/V head > {decode_ops.MAX_ROWS}")
         elif not reasons and closed_form() is None:
             reasons.append("the cross-attention mask has no closed form (not runs of images with tile prefixes, "
                            "or a soft bias): the dense PyTorch path serves it")
         return reasons
 
     if _backend.choose("mllama_xattn", (q, k, v), triton_reasons) == "triton":
-        from ..ops import mllama_xattn as ops
-
         if decode:
+            from ..ops.mllama_decode import mllama_decode
+
             units, count, unit_len = mask_mod.decode_units(attention_mask, num_keys, tokens_per_tile, batch,
                                                            q.device, flag)
             mask3 = None if attention_mask is None else attention_mask[:, 0]
-            out = ops.decode(q, k, v, mask3, units, count, unit_len, scale)
+            out = mllama_decode(q, k, v, mask3, units, count, unit_len, scale)
             return out if flag is None else torch.where((flag == 0)[:, :, None, None], out.new_zeros(()), out)
-        return ops.prefill(q, k, v, closed_form(), scale)
+        from ..ops.mllama_xattn import mllama_xattn as kernel_path
+
+        return kernel_path(q, k, v, closed_form(), scale)
 
     zero_rows = None if flag is None else flag == 0
     if torch.compiler.is_compiling() and is_tensor_mask:  # no host synchronisation inside a compiled graph

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from .. import functional as FF
-from ..idefics.layer import _activation, _common_dtype
+from ..idefics.attention import _common_dtype
+from ..idefics.config import activation
 from . import mask as mask_mod
 from .functional import mllama_xattn
 
@@ -98,11 +99,15 @@ class MllamaTextMLP(nn.Module):
         self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
         self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
         self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=False)
-        self.act_fn = _activation(config.hidden_act)
+        self.act_fn = activation(config.hidden_act)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """The activations ``down_proj`` consumes."""
-        return self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        """The activations ``down_proj`` consumes. Without autograd the product is taken in place (the same
+        numbers; one (tokens, intermediate) buffer fewer at the peak)."""
+        gate = self.act_fn(self.gate_proj(x))
+        if gate.requires_grad and torch.is_grad_enabled():
+            return gate * self.up_proj(x)
+        return gate.mul_(self.up_proj(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.hidden(x))
@@ -222,7 +227,7 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
         x = x + tanh(cross_attn_mlp_gate) * F * mlp(RMSNorm(x))
 
     with ``F = full_text_row_masked_out_mask`` (a row sees an image). Both gated residuals run in the epilogue of
-    their projection (``o_proj``, ``down_proj``) through ``fastflamingo.functional.tanh_gated_linear``.
+    their projection (``o_proj``, ``down_proj``) through ``fastflamingo.functional.gated_linear``.
     ``empty_rows``: ``"hf"`` (transformers 5, default) or ``"zero"`` (Meta / vLLM), see the module docstring.
     """
 
@@ -269,18 +274,18 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
         if isinstance(self.cross_attn, MllamaTextCrossAttention):
             attended = self.cross_attn.attend(normed, cross_attention_states, cache, cross_attention_mask,
                                               row_flag=flag, empty_rows=self.empty_rows)
-            hidden_states = FF.tanh_gated_linear(residual, attended, self.cross_attn.o_proj,
+            hidden_states = FF.gated_linear(residual, attended, self.cross_attn.o_proj,
                                                  self.cross_attn_attn_gate, row_gate=attn_gate)
         else:  # a wrapped or replaced attention module: call it as upstream does
             out, _ = self.cross_attn(hidden_states=normed, attention_mask=cross_attention_mask,
                                      cross_attention_states=cross_attention_states, cache=cache)
-            hidden_states = FF.tanh_gated_residual(residual, out, self.cross_attn_attn_gate, row_gate=attn_gate)
+            hidden_states = FF.gated_residual(residual, out, self.cross_attn_attn_gate, row_gate=attn_gate)
         residual = hidden_states
         normed = self.post_attention_layernorm(hidden_states)
         if isinstance(self.mlp, MllamaTextMLP):
-            return FF.tanh_gated_linear(residual, self.mlp.hidden(normed), self.mlp.down_proj,
+            return FF.gated_linear(residual, self.mlp.hidden(normed), self.mlp.down_proj,
                                         self.cross_attn_mlp_gate, row_gate=row_gate)
-        return FF.tanh_gated_residual(residual, self.mlp(normed), self.cross_attn_mlp_gate, row_gate=row_gate)
+        return FF.gated_residual(residual, self.mlp(normed), self.cross_attn_mlp_gate, row_gate=row_gate)
 
 
 __all__ = ["MllamaCrossAttentionDecoderLayer", "MllamaTextCrossAttention", "MllamaTextMLP", "MllamaTextRMSNorm"]

@@ -1,12 +1,10 @@
-"""Triton mllama (Llama 3.2 Vision) cross-attention behind ``torch.library`` custom ops.
-
-- ``fastflamingo::mllama_xattn_fwd`` / ``fastflamingo::mllama_xattn_bwd``: the closed-form (interval-masked GQA)
-  prefill kernels of ``kernels/mllama_xattn.py``, with fake implementations and an autograd registration;
-- ``fastflamingo::mllama_xattn_decode``: the decode kernel of ``kernels/mllama_decode.py`` (reads the additive
-  mask and the cache tensors in place; inference only, no autograd).
+"""mllama (Llama 3.2 Vision) cross-attention on the Triton kernels of ``kernels/mllama_xattn.py``: the launchers and
+the ``fastflamingo::mllama_xattn_fwd`` / ``fastflamingo::mllama_xattn_bwd`` custom ops (closed-form, interval-masked
+GQA prefill; fake implementations and an autograd registration). Decode steps that carry the additive mask take
+``fastflamingo.ops.mllama_decode``; :func:`fastflamingo.mllama.mllama_xattn` decides.
 
 Custom ops are opaque to torch.compile, so a compiled model calls the kernels as they are. Importing this module
-needs torch only: triton and the kernels are imported on the first call.
+needs torch only: triton and the kernels are imported on the first launch.
 """
 from __future__ import annotations
 
@@ -15,44 +13,46 @@ from typing import List, Optional, Tuple
 import torch
 
 from .. import _backend
+from .._checks import SUPPORTED_DTYPES, unsupported_dtype_reasons
+from ._launch import ConfigLike, check_out, unit_last_stride
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 MAX_GROUP = 16  # query heads per K/V head a program tile holds (a power of two)
-DECODE_MAX_ROWS = 128  # decode: query tokens x group heads in one tile
+
+
+def _kernels():
+    """(the kernel module, kernels/_utils): imported on the first launch, since they import triton."""
+    from ..kernels import _utils, mllama_xattn
+
+    return mllama_xattn, _utils
 
 
 @torch.library.custom_op("fastflamingo::mllama_xattn_fwd", mutates_args=())
-def mllama_xattn_fwd(
+def fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, img_start: torch.Tensor, img_end: torch.Tensor,
     image_keys: torch.Tensor, image_stride: int, max_runs: int, scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    from fastflamingo.kernels import mllama_xattn as kernels
-
-    return kernels.mllama_xattn_fwd(q, k, v, img_start, img_end, image_keys, image_stride, max_runs, scale)
+    return launch_fwd(q, k, v, img_start, img_end, image_keys, image_stride, max_runs, scale)
 
 
-@mllama_xattn_fwd.register_fake
+@fwd_op.register_fake
 def _(q, k, v, img_start, img_end, image_keys, image_stride, max_runs, scale):
     batch, num_text, heads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads, num_text), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastflamingo::mllama_xattn_bwd", mutates_args=())
-def mllama_xattn_bwd(
+def bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     img_start: torch.Tensor, img_end: torch.Tensor, image_keys: torch.Tensor, image_stride: int, max_runs: int,
     scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from fastflamingo.kernels import mllama_xattn as kernels
-
-    return kernels.mllama_xattn_bwd(do, q, k, v, o, lse, img_start, img_end, image_keys, image_stride, max_runs,
-                                    scale)
+    return launch_bwd(do, q, k, v, o, lse, img_start, img_end, image_keys, image_stride, max_runs, scale)
 
 
-@mllama_xattn_bwd.register_fake
+@bwd_op.register_fake
 def _(do, q, k, v, o, lse, img_start, img_end, image_keys, image_stride, max_runs, scale):
-    # the kernels allocate contiguous gradients, whatever the strides of q, k, v
+    # the launcher allocates contiguous gradients, whatever the strides of q, k, v
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -68,51 +68,24 @@ def _backward(ctx, grad_o, grad_lse):
     q, k, v, o, lse, img_start, img_end, image_keys = ctx.saved_tensors
     if grad_o is None:
         return (None,) * 9
-    dq, dk, dv = mllama_xattn_bwd(grad_o, q, k, v, o, lse, img_start, img_end, image_keys, *ctx.sizes)
+    dq, dk, dv = bwd_op(grad_o, q, k, v, o, lse, img_start, img_end, image_keys, *ctx.sizes)
     return dq, dk, dv, None, None, None, None, None, None
 
 
-mllama_xattn_fwd.register_autograd(_backward, setup_context=_setup_context)
+fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("fastflamingo::mllama_xattn_decode", mutates_args=())
-def mllama_xattn_decode(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], units: torch.Tensor,
-    unit_count: torch.Tensor, unit_len: int, scale: float,
-) -> torch.Tensor:
-    from fastflamingo.kernels import mllama_decode as kernels
-
-    return kernels.mllama_decode_fwd(q, k, v, mask, units, unit_count, unit_len, scale)
-
-
-@mllama_xattn_decode.register_fake
-def _(q, k, v, mask, units, unit_count, unit_len, scale):
-    return q.new_empty(q.shape)
-
-
-def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) -> torch.Tensor:
+def mllama_xattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) -> torch.Tensor:
     """Closed-form attention (``mask`` a :class:`~fastflamingo.mllama.mask.MllamaMask`); differentiable w.r.t.
-    q, k and v."""
-    o, _ = mllama_xattn_fwd(q, k, v, mask.img_start, mask.img_end, mask.image_keys, mask.image_stride,
-                            mask.max_runs, float(scale))
+    q, k and v. Shapes: :func:`fastflamingo.mllama.mllama_xattn`."""
+    o, _ = fwd_op(q, k, v, mask.img_start, mask.img_end, mask.image_keys, mask.image_stride, mask.max_runs,
+                  float(scale))
     return o
-
-
-def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], units: torch.Tensor,
-           unit_count: torch.Tensor, unit_len: int, scale: float) -> torch.Tensor:
-    """A decode step with the additive (B, S, K) mask (or None), visiting only the listed key units."""
-    return mllama_xattn_decode(q, k, v, mask, units, unit_count, int(unit_len), float(scale))
 
 
 def unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> List[str]:
     """What the kernels cannot serve about these inputs (devices are checked by ``_backend``); empty: supported."""
-    reasons = []
-    dtypes = {t.dtype for t in (q, k, v)}
-    if len(dtypes) > 1:
-        reasons.append(f"q, k, v have different dtypes {sorted(str(d) for d in dtypes)}")
-    for dtype in sorted(dtypes, key=str):
-        if dtype not in SUPPORTED_DTYPES:
-            reasons.append(f"dtype {dtype} is not supported (fp32, fp16, bf16)")
+    reasons = unsupported_dtype_reasons((("q", q), ("k", k), ("v", v)))
     head_dim = q.shape[-1]
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         reasons.append(f"head_dim {head_dim} is outside the supported {MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
@@ -123,4 +96,194 @@ def unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Li
     return reasons
 
 
-__all__ = ["prefill", "decode", "unsupported_reasons", "mllama_xattn_fwd", "mllama_xattn_bwd", "mllama_xattn_decode"]
+# In-tile offsets are int32: (rows per tile <= 128) * token stride + head_dim must stay below 2**31.
+_MAX_STRIDE = 2 ** 31 // 256
+
+
+def _check_inputs(q, k, v, img_start, img_end, image_keys, image_stride):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q must be (batch, text, heads, head_dim) and k, v (batch, kv_heads, keys, head_dim)")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q, k, v must share a dtype among fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    batch, num_tokens, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"q has {heads} heads, not a multiple of the {kv_heads} K/V heads")
+    num_images = image_keys.shape[1]
+    kv_shape = (batch, kv_heads, num_images * image_stride, head_dim)
+    if tuple(k.shape) != kv_shape or v.shape != k.shape:
+        raise ValueError(f"k, v must be {kv_shape}, got {tuple(k.shape)} and {tuple(v.shape)}")
+    for name, t in (("img_start", img_start), ("img_end", img_end)):
+        if tuple(t.shape) != (batch, num_tokens) or t.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32 {(batch, num_tokens)}, got {t.dtype} {tuple(t.shape)}")
+    if image_keys.dim() != 2 or image_keys.shape[0] != batch or image_keys.dtype != torch.int32:
+        raise ValueError(f"image_keys must be int32 (batch, images), got {image_keys.dtype} {tuple(image_keys.shape)}")
+    if head_dim > 128:
+        raise ValueError(f"head_dim {head_dim} > 128 is not supported")
+    if batch * kv_heads > 65535:
+        raise ValueError(f"batch * kv_heads = {batch * kv_heads} > 65535 is not supported")
+
+
+def _addressable(t: torch.Tensor, name: str, copy: bool = True) -> torch.Tensor:
+    t = unit_last_stride(t)
+    if max(t.stride()[:-1], default=0) >= _MAX_STRIDE:
+        if copy:
+            t = t.contiguous()
+        if max(t.stride()[1:-1], default=0) >= _MAX_STRIDE:
+            raise ValueError(f"{name} has a stride >= {_MAX_STRIDE} elements inside a sample: not supported")
+    return t
+
+
+def _common_constexprs(K, U, q: torch.Tensor, group: int, config) -> dict:
+    return dict(GROUP=group, HEAD_DIM=q.shape[-1], BLOCK_D=U.head_block(q.shape[-1]),
+                BLOCK_M=K.block_m_of(config, group), BLOCK_N=config.kwargs["BLOCK_N"],
+                DOT_PRECISION=U.dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def launch_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, img_start: torch.Tensor, img_end: torch.Tensor,
+    image_keys: torch.Tensor, image_stride: int, max_runs: int, scale: float,
+    config: Optional[ConfigLike] = None, *, out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward pass.
+
+    Args:
+        q: (B, S, H, D) queries, any strides with unit last stride. k, v: (B, Hkv, I * image_stride, D) (the
+            transformers cache layout, or any strided view of it); H a multiple of Hkv. fp32/fp16/bf16, D <= 128.
+        img_start, img_end: int32 (B, S) image range per token (``img_start == -1``: every key).
+        image_keys: int32 (B, I) real keys per image slot (``num_tiles * tokens_per_tile``).
+        image_stride: keys per image slot (``max_tiles * tokens_per_tile``). max_runs: the most runs of tokens
+            seeing the same images in any sample (sizes the query-tile grid).
+        config: force a launch config (``{"ROWS": 32, "BLOCK_N": 16}``). out, lse: optional preallocated outputs.
+
+    Returns:
+        o (B, S, H, D) in q's dtype and lse (B, H, S) fp32 (``+inf`` for tokens that see nothing).
+    """
+    K, U = _kernels()
+    _check_inputs(q, k, v, img_start, img_end, image_keys, image_stride)
+    q, k, v = (_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
+    batch, num_tokens, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    o = _addressable(check_out("out", out, q.shape, q.dtype, q.device), "out", copy=False)
+    lse = check_out("lse", lse, (batch, heads, num_tokens), torch.float32, q.device)
+    if o.numel() == 0:
+        return o, lse
+    if k.shape[2] == 0:
+        o.zero_()
+        lse.fill_(float("inf"))
+        return o, lse
+    qk_scale = float(scale) * U.LOG2E
+
+    def run(cfg) -> None:
+        consts = _common_constexprs(K, U, q, group, cfg)
+        tile_start, tile_end = K.query_tiles(img_start, img_end, max_runs, consts["BLOCK_M"])
+        K._mllama_xattn_fwd_kernel[(tile_start.shape[1], batch * kv_heads)](
+            q, k, v, o, lse, img_start, img_end, image_keys, tile_start, tile_end,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            lse.stride(0), lse.stride(1),
+            img_start.stride(0), img_start.stride(1),
+            image_keys.stride(0),
+            tile_start.stride(0),
+            kv_heads, image_keys.shape[1], image_stride, qk_scale,
+            **consts,
+        )
+
+    cfg = U.as_config(config) if config is not None else K.FWD_CHOOSER.choose(
+        K.autotune_key(q, group, image_stride), run)
+    run(cfg)
+    return o, lse
+
+
+def launch_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    img_start: torch.Tensor, img_end: torch.Tensor, image_keys: torch.Tensor, image_stride: int, max_runs: int,
+    scale: float, config: Optional[ConfigLike] = None, *, dq: Optional[torch.Tensor] = None,
+    dk: Optional[torch.Tensor] = None, dv: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward pass: (dq, dk, dv) with the shapes and dtypes of (q, k, v); dk/dv are exactly 0 on keys no row
+    sees. ``do`` may have any strides, including 0. Deterministic: every output element is written by exactly one
+    program, with no atomics. ``config`` forces one launch config for both kernels."""
+    K, U = _kernels()
+    _check_inputs(q, k, v, img_start, img_end, image_keys, image_stride)
+    if do.shape != q.shape or o.shape != q.shape:
+        raise ValueError(f"do {tuple(do.shape)} and o {tuple(o.shape)} must have q's shape {tuple(q.shape)}")
+    batch, num_tokens, heads, head_dim = q.shape
+    if tuple(lse.shape) != (batch, heads, num_tokens) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be fp32 {(batch, heads, num_tokens)}, got {lse.dtype} {tuple(lse.shape)}")
+    q, k, v, o = (_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v"), (o, "o")))
+    do = _addressable(do.to(q.dtype), "do")
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    num_images = image_keys.shape[1]
+    dq = _addressable(check_out("dq", dq, q.shape, q.dtype, q.device), "dq", copy=False)
+    dk = _addressable(check_out("dk", dk, k.shape, k.dtype, k.device), "dk", copy=False)
+    dv = _addressable(check_out("dv", dv, v.shape, v.dtype, v.device), "dv", copy=False)
+    if num_tokens == 0 or k.shape[2] == 0 or batch * heads * head_dim == 0:
+        for t in (dq, dk, dv):
+            t.zero_()
+        return dq, dk, dv
+    lse = lse.contiguous()
+    qk_scale = float(scale) * U.LOG2E
+    block_d = U.head_block(head_dim)
+    from ..kernels import media_xattn as M  # the delta pre-pass (rowsum(o * do)) is media_xattn's
+    delta = torch.empty_like(lse)
+    M._media_xattn_bwd_preprocess_kernel[(U.cdiv(num_tokens, M.PREPROCESS_BLOCK_M), batch * heads)](
+        o, do, delta,
+        o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        delta.stride(0), delta.stride(1),
+        num_tokens, heads,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=M.PREPROCESS_BLOCK_M, num_warps=4,
+    )
+    token_first, token_end = K.image_token_ranges(img_start, img_end, num_images)
+    has_all = (img_start < 0).any(dim=1).to(torch.int32)
+
+    def run_dkdv(cfg) -> None:
+        consts = _common_constexprs(K, U, q, group, cfg)
+        grid = (num_images * U.cdiv(image_stride, consts["BLOCK_N"]), batch * kv_heads)
+        K._mllama_xattn_bwd_dkdv_kernel[grid](
+            q, k, v, do, lse, delta, img_start, img_end, image_keys, has_all, token_first, token_end, dk, dv,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            lse.stride(0), lse.stride(1),
+            img_start.stride(0), img_start.stride(1),
+            image_keys.stride(0),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            kv_heads, num_images, image_stride, qk_scale, float(scale),
+            **consts,
+        )
+
+    def run_dq(cfg) -> None:
+        consts = _common_constexprs(K, U, q, group, cfg)
+        tile_start, tile_end = K.query_tiles(img_start, img_end, max_runs, consts["BLOCK_M"])
+        K._mllama_xattn_bwd_dq_kernel[(tile_start.shape[1], batch * kv_heads)](
+            q, k, v, do, lse, delta, img_start, img_end, image_keys, tile_start, tile_end, dq,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            lse.stride(0), lse.stride(1),
+            img_start.stride(0), img_start.stride(1),
+            image_keys.stride(0),
+            tile_start.stride(0),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            kv_heads, num_images, image_stride, qk_scale, float(scale),
+            **consts,
+        )
+
+    key = K.autotune_key(q, group, image_stride)
+    dkdv_cfg = U.as_config(config) if config is not None else K.DKDV_CHOOSER.choose(key, run_dkdv)
+    run_dkdv(dkdv_cfg)
+    dq_cfg = U.as_config(config) if config is not None else K.DQ_CHOOSER.choose(key, run_dq)
+    run_dq(dq_cfg)
+    return dq, dk, dv
+
+
+__all__ = ["mllama_xattn", "unsupported_reasons", "launch_fwd", "launch_bwd", "fwd_op", "bwd_op"]
