@@ -37,7 +37,6 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
-@torch.compiler.assume_constant_result
 def requested_backend() -> str:
     """The backend asked for right now: context manager, then environment, then ``auto``. Under torch.compile the
     answer at compile time is baked into the graph (Dynamo cannot trace ``ContextVar.get``)."""
@@ -46,6 +45,12 @@ def requested_backend() -> str:
         return name
     env = os.environ.get(_ENV_VAR)
     return _check_name(env, _ENV_VAR) if env else "auto"
+
+
+# What ``torch.compiler.assume_constant_result`` does (Dynamo calls the function while tracing and uses the result as
+# a constant), set directly: the decorator imports torch._dynamo, and with it triton, which ``import fastflamingo``
+# must not. Without it every op's dispatch would break a torch.compile graph.
+requested_backend._dynamo_marked_constant = True
 
 
 @contextlib.contextmanager
