@@ -7,7 +7,7 @@ so a top-level ``kernels`` package of ours would shadow it.
 import re
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "fastflamingo" / "_version.py").read_text()).group(1)
@@ -32,8 +32,8 @@ setup(
     long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["fastflamingo", "fastflamingo.idefics", "fastflamingo.mllama", "fastflamingo.ops", "fastflamingo.patching",
-              "fastflamingo.kernels"],
+    # every package under fastflamingo/ (found, so a new subpackage cannot be left out of a wheel), plus kernels/
+    packages=find_packages(include=["fastflamingo", "fastflamingo.*"]) + ["fastflamingo.kernels"],
     package_dir={"fastflamingo": "fastflamingo", "fastflamingo.kernels": "kernels"},
     install_requires=["torch>=2.4"],
     extras_require={
