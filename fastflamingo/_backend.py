@@ -6,14 +6,20 @@ raises :class:`BackendError` listing the reasons when it cannot serve the inputs
 Under ``TRITON_INTERPRET=1`` an explicit ``triton`` request runs the kernels on CPU tensors (that is how the
 kernels are tested without a GPU).
 
-The choice comes from, in order: the innermost ``with fastflamingo.backend(name):`` block, then the
-``FASTFLAMINGO_BACKEND`` environment variable, then ``auto``.
+The choice comes from, in order: the innermost ``with fastflamingo.backend(name):`` block of the calling thread
+(per thread, like ``torch.no_grad``), then the ``FASTFLAMINGO_BACKEND`` environment variable, then ``auto``.
+
+Under ``torch.compile`` / ``torch.export`` the choice is read once, when a function is traced, and becomes a guard of
+the compiled code: both sources are read in a form Dynamo traces and guards on (a ``threading.local`` attribute and
+an entry of the environment's dict, see :func:`environ`), so entering another ``fastflamingo.backend(...)`` block or
+changing ``FASTFLAMINGO_BACKEND`` between compiled calls recompiles instead of reusing a stale choice. (A
+``ContextVar``, which this module used before, cannot be traced: every op broke the graph.)
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
+import threading
 from typing import Callable, Iterable, Iterator, List, Optional
 
 import torch
@@ -23,7 +29,26 @@ BACKENDS = ("auto", "torch", "triton")
 # and one masked SDPA call on the PyTorch path. Shared so both backends switch at the same length.
 DECODE_MAX_TOKENS = 8
 _ENV_VAR = "FASTFLAMINGO_BACKEND"
-_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastflamingo_backend", default=None)
+
+# The innermost ``fastflamingo.backend(...)`` block of each thread, as attribute ``name`` (absent outside any block).
+# Read with getattr(..., None): Dynamo guards on that form, but not on a class-level default of a threading.local
+# subclass (torch 2.13), which would leave compiled code with a stale choice.
+_override = threading.local()
+
+
+def environ(name: str) -> Optional[str]:
+    """``os.environ.get(name)``, in a form whose value Dynamo guards on.
+
+    Dynamo guards on an environment variable that is set when a function is traced, but not on one that is unset
+    (torch 2.13: no guard is installed for the missing key of ``os.environ``), so a variable set after tracing would
+    be ignored. The dict behind ``os.environ`` gets a "key present / absent" guard, so it is read directly where
+    CPython has it.
+    """
+    data = getattr(os.environ, "_data", None)
+    if not isinstance(data, dict):  # not CPython's os._Environ: the plain read (unguarded when unset)
+        return os.environ.get(name)
+    raw = data.get(os.environ.encodekey(name))
+    return None if raw is None else os.environ.decodevalue(raw)
 
 
 class BackendError(RuntimeError):
@@ -38,39 +63,38 @@ def _check_name(name: str, source: str) -> str:
 
 
 def requested_backend() -> str:
-    """The backend asked for right now: context manager, then environment, then ``auto``. Under torch.compile the
-    answer at compile time is baked into the graph (Dynamo cannot trace ``ContextVar.get``)."""
-    name = _override.get()
+    """The backend asked for right now: context manager, then environment, then ``auto``."""
+    name = getattr(_override, "name", None)
     if name is not None:
         return name
-    env = os.environ.get(_ENV_VAR)
+    env = environ(_ENV_VAR)
     return _check_name(env, _ENV_VAR) if env else "auto"
-
-
-# What ``torch.compiler.assume_constant_result`` does (Dynamo calls the function while tracing and uses the result as
-# a constant), set directly: the decorator imports torch._dynamo, and with it triton, which ``import fastflamingo``
-# must not. Without it every op's dispatch would break a torch.compile graph.
-requested_backend._dynamo_marked_constant = True
 
 
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[str]:
-    """Force a backend inside a ``with`` block: ``with fastflamingo.backend("torch"): ...``."""
-    token = _override.set(_check_name(name, "backend"))
+    """Force a backend inside a ``with`` block of the calling thread: ``with fastflamingo.backend("torch"): ...``."""
+    previous, _override.name = getattr(_override, "name", None), _check_name(name, "backend")
     try:
-        yield _override.get()
+        yield _override.name
     finally:
-        _override.reset(token)
+        if previous is None:  # back to "no block" exactly, which the compiled code traced outside any block
+            del _override.name
+        else:
+            _override.name = previous
 
 
 def interpret_mode() -> bool:
     """True when the Triton interpreter is on (kernels then run on CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    return (environ("TRITON_INTERPRET") or "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 _TRITON_STATE: Optional[tuple] = None
 
 
+# Under torch.compile the answer is taken as a constant of the trace (it cannot change within a process): traced
+# as ordinary code, the first call's import and cache write would be a side effect that invalidates the graph.
+@torch.compiler.assume_constant_result
 def triton_import_error() -> Optional[str]:
     """None when triton imports, else the reason it does not."""
     global _TRITON_STATE

@@ -23,36 +23,57 @@ same way, so the media of a batch of B samples with r beams holds r identical co
 :meth:`ProjectionCache.get_grouped` finds that repeat factor once per cached media (an exact comparison) and
 projects only the unique rows, so the cached K/V holds one row per sample instead of r copies; attention then reads
 K/V row ``b // r`` for query row ``b`` (``kv_group`` of :func:`fastflamingo.functional.media_xattn`).
+
+Under ``torch.compile`` the lookup cannot be traced (it keys on object identities and version counters), so a
+cache that has a *projector* (a pure function ``projector(source, weights, options) -> list of tensors``) is read
+through the
+``fastflamingo::cached_projection`` custom op instead (:meth:`ProjectionCache.traced`): the compiled graph calls
+the op, and the op runs the same lookup eagerly when the graph runs, so decode steps of a compiled model reuse the
+K/V projected at the first step. The same validity rule decides, at trace time, whether the op is used (eval mode,
+no autograd graph, caching on: all guarded by the compiled code, so changing one recompiles). The op holds one
+entry per layer without beam grouping (its output shape must be known when tracing). ``torch.export`` never uses
+it: an exported program projects the media itself.
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import os
+import itertools
+import threading
 import weakref
-from typing import Callable, Iterable, Optional, Tuple
+from typing import Callable, Hashable, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from ._backend import environ
 
-_disabled = contextvars.ContextVar("fastflamingo_media_cache_disabled", default=False)
+# A projector: ``projector(source, weights, options) -> list of tensors``, pure: it reads nothing but its arguments
+# (``options``: the projection's float settings that may change after construction, e.g. a norm's epsilon).
+Projector = Callable[[torch.Tensor, List[torch.Tensor], List[float]], List[torch.Tensor]]
+
+
+# ``active`` is set inside a cache_disabled() block of the thread: per thread, read like the backend override in
+# _backend.py (a form Dynamo traces and guards on)
+_disabled = threading.local()
 
 
 def caching_enabled() -> bool:
-    if _disabled.get():
+    if getattr(_disabled, "active", False):
         return False
-    return os.environ.get("FASTFLAMINGO_MEDIA_CACHE", "1").strip().lower() not in ("0", "false", "off", "no")
+    return (environ("FASTFLAMINGO_MEDIA_CACHE") or "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 @contextlib.contextmanager
 def cache_disabled():
     """Project media afresh on every call inside the block (neither read nor fill the caches)."""
-    token = _disabled.set(True)
+    previous, _disabled.active = getattr(_disabled, "active", False), True
     try:
         yield
     finally:
-        _disabled.reset(token)
+        if previous:
+            _disabled.active = previous
+        else:  # back to "no block" exactly (see fastflamingo.backend)
+            del _disabled.active
 
 
 def _root(t: torch.Tensor) -> torch.Tensor:
@@ -89,15 +110,28 @@ def repeat_factor(t: torch.Tensor) -> int:
     return 1
 
 
+# Every cache gets a slot number, by which the cached_projection op (whose arguments are tensors and numbers) finds
+# it; the registry holds the caches weakly.
+_SLOTS = itertools.count()
+_BY_SLOT: "weakref.WeakValueDictionary[int, ProjectionCache]" = weakref.WeakValueDictionary()
+
+
 class ProjectionCache:
-    """One remembered ``compute(source)`` result for one module; see the module docstring for the validity rule."""
+    """One remembered ``compute(source)`` result for one module; see the module docstring for the validity rule.
 
-    __slots__ = ("_source", "_key", "_value", "hits", "misses")
+    ``projector``: the module's projection as a pure function of the source and the weights, which enables the
+    cache under ``torch.compile`` (:meth:`traced`); None: compiled code projects afresh.
+    """
 
-    def __init__(self):
+    __slots__ = ("_source", "_key", "_value", "hits", "misses", "projector", "slot", "__weakref__")
+
+    def __init__(self, projector: Optional[Projector] = None):
         self.clear()
         self.hits = 0
         self.misses = 0
+        self.projector = projector
+        self.slot = next(_SLOTS)
+        _BY_SLOT[self.slot] = self
 
     def clear(self) -> None:
         self._source: Optional[weakref.ref] = None
@@ -105,24 +139,25 @@ class ProjectionCache:
         self._value = None
 
     def __deepcopy__(self, memo):  # a copied module starts with an empty cache
-        return ProjectionCache()
+        return ProjectionCache(self.projector)
 
     @property
     def value(self):
         """The remembered result (``(value, r)`` when filled by :meth:`get_grouped`), or None."""
         return self._value
 
-    def _cached(self, module: nn.Module, source: torch.Tensor, weights: Iterable[torch.Tensor], compute: Callable,
-                uncached: Callable):
-        """``compute()`` through the cache where the validity rule allows it, else ``uncached()``."""
-        weights = list(weights)
+    def _bypassed(self, module: nn.Module, source: torch.Tensor, weights: List[torch.Tensor]) -> bool:
+        """True when the validity rule forbids caching this call (training, a recorded graph, caching off)."""
         records_graph = torch.is_grad_enabled() and (source.requires_grad or any(w.requires_grad for w in weights))
-        if module.training or records_graph or not caching_enabled() or torch.compiler.is_compiling():
-            return uncached()
+        return module.training or records_graph or not caching_enabled()
+
+    def _lookup(self, tag: Hashable, source: torch.Tensor, weights: List[torch.Tensor], compute: Callable):
+        """``compute()``, or the remembered value while ``source`` and ``weights`` are unchanged (eager code only:
+        it reads identities and version counters). ``tag`` keeps differently shaped values apart."""
         keys = [_tensor_key(source)] + [_tensor_key(w) for w in weights]
         if any(k is None for k in keys):
-            return uncached()
-        key = tuple(keys)
+            return compute()
+        key = (tag, *keys)
         root = _root(source)
         if self._key == key and self._source is not None and self._source() is root:
             self.hits += 1
@@ -131,6 +166,24 @@ class ProjectionCache:
         value = compute()
         self._source, self._key, self._value = weakref.ref(root), key, value
         return value
+
+    def _cached(self, module: nn.Module, source: torch.Tensor, weights: Iterable[torch.Tensor], compute: Callable,
+                uncached: Callable):
+        """``compute()`` through the cache where the validity rule allows it, else ``uncached()``."""
+        weights = list(weights)
+        if torch.compiler.is_compiling() or self._bypassed(module, source, weights):
+            return uncached()
+        return self._lookup("eager", source, weights, compute)
+
+    def traced(self, module: nn.Module, source: torch.Tensor, weights: Iterable[torch.Tensor],
+               options: Iterable[float] = ()) -> List[torch.Tensor]:
+        """``self.projector(source, weights, options)`` for code being compiled: through the ``cached_projection``
+        op (the lookup runs when the compiled graph runs) where the validity rule allows caching, inline otherwise
+        (and always under ``torch.export``). Also correct in eager mode (then the op runs the lookup directly)."""
+        weights, options = list(weights), [float(o) for o in options]
+        if self._bypassed(module, source, weights) or torch.compiler.is_exporting():
+            return list(self.projector(source, weights, options))
+        return torch.ops.fastflamingo.cached_projection(source, weights, options, self.slot)
 
     def get(self, module: nn.Module, source: torch.Tensor, weights: Iterable[torch.Tensor], compute: Callable):
         """``compute()`` (a projection of ``source``), reused while valid."""
@@ -148,6 +201,30 @@ class ProjectionCache:
             return compute(source[::r] if r > 1 else source), r
 
         return self._cached(module, source, weights, grouped, lambda: (compute(source), 1))
+
+
+def _registered(slot: int) -> ProjectionCache:
+    cache = _BY_SLOT.get(slot)
+    if cache is None or cache.projector is None:
+        raise RuntimeError(f"fastflamingo::cached_projection: media cache {slot} no longer exists (its module was "
+                           "deleted while compiled code that reads it is still in use)")
+    return cache
+
+
+# Returns tensors the cache keeps (nothing mutates them: the callers only take views), so a CUDA-graph replay, which
+# would skip the lookup and keep reading the first entry, must not capture it (cudagraph_unsafe).
+@torch.library.custom_op("fastflamingo::cached_projection", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+def cached_projection(source: torch.Tensor, weights: List[torch.Tensor], options: List[float],
+                      slot: int) -> List[torch.Tensor]:
+    """``projector(source, weights, options)`` of the cache ``slot``, reused while the source, the weights and the
+    options are unchanged (inference only: no autograd formula)."""
+    cache = _registered(slot)
+    return cache._lookup(("op", *options), source, weights, lambda: list(cache.projector(source, weights, options)))
+
+
+@cached_projection.register_fake
+def _(source, weights, options, slot):
+    return list(_registered(slot).projector(source, weights, options))
 
 
 def clear_media_cache(model: nn.Module) -> int:

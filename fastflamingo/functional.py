@@ -147,11 +147,7 @@ def media_xattn(
     def triton_reasons() -> List[str]:
         if not isinstance(mask, MediaMask):
             return ["the image mask has no closed form (rows are neither one-hot nor prefixes)"]
-        if dropout_p:
-            return [f"attention dropout (dropout_p={dropout_p}) is not supported by the kernels"]
-        from .ops import media_xattn as xattn_ops
-
-        return xattn_ops.unsupported_reasons(q, k, v)
+        return _media_xattn_reasons(q, k, v, dropout_p)
 
     if _backend.choose("media_xattn", (q, k, v), triton_reasons) == "torch":
         return torch_path.media_xattn(q, k, v, mask, latents, scale, dropout_p, kv_group)
@@ -165,6 +161,21 @@ def media_xattn(
     from .ops.media_xattn import media_xattn as prefill
 
     return prefill(*args)
+
+
+def _media_xattn_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> List[str]:
+    if dropout_p:
+        return [f"attention dropout (dropout_p={dropout_p}) is not supported by the kernels"]
+    from .ops import media_xattn as xattn_ops
+
+    return xattn_ops.unsupported_reasons(q, k, v)
+
+
+def media_xattn_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: float = 0.0) -> str:
+    """The backend (``"torch"`` or ``"triton"``) :func:`media_xattn` uses for these tensors with a closed-form
+    mask; raises :class:`~fastflamingo.BackendError` as it would. For callers that prepare the mask differently per
+    backend (the IDEFICS layer while traced)."""
+    return _backend.choose("media_xattn", (q, k, v), lambda: _media_xattn_reasons(q, k, v, dropout_p))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -192,12 +192,21 @@ def from_image_attention_mask(image_attention_mask: torch.Tensor) -> "MediaMask 
     return memoised(image_attention_mask, ("idefics",), lambda: _classify_allowed(image_attention_mask != 0))
 
 
-def _classify_allowed(allowed: torch.Tensor) -> "MediaMask | torch.Tensor":
-    """Closed form of a (batch, text, num_media) boolean mask when there is one, else the mask itself."""
+def _count_and_last(allowed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a (batch, text, num_media) boolean mask: how many media it sees and the 1-based index of the last
+    one (0: none), both int32. A row is one-hot or empty when ``count <= 1`` and a prefix ``1..j`` when
+    ``count == last``; ``last`` is then its ``text_time``."""
     num_media = allowed.shape[-1]
     count = allowed.sum(-1, dtype=torch.int32)
     index = torch.arange(1, num_media + 1, device=allowed.device, dtype=torch.int32)
     last = torch.where(allowed, index, torch.zeros_like(index)).amax(-1) if num_media else count
+    return count, last
+
+
+def _classify_allowed(allowed: torch.Tensor) -> "MediaMask | torch.Tensor":
+    """Closed form of a (batch, text, num_media) boolean mask when there is one, else the mask itself."""
+    num_media = allowed.shape[-1]
+    count, last = _count_and_last(allowed)
     if bool((count <= 1).all()):
         return MediaMask(last, num_media, IMMEDIATE)
     if bool((count == last).all()):  # every row is a prefix 1..j (or empty)
@@ -241,15 +250,19 @@ def from_idefics_additive_mask(mask: torch.Tensor, num_images: int, latents_per_
 # dense ``scaled_dot_product_attention`` with the bias itself, which is upstream's computation.
 
 
-def _is_hard_mask(mask: torch.Tensor) -> bool:
-    """True when every entry is "attend" or "blocked" (no soft bias), i.e. the mask is a 0/1 pattern."""
+def hard_mask_flag(mask: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor, True when every entry is "attend" or "blocked" (no soft bias): a 0/1 pattern."""
     if mask.dtype == torch.bool:
-        return True
+        return torch.ones((), dtype=torch.bool, device=mask.device)
     blocked = torch.finfo(mask.dtype).min
-    return bool(((mask == 0) | (mask == blocked) | (mask == float("-inf"))).all())
+    return ((mask == 0) | (mask == blocked) | (mask == float("-inf"))).all()
 
 
-def _allowed_keys(mask: torch.Tensor) -> torch.Tensor:
+def _is_hard_mask(mask: torch.Tensor) -> bool:
+    return mask.dtype == torch.bool or bool(hard_mask_flag(mask))
+
+
+def allowed_keys(mask: torch.Tensor) -> torch.Tensor:
     """(batch, text, keys) boolean: True where a token may attend (bool masks: True; additive masks: 0)."""
     return mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
 
@@ -259,7 +272,7 @@ def _block_size(mask: torch.Tensor) -> Optional[int]:
     when the mask is a soft bias."""
     if not _is_hard_mask(mask):
         return None
-    allowed = _allowed_keys(mask)
+    allowed = allowed_keys(mask)
     num_keys = allowed.shape[-1]
     if num_keys == 0:
         return 0
@@ -273,16 +286,8 @@ def _block_size(mask: torch.Tensor) -> Optional[int]:
     return block
 
 
-def idefics_media_mask(image_attention_mask: Optional[torch.Tensor], batch: int, num_text: int, num_keys: int,
-                       device=None):
-    """The mask an IDEFICS gated layer receives, as :func:`fastflamingo.functional.media_xattn` takes it.
-
-    Returns a :class:`MediaMask` (closed form), a boolean (batch, text, media) tensor (hard
-    mask without closed form), or None when the mask is a soft additive bias (the caller then uses it as is).
-    ``image_attention_mask`` None means every token sees every key (upstream's eager attention without a mask).
-    """
-    if image_attention_mask is None:
-        return all_media(batch, num_text, 1 if num_keys else 0, device)
+def checked_idefics_mask(image_attention_mask: torch.Tensor, batch: int, num_text: int, num_keys: int) -> torch.Tensor:
+    """The (batch, 1, text, keys) mask an IDEFICS gated layer receives, validated and broadcast to the batch."""
     m = image_attention_mask
     if not isinstance(m, torch.Tensor):
         raise TypeError(f"image_attention_mask must be a torch.Tensor, got {type(m).__name__}")
@@ -298,9 +303,46 @@ def idefics_media_mask(image_attention_mask: Optional[torch.Tensor], batch: int,
             "image_attention_mask must be an additive float mask (0 = attend, finfo.min = blocked) or a boolean "
             f"mask (True = attend), got dtype {m.dtype}"
         )
+    return m
+
+
+def idefics_media_mask(image_attention_mask: Optional[torch.Tensor], batch: int, num_text: int, num_keys: int,
+                       device=None):
+    """The mask an IDEFICS gated layer receives, as :func:`fastflamingo.functional.media_xattn` takes it.
+
+    Returns a :class:`MediaMask` (closed form), a boolean (batch, text, media) tensor (hard
+    mask without closed form), or None when the mask is a soft additive bias (the caller then uses it as is).
+    ``image_attention_mask`` None means every token sees every key (upstream's eager attention without a mask).
+    Reads the mask on the host: :func:`idefics_closed_form_traced` is the form for code being traced.
+    """
+    if image_attention_mask is None:
+        return all_media(batch, num_text, 1 if num_keys else 0, device)
+    m = checked_idefics_mask(image_attention_mask, batch, num_text, num_keys)
     block = memoised(m, ("idefics-block-size",), lambda: _block_size(m))
     if block is None:
         return None
     if block == 0:
         return from_idefics_additive_mask(m, 0, 0)
     return from_idefics_additive_mask(m, num_keys // block, block)
+
+
+def idefics_closed_form_traced(mask: torch.Tensor, latents: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The closed form of a checked (:func:`checked_idefics_mask`) IDEFICS mask for a *given* number of keys per
+    image, with no host read (traceable by torch.compile / torch.export).
+
+    The block size (:func:`_block_size`) depends on the data, so code being traced cannot derive it; it checks a
+    candidate instead (the latent count the model's config implies) on device. Returns ``(text_time, immediate,
+    all_previous)``: ``text_time`` (batch, text) int32 for ``keys // latents`` images, and two 0-dim boolean
+    tensors, True when the mask is exactly the closed form in that mode (hard, constant on each image's
+    ``latents`` keys, rows one-hot or empty / rows prefixes). A caller picks the closed form or a dense fallback
+    with ``torch.cond`` on them.
+    """
+    allowed = allowed_keys(mask)
+    num_keys = allowed.shape[-1]
+    if latents <= 0 or num_keys % latents:
+        raise ValueError(f"{num_keys} keys are not a whole number of images of {latents} latents")
+    blocks = allowed.unflatten(-1, (num_keys // latents, latents))
+    per_image = blocks[..., 0]
+    exact = hard_mask_flag(mask) & (blocks == per_image[..., None]).all()
+    count, last = _count_and_last(per_image)
+    return last, exact & (count <= 1).all(), exact & (count == last).all()

@@ -37,6 +37,17 @@ class FeedForward(nn.Sequential):
         )
 
 
+def flatten_media(media: torch.Tensor) -> torch.Tensor:
+    """(batch, num_media, latents, dim) -> (batch, num_media * latents, dim): the media-major key order."""
+    return media.reshape(media.shape[0], media.shape[1] * media.shape[2], media.shape[-1])
+
+
+def kv_projection(media: torch.Tensor, weights, options=()):
+    """``MaskedCrossAttention.to_kv`` of the flattened media as a pure function of its parameters (the media cache's
+    projector, see cache.py; no options): ``[kv]``, kv of shape (batch, num_media * latents, 2 * heads * dim_head)."""
+    return [nn.functional.linear(flatten_media(media), *weights)]
+
+
 class MaskedCrossAttention(nn.Module):
     """Text tokens attend to the Perceiver latents of the media they may see (OpenFlamingo semantics).
 
@@ -67,7 +78,8 @@ class MaskedCrossAttention(nn.Module):
         self.to_kv = nn.Linear(dim_visual, inner_dim * 2, bias=False)  # fused: rows [0, inner) K, [inner, 2 inner) V
         self.to_out = nn.Linear(inner_dim, dim, bias=False)
         self.only_attend_immediate_media = only_attend_immediate_media
-        self.media_cache = ProjectionCache()  # K/V of the last media, reused across decode steps (see cache.py)
+        # K/V of the last media, reused across decode steps, compiled or not (see cache.py)
+        self.media_cache = ProjectionCache(kv_projection)
 
     def media_mask(self, x, media, media_locations, use_cached_media):
         """The closed-form mask for this call (memoised per ``media_locations`` tensor, shared across layers)."""
@@ -109,14 +121,21 @@ class MaskedCrossAttention(nn.Module):
         (no split copy), where media row b uses K/V row b // r. In eval mode without autograd the result is reused
         while ``media`` and the weights are unchanged (decode steps), and media whose rows repeat in groups of r
         (beam search) are projected once per group; otherwise r is 1."""
+        if torch.compiler.is_compiling() and type(self.to_kv) is nn.Linear:
+            # compiled: the cache is read through a custom op (no beam grouping); a replaced to_kv (an adapter) is
+            # not the projector's plain linear map, so it is called in the graph below, uncached
+            (kv,) = self.media_cache.traced(self, media, self.to_kv.parameters())
+            return (*self._split_kv(kv), 1)
         (k, v), r = self.media_cache.get_grouped(self, media, self.to_kv.parameters(), self._project_media)
         return k, v, r
 
     def _project_media(self, media: torch.Tensor):
-        batch, num_media, latents = media.shape[:3]
+        return self._split_kv(self.to_kv(flatten_media(media)))
+
+    def _split_kv(self, kv: torch.Tensor):
+        """Views of the fused projection (batch, keys, 2 * inner) as K and V of shape (batch, keys, heads, dim_head)."""
         inner = self.heads * self.dim_head
-        kv = self.to_kv(media.reshape(batch, num_media * latents, media.shape[-1]))
-        shape = (batch, num_media * latents, self.heads, self.dim_head)
+        shape = kv.shape[:2] + (self.heads, self.dim_head)
         return kv[..., :inner].view(shape), kv[..., inner:].view(shape)
 
     def forward(self, x, media, media_locations=None, use_cached_media=False):

@@ -2,6 +2,7 @@
 per-head RMSNorm it uses."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -12,7 +13,26 @@ from .. import functional, masks
 from .._checks import check_tensor
 from ..cache import ProjectionCache
 from ..ops.torch_path import fold_groups, unfold_groups
-from .config import DEFAULTS, get, vision_embed_dim
+from .config import DEFAULTS, get, latents_per_image, vision_embed_dim
+
+
+def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Upstream's IdeficsRMSNorm as a function (see the class)."""
+    variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + eps)
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        hidden_states = hidden_states.to(weight.dtype)
+    return weight * hidden_states
+
+
+def kv_projection(states: torch.Tensor, weights, options, *, heads: int, head_dim: int):
+    """``k_proj`` / ``v_proj`` of the image hidden states as a pure function of the weights ``[k_proj, v_proj]``,
+    followed by the per-head RMSNorm of K when the weights and ``options`` also hold ``k_layer_norm``'s weight and
+    epsilon: the media cache's projector (cache.py). Returns ``[k, v]`` of shape (batch, keys, heads, head_dim)."""
+    shape = states.shape[:2] + (heads, head_dim)
+    k = F.linear(states, weights[0]).view(shape)
+    v = F.linear(states, weights[1]).view(shape)
+    return [rms_norm(k, weights[2], options[0]) if options else k, v]
 
 
 class IdeficsRMSNorm(nn.Module):
@@ -27,11 +47,7 @@ class IdeficsRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            hidden_states = hidden_states.to(self.weight.dtype)
-        return self.weight * hidden_states
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -71,7 +87,8 @@ class IdeficsCrossAttention(nn.Module):
             eps = float(get(config, "rms_norm_eps", DEFAULTS))
             self.q_layer_norm = IdeficsRMSNorm(self.head_dim, eps=eps)
             self.k_layer_norm = IdeficsRMSNorm(self.head_dim, eps=eps)
-        self.media_cache = ProjectionCache()  # normalized K and V of the last images, reused across decode steps
+        # normalized K and V of the last images, reused across decode steps, compiled or not (see cache.py)
+        self.media_cache = ProjectionCache(partial(kv_projection, heads=self.num_heads, head_dim=self.head_dim))
 
     def project_media(self, image_hidden_states: torch.Tensor):
         """K (after the optional per-head RMSNorm) and V of the image hidden states, (batch, keys, heads, head_dim),
@@ -86,17 +103,28 @@ class IdeficsCrossAttention(nn.Module):
         without autograd the result is reused while the images and the weights are unchanged, and images whose rows
         repeat in groups of r (beam search expands the inputs per beam) are projected once per group; else r = 1."""
 
+        norm = [self.k_layer_norm] if self.qk_layer_norms else []
+        if torch.compiler.is_compiling() and self._plain_projections():
+            # compiled: the cache is read through a custom op (no beam grouping)
+            weights = [m.weight for m in (self.k_proj, self.v_proj, *norm)]
+            k, v = self.media_cache.traced(self, image_hidden_states, weights, [n.variance_epsilon for n in norm])
+            return k, v, 1
+
         def project(states: torch.Tensor):
-            batch, num_keys = states.shape[:2]
-            k = self.k_proj(states).view(batch, num_keys, self.num_heads, self.head_dim)
-            v = self.v_proj(states).view(batch, num_keys, self.num_heads, self.head_dim)
+            shape = states.shape[:2] + (self.num_heads, self.head_dim)
+            k = self.k_proj(states).view(shape)
+            v = self.v_proj(states).view(shape)
             return (self.k_layer_norm(k) if self.qk_layer_norms else k), v
 
-        weights = [*self.k_proj.parameters(), *self.v_proj.parameters()]
-        if self.qk_layer_norms:
-            weights += list(self.k_layer_norm.parameters())
+        weights = [p for m in (self.k_proj, self.v_proj, *norm) for p in m.parameters()]
         (k, v), r = self.media_cache.get_grouped(self, image_hidden_states, weights, project)
         return k, v, r
+
+    def _plain_projections(self) -> bool:
+        """True when the K/V projection is exactly :func:`kv_projection` of ``weights`` (no adapter replaced a
+        projection, no bias was added), so the media cache's projector stands for it."""
+        plain = all(type(m) is nn.Linear and m.bias is None for m in (self.k_proj, self.v_proj))
+        return plain and (not self.qk_layer_norms or type(self.k_layer_norm) is IdeficsRMSNorm)
 
     def forward(self, hidden_states: torch.Tensor, key_value_states: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, position_ids=None, cache=None, **kwargs):
@@ -122,7 +150,11 @@ class IdeficsCrossAttention(nn.Module):
                 "must have the same batch size"
             )
         num_keys = key_value_states.shape[1]
-        mask = masks.idefics_media_mask(attention_mask, batch, num_text, num_keys, hidden_states.device)
+        traced = torch.compiler.is_compiling() and attention_mask is not None
+        if traced:  # the closed form is found on device, below (the host-side recovery cannot be traced)
+            mask = masks.checked_idefics_mask(attention_mask, batch, num_text, num_keys)
+        else:
+            mask = masks.idefics_media_mask(attention_mask, batch, num_text, num_keys, hidden_states.device)
         heads = (self.num_heads, self.head_dim)
         q = self.q_proj(hidden_states).view(batch, num_text, *heads)
         if self.qk_layer_norms:
@@ -130,23 +162,73 @@ class IdeficsCrossAttention(nn.Module):
         k, v, r = self.project_media_grouped(key_value_states)
         q, k, v = _common_dtype(q, k, v)
         dropout_p = self.dropout if self.training else 0.0
-        if mask is None:  # soft additive bias: upstream's dense computation, bias included
-            bias = _broadcast_batch(attention_mask, batch).to(q.dtype)  # (batch, 1 or heads, text, keys)
-            q_rows = q
-            if r > 1:
-                # K/V shared by r beams (cached, inference only): fold each group's r query rows into one longer
-                # row, and their bias rows with them, so one SDPA call reads each shared K/V row once
-                q_rows = fold_groups(q, r)
-                bias = fold_groups(bias.transpose(1, 2), r).transpose(1, 2)
-            out = F.scaled_dot_product_attention(
-                q_rows.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                attn_mask=bias, dropout_p=dropout_p, scale=self.scaling,
-            ).transpose(1, 2)
-            if r > 1:
-                out = unfold_groups(out, r)
+        if traced:
+            out = self._attend_traced(q, k, v, mask, r, dropout_p)
+        elif mask is None:  # soft additive bias: upstream's dense computation, bias included
+            out = _bias_attention(q, k, v, _broadcast_batch(attention_mask, batch), self.scaling, dropout_p, r)
         else:
             out = functional.media_xattn(q, k, v, mask, scale=self.scaling, dropout_p=dropout_p, kv_group=r)
         return out.reshape(batch, num_text, self.num_heads * self.head_dim)
+
+    def _attend_traced(self, q, k, v, mask: torch.Tensor, r: int, dropout_p: float) -> torch.Tensor:
+        """:meth:`attend` for code being traced (torch.compile / torch.export), same results as eager.
+
+        On the Triton backend the closed form is checked on device for the latent count the config implies
+        (:func:`fastflamingo.masks.idefics_closed_form_traced`) and ``torch.cond`` picks the kernel (immediate or
+        all-previous mode) or, for any other mask, the dense computation. On the PyTorch path, which attends
+        densely while traced anyway, the dense computation runs directly.
+        """
+        dense = partial(_dense_traced, scale=self.scaling, dropout_p=dropout_p, r=r)
+        num_keys = k.shape[1]
+        latents = latents_per_image(self.config)
+        if not latents or num_keys % latents or functional.media_xattn_backend(q, k, v, dropout_p=dropout_p) != "triton":
+            return dense(q, k, v, mask)
+        text_time, immediate, all_previous = masks.idefics_closed_form_traced(mask, latents)
+        num_images = num_keys // latents
+
+        def closed_form(mode):
+            def attend(q, k, v, mask, text_time, all_previous):
+                media_mask = masks.MediaMask(text_time, num_images, mode)
+                return functional.media_xattn(q, k, v, media_mask, scale=self.scaling, kv_group=r).contiguous()
+
+            return attend
+
+        def otherwise(q, k, v, mask, text_time, all_previous):
+            operands = (q, k, v, mask, text_time, all_previous)
+            return torch.cond(all_previous, closed_form(masks.ALL_PREVIOUS),
+                              lambda q, k, v, mask, *_: dense(q, k, v, mask), operands)
+
+        return torch.cond(immediate, closed_form(masks.IMMEDIATE), otherwise, (q, k, v, mask, text_time, all_previous))
+
+
+def _bias_attention(q, k, v, bias: torch.Tensor, scale: float, dropout_p: float, r: int) -> torch.Tensor:
+    """SDPA with an additive (float) or boolean (batch, 1 or heads, text, keys) mask: upstream's dense computation.
+    ``r`` > 1: K/V shared by r beams (cached, inference only): each group's r query rows are folded into one longer
+    row, and their mask rows with them, so one SDPA call reads each shared K/V row once."""
+    if bias.dtype != torch.bool:
+        bias = bias.to(q.dtype)
+    q_rows = q
+    if r > 1:
+        q_rows = fold_groups(q, r)
+        bias = fold_groups(bias.transpose(1, 2), r).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        q_rows.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, dropout_p=dropout_p, scale=scale,
+    ).transpose(1, 2)
+    return unfold_groups(out, r) if r > 1 else out
+
+
+def _dense_traced(q, k, v, mask: torch.Tensor, *, scale: float, dropout_p: float, r: int) -> torch.Tensor:
+    """Every key through SDPA with the (checked) layer mask itself, as eager attends with it: a soft bias as is; a
+    hard mask with exact zeros for tokens that see no key (eager's closed form and dense paths give those). Rows
+    that see nothing attend to every key first, so the softmax stays finite (no NaN forward or backward)."""
+    allowed = masks.allowed_keys(mask)  # (batch, text, keys)
+    keep = allowed.any(-1) | ~masks.hard_mask_flag(mask)  # rows whose dense output is kept
+    if mask.dtype == torch.bool:
+        bias = (allowed | ~keep[..., None])[:, None]
+    else:
+        bias = torch.where(keep[:, None, :, None], mask, mask.new_zeros(()))
+    out = _bias_attention(q, k, v, bias, scale, dropout_p, r)
+    return torch.where(keep[:, :, None, None], out, out.new_zeros(())).contiguous()
 
 
 def _broadcast_batch(mask: torch.Tensor, batch: int) -> torch.Tensor:

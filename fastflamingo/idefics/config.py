@@ -43,6 +43,20 @@ def vision_embed_dim(config: Any) -> Optional[int]:
     return None if vision is None or not has(vision, "embed_dim") else get(vision, "embed_dim")
 
 
+def latents_per_image(config: Any) -> Optional[int]:
+    """Keys per image in the ``image_hidden_states`` IdeficsModel gives a gated layer, as the config implies: the
+    resampler's latents, or without a resampler the vision encoder's tokens at the configured image size (patches
+    and the class token). None when the config does not say. A hint only: ``interpolate_pos_encoding`` or
+    precomputed embeddings can give other counts, which callers must check."""
+    try:
+        if get(config, "use_resampler", {"use_resampler": False}):
+            return int(get(get(config, "perceiver_config"), "resampler_n_latents", {"resampler_n_latents": 64}))
+        vision = get(config, "vision_config")
+        return (int(get(vision, "image_size")) // int(get(vision, "patch_size"))) ** 2 + 1
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
 _ACTIVATIONS = {
     "silu": nn.SiLU,
     "swish": nn.SiLU,

@@ -5,7 +5,9 @@ tokens that see the same media (:func:`runs`), and each run attends only to its 
 ``scaled_dot_product_attention`` call; in immediate mode with many runs the runs are gathered into equal *chunks*
 (:func:`chunks`) and served by one batched call. Nothing of size text x media-tokens is built, in the forward or the
 backward pass. Both schedules are host-side lists derived once per mask and kept on it (``MediaMask.cached``), so
-the layers sharing a mask pay for them once. ``docs/design.md`` describes the schedules.
+the layers sharing a mask pay for them once. ``docs/design.md`` describes the schedules. While tracing
+(``torch.compile`` / ``torch.export``) a host-side schedule would break the graph, so the attention then runs as one
+SDPA call with a key mask built on device (:func:`_key_mask_path`, docs/compile.md).
 """
 from __future__ import annotations
 
@@ -101,6 +103,8 @@ def media_xattn(q, k, v, mask, latents: int, scale: float, dropout_p: float = 0.
     if not isinstance(mask, MediaMask):
         return _dense_path(q, k, v, mask.to(q.device), latents, scale, dropout_p, kv_group)
     mask = mask.to(q.device)
+    if torch.compiler.is_compiling():  # the schedules below read the mask on the host: not traceable
+        return _key_mask_path(q, k, v, mask, latents, scale, dropout_p, kv_group)
     if mask.immediate:
         if len(runs(mask)) > _FEW_RUNS:
             return _chunks_path(q, k, v, mask, latents, scale, dropout_p, kv_group)
@@ -234,20 +238,32 @@ def _prefix_path(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p
                  kv_group: int = 1):
     """All-previous decode: every token sees a key prefix ``[0, hi * latents)``, so one SDPA call over the keys any
     token sees, with a boolean key mask of only tokens x keys per sample, replaces the per-sample run loop (and its
-    host-side run list). Tokens that see nothing attend to every key (a finite softmax, no NaN in the forward or
+    host-side run list). On CPU the keys past the furthest prefix are skipped (a free host read); on CUDA there is
+    no host read, so a decode step stays capturable in a CUDA graph."""
+    trim = q.device.type == "cpu"
+    return _key_mask_path(q, k, v, mask, latents, scale, dropout_p, kv_group, trim_unseen_keys=trim)
+
+
+def _key_mask_path(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float, kv_group: int = 1,
+                   trim_unseen_keys: bool = False):
+    """One SDPA call with a (batch, text, keys) boolean key mask built on device from the closed form: token ``t``
+    sees keys ``[lo * latents, hi * latents)``. No host read and no data-dependent Python decision, so this is the
+    path while tracing (torch.compile / torch.export: the run and chunk schedules are host-side lists), at the price
+    of visiting every key. Tokens that see nothing attend to every key (a finite softmax, no NaN in the forward or
     backward) and are then set to exactly 0. ``kv_group`` r > 1: the r query rows sharing a K/V row are folded into
-    one (:func:`fold_groups`), with their key masks."""
-    _, hi = mask.media_range()  # (batch, text) int32; hi <= 0: nothing visible
-    if q.device.type == "cpu":
-        num_keys = max(int(hi.max()), 0) * latents if hi.numel() else 0  # a free read on CPU: skip unseen keys
-    else:
-        num_keys = k.shape[1]  # no host read, so a decode step stays capturable in a CUDA graph
+    one (:func:`fold_groups`), with their key masks. ``trim_unseen_keys`` (eager only) drops the keys past the
+    furthest one any token sees, after one host read."""
+    lo, hi = mask.media_range()  # (batch, text) int32; lo >= hi: nothing visible
+    num_keys = k.shape[1]
+    if trim_unseen_keys:
+        num_keys = max(int(hi.max()), 0) * latents if hi.numel() else 0
     if num_keys == 0:
         if kv_group > 1:  # inference only: no graph to keep
             return q.new_zeros(q.shape[0], q.shape[1], v.shape[2], v.shape[3])
         return v[:, :0].sum(dim=1, keepdim=True).expand(-1, q.shape[1], -1, -1)  # exact zeros, still in the graph
-    sees = hi > 0
-    key_mask = torch.arange(num_keys, device=q.device) < (hi * latents)[..., None]  # (batch, text, keys)
+    sees = hi > lo
+    key = torch.arange(num_keys, device=q.device)
+    key_mask = (key >= (lo * latents)[..., None]) & (key < (hi * latents)[..., None])  # (batch, text, keys)
     key_mask = key_mask | ~sees[..., None]
     if kv_group > 1:
         out = _sdpa(fold_groups(q, kv_group), k[:, :num_keys], v[:, :num_keys], scale, dropout_p,
