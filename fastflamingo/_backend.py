@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from typing import Callable, Iterable, Iterator, List, Optional
 
@@ -92,12 +93,13 @@ def interpret_mode() -> bool:
 _TRITON_STATE: Optional[tuple] = None
 
 
-# Under torch.compile the answer is taken as a constant of the trace (it cannot change within a process): traced
-# as ordinary code, the first call's import and cache write would be a side effect that invalidates the graph.
-@torch.compiler.assume_constant_result
 def triton_import_error() -> Optional[str]:
     """None when triton imports, else the reason it does not."""
     global _TRITON_STATE
+    if torch.compiler.is_compiling() and sys.modules.get("triton") is not None:
+        # torch.compile has imported triton already (torch._dynamo does when it can). Reading the cache below in
+        # traced code would guard on it, and its first write, replayed after the graph ran, would fail that guard.
+        return None
     if _TRITON_STATE is None:
         try:
             import triton  # noqa: F401
