@@ -178,7 +178,11 @@ class IdeficsCrossAttention(nn.Module):
         all-previous mode) or, for any other mask, the dense computation. On the PyTorch path, which attends
         densely while traced anyway, the dense computation runs directly.
         """
-        dense = partial(_dense_traced, scale=self.scaling, dropout_p=dropout_p, r=r)
+        # torch.cond takes no symbolic float among the values its branches capture, and floats read from module
+        # attributes are symbolic under dynamic=True: comparing specializes them, so the branches capture constants
+        scale = self.head_dim**-0.5 if self.scaling == self.head_dim**-0.5 else self.scaling
+        dropout_p = 0.0 if dropout_p == 0 else dropout_p  # (nonzero: the kernels refuse dropout, no cond below)
+        dense = partial(_dense_traced, scale=scale, dropout_p=dropout_p, r=r)
         num_keys = k.shape[1]
         latents = latents_per_image(self.config)
         if not latents or num_keys % latents or functional.media_xattn_backend(q, k, v, dropout_p=dropout_p) != "triton":
@@ -189,7 +193,7 @@ class IdeficsCrossAttention(nn.Module):
         def closed_form(mode):
             def attend(q, k, v, mask, text_time, all_previous):
                 media_mask = masks.MediaMask(text_time, num_images, mode)
-                return functional.media_xattn(q, k, v, media_mask, scale=self.scaling, kv_group=r).contiguous()
+                return functional.media_xattn(q, k, v, media_mask, scale=scale, kv_group=r).contiguous()
 
             return attend
 
