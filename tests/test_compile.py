@@ -22,6 +22,7 @@ from fastflamingo import functional, masks
 from fastflamingo.ops import media_decode as decode_ops
 from fastflamingo.ops import media_xattn as xattn_ops
 from helpers import assert_close
+from test_media_cache import _generate, flamingo  # noqa: F401 (flamingo is a fixture)
 
 pytestmark = pytest.mark.triton
 
@@ -404,31 +405,15 @@ def test_compiled_decode_steps_read_the_media_cache(name, backend):
             assert_close(step(compiled, media), fresh(), 1e-6)
 
 
-def test_compiled_open_flamingo_generate_projects_media_once_per_layer():
+def test_compiled_open_flamingo_generate_projects_media_once_per_layer(flamingo):
     """The language model compiled (its decode steps are compiled code): identical tokens, and each layer projects
-    the media once per generate where upstream projects them at every step."""
-    from fastflamingo.testing import tiny_open_flamingo
-
-    try:
-        model, media_token, _ = tiny_open_flamingo(num_layers=2, cross_attn_every_n_layers=1)
-    except ModuleNotFoundError as exc:
-        pytest.skip(str(exc))
-    g = torch.Generator().manual_seed(3)
-    vision_x = torch.randn(2, 2, 1, 3, 32, 32, generator=g)
-    ids = torch.randint(0, 90, (2, 14), generator=g)
-    ids[0, [0, 6]] = media_token
-    ids[1, [3]] = media_token
+    the media once per generate (test_media_cache.py shows upstream projecting them at every step)."""
+    model, vision_x, ids = flamingo
     steps = 5
-
-    def generate():
-        with torch.no_grad():
-            return model.generate(vision_x=vision_x, lang_x=ids, attention_mask=torch.ones_like(ids),
-                                  max_new_tokens=steps)
-
-    expected = generate()
+    expected = _generate(model, vision_x, ids, max_new_tokens=steps)
     ff.patch(model)
     model.lang_encoder.compile(backend="aot_eager")
     caches = [block.attn.media_cache for block in model.lang_encoder.gated_cross_attn_layers]
     for run in (1, 2):
-        assert torch.equal(generate(), expected)
+        assert torch.equal(_generate(model, vision_x, ids, max_new_tokens=steps), expected)
         assert all((c.hits, c.misses) == (run * (steps - 1), run) for c in caches), [(c.hits, c.misses) for c in caches]
