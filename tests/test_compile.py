@@ -289,12 +289,13 @@ def test_patched_idefics_exports_and_compiles_fullgraph(backend, kernel_launches
     inputs = model_inputs()
     with torch.no_grad():
         expected = model(**inputs)
-        upstream_breaks = torch._dynamo.explain(model)(**inputs).graph_break_count  # the decoupled embedding's
+        if backend == "torch":  # upstream's 3 breaks are its decoupled embedding's (a data-dependent index)
+            upstream_breaks = torch._dynamo.explain(model)(**inputs).graph_break_count
     ff.patch(model)
     with ff.backend(backend), torch.no_grad():
-        torch._dynamo.reset()
-        assert torch._dynamo.explain(model)(**inputs).graph_break_count == upstream_breaks == 3  # was 21 (torch)
-        kernel_launches.clear()
+        if backend == "torch":
+            torch._dynamo.reset()
+            assert torch._dynamo.explain(model)(**inputs).graph_break_count == upstream_breaks == 3  # was 21
         exported = torch.export.export(model, (), kwargs=inputs).module()
         assert_close(exported(**inputs), expected, 1e-5, "export")
         if backend == "torch":  # (fullgraph on the Triton path: the drop-in tests above)
