@@ -26,10 +26,9 @@ K/V row ``b // r`` for query row ``b`` (``kv_group`` of :func:`fastflamingo.func
 
 Under ``torch.compile`` the lookup cannot be traced (it keys on object identities and version counters), so a
 cache that has a *projector* (a pure function ``projector(source, weights, options) -> list of tensors``) is read
-through the
-``fastflamingo::cached_projection`` custom op instead (:meth:`ProjectionCache.traced`): the compiled graph calls
-the op, and the op runs the same lookup eagerly when the graph runs, so decode steps of a compiled model reuse the
-K/V projected at the first step. The same validity rule decides, at trace time, whether the op is used (eval mode,
+through the ``fastflamingo::cached_projection`` custom op instead (:meth:`ProjectionCache.traced`): the compiled
+graph calls the op, and the op runs the same lookup eagerly when the graph runs, so decode steps of a compiled model
+reuse the K/V projected at the first step (docs/compile.md). The same validity rule decides, at trace time, whether the op is used (eval mode,
 no autograd graph, caching on: all guarded by the compiled code, so changing one recompiles). The op holds one
 entry per layer without beam grouping (its output shape must be known when tracing). ``torch.export`` never uses
 it: an exported program projects the media itself.
