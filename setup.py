@@ -19,6 +19,11 @@ TEST = [
     "einops>=0.6",
     "einops-exts>=0.0.4",
     "transformers>=4.45",
+    # device_map dispatch with CPU/disk offload (tests/test_big_models.py); it needs torch>=2.0, which the CPU
+    # build that tools/bootstrap.sh installs first satisfies, so pip never pulls a CUDA build for it
+    "accelerate>=1.0",
+    # property-based fuzz tier (tests/test_fuzz.py)
+    "hypothesis>=6.100",
     # triton 3.6 (the version on the GPU machines) needs numpy<2.4 for runtime-bounded loops under the
     # interpreter (triton-lang/triton#9171).
     "triton==3.6.0",

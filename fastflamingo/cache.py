@@ -137,8 +137,11 @@ class ProjectionCache:
         self._key = None
         self._value = None
 
-    def __deepcopy__(self, memo):  # a copied module starts with an empty cache
-        return ProjectionCache(self.projector)
+    def __reduce__(self):
+        # A cache is not state: a copied, deep-copied or unpickled module (torch.save of a whole model, DDP/FSDP
+        # spawning, multiprocessing) starts with an empty cache (and a slot of its own) but keeps its projector.
+        # The weak reference it holds could not be pickled anyway.
+        return (ProjectionCache, (self.projector,))
 
     @property
     def value(self):

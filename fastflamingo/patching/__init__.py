@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._common import ORIGINAL_ATTR, PatchReport, apply_rules, restore
+from ._common import ORIGINAL_ATTR, PatchReport, apply_rules, restore, route_init_weights, unroute_init_weights
 
 SUPPORTED = (
     "OpenFlamingo Flamingo (open-flamingo 2.0.1): GatedCrossAttentionBlock, MaskedCrossAttention, "
@@ -51,6 +51,8 @@ def patch(model: nn.Module, *, empty_rows: str = "hf") -> PatchReport:
         )
     report = PatchReport(model=type(model).__name__)
     apply_rules(model, rules, report)
+    if report.replaced:
+        route_init_weights(model)
     if not report.replaced:
         already = any(getattr(m, ORIGINAL_ATTR, None) is not None for m in model.modules())
         if already:
@@ -64,6 +66,7 @@ def patch(model: nn.Module, *, empty_rows: str = "hf") -> PatchReport:
 
 def unpatch(model: nn.Module) -> int:
     """Put back the original upstream modules replaced by :func:`patch`; returns how many were restored."""
+    unroute_init_weights(model)
     return restore(model)
 
 

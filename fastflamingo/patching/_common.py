@@ -56,17 +56,67 @@ def _set_path(root: nn.Module, path: str, value, kind: str) -> None:
 
 
 def adopt(new: nn.Module, old: nn.Module) -> nn.Module:
-    """Give ``new`` the Parameter objects and buffers of ``old`` (same names); check nothing is left on meta."""
+    """Give ``new`` the Parameter objects and buffers of ``old`` (same names) and what the surrounding code attached
+    to ``old`` (:func:`carry_attachments`). Tensors may be on any device, the meta device included: a model built
+    with ``init_empty_weights`` / ``torch.device("meta")`` gets drop-ins on meta that materialise with it
+    (``to_empty``, ``load_state_dict(assign=True)``, FSDP's deferred init)."""
+    adopted = set()
     for path, param in old.named_parameters(remove_duplicate=False):
         _set_path(new, path, param, "param")
+        adopted.add(path)
     for path, buf in old.named_buffers(remove_duplicate=False):
         _set_path(new, path, buf, "buffer")
-    leftover = [n for n, t in list(new.named_parameters()) + list(new.named_buffers()) if t.is_meta]
-    if leftover:
-        raise RuntimeError(f"drop-in for {type(old).__name__} has tensors the upstream module lacks: {leftover}")
+        adopted.add(path)
+    # the skeleton was built on meta: a tensor nothing was adopted into would stay a meta placeholder
+    missing = [n for n, _ in list(new.named_parameters(remove_duplicate=False)) + list(
+        new.named_buffers(remove_duplicate=False)) if n not in adopted]
+    if missing:
+        raise RuntimeError(f"drop-in for {type(old).__name__} has tensors the upstream module lacks: {missing}")
     new.train(old.training)
+    carry_attachments(new, old)
     object.__setattr__(new, ORIGINAL_ATTR, old)
     return new
+
+
+# Per-module state that is not a parameter, buffer or child: markers other code set on the upstream module after
+# building it (OpenFlamingo's ``_use_gradient_checkpointing``, which its training script selects modules by;
+# transformers' ``gradient_checkpointing`` / ``_gradient_checkpointing_func`` and ``_is_hf_initialized``), forward and
+# backward hooks, and accelerate's ``_hf_hook`` (device placement and CPU/disk offload of ``device_map`` loading).
+# Entries that bind the old module's own code are not copied: accelerate's ``forward`` override (re-attached to the
+# drop-in below) and ``nn.Module.compile()``'s compiled call.
+_NOT_CARRIED = {"forward", "_old_forward", "_hf_hook", "_compiled_call_impl", ORIGINAL_ATTR}
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def carry_attachments(new: nn.Module, old: nn.Module) -> None:
+    """Copy to each submodule of ``new`` what was attached to the submodule of ``old`` at the same path (the
+    drop-ins keep upstream's module paths): plain attributes ``new`` does not define itself, hooks (the same hook
+    dictionaries, so handles returned before patching still remove them) and accelerate's hook."""
+    for path, old_sub in old.named_modules(remove_duplicate=False):
+        try:
+            new_sub = new.get_submodule(path)
+        except AttributeError:
+            continue  # a submodule the drop-in does not have (it runs that computation itself)
+        state = new_sub.__dict__
+        for name, value in old_sub.__dict__.items():
+            if name in state or name in _NOT_CARRIED or isinstance(value, (nn.Module, torch.Tensor)):
+                continue
+            state[name] = value
+        for name in _HOOK_DICTS:
+            hooks = old_sub.__dict__.get(name)
+            if hooks:
+                if state.get(name):
+                    state[name].update(hooks)
+                else:
+                    state[name] = hooks
+        if old_sub.__dict__.get("_is_full_backward_hook") is not None:
+            state["_is_full_backward_hook"] = old_sub._is_full_backward_hook
+        hook = old_sub.__dict__.get("_hf_hook")
+        if hook is not None:
+            from accelerate.hooks import add_hook_to_module  # only reached for a model accelerate dispatched
+
+            add_hook_to_module(new_sub, hook)
 
 
 def build(convert: Callable[[nn.Module], nn.Module], old: nn.Module) -> nn.Module:
@@ -135,16 +185,64 @@ def apply_rules(root: nn.Module, rules: List[Rule], report: PatchReport) -> Dict
     return replacements
 
 
+def sync_original(dropin: nn.Module) -> nn.Module:
+    """The upstream module behind ``dropin``, holding the drop-in's current tensors: ``to_empty`` (meta
+    materialisation), ``.to()``/``.half()`` of buffers, or wrappers may have replaced tensor objects since patching."""
+    original = getattr(dropin, ORIGINAL_ATTR)
+    for path, param in dropin.named_parameters(remove_duplicate=False):
+        if _has_path(original, path, "param"):
+            _set_path(original, path, param, "param")
+    for path, buf in dropin.named_buffers(remove_duplicate=False):
+        if _has_path(original, path, "buffer"):
+            _set_path(original, path, buf, "buffer")
+    return original
+
+
+def _has_path(root: nn.Module, path: str, kind: str) -> bool:
+    *parents, leaf = path.split(".")
+    try:
+        owner = root.get_submodule(".".join(parents))
+    except AttributeError:
+        return False
+    return leaf in (owner._parameters if kind == "param" else owner._buffers)
+
+
 def restore(root: nn.Module) -> int:
-    """Undo ``apply_rules``: put each original module back, with the drop-in's current buffers and train mode."""
+    """Undo ``apply_rules``: put each original module back, with the drop-in's current tensors and train mode."""
     replacements: Dict[int, nn.Module] = {}
     for module in root.modules():
-        original = getattr(module, ORIGINAL_ATTR, None)
-        if original is None or id(module) in replacements:
+        if getattr(module, ORIGINAL_ATTR, None) is None or id(module) in replacements:
             continue
-        for path, buf in module.named_buffers(remove_duplicate=False):
-            _set_path(original, path, buf, "buffer")  # .to()/.half() after patching replaced buffer tensors
+        original = sync_original(module)
         original.train(module.training)
         replacements[id(module)] = original
     redirect(root, replacements)
     return len(replacements)
+
+
+class InitThroughOriginals:
+    """Installed as ``_init_weights`` on every module of a patched model that has one (transformers'
+    ``PreTrainedModel``): upstream's ``_init_weights(module)`` dispatches on the upstream classes
+    (``isinstance(module, IdeficsGatedCrossAttentionLayer)`` initialises the alphas), which a drop-in is not. A
+    drop-in is initialised through its original, which holds the very same tensors; every other module, the
+    drop-ins' children included (plain torch layers, norms named as upstream's), goes to upstream's method as is."""
+
+    def __init__(self, owner: nn.Module):
+        self.owner = owner
+
+    def __call__(self, module: nn.Module):
+        if getattr(module, ORIGINAL_ATTR, None) is not None:
+            module = sync_original(module)
+        return type(self.owner)._init_weights(self.owner, module)
+
+
+def route_init_weights(root: nn.Module) -> None:
+    for module in root.modules():
+        if callable(getattr(type(module), "_init_weights", None)) and "_init_weights" not in module.__dict__:
+            module.__dict__["_init_weights"] = InitThroughOriginals(module)
+
+
+def unroute_init_weights(root: nn.Module) -> None:
+    for module in root.modules():
+        if isinstance(module.__dict__.get("_init_weights"), InitThroughOriginals):
+            del module.__dict__["_init_weights"]

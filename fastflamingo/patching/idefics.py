@@ -55,9 +55,6 @@ def _convert_gated_layer(m: nn.Module) -> nn.Module:
     if hasattr(attn, "rotary_emb"):
         # unused by cross attention, but its (non-persistent) buffers must follow .to()/.half() and unpatch
         new.cross_attn.rotary_emb = attn.rotary_emb
-    for name in ("gradient_checkpointing", "_gradient_checkpointing_func"):
-        if name in m.__dict__:  # set by transformers' gradient_checkpointing_enable() before patching
-            setattr(new, name, m.__dict__[name])
     return new
 
 
