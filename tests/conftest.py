@@ -63,6 +63,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA")
     config.addinivalue_line("markers", "triton: needs triton (interpreter on CPU, native on CUDA)")
     config.addinivalue_line("markers", "slow_interpreter: large shapes, skipped under the Triton interpreter")
+    config.addinivalue_line("markers", "slow: long tiers run before a release (pytest -m slow), not by default")
 
 
 def pytest_collection_modifyitems(config, items):
