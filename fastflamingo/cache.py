@@ -82,10 +82,18 @@ def _root(t: torch.Tensor) -> torch.Tensor:
     return t._base if t._base is not None else t
 
 
-def _tensor_key(t: torch.Tensor) -> Optional[Tuple]:
+def tensor_version(t: torch.Tensor) -> Optional[int]:
+    """``t``'s version counter (every in-place write bumps it), or None for a tensor that has none: tensors made
+    under ``torch.inference_mode()`` can be written in place unseen, so nothing derived from them may be reused."""
     try:
-        version = t._version
-    except RuntimeError:  # inference tensors have no version counter: an in-place edit would go unseen
+        return t._version
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
+
+
+def _tensor_key(t: torch.Tensor) -> Optional[Tuple]:
+    version = tensor_version(t)
+    if version is None:
         return None
     return (id(_root(t)), version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
 

@@ -138,7 +138,7 @@ def media_xattn(
             raise ValueError(f"mask has no media but k has {num_keys} keys")
         if kv_group > 1:  # no graph to keep (inference only): plain zeros of q's batch
             return v.new_zeros(()).expand(batch, num_text, v.shape[2], v.shape[3])
-        return v.sum(dim=1, keepdim=True).expand(-1, num_text, -1, -1)  # exact zeros, still in the graph
+        return torch_path.attend_to_no_keys(q, k, v)  # exact zeros, with a (zero) gradient for q, k and v
     if num_keys % num_media:
         raise ValueError(f"k has {num_keys} keys, which is not a multiple of the {num_media} media of the mask")
     latents = num_keys // num_media
@@ -254,6 +254,17 @@ def gated_residual(
     return torch_path.gated_residual(x, h, alpha, row_gate)
 
 
+def _plain_linear(linear: nn.Module) -> bool:
+    """True when calling ``linear`` is exactly ``F.linear`` with its weight and bias: its class is ``nn.Linear``,
+    and nothing wraps its call (an instance ``forward``, as accelerate's hooks install, or forward hooks on it or
+    on every module)."""
+    from torch.nn.modules import module as torch_module
+
+    return (type(linear) is nn.Linear and "forward" not in linear.__dict__ and not linear._forward_hooks
+            and not linear._forward_pre_hooks and not torch_module._global_forward_hooks
+            and not torch_module._global_forward_pre_hooks)
+
+
 def gated_linear(
     x: torch.Tensor,
     inp: torch.Tensor,
@@ -265,10 +276,12 @@ def gated_linear(
     the epilogue of the matmul that produces the branch, on the Triton backend.
 
     ``linear`` is the upstream projection module (``to_out``, ``ff[3]``, ``o_proj``, ``down_proj``). Only a plain
-    ``nn.Linear`` is fused; anything else (a LoRA wrapper, a quantized layer) runs as a module, then the gated
-    residual. Gradients flow to ``x``, ``inp``, the weight (and bias) and ``alpha``.
+    ``nn.Linear`` is fused; anything else runs as a module, then the gated residual: a LoRA wrapper, a quantized
+    layer, and a Linear whose call does more than its math, i.e. one with hooks (accelerate's ``_hf_hook`` moves
+    or loads an offloaded weight in its forward, and a weight still on the meta device would otherwise be read).
+    Gradients flow to ``x``, ``inp``, the weight (and bias) and ``alpha``.
     """
-    if type(linear) is not nn.Linear:
+    if not _plain_linear(linear):
         return gated_residual(x, linear(inp), alpha, row_gate)
     if inp.shape[:-1] != x.shape[:-1] or inp.shape[-1] != linear.in_features or x.shape[-1] != linear.out_features:
         raise ValueError(

@@ -24,6 +24,8 @@ from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
 
 import torch
 
+from .cache import tensor_version
+
 IMMEDIATE = "immediate"
 ALL_PREVIOUS = "all_previous"
 MODES = (IMMEDIATE, ALL_PREVIOUS)
@@ -63,6 +65,14 @@ class MediaMask:
             raise ValueError(f"mode={mode!r}; expected one of {MODES}")
         if text_time.dim() != 2:
             raise ValueError(f"text_time must be (batch, text), got shape {tuple(text_time.shape)}")
+        if text_time.is_floating_point() or text_time.is_complex() or text_time.dtype == torch.bool:
+            raise TypeError(f"text_time must be an integer tensor (1-based media index per token), got dtype "
+                            f"{text_time.dtype}")
+        if text_time.dtype != torch.int32:
+            # a saturating cast: every index above num_media + 1 sees what num_media + 1 sees (nothing in immediate
+            # mode, every media in all-previous mode), every index below 0 what 0 sees (nothing), so the int32 copy
+            # means the same for any value (a plain cast would wrap 2**32 + 1 to 1); no host read
+            text_time = text_time.clamp(0, int(num_media) + 1)
         self.text_time = text_time.to(torch.int32)
         self.num_media = int(num_media)
         self.mode = mode
@@ -112,10 +122,14 @@ _CACHE_SIZE = 8
 
 def memoised(source: torch.Tensor, key: tuple, build):
     """``build()``, cached per (identity and version of ``source``, ``key``): derive a mask once per forward pass
-    and share it across layers. Not cached while compiling or when ``source`` requires grad."""
+    and share it across layers. Not cached while compiling, when ``source`` requires grad, or when it has no
+    version counter (an inference tensor: ``torch.inference_mode()``), where a stale entry could not be detected:
+    each layer then derives the mask itself."""
     if torch.compiler.is_compiling() or source.requires_grad:
         return build()
-    version = source._version
+    version = tensor_version(source)
+    if version is None:
+        return build()
     with _CACHE_LOCK:
         for ref, ver, k, mask in _CACHE:
             if ref() is source and ver == version and k == key:
@@ -318,6 +332,8 @@ def idefics_media_mask(image_attention_mask: Optional[torch.Tensor], batch: int,
     if image_attention_mask is None:
         return all_media(batch, num_text, 1 if num_keys else 0, device)
     m = checked_idefics_mask(image_attention_mask, batch, num_text, num_keys)
+    if m.is_meta:  # no data to recover a closed form from (meta-device tracing): the bias as is, as upstream does
+        return None
     block = memoised(m, ("idefics-block-size",), lambda: _block_size(m))
     if block is None:
         return None

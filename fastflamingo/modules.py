@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import functional, masks
-from ._checks import check_tensor
+from ._checks import check_linear_input, check_tensor, promoted_as_concatenated
 from .cache import ProjectionCache
 
 
@@ -155,6 +155,8 @@ class MaskedCrossAttention(nn.Module):
         check_tensor("media", media, 4, self.to_kv.in_features, "(batch, num_media, latents, dim_visual)")
         if media.shape[0] != x.shape[0]:
             raise ValueError(f"media has batch size {media.shape[0]} but x has batch size {x.shape[0]}")
+        check_linear_input("x", x, self.to_q, "to_q")  # LayerNorm keeps x's dtype
+        check_linear_input("media", media, self.to_kv, "to_kv")
         mask = self.media_mask(x, media, media_locations, use_cached_media)
         batch, num_text = x.shape[:2]
         q = self.to_q(self.norm(x)).view(batch, num_text, self.heads, self.dim_head)
@@ -241,7 +243,11 @@ class PerceiverAttention(nn.Module):
         rows = x.shape[0] * x.shape[1]
         x = self.norm_media(x)
         latents = self.norm_latents(latents)
+        check_linear_input("latents", latents, self.to_q, "to_q")
         q = self._split_heads(self.to_q(latents), rows)
+        # upstream projects cat((x, latents)), which promotes both to one dtype (half media, fp32 latents: fp32)
+        x, latents = promoted_as_concatenated(x, latents)
+        check_linear_input("x", x, self.to_kv, "to_kv")
         kv_media = self.to_kv(x)
         kv_latents = self.to_kv(latents)
         out = functional.perceiver_attn(

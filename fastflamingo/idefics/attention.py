@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional, masks
-from .._checks import check_tensor
+from .._checks import check_linear_input, check_tensor
 from ..cache import ProjectionCache
 from ..ops.torch_path import fold_groups, unfold_groups
 from .config import DEFAULTS, get, latents_per_image, vision_embed_dim
@@ -149,6 +149,8 @@ class IdeficsCrossAttention(nn.Module):
                 f"image_hidden_states {tuple(key_value_states.shape)} and hidden_states {tuple(hidden_states.shape)} "
                 "must have the same batch size"
             )
+        check_linear_input("hidden_states", hidden_states, self.q_proj, "q_proj")
+        check_linear_input("image_hidden_states", key_value_states, self.k_proj, "k_proj")
         num_keys = key_value_states.shape[1]
         traced = torch.compiler.is_compiling() and attention_mask is not None
         if traced:  # the closed form is found on device, below (the host-side recovery cannot be traced)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import functional
-from .._checks import check_tensor
+from .._checks import check_linear_input, check_tensor, promoted_as_concatenated
 from ..cache import ProjectionCache
 from .config import PERCEIVER_DEFAULTS, get, vision_embed_dim
 
@@ -53,7 +53,11 @@ class IdeficsPerceiverAttention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(t.shape[0], t.shape[1], self.n_heads, self.head_dim)
 
+        check_linear_input("latents", latents, self.q_proj, "q_proj")
         q = heads(self.q_proj(latents))
+        # upstream projects cat([context, latents]), which promotes both to one dtype (half context, fp32 latents)
+        context, latents = promoted_as_concatenated(context, latents)
+        check_linear_input("context", context, self.k_proj, "k_proj")
         k_media, k_latents = heads(self.k_proj(context)), heads(self.k_proj(latents))
         v_media, v_latents = heads(self.v_proj(context)), heads(self.v_proj(latents))
         if self.qk_layer_norms:  # LayerNorm over head_dim is per row, so each key source can be normalized alone

@@ -103,6 +103,10 @@ def media_xattn(q, k, v, mask, latents: int, scale: float, dropout_p: float = 0.
     if not isinstance(mask, MediaMask):
         return _dense_path(q, k, v, mask.to(q.device), latents, scale, dropout_p, kv_group)
     mask = mask.to(q.device)
+    if mask.text_time.is_meta:
+        # meta tensors (a model built on the meta device, traced for shapes) have no data to read the schedules
+        # from: the dense path is tensor ops only, so it gives the output's shape, dtype and autograd graph
+        return _dense_path(q, k, v, mask.visible(), latents, scale, dropout_p, kv_group)
     if torch.compiler.is_compiling():  # the schedules below read the mask on the host: not traceable
         return _key_mask_path(q, k, v, mask, latents, scale, dropout_p, kv_group)
     if mask.immediate:
@@ -128,6 +132,16 @@ def _sdpa(q, k, v, scale, dropout_p, attn_mask=None):
     return out.transpose(1, 2)
 
 
+def attend_to_no_keys(q, k, v):
+    """Every query attending to zero keys: exact zeros of shape (batch, text, heads, head_dim_v), computed from q,
+    k and v (products over an empty key axis), so q, k, v and every parameter that produced them get a gradient
+    (exactly zero), as upstream's masked softmax gives them. Zeros built from v alone would leave the query
+    projection and its norm with ``.grad is None``, and DDP then waits for a gradient that a rank whose batch has
+    no image never produces."""
+    scores = q.transpose(1, 2) @ k[:, :0].permute(0, 2, 3, 1)  # (batch, heads, text, 0)
+    return (scores @ v[:, :0].transpose(1, 2)).transpose(1, 2)
+
+
 def _runs_forward(q, k, v, runs, latents: int, scale: float, dropout_p: float):
     """One SDPA call per run of tokens that see the same media: no mask, no text x media-token matrix."""
     batch, num_text, heads, _ = q.shape
@@ -135,14 +149,12 @@ def _runs_forward(q, k, v, runs, latents: int, scale: float, dropout_p: float):
     for b, t0, t1, lo, hi in runs:
         rows = slice(None) if b is None else slice(b, b + 1)
         if hi <= lo:
-            # exact zeros that stay in the autograd graph (a sum over no keys), so a call whose tokens all see
-            # nothing still has a gradient (exactly zero) instead of an output detached from q, k, v
-            pieces.append(v[rows, :0].sum(dim=1, keepdim=True).expand(-1, t1 - t0, -1, -1))
+            pieces.append(attend_to_no_keys(q[rows, t0:t1], k[rows], v[rows]))
             continue
         keys = slice(lo * latents, hi * latents)
         pieces.append(_sdpa(q[rows, t0:t1], k[rows, keys], v[rows, keys], scale, dropout_p))
     if not pieces:  # no text tokens
-        return v[:, :0].sum(dim=1, keepdim=True).expand(-1, 0, -1, -1)
+        return attend_to_no_keys(q, k, v)
     if runs[0][0] is None:  # one set of runs shared by all samples: concatenate along text
         return torch.cat(pieces, dim=1)
     # per-sample runs, ordered sample-major: concatenate along text, then split back into samples
@@ -260,7 +272,7 @@ def _key_mask_path(q, k, v, mask: MediaMask, latents: int, scale: float, dropout
     if num_keys == 0:
         if kv_group > 1:  # inference only: no graph to keep
             return q.new_zeros(q.shape[0], q.shape[1], v.shape[2], v.shape[3])
-        return v[:, :0].sum(dim=1, keepdim=True).expand(-1, q.shape[1], -1, -1)  # exact zeros, still in the graph
+        return attend_to_no_keys(q, k, v)
     sees = hi > lo
     key = torch.arange(num_keys, device=q.device)
     key_mask = (key >= (lo * latents)[..., None]) & (key < (hi * latents)[..., None])  # (batch, text, keys)
