@@ -66,6 +66,7 @@ def cast(inputs: dict, dtype) -> dict:
     return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
 
 
+# relative to the tensor's largest value: the project's fp32 bar (1e-5), a few half-precision units otherwise
 REL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
@@ -73,9 +74,10 @@ def assert_matches(mine: Run, theirs: Run, rows, dtype, what: str, oracle: Run =
     """Same gradient set, and ``mine`` close to ``theirs`` on ``rows`` of the output and on every gradient.
 
     With an fp64 ``oracle`` (``theirs`` in a lower precision): ``mine`` is at most twice as far from the oracle as
-    ``theirs`` (FlashAttention's criterion). Without one (``theirs`` is exact: fp64, or the fp64 reference): within
-    ``REL[dtype]`` of the tensor's scale. Both allow a few units in the last place of the largest value of the whole computation, so a
-    gradient that is analytically zero (a single key: the softmax gradient vanishes) may be rounding noise."""
+    ``theirs`` (FlashAttention's criterion) plus ``REL[dtype]`` of the tensor's scale. Without one (``theirs`` is
+    exact: fp64, or the fp64 reference): within ``REL[dtype]`` of the tensor's scale. Both allow a few units in the
+    last place of the largest value of the whole computation, so a gradient that is analytically zero (a single
+    key: the softmax gradient vanishes) or a sum that cancels may be rounding noise."""
     got = {n for n, g in mine.grads.items() if g is not None}
     expected = {n for n, g in theirs.grads.items() if g is not None}
     assert got == expected, f"{what}: gradients for {sorted(got ^ expected)} on one side only"
@@ -83,7 +85,9 @@ def assert_matches(mine: Run, theirs: Run, rows, dtype, what: str, oracle: Run =
     tensors = [("output", mine.out[rows], theirs.out[rows], reference.out[rows])]
     tensors += [(n, g, theirs.grads[n], reference.grads[n]) for n, g in mine.grads.items() if g is not None]
     overall = max(r.abs().max().item() if r.numel() else 0.0 for _, _, _, r in tensors)
-    floor = 8 * torch.finfo(dtype).eps * overall
+    # reductions (a gate's gradient sums every token's contribution) round differently in another summation
+    # order: 32 units in the last place of the largest value in full precision, 4 in half precision
+    floor = (4 if dtype in LOW_PRECISION else 32) * torch.finfo(dtype).eps * overall
     for name, a, b, ref in tensors:
         assert torch.isfinite(a).all(), f"{what}: {name} is not finite"
         if not ref.numel():
@@ -93,8 +97,7 @@ def assert_matches(mine: Run, theirs: Run, rows, dtype, what: str, oracle: Run =
         if oracle is None:
             bound = REL[dtype] * scale + floor
         else:
-            bound = 2 * (b.double() - ref.double()).abs().max().item() + (
-                4e-3 if dtype in LOW_PRECISION else 1e-6) * scale + floor
+            bound = 2 * (b.double() - ref.double()).abs().max().item() + REL[dtype] * scale + floor
         assert err <= bound, f"{what}: {name} error {err:.3g} > {bound:.3g} ({dtype}, scale {scale:.3g})"
 
 
