@@ -147,12 +147,14 @@ def test_patch_idefics_dispatched_with_cpu_and_disk_offload(tmp_path):
     ).eval()
     assert model.model.gated_cross_attn_layers[0].alpha_cross_attn.is_meta  # really offloaded to disk
     hooks = _hooked(model)
+    params = dict(model.named_parameters())
     inputs = model_inputs()
     with torch.no_grad():
         expected = reference(**inputs).logits
         tokens = reference.generate(**inputs, max_new_tokens=4, do_sample=False)
     fastflamingo.patch(model)
     _assert_hooks_carried(model, hooks)
+    assert all(p is params[name] for name, p in model.named_parameters())  # the very same (offloaded) Parameters
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
         assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), tokens)

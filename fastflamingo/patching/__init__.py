@@ -52,16 +52,14 @@ def patch(model: nn.Module, *, empty_rows: str = "hf") -> PatchReport:
     report = PatchReport(model=type(model).__name__)
     apply_rules(model, rules, report)
     if report.replaced:
-        route_init_weights(model)
-    if not report.replaced:
-        already = any(getattr(m, ORIGINAL_ATTR, None) is not None for m in model.modules())
-        if already:
-            return report
-        raise TypeError(
-            f"fastflamingo.patch found nothing to patch in {type(model).__name__}. Supported models:\n  - "
-            + "\n  - ".join(SUPPORTED)
-        )
-    return report
+        route_init_weights(model)  # transformers' init_weights() reaches the drop-ins through their originals
+        return report
+    if any(getattr(m, ORIGINAL_ATTR, None) is not None for m in model.modules()):
+        return report  # already patched
+    raise TypeError(
+        f"fastflamingo.patch found nothing to patch in {type(model).__name__}. Supported models:\n  - "
+        + "\n  - ".join(SUPPORTED)
+    )
 
 
 def unpatch(model: nn.Module) -> int:
