@@ -120,6 +120,9 @@ def flamingo_cases(draw):
     dim_head = draw(st.sampled_from([16, 32]) if backend == "triton" else st.integers(1, 12))
     batch, num_media, latents = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 5))
     cached = draw(st.booleans())
+    # a LayerNorm over 2 or 3 features is near-singular when they are close: in fp16/bf16 one unit in the last
+    # place of rounding (a fused epilogue rounds once, upstream twice) then moves the exact gradients by O(1)
+    dims = (8, 24) if dtype in LOW_PRECISION else (2, 24)
     num_text = draw(st.integers(1, 4 if cached else 24))
     prompt = draw(st.integers(1, 24)) if cached else num_text  # use_cached_media: media_locations is the prompt's
     layouts = st.sampled_from(["text-only", "random", "image-last", "image-first", "more-images-than-media"])
@@ -138,7 +141,7 @@ def flamingo_cases(draw):
         positions.append(sorted(pos))
     return dict(dtype=dtype, backend=backend, heads=heads, dim_head=dim_head, batch=batch, num_text=num_text,
                 prompt=prompt, num_media=num_media, latents=latents, cached=cached, positions=positions,
-                immediate=draw(st.booleans()), dim=draw(st.integers(2, 24)), dim_visual=draw(st.integers(1, 20)),
+                immediate=draw(st.booleans()), dim=draw(st.integers(*dims)), dim_visual=draw(st.integers(1, 20)),
                 padded=draw(st.lists(st.booleans(), min_size=num_media, max_size=num_media)),
                 seed=draw(st.integers(0, 2**31 - 1)))
 
