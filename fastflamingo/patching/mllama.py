@@ -19,8 +19,6 @@ from ..mllama import layers as ff
 from ..mllama import mask as mask_mod
 from ._common import Rule, class_named
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-               "_forward_pre_hooks_with_kwargs")
 
 
 def _has(m: nn.Module, *names: str) -> bool:
@@ -53,7 +51,7 @@ def vision_sizes(root: nn.Module) -> Tuple[int, int]:
 def _install_output_hooks(root: nn.Module) -> None:
     """transformers installs its output-recording hooks (``output_hidden_states``) on the first forward, on the
     modules that are instances of its own classes: install them now, on the upstream layers, and the drop-ins take
-    them over (``_take_hooks``)."""
+    them over (``_common.carry_attachments``)."""
     for module in root.modules():
         if type(module).__name__ == "MllamaTextModel" and hasattr(module, "_can_record_outputs"):
             try:
@@ -61,12 +59,6 @@ def _install_output_hooks(root: nn.Module) -> None:
             except ImportError:  # an older transformers without them: nothing to keep
                 return
             maybe_install_capturing_hooks(module)
-
-
-def _take_hooks(new: nn.Module, old: nn.Module) -> None:
-    for name in _HOOK_DICTS:
-        if hasattr(old, name) and hasattr(new, name):
-            getattr(new, name).update(getattr(old, name))
 
 
 def _attention(m: nn.Module, sizes: Tuple[int, int], config=None) -> nn.Module:
@@ -77,7 +69,6 @@ def _attention(m: nn.Module, sizes: Tuple[int, int], config=None) -> nn.Module:
     new.k_norm.variance_epsilon = m.k_norm.variance_epsilon
     if getattr(m, "config", None) is not None:
         new.config = m.config  # the very upstream config object (``_attn_implementation`` and the rest)
-    _take_hooks(new, m)
     return new
 
 
@@ -104,10 +95,8 @@ def _decoder_layer(m: nn.Module, sizes: Tuple[int, int], empty_rows: str) -> nn.
     new.mlp.act_fn = m.mlp.act_fn  # the very activation upstream uses, whatever its name
     if getattr(m.mlp, "config", None) is not None:
         new.mlp.config = m.mlp.config
-    for name in ("gradient_checkpointing", "_gradient_checkpointing_func"):
-        if name in m.__dict__:  # set by transformers' gradient_checkpointing_enable() before patching
-            setattr(new, name, m.__dict__[name])
-    _take_hooks(new, m)
+    # hooks and markers set on the upstream layers (output recording, gradient checkpointing) are carried over by
+    # patching._common.carry_attachments, as for every drop-in
     return new
 
 
