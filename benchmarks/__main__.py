@@ -13,6 +13,7 @@ Every run calibrates the device (copy GB/s, GEMM TFLOP/s), then writes
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import sys
 import time
@@ -34,7 +35,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ops", help="comma list of ops (default: the device's default ops; see --list)")
-    ap.add_argument("--providers", help="comma list of providers (default: every provider available on the device)")
+    ap.add_argument("--providers", help="comma list of providers or patterns such as 'flex*' (default: every provider "
+                    "available on the device, or the case's own list)")
+    ap.add_argument("--exclude-providers", help="comma list of providers or patterns to leave out, e.g. 'flex*,compile*'")
     ap.add_argument("--shots", help="comma list of shot counts, e.g. 0,4,32")
     ap.add_argument("--dtype", help="comma list of fp32,fp16,bf16 (default: fp32 on CPU, bf16 on CUDA)")
     ap.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
@@ -90,17 +93,19 @@ def build_plans(args, ops, device):
     dtypes = [shapes.DTYPES[d] for d in dtype_names]
     shots = [int(s) for s in _csv(args.shots)] if args.shots else None
     wanted_providers = _csv(args.providers)
+    excluded = _csv(args.exclude_providers) or []
     plans = []
     for op in selected:
         for case in op.cases(profile, shots):
             if args.dry_run:
                 case = op.tiny(case)
             if wanted_providers:
-                names = [p for p in wanted_providers if p in op.providers]
+                names = [n for n in op.providers if any(fnmatch.fnmatchcase(n, w) for w in wanted_providers)]
             elif case.providers is not None:
                 names = [p for p in case.providers if p in op.providers]
             else:
                 names = [n for n, p in op.providers.items() if device in p.devices]
+            names = [n for n in names if not any(fnmatch.fnmatchcase(n, x) for x in excluded)]
             for dtype in dtypes:
                 plans.append(Plan(op, case, dtype, [op.providers[n] for n in names]))
     return profile, plans
