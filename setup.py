@@ -40,6 +40,7 @@ setup(
     # every package under fastflamingo/ (found, so a new subpackage cannot be left out of a wheel), plus kernels/
     packages=find_packages(include=["fastflamingo", "fastflamingo.*"]) + ["fastflamingo.kernels"],
     package_dir={"fastflamingo": "fastflamingo", "fastflamingo.kernels": "kernels"},
+    package_data={"fastflamingo.configs": ["*.json"]},  # tuned launch-config tables, one per GPU x Triton
     install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton>=3.2"],

@@ -18,7 +18,6 @@ Under ``--dry-run`` the interpreter has one candidate per key, so nothing is tim
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as _dt
 import os
 import sys
@@ -26,28 +25,6 @@ import time
 import traceback
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
-
-
-@dataclasses.dataclass
-class CompileStats:
-    """Kernels compiled while it is installed as Triton's compilation listener (cache hits counted apart)."""
-
-    compiled: int = 0
-    cache_hits: int = 0
-    seconds: float = 0.0
-
-    def __call__(self, *, src, metadata, metadata_group, times, cache_hit, **_) -> None:
-        if cache_hit:
-            self.cache_hits += 1
-            return
-        self.compiled += 1
-        micros = getattr(times, "ir_initialization", 0) + sum(t for _, t in getattr(times, "lowering_stages", ()))
-        self.seconds += (micros + getattr(times, "store_results", 0)) / 1e6
-
-    def install(self) -> None:
-        import triton
-
-        triton.knobs.compilation.listener = self
 
 
 def _plans(args, device: str):
@@ -141,25 +118,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.dtype = args.dtype or ("fp32" if args.dry_run else "bf16")
     if args.dry_run:
         torch.set_num_threads(1)
-    stats = CompileStats()
-    if not args.dry_run:
-        stats.install()
+    from fastflamingo.kernels import _utils
 
+    stats = _utils.CompileStats()
     plans = _plans(args, device)
     start = time.perf_counter()
     failures = 0
     backend = "triton" if args.dry_run else "auto"  # the dry run sends CPU tensors to the interpreted kernels
-    for plan in plans:
-        t0 = time.perf_counter()
-        try:
-            with fastflamingo.backend(backend):
+    with stats.installed(), fastflamingo.backend(backend):
+        for plan in plans:
+            t0 = time.perf_counter()
+            try:
                 _exercise(plan, device)
-            status = "ok"
-        except Exception as exc:  # keep going: one broken cell must not cost the others' tuning
-            failures += 1
-            status = f"FAILED {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
-            traceback.print_exc(file=sys.stderr)
-        print(f"{plan.op.name:<16} {plan.case.label:<44} {time.perf_counter() - t0:6.1f}s  {status}", flush=True)
+                status = "ok"
+            except Exception as exc:  # keep going: one broken cell must not cost the others' tuning
+                failures += 1
+                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                status = f"FAILED {type(exc).__name__}: {first}"
+                traceback.print_exc(file=sys.stderr)
+            print(f"{plan.op.name:<16} {plan.case.label:<44} {time.perf_counter() - t0:6.1f}s  {status}", flush=True)
     wall = time.perf_counter() - start
 
     entries = collect_entries(timed_only=not args.dry_run)
@@ -191,7 +168,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         key = ",".join(f"{k}={v}" for k, v in e["key"].items())
         timings = e.get("timings", {})
         label = min(timings, key=timings.get) if timings else "-"
-        print(f"{e['kernel']:<26} {key[:70]:<70} {label:<20} {e.get('ms', float('nan')):8.4f}  {len(timings)}")
+        ms = f"{e['ms']:8.4f}" if "ms" in e else f"{'-':>8}"
+        print(f"{e['kernel']:<26} {key[:70]:<70} {label:<20} {ms}  {len(timings)}")
     print(f"\n{len(entries)} entries from {len(plans)} cells ({failures} failed) in {wall:.0f} s; "
           f"{stats.compiled} kernels compiled in {stats.seconds:.0f} s ({stats.cache_hits} from the cache) -> {path}")
     return 1 if failures or not plans else 0

@@ -6,6 +6,7 @@ a Triton kernel runs or a model is patched.
 from . import flamingo_pytorch, functional, idefics, masks
 from ._backend import BACKENDS, BackendError, backend, requested_backend
 from ._version import __version__
+from ._warmup import WarmupReport, warmup
 from .cache import cache_disabled, clear_media_cache
 from .idefics import IdeficsGatedCrossAttentionLayer, IdeficsPerceiverAttention, IdeficsPerceiverResampler
 from .modules import FeedForward, GatedCrossAttentionBlock, MaskedCrossAttention, PerceiverAttention, PerceiverResampler
@@ -34,5 +35,7 @@ __all__ = [
     "PatchReport",
     "patch",
     "unpatch",
+    "warmup",
+    "WarmupReport",
 ]
 

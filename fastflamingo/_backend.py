@@ -127,7 +127,8 @@ def device_reasons(tensors: Iterable[torch.Tensor]) -> List[str]:
 
 def interpreter_bf16_reasons(tensors: Iterable[torch.Tensor]) -> List[str]:
     """bf16 ``tl.dot`` is wrong under the Triton interpreter (it multiplies raw bf16 bits, triton-lang/triton#11584)
-    unless the fix that tests/conftest.py installs is in place: refuse bf16 CPU tensors there."""
+    unless the fix of ``fastflamingo.kernels._interpreter`` is in place (the tests and the selftest's dry run
+    install it): refuse bf16 CPU tensors there."""
     if not interpret_mode() or not any(t is not None and t.dtype == torch.bfloat16 and t.device.type == "cpu"
                                        for t in tensors):
         return []
@@ -137,7 +138,7 @@ def interpreter_bf16_reasons(tensors: Iterable[torch.Tensor]) -> List[str]:
         return []
     if getattr(interpreter.InterpreterBuilder.create_dot, "_bf16_fixed", False):
         return []
-    return ["bf16 under the Triton interpreter needs the bf16 tl.dot fix of tests/conftest.py "
+    return ["bf16 under the Triton interpreter needs the bf16 tl.dot fix of fastflamingo.kernels._interpreter "
             "(the interpreter multiplies raw bf16 bits: triton-lang/triton#11584)"]
 
 

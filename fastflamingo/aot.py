@@ -2,13 +2,17 @@
 
     python -m fastflamingo.aot [--quick] [--arch 80 90] [--jobs N] [--family NAME]
 
-For each kernel family listed in ``fastflamingo.kernels.KERNEL_FAMILIES``, its ``aot_variants()`` enumerate every
-shipped launch config x dtype x representative constexpr combination; each is compiled with
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for every requested architecture (ptxas and
-cuobjdump ship inside the triton wheel). The report lists registers per thread, local memory (stack bytes:
-register spills) and shared memory per kernel/config/arch. Exit status 1 on a compile error, a spill, or shared
-memory over the architecture's per-block limit; 2 when the environment cannot compile (triton missing, kernels
-already imported under the interpreter).
+For each kernel family listed in ``fastflamingo.kernels.KERNEL_FAMILIES``, its ``aot_variants()`` describe the
+launches its launcher makes at representative shapes (every argument, as passed) for every shipped launch config of
+each architecture, dtype and representative constexpr combination. The specialization comes from those arguments
+by Triton's own rules (integers that are multiples of 16 or equal to 1, aligned pointers), so what is compiled is
+the kernel a GPU launch compiles; ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` compiles it
+for each architecture whose list ships the config (ptxas and cuobjdump ship inside the triton wheel). The report
+lists registers per thread, local memory (stack bytes: register spills) and shared memory per kernel/config/arch.
+Exit status 1 on a compile error, a spill, more than ``MAX_REGISTERS`` (240) registers (a config that needs more is
+one compiler release away from spilling), or shared memory over the architecture's per-block limit; 2 when the
+environment cannot compile (triton missing, kernels already imported under the interpreter). CI runs it under the
+pinned Triton and under the newest release (``PYTHONPATH=.triton-newest``, see tools/bootstrap.sh).
 
 The interpreter has to be off while the kernel modules are imported (``@triton.jit`` picks interpreted or compiled
 at decoration time), so this module removes ``TRITON_INTERPRET`` from its environment before importing them. Run
@@ -36,6 +40,9 @@ _VARIANTS: list = []  # filled before the worker pool forks
 def _prepare_environment() -> Optional[str]:
     """Turn the interpreter off for this process; return why compiling is impossible, or None."""
     os.environ.pop("TRITON_INTERPRET", None)
+    # Triton 3.9 warns on every compile that this default (fused multiply-add on) will change in 3.10; state it, so
+    # the compiles stay those a launch makes today and the report stays readable
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     try:
         import triton  # noqa: F401
         from triton.runtime.interpreter import InterpretedFunction
@@ -97,12 +104,13 @@ def _compile_one(job) -> dict:
     start = time.perf_counter()
     try:
         import triton
-        from triton.backends.compiler import GPUTarget
 
-        source = triton.compiler.ASTSource(fn=variant.fn, signature=variant.signature,
-                                           constexprs=variant.constexprs, attrs=variant.attrs())
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                  options=dict(num_warps=variant.num_warps, num_stages=variant.num_stages))
+        from .kernels._utils import runtime_specialization
+
+        target, signature, constexprs, attrs, options = runtime_specialization(
+            variant.fn, variant.args, variant.num_warps, variant.num_stages, arch)
+        source = triton.compiler.ASTSource(fn=variant.fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(source, target=target, options=options)
         row.update(_cubin_resources(compiled.asm["cubin"]), shared=int(compiled.metadata.shared))
     except Exception as exc:  # reported in the table; the exit status says it failed
         message = str(exc).strip().splitlines()
@@ -112,11 +120,15 @@ def _compile_one(job) -> dict:
 
 
 def _verdict(row: dict) -> str:
+    from .kernels._utils import MAX_REGISTERS  # registers per thread a shipped config may use (why: see there)
+
     if row["error"]:
         return "ERROR"
     problems = []
     if row["spill"]:
         problems.append("SPILL")
+    if row["regs"] > MAX_REGISTERS:
+        problems.append("REGS")
     if row["shared"] > SHARED_MEMORY_LIMIT.get(row["arch"], min(SHARED_MEMORY_LIMIT.values())):
         problems.append("SMEM")
     return "+".join(problems) or "ok"
@@ -148,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"fastflamingo.aot: cannot compile: {problem}", file=sys.stderr)
         return 2
     _VARIANTS[:] = _collect(_families(args.family), args.quick)
-    jobs = [(i, arch) for i in range(len(_VARIANTS)) for arch in args.arch]
+    jobs = [(i, arch) for i, variant in enumerate(_VARIANTS) for arch in args.arch if arch in variant.archs]
     start = time.perf_counter()
     if args.jobs > 1 and len(jobs) > 1:
         # fork: the workers inherit the collected variants (JIT functions do not pickle)
@@ -159,12 +171,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _print_table(rows)
 
     failed = [r for r in rows if _verdict(r) != "ok"]
-    worst = max((r for r in rows if not r["error"]), key=lambda r: r["regs"], default=None)
     import triton
 
-    print(f"\n{len(rows)} compiles ({len(_VARIANTS)} variants x sm_{'/sm_'.join(map(str, args.arch))}) in "
-          f"{time.perf_counter() - start:.0f} s with triton {triton.__version__}; "
-          f"max registers {worst['regs'] if worst else '-'}; {len(failed)} failed")
+    from .kernels._utils import MAX_REGISTERS
+
+    print(f"\n{len(rows)} compiles of {len(_VARIANTS)} launches in {time.perf_counter() - start:.0f} s with triton "
+          f"{triton.__version__} ({args.jobs} jobs); {len(failed)} failed")
+    for arch in args.arch:
+        mine = [r for r in rows if r["arch"] == arch]
+        compiled = [r for r in mine if not r["error"]]
+        print(f"  sm_{arch}: {len(mine)} compiles, max registers {max((r['regs'] for r in compiled), default='-')}, "
+              f"{sum(1 for r in compiled if r['regs'] > MAX_REGISTERS)} over {MAX_REGISTERS}, "
+              f"{sum(1 for r in compiled if r['spill'])} spilling, {sum(1 for r in mine if r['error'])} errors")
     for row in failed:
         print(f"FAILED {_verdict(row)}: {row['kernel']} {row['label']} sm_{row['arch']}"
               + (f": {row['error']}" if row["error"] else ""), file=sys.stderr)

@@ -11,9 +11,9 @@ config) with the largest relative error and ``ok`` or ``FAIL``; the exit status 
     python -m fastflamingo.selftest --family media_decode --list
 
 Where the cases come from: each kernel family named in ``fastflamingo.kernels.KERNEL_FAMILIES`` declares its
-checks in its own ops module, ``fastflamingo/ops/<family>.py``, as ``selftest_cases(toy: bool) -> list[Case]``
-(beside its launchers; ``toy`` asks for interpreter-sized shapes). A new family plugs in by writing that function;
-nothing here changes. The helpers below (:func:`randn`, :func:`nan_like`, :func:`tolerance`, :func:`forced`) keep
+checks in its own ops module, ``fastflamingo/ops/<family>.py`` (listed in ``fastflamingo.ops.families()``), as
+``selftest_cases(toy: bool) -> list[Case]`` beside its launchers; ``toy`` asks for interpreter-sized shapes. A new
+family plugs in by writing that function; nothing here changes. The helpers below (:func:`randn`, :func:`nan_like`, :func:`tolerance`, :func:`forced`) keep
 the families' declarations short and alike.
 """
 from __future__ import annotations
@@ -116,8 +116,7 @@ def family_cases(family: str, toy: bool) -> List[Case]:
     """The family's ``selftest_cases(toy)`` from ``fastflamingo.ops.<family>``; [] when it declares none."""
     from . import ops
 
-    module = ops.family_module(family)
-    declare = getattr(module, "selftest_cases", None) if module is not None else None
+    declare = getattr(ops.families().get(family), "selftest_cases", None)
     return list(declare(toy)) if declare is not None else []
 
 
@@ -161,7 +160,7 @@ class Outcome:
             verdict = "ok" if self.ok else ("FAIL (NaN: an output element was not written)" if self.err != self.err
                                             else f"FAIL ({self.worst})")
             err = f"{self.err:.1e}"
-        return (f"{self.kernel:<28} {self.config:<18} {self.detail:<30} max err {err:>7} (tol {self.tol:.0e}) "
+        return (f"{self.kernel:<26} {self.config:<20} {self.detail:<32} max err {err:>7} (tol {self.tol:.0e}) "
                 f"{self.seconds:5.1f}s  {verdict}")
 
 
@@ -271,7 +270,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"(fastflamingo/ops/{family}.py: selftest_cases)")
     if args.list:
         for case in cases:
-            print(f"{case.kernel:<28} {case.config:<18} {case.detail}")
+            print(f"{case.kernel:<26} {case.config:<20} {case.detail}")
         print(f"{len(cases)} cases")
         return 0
 

@@ -1,13 +1,17 @@
-"""Helpers shared by the kernel families of ``fastflamingo.kernels``: interpreter detection, dtype maps, stride
-fixing, launch-config selection (a tiny explicit autotuner) and the ahead-of-time compile registry entry type.
+"""Helpers shared by the kernel families of ``fastflamingo.kernels``: interpreter detection, dtype maps, launch-config
+selection (a tiny explicit autotuner that reads tuned tables first), per-architecture config lists, a compile
+counter, and the ahead-of-time compile registry (launches described by their arguments).
 
 This module imports triton; ``fastflamingo.kernels`` itself (``__init__``) does not.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import threading
-from typing import Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, Union
+import warnings
+from typing import Callable, Dict, Hashable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import triton
@@ -69,49 +73,166 @@ def config_label(config: triton.Config) -> str:
     return f"{blocks}-w{config.num_warps}-s{config.num_stages}"
 
 
+# Every chooser, in creation order: ``benchmarks.tune`` writes their timings as a tuned table; ``fastflamingo.warmup``
+# and the tests read their statistics.
+CHOOSERS: List["ConfigChooser"] = []
+
+
 class ConfigChooser:
-    """Pick a launch config per autotune key; benchmark on first use when more than one candidate survives pruning.
+    """Pick a launch config per autotune key: from the tuned table of this GPU when it has the key, else by timing
+    every candidate that survives pruning, on first use.
 
     ``triton.autotune`` cannot be used here because the host-side tile schedule depends on the block sizes: the
     schedule has to be rebuilt for each candidate, so the candidates are timed through a caller-provided
-    ``run(config)`` that does everything that depends on the config. Under the interpreter the candidate list has
-    one entry and nothing is timed. Warm up every shape before CUDA-graph capture: timing cannot be captured.
+    ``run(config)`` that does everything that depends on the config. ``key_names`` name the key's fields in the
+    tuned tables (``fastflamingo/configs/``); a table entry is used, with zero timings, only when its config is one
+    of the key's candidates (the shipped list of this architecture), so a stale table cannot launch an unchecked
+    config. Under the interpreter the candidate list has one entry: nothing is looked up or timed. Warm up every
+    shape before CUDA-graph capture (``fastflamingo.warmup``): timing cannot be captured.
     """
 
     def __init__(self, name: str, configs: Sequence[triton.Config],
-                 prune: Optional[Callable[[List[triton.Config], tuple], List[triton.Config]]] = None):
+                 prune: Optional[Callable[[List[triton.Config], tuple], List[triton.Config]]] = None,
+                 key_names: Optional[Sequence[str]] = None):
         self.name = name
         self.configs = list(configs)
         self.prune = prune
+        self.key_names = tuple(key_names) if key_names is not None else None
         self.cache: Dict[Hashable, triton.Config] = {}
+        self.timings: Dict[Hashable, Dict[str, float]] = {}  # key -> {config label: ms}, for the keys timed here
+        self.sources: Dict[Hashable, str] = {}  # key -> "single", "table" or "timed"
         self._lock = threading.Lock()
+        CHOOSERS.append(self)
 
     def candidates(self, key: tuple) -> List[triton.Config]:
         kept = self.prune(list(self.configs), key) if self.prune else list(self.configs)
         return kept or list(self.configs)
 
-    def choose(self, key: tuple, run: Callable[[triton.Config], None]) -> triton.Config:
+    def _from_table(self, key: tuple, candidates: List[triton.Config], device) -> Optional[triton.Config]:
+        from .. import configs as tables
+
+        table = tables.table_for(tables.device_identity(device)) if device is not None else None
+        if table is None:
+            return None
+        fields = tables.key_dict(key, self.key_names)
+        wanted = table.lookup(self.name, fields)
+        if wanted is None:
+            return None
+        for config in candidates:
+            if tables.config_dict(config) == wanted:
+                return config
+        warnings.warn(f"{self.name}: the tuned table's config {wanted} for {fields} is not a candidate of this "
+                      f"build ({table.path}); timing the candidates instead", UserWarning, stacklevel=3)
+        return None
+
+    def choose(self, key: tuple, run: Callable[[triton.Config], None], device=None) -> triton.Config:
+        """The config for ``key``; ``device`` (where the launch runs) selects the tuned table."""
         with self._lock:
             if key in self.cache:
                 return self.cache[key]
         candidates = self.candidates(key)
-        if len(candidates) == 1:
-            best = candidates[0]
-        else:
+        timings: Dict[str, float] = {}
+        best, source = (candidates[0], "single") if len(candidates) == 1 else (
+            self._from_table(key, candidates, device), "table")
+        if best is None:
             from triton.testing import do_bench
 
-            timings = []
+            scored = []
             for config in candidates:
                 try:
-                    timings.append((do_bench(lambda: run(config), warmup=5, rep=20), config))
+                    ms = do_bench(lambda: run(config), warmup=5, rep=20)
                 except OutOfResources:  # a config the device cannot hold: skip it
                     continue
-            if not timings:
+                scored.append((ms, config))
+                timings[config_label(config)] = ms
+            if not scored:
                 raise RuntimeError(f"{self.name}: no launch configuration fits this device for key {key}")
-            best = min(timings, key=lambda item: item[0])[1]
+            best, source = min(scored, key=lambda item: item[0])[1], "timed"
         with self._lock:
             self.cache[key] = best
+            self.sources[key] = source
+            if timings:
+                self.timings[key] = timings
         return best
+
+    def stats(self) -> Dict[str, int]:
+        """How many keys a single candidate, the tuned table, or timing decided."""
+        out = {"single": 0, "table": 0, "timed": 0}
+        for source in self.sources.values():
+            out[source] += 1
+        return out
+
+
+@dataclasses.dataclass
+class CompileStats:
+    """Kernels compiled while installed as Triton's compilation listener (cache hits counted apart)."""
+
+    compiled: int = 0
+    cache_hits: int = 0
+    seconds: float = 0.0
+
+    def __call__(self, *, src, metadata, metadata_group, times, cache_hit, **_) -> None:
+        if cache_hit:
+            self.cache_hits += 1
+            return
+        self.compiled += 1
+        micros = getattr(times, "ir_initialization", 0) + sum(t for _, t in getattr(times, "lowering_stages", ()))
+        self.seconds += (micros + getattr(times, "store_results", 0)) / 1e6
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["CompileStats"]:
+        previous = triton.knobs.compilation.listener
+        triton.knobs.compilation.listener = self
+        try:
+            yield self
+        finally:
+            triton.knobs.compilation.listener = previous
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Architectures
+# ----------------------------------------------------------------------------------------------------------------
+
+# The architectures with their own config lists (``fastflamingo.aot`` compiles each list for its architecture).
+ARCHS = (80, 90)
+# Marks for a config-table row that ships on one architecture only (see :func:`per_arch`).
+SM80, SM90 = frozenset({80}), frozenset({90})
+# Register budget of a shipped config. ptxas may use 255, but a config that needs more than 240 under one Triton
+# release is one release away from spilling: 3.6 -> 3.9 moved 18 configs at 250-255 registers over the edge.
+MAX_REGISTERS = 240
+
+
+def arch_of(capability: Sequence[int]) -> int:
+    """The config list of a device with this compute capability: 90 from Hopper on, 80 before."""
+    return 90 if int(capability[0]) >= 9 else 80
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> int:
+    return arch_of(torch.cuda.get_device_capability(index))
+
+
+def device_arch(device: Optional[torch.device] = None) -> int:
+    """Config-list architecture of ``device`` (default: the current CUDA device); 90 under the interpreter and
+    without a CUDA device (the selftest's dry run then checks the sm_90 lists)."""
+    if INTERPRET or not torch.cuda.is_available():
+        return 90
+    device = torch.device("cuda") if device is None else torch.device(device)
+    if device.type != "cuda":
+        return 90
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def per_arch(table: Mapping[Hashable, Sequence[tuple]], make: Callable[..., triton.Config]
+             ) -> Dict[Tuple[Hashable, int], List[triton.Config]]:
+    """``{(key, arch): [configs]}`` from a table whose rows are a config's parameters, optionally followed by the
+    architectures that ship it (``(64, 64, 4, 3, {90})``: sm_90 only, e.g. a config that spills on sm_80)."""
+    out = {}
+    for key, rows in table.items():
+        for arch in ARCHS:
+            out[(key, arch)] = [make(*row[:-1]) if isinstance(row[-1], (set, frozenset)) else make(*row)
+                                for row in rows if not isinstance(row[-1], (set, frozenset)) or arch in row[-1]]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -119,54 +240,117 @@ class ConfigChooser:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def constexpr_names(fn) -> Tuple[str, ...]:
+    """The ``tl.constexpr`` parameters of a kernel, compiled (``JITFunction``) or interpreted."""
+    if hasattr(fn, "params"):
+        return tuple(p.name for p in fn.params if p.is_constexpr)
+    import inspect
+
+    return tuple(p.name for p in inspect.signature(fn.fn).parameters.values() if "constexpr" in str(p.annotation))
+
+
+_POINTER_TYPES = {**TORCH_TO_TRITON_DTYPE, torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8"}
+
+
 @dataclasses.dataclass(frozen=True)
 class AotVariant:
-    """One compile of one kernel: the ``triton.compile`` inputs plus a label for the report.
+    """One launch of one kernel as its launcher makes it, for ``python -m fastflamingo.aot``.
 
-    ``signature`` maps every argument name to its type string (``"*bf16"``, ``"i32"``, ``"fp32"``, ``"constexpr"``);
-    ``constexprs`` gives the constexpr values; ``aligned`` names the arguments the runtime would see as multiples of
-    16 (pointers and typical strides), so the compile matches what a real launch specializes to.
+    ``args`` holds every kernel argument by name as the launcher passes it at a representative shape: meta tensors
+    (the launcher's dtypes and strides, 16-byte aligned like any fresh allocation) for pointers, the integer sizes
+    and strides, the float scalars and the constexprs. ``fastflamingo.aot`` derives the specialization from them
+    with Triton's own rules (:func:`runtime_specialization`: integers that are multiples of 16 or equal to 1,
+    aligned pointers), so it compiles the kernel a GPU launch at that shape compiles. ``archs``: the architectures
+    whose config list ships this config.
     """
 
     kernel: str
     fn: object
-    signature: Dict[str, str]
-    constexprs: Dict[str, object]
+    args: Dict[str, object]
     num_warps: int
     num_stages: int
-    aligned: Tuple[str, ...]
     label: str
+    archs: Tuple[int, ...] = ARCHS
 
-    def attrs(self) -> Dict[Tuple[int, ...], list]:
-        names = list(self.fn.arg_names)
-        return {(names.index(a),): [["tt.divisibility", 16]] for a in self.aligned}
+    @property
+    def constexprs(self) -> Dict[str, object]:
+        return {name: self.args[name] for name in constexpr_names(self.fn)}
+
+    @property
+    def signature(self) -> Dict[str, str]:
+        """Argument types by name (``*bf16``, ``i32``, ``fp32``, ``constexpr``), specialization aside."""
+        constexprs = set(constexpr_names(self.fn))
+        out = {}
+        for name in self.fn.arg_names:
+            value = self.args[name]
+            if name in constexprs:
+                out[name] = "constexpr"
+            elif isinstance(value, torch.Tensor):
+                out[name] = "*" + _POINTER_TYPES[value.dtype]
+            elif isinstance(value, float):
+                out[name] = "fp32"
+            else:
+                out[name] = "i64" if abs(int(value)) >= 2**31 else "i32"
+        return out
 
 
-def pointer_type(dtype_name: str) -> str:
-    return "*" + dtype_name
+def meta_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """A storage-free tensor with the shape, dtype and contiguous strides a launcher would pass."""
+    return torch.empty(tuple(shape), dtype=dtype, device="meta")
+
+
+def named_strides(names: Sequence[str], t: torch.Tensor) -> Dict[str, int]:
+    """``{"stride_qb": q.stride(0), ...}``: a tensor's leading strides under the kernel's argument names."""
+    return dict(zip(names, t.stride()))
+
+
+def aot_launch(kernel: str, fn, args: Mapping[str, object], config: triton.Config, label: str,
+               archs: Sequence[int] = ARCHS) -> AotVariant:
+    """An :class:`AotVariant` from the arguments a launch passes (``config.kwargs`` join them as constexprs); a
+    ValueError names missing or unknown arguments."""
+    args = dict(args, **config.kwargs)
+    missing = [name for name in fn.arg_names if name not in args]
+    unknown = sorted(set(args) - set(fn.arg_names))
+    if missing or unknown:
+        raise ValueError(f"{kernel} AOT variant {label!r}: missing arguments {missing}, unknown {unknown}")
+    return AotVariant(kernel, fn, args, config.num_warps, config.num_stages, label, tuple(archs))
 
 
 def make_aot_variant(kernel: str, fn, *, pointers: Mapping[str, str], constexprs: Mapping[str, object],
                      config: triton.Config, label: str, floats: Sequence[str] = (),
                      unaligned: Sequence[str] = ()) -> AotVariant:
-    """Build an :class:`AotVariant` from a kernel's argument names.
-
-    ``pointers`` maps pointer arguments to element types (``"bf16"``); ``floats`` are fp32 scalars; every other
-    non-constexpr argument is an i32. Pointers and ``stride_*`` arguments are marked 16-aligned (what a launch with
-    ordinary contiguous or fused-projection tensors specializes to) except those in ``unaligned``.
-    """
-    signature, aligned = {}, []
+    """Older declaration kept for kernel families not yet moved to :func:`aot_launch`: pointers and ``stride_*``
+    arguments aligned unless ``unaligned``, every other integer neither a multiple of 16 nor 1. Not exact: a size
+    that is a multiple of 16 at run time compiles differently (e.g. a pipelined K loop); prefer :func:`aot_launch`."""
+    dtypes = {v: k for k, v in _POINTER_TYPES.items()}
+    args: Dict[str, object] = dict(constexprs)
     for name in fn.arg_names:
         if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = pointer_type(pointers[name])
+            continue
+        if name in pointers:
+            t = meta_tensor((32,), dtypes[pointers[name]])
+            args[name] = t[1:] if name in unaligned else t
         elif name in floats:
-            signature[name] = "fp32"
+            args[name] = 1.5
         else:
-            signature[name] = "i32"
-        if name not in constexprs and name not in unaligned and (name in pointers or name.startswith("stride_")):
-            aligned.append(name)
-    return AotVariant(kernel=kernel, fn=fn, signature=signature, constexprs=dict(constexprs),
-                      num_warps=config.num_warps, num_stages=config.num_stages, aligned=tuple(aligned),
-                      label=label)
+            args[name] = 16 if name.startswith("stride_") and name not in unaligned else 17
+    return AotVariant(kernel, fn, args, config.num_warps, config.num_stages, label)
+
+
+def runtime_specialization(fn, args: Mapping[str, object], num_warps: int, num_stages: int, arch: int):
+    """``(target, signature, constexprs, attrs, options)`` exactly as ``fn[grid](**args)`` specializes on a GPU of
+    compute capability ``arch``, by Triton's own binder (the code ``JITFunction.run`` executes before compiling): the
+    divisibility and equal-to-1 rules are those of the installed release. Triton 3.6 to 3.9 share this code path;
+    a release that changes it fails here with a clear AttributeError/TypeError in ``python -m fastflamingo.aot``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(args, num_warps=num_warps, num_stages=num_stages, debug=False,
+                  instrumentation_mode=triton.knobs.compilation.instrumentation_mode)
+    bound, specialization, options = binder(**kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return target, signature, constexprs, attrs, options.__dict__

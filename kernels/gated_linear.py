@@ -23,21 +23,25 @@ cuBLAS GEMMs; see there why).
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ._utils import (
+    ARCHS,
     INTERPRET,
     TORCH_TO_TRITON_DTYPE,
     AotVariant,
     ConfigChooser,
+    aot_launch,
     config_label,
+    device_arch,
     dot_precision,
-    make_aot_variant,
+    meta_tensor,
     next_power_of_2,
+    per_arch,
 )
 
 GROUP_M = 8  # output tiles are visited in groups of GROUP_M tile rows, so a weight tile is reused from L2
@@ -144,21 +148,22 @@ def _cfg(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: i
 # Under the interpreter one config, and a big one: the interpreter's cost is per tile, not per FLOP.
 INTERPRETER_CONFIG = _cfg(64, 64, 64, 4, 1)
 
-# GPU candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per input precision. Large tiles for the long
-# GEMMs (M = tokens), narrow-M tiles for decode (M = batch). Every entry compiles for sm_80 and sm_90 without a
-# register spill and within shared memory (``python -m fastflamingo.aot``); configs that spilled there were dropped.
-# fp32 uses IEEE products (see ``dot_precision``), lowered to FMA loops: a correctness path with small tiles.
+# GPU candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, architectures]) per input precision; a row
+# without architectures ships on sm_80 and sm_90. Large tiles for the long GEMMs (M = tokens), narrow-M tiles for
+# decode (M = batch). Every entry compiles for its architectures without a register spill, within 240 registers and
+# within shared memory under the pinned and the newest Triton (``python -m fastflamingo.aot``). fp32 uses IEEE
+# products (see ``dot_precision``), lowered to FMA loops: a correctness path with small tiles.
 _GPU_CONFIG_TABLE = {
     "lowp": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
              (64, 64, 64, 4, 4), (32, 128, 64, 4, 4), (16, 128, 64, 4, 4), (16, 64, 128, 4, 3)],
     "fp32": [(64, 64, 32, 8, 2), (32, 64, 32, 4, 2), (32, 32, 32, 4, 2), (16, 64, 32, 4, 2)],
 }
-_GPU_CONFIGS = {key: [_cfg(*c) for c in table] for key, table in _GPU_CONFIG_TABLE.items()}
+_GPU_CONFIGS = per_arch(_GPU_CONFIG_TABLE, _cfg)
 
 
-def shipped_configs(dtype: torch.dtype) -> List[triton.Config]:
-    """The GPU configs a launch with inputs of ``dtype`` may use (what ``fastflamingo.aot`` compiles)."""
-    return _GPU_CONFIGS["fp32" if dtype == torch.float32 else "lowp"]
+def shipped_configs(dtype: torch.dtype, arch: Optional[int] = None) -> List[triton.Config]:
+    """The GPU configs a launch with inputs of ``dtype`` may use on ``arch`` (default: this device's)."""
+    return _GPU_CONFIGS[("fp32" if dtype == torch.float32 else "lowp", arch or device_arch())]
 
 
 def _prune(configs: List[triton.Config], key: tuple) -> List[triton.Config]:
@@ -177,42 +182,66 @@ def _prune(configs: List[triton.Config], key: tuple) -> List[triton.Config]:
     return kept
 
 
+# The launcher's autotune key, by the names tuned tables use (fastflamingo/configs/).
+AUTOTUNE_KEY = ("rows_bucket", "n", "k", "dtype", "x_dtype", "alpha_dtype", "out_dtype", "alpha_per_channel",
+                "row_gate", "bias", "batched")
 _CANDIDATES = [INTERPRETER_CONFIG] if INTERPRET else []
-FWD_CHOOSER = ConfigChooser("gated_linear_fwd", _CANDIDATES, _prune)
+FWD_CHOOSER = ConfigChooser("gated_linear_fwd", _CANDIDATES, _prune, AUTOTUNE_KEY)
 
 
 # ================================================================================================================
 # Ahead-of-time compile variants (python -m fastflamingo.aot)
 # ================================================================================================================
 
-_AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Representative GEMMs (rows, N, K): OpenFlamingo-9B's attention out-projection over 16 x 4096 tokens (K = 8 x 64),
+# IDEFICS-80B's (8192 x 8192 over 8192 rows) and a decode step at batch 1 (a size of 1 specializes as a constant).
+_AOT_GEMMS = {"of": (65536, 4096, 512), "idefics": (8192, 8192, 8192), "decode": (1, 4096, 512)}
 # (per-channel alpha, row gate, bias, batched rows): OpenFlamingo / flamingo-pytorch, IDEFICS vector + gate, IDEFICS
 # float + gate, a Linear with a bias, and rows of a (B, R) view that does not flatten
 _AOT_EPILOGUES = ((False, False, False, False), (True, True, False, False), (False, True, False, False),
                   (False, False, True, False), (False, False, False, True))
 
 
+def _aot_args(dtype: torch.dtype, gemm: str, epilogue: tuple) -> dict:
+    """What ``fastflamingo/ops/gated_linear.py`` passes: contiguous x, inp, weight (batched: a (4, R) view of inp
+    that does not flatten), alpha in the activation dtype for the OpenFlamingo epilogue and fp32 for the others
+    (upstream then promotes the output to fp32), a boolean row gate as uint8."""
+    rows, n, k = _AOT_GEMMS[gemm]
+    per_channel, has_gate, has_bias, batched = epilogue
+    alpha_dtype = torch.float32 if any(epilogue) else dtype
+    x, y = meta_tensor((rows, n), dtype), meta_tensor((rows, n), alpha_dtype)
+    a = meta_tensor((4, rows // 4 + 16, k), dtype)[:, : rows // 4] if batched else meta_tensor((rows, k), dtype)
+    weight, alpha = meta_tensor((n, k), dtype), meta_tensor((n if per_channel else 1,), alpha_dtype)
+    gate = meta_tensor((rows,), torch.uint8) if has_gate else x
+    per_batch = rows // 4 if batched else rows
+    return dict(X=x, A=a, W=weight, BIAS=meta_tensor((n,), dtype) if has_bias else weight, ALPHA=alpha, GATE=gate,
+                Y=y, stride_xb=per_batch * n if batched else 0, stride_xt=n,
+                stride_ab=a.stride(0) if batched else 0, stride_at=a.stride(-2), stride_wn=k,
+                stride_yb=per_batch * n if batched else 0, stride_yt=n, stride_alpha=alpha.stride(0),
+                stride_gate=1 if has_gate else 0, M=rows, N=n, K=k, rows_per_batch=per_batch,
+                HAS_BIAS=has_bias, ALPHA_PER_CHANNEL=per_channel, HAS_GATE=has_gate, BATCHED=batched,
+                GROUP=GROUP_M, DOT_PRECISION=dot_precision(dtype))
+
+
 def aot_variants(quick: bool = False) -> List[AotVariant]:
-    """Every shipped config per dtype with the OpenFlamingo epilogue (alpha and x in the activation dtype), and
-    the first config with each other epilogue and an fp32 alpha (fp32 output: upstream's promotion of bf16
-    activations with an fp32 gate). ``quick``: bf16, first config, every epilogue."""
+    """Every config each architecture ships with the OpenFlamingo epilogue at OpenFlamingo's GEMM, the first config
+    with every other epilogue at IDEFICS' GEMM, the narrowest-M configs (decode's) at one row, per dtype (fp16: the
+    first config, its code is bf16's with another element type). ``quick``: bf16, first config, every epilogue."""
+    plans = [(torch.bfloat16, True)] if quick else [(torch.bfloat16, False), (torch.float16, True),
+                                                    (torch.float32, False)]
     variants = []
-    for dtype in (torch.bfloat16,) if quick else _AOT_DTYPES:
+    for dtype, first_only in plans:
         io = TORCH_TO_TRITON_DTYPE[dtype]
-        configs = shipped_configs(dtype)
-        for i, config in enumerate(configs[:1] if quick else configs):
-            for epilogue in _AOT_EPILOGUES if i == 0 else _AOT_EPILOGUES[:1]:
-                per_channel, has_gate, has_bias, batched = epilogue
-                mixed = any(epilogue)
-                alpha_io = "fp32" if mixed else io
-                pointers = {"X": io, "A": io, "W": io, "BIAS": io, "ALPHA": alpha_io, "GATE": "fp32",
-                            "Y": alpha_io if mixed else io}
-                constexprs = dict(HAS_BIAS=has_bias, ALPHA_PER_CHANNEL=per_channel, HAS_GATE=has_gate,
-                                  BATCHED=batched, GROUP=GROUP_M, DOT_PRECISION=dot_precision(dtype),
-                                  **config.kwargs)
-                flags = "".join(name for name, on in zip(("+vec", "+gate", "+bias", "+3d"), epilogue) if on)
-                variants.append(make_aot_variant(
-                    "gated_linear_fwd", _gated_linear_fwd_kernel, pointers=pointers, constexprs=constexprs,
-                    config=config, label=f"{io}{'/a32' if mixed else ''}{flags} {config_label(config)}",
-                    unaligned=("stride_alpha", "stride_gate")))
+        for arch in ARCHS:
+            configs = shipped_configs(dtype, arch)
+            narrowest = min(c.kwargs["BLOCK_M"] for c in configs)  # what the pruner keeps for decode's one row
+            for i, config in enumerate(configs[:1] if first_only else configs):
+                launches = [("of", _AOT_EPILOGUES[0])] + [("idefics", e) for e in _AOT_EPILOGUES[1:] if i == 0]
+                if config.kwargs["BLOCK_M"] == narrowest:
+                    launches.append(("decode", _AOT_EPILOGUES[0]))
+                for gemm, epilogue in launches:
+                    flags = "".join(name for name, on in zip(("+vec", "+gate", "+bias", "+3d"), epilogue) if on)
+                    label = f"{io}{'/a32' if any(epilogue) else ''}{flags} {gemm} {config_label(config)}"
+                    variants.append(aot_launch("gated_linear_fwd", _gated_linear_fwd_kernel,
+                                               _aot_args(dtype, gemm, epilogue), config, label, archs=(arch,)))
     return variants

@@ -33,21 +33,27 @@ keeps ``BLOCK_N * token stride`` below 2**31). fp32 statistics and fp32 ``tl.dot
 from __future__ import annotations
 
 import functools
-from typing import List
+from typing import List, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ._utils import (
+    ARCHS,
     INTERPRET,
+    LOG2E,
     TORCH_TO_TRITON_DTYPE,
     AotVariant,
+    aot_launch,
     cdiv,
     config_label,
+    device_arch,
     dot_precision,
     head_block,
-    make_aot_variant,
+    meta_tensor,
+    named_strides,
+    per_arch,
 )
 from .media_xattn import _NO_KEY, _online_softmax, _visible_keys
 
@@ -187,19 +193,20 @@ def _media_decode_combine_kernel(
 # Under the interpreter the cost is per (program x tile), not per FLOP: big key tiles.
 INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=1)
 
-# GPU config per (precision, head tile): BLOCK_N keys per tile. Decode is bandwidth-bound, so the key tile is sized
-# for bytes in flight (2-3 stages of 64 keys x 2 tensors per program) rather than for MMA shape; 64 also matches
-# Flamingo's 64 latents, so an immediate-mode token reads exactly one tile. fp32 uses IEEE products (FMA loops) whose
-# operands live in registers: 8 warps, and 32-key tiles without pipelining at head_dim 128 (4 warps, or deeper
-# pipelines, spilled). Every entry compiles for sm_80/sm_90 without spills (python -m fastflamingo.aot).
+# GPU config per (precision, head tile): (BLOCK_N keys per tile, num_warps, num_stages[, architectures]), the first
+# row that ships on the device's architecture (a row without architectures ships on sm_80 and sm_90). Decode is
+# bandwidth-bound, so the key tile is sized for bytes in flight (2-3 stages of 64 keys x 2 tensors per program)
+# rather than for MMA shape; 64 also matches Flamingo's 64 latents, so an immediate-mode token reads exactly one tile.
+# fp32 uses IEEE products (FMA loops) whose operands live in registers: 32-key tiles with 8 warps at head_dim 128
+# (ptxas spilled 8-warp 64-key tiles, and at head_dim 64 even 8 warps at 64 registers). Every entry compiles for its architectures without a spill, within 240 registers and within shared
+# memory under the pinned and the newest Triton (python -m fastflamingo.aot).
 _GPU_CONFIG_TABLE = {
-    ("lowp", 64): (64, 4, 3),
-    ("lowp", 128): (64, 4, 3),
-    ("fp32", 64): (64, 8, 2),
-    ("fp32", 128): (32, 8, 1),
+    ("lowp", 64): [(64, 4, 3)],
+    ("lowp", 128): [(64, 4, 3)],
+    ("fp32", 64): [(64, 4, 2)],
+    ("fp32", 128): [(32, 8, 2)],
 }
-_GPU_CONFIGS = {key: triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-                for key, (n, w, s) in _GPU_CONFIG_TABLE.items()}
+_GPU_CONFIGS = per_arch(_GPU_CONFIG_TABLE, lambda n, w, s: triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s))
 COMBINE_CONFIG = triton.Config({}, num_warps=4, num_stages=1)
 
 # Split count: aim at SPLIT_WAVES programs per SM (enough loads in flight to cover HBM latency), give every split
@@ -212,14 +219,14 @@ MAX_SPLITS = 64
 INTERPRETER_SM_COUNT = 4
 
 
-def shipped_config(dtype: torch.dtype, head_dim: int) -> triton.Config:
-    """The GPU config of the split kernel for this dtype and head size (what ``fastflamingo.aot`` compiles)."""
+def shipped_config(dtype: torch.dtype, head_dim: int, arch: Optional[int] = None) -> triton.Config:
+    """The GPU config of the split kernel for this dtype and head size on ``arch`` (default: this device's)."""
     precision = "fp32" if dtype == torch.float32 else "lowp"
-    return _GPU_CONFIGS[(precision, 64 if head_block(head_dim) <= 64 else 128)]
+    return _GPU_CONFIGS[((precision, 64 if head_block(head_dim) <= 64 else 128), arch or device_arch())][0]
 
 
-def default_config(dtype: torch.dtype, head_dim: int) -> triton.Config:
-    return INTERPRETER_CONFIG if INTERPRET else shipped_config(dtype, head_dim)
+def default_config(dtype: torch.dtype, head_dim: int, device: Optional[torch.device] = None) -> triton.Config:
+    return INTERPRETER_CONFIG if INTERPRET else shipped_config(dtype, head_dim, device_arch(device))
 
 
 @functools.lru_cache(maxsize=None)
@@ -252,41 +259,61 @@ def choose_splits(batch: int, heads: int, visible_keys: int, block_n: int, sms: 
 # Ahead-of-time compile variants (python -m fastflamingo.aot)
 # ================================================================================================================
 
-_AOT_HEAD_DIMS = (64, 96, 128)
-_AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Representative decode steps (head_dim, batch, heads, media), one new token per sample, 64 latents per media:
+# OpenFlamingo-9B at batch 1 (8 x 64), 16 heads of 96 at batch 4, IDEFICS-80B at batch 16 (64 x 128); the split
+# variants use the split count an H100/H200 gets at OpenFlamingo's shape in all-previous mode (17).
+_AOT_STEPS = ((64, 1, 8, 33), (96, 4, 16, 17), (128, 16, 64, 33))
+_AOT_LATENTS, _AOT_SPLITS = 64, 17
+
+
+def _aot_args(dtype: torch.dtype, step: tuple, splits: int) -> dict:
+    """What ``fastflamingo/ops/media_decode.py`` passes: q (B, 1, H, D) from a contiguous projection, k and v views
+    of one fused cached (B, M*n, 2*H*D) projection, int32 text_time (B, 1), fp32 partials for several splits."""
+    head_dim, batch, heads, media = step
+    q = meta_tensor((batch, 1, heads, head_dim), dtype)
+    k = meta_tensor((batch, media * _AOT_LATENTS, 2, heads, head_dim), dtype)[:, :, 0]
+    text_time = meta_tensor((batch, 1), torch.int32)
+    part = meta_tensor((batch * heads, 1, splits, head_dim), torch.float32) if splits > 1 else q
+    lse = meta_tensor((batch * heads, 1, splits), torch.float32) if splits > 1 else q
+    args = dict(Q=q, K=k, V=k, O=q, O_PART=part, LSE_PART=lse, TEXT_TIME=text_time, num_heads=heads, num_tokens=1,
+                num_media=media, latents=_AOT_LATENTS, num_splits=splits, kv_group=1,
+                qk_scale=head_dim ** -0.5 * LOG2E, HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_M=BLOCK_M,
+                DOT_PRECISION=dot_precision(dtype), DIRECT=splits == 1,
+                stride_wbh=0, stride_wt=0, stride_ws=0, stride_lbh=0, stride_lt=0)  # DIRECT: no workspace
+    for names, t in ((("stride_qb", "stride_qt", "stride_qh"), q), (("stride_kb", "stride_kl", "stride_kh"), k),
+                     (("stride_vb", "stride_vl", "stride_vh"), k), (("stride_ob", "stride_ot", "stride_oh"), q),
+                     (("stride_tb", "stride_tt"), text_time)):
+        args.update(named_strides(names, t))
+    if splits > 1:
+        args.update(named_strides(("stride_wbh", "stride_wt", "stride_ws"), part),
+                    **named_strides(("stride_lbh", "stride_lt"), lse))
+    return args
 
 
 def aot_variants(quick: bool = False) -> List[AotVariant]:
-    """The split kernel (DIRECT and partial-writing, both modes) at the shipped config of every dtype and head
-    size, and the combine kernel per head size. ``quick``: bf16, head_dim 128."""
-    dtypes = (torch.bfloat16,) if quick else _AOT_DTYPES
-    head_dims = (128,) if quick else _AOT_HEAD_DIMS
+    """The split kernel (one split, writing the output, and several, writing partials; both modes) at the config
+    each architecture ships for every dtype and head size, and the combine kernel per head size. ``quick``: bf16,
+    head_dim 128."""
+    dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32)
+    steps = [s for s in _AOT_STEPS if not quick or s[0] == 128]
     variants = []
-    for dtype in dtypes:
-        io = TORCH_TO_TRITON_DTYPE[dtype]
-        for head_dim in head_dims:
-            config = shipped_config(dtype, head_dim)
-            for immediate in (True, False):
-                for direct in (True, False):
-                    part = io if direct else "fp32"  # DIRECT launches pass o as the (unused) workspace
-                    pointers = {"Q": io, "K": io, "V": io, "O": io, "O_PART": part, "LSE_PART": part,
-                                "TEXT_TIME": "i32"}
-                    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_M=BLOCK_M,
-                                      IMMEDIATE=immediate, DIRECT=direct, DOT_PRECISION=dot_precision(dtype),
-                                      **config.kwargs)
-                    label = (f"{io} d{head_dim} {'imm' if immediate else 'prev'} "
-                             f"{'direct' if direct else 'split'} {config_label(config)}")
-                    # stride_tt is 0 for a text_time expanded over the tokens (cached media): not aligned
-                    variants.append(make_aot_variant(
-                        "media_decode_split", _media_decode_split_kernel, pointers=pointers, constexprs=constexprs,
-                        config=config, label=label, floats=("qk_scale",),
-                        unaligned=("stride_tt", "stride_wt", "stride_ws", "stride_lbh", "stride_lt")))
-    for head_dim in head_dims:
-        for io in sorted({TORCH_TO_TRITON_DTYPE[d] for d in dtypes}):
-            variants.append(make_aot_variant(
-                "media_decode_combine", _media_decode_combine_kernel,
-                pointers={"O_PART": "fp32", "LSE_PART": "fp32", "O": io}, config=COMBINE_CONFIG,
-                constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_S=COMBINE_BLOCK_S),
-                label=f"{io} d{head_dim} S{COMBINE_BLOCK_S}-w{COMBINE_CONFIG.num_warps}-s{COMBINE_CONFIG.num_stages}",
-                unaligned=("stride_wt", "stride_ws", "stride_lbh", "stride_lt")))
+    for dtype, step, arch in ((d, s, a) for d in dtypes for s in steps for a in ARCHS):
+        io, head_dim = TORCH_TO_TRITON_DTYPE[dtype], step[0]
+        config = shipped_config(dtype, head_dim, arch)
+        for immediate in (True, False):
+            for splits in (1, _AOT_SPLITS):
+                label = (f"{io} d{head_dim} {'imm' if immediate else 'prev'} "
+                         f"{'direct' if splits == 1 else 'split'} {config_label(config)}")
+                variants.append(aot_launch("media_decode_split", _media_decode_split_kernel,
+                                           dict(_aot_args(dtype, step, splits), IMMEDIATE=immediate), config, label,
+                                           archs=(arch,)))
+        part = meta_tensor((step[1] * step[2], 1, _AOT_SPLITS, head_dim), torch.float32)
+        lse, o = meta_tensor(part.shape[:3], torch.float32), meta_tensor((step[1], 1, step[2], head_dim), dtype)
+        args = dict(O_PART=part, LSE_PART=lse, O=o, num_heads=step[2], num_splits=_AOT_SPLITS, HEAD_DIM=head_dim,
+                    BLOCK_D=head_block(head_dim), BLOCK_S=COMBINE_BLOCK_S,
+                    **named_strides(("stride_wbh", "stride_wt", "stride_ws"), part),
+                    **named_strides(("stride_lbh", "stride_lt"), lse),
+                    **named_strides(("stride_ob", "stride_ot", "stride_oh"), o))
+        variants.append(aot_launch("media_decode_combine", _media_decode_combine_kernel, args, COMBINE_CONFIG,
+                                   f"{io} d{head_dim} {config_label(COMBINE_CONFIG)}", archs=(arch,)))
     return variants

@@ -40,22 +40,30 @@ and the custom ops are in ``fastflamingo/ops/media_xattn.py`` (``docs/design.md`
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ._utils import (
+    ARCHS,
     INTERPRET,
+    LOG2E,
+    SM80,
+    SM90,
     TORCH_TO_TRITON_DTYPE,
     AotVariant,
     ConfigChooser,
+    aot_launch,
     config_label,
+    device_arch,
     dot_precision,
     head_block,
     length_bucket,
-    make_aot_variant,
+    meta_tensor,
+    named_strides,
+    per_arch,
 )
 
 _NO_KEY = tl.constexpr(2147483647)  # larger than any key index: the identity of the min over visible key starts
@@ -437,34 +445,41 @@ def _cfg(block_m: int, block_n: int, num_warps: int, num_stages: int) -> triton.
 # Under the interpreter one config, and a big one: the interpreter's cost is per tile, not per FLOP.
 INTERPRETER_CONFIG = _cfg(64, 64, 4, 1)
 
-# GPU candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages), BLOCK_M the query tile and BLOCK_N the key tile, per
-# kernel, input precision and head tile (BLOCK_D <= 64 or 128). Every entry compiles for sm_80 and sm_90 without a
-# register spill and within shared memory (``python -m fastflamingo.aot`` checks it; configs that spilled there were
-# dropped). fp32 uses IEEE products (see ``dot_precision``), which Triton lowers to FMA loops, not tensor cores:
-# only 16-row tiles stay in registers, so fp32 is a correctness path, not a fast one.
+# GPU candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages[, architectures]), BLOCK_M the query tile and BLOCK_N the
+# key tile, per kernel, input precision and head tile (BLOCK_D <= 64 or 128); a row without architectures ships on
+# sm_80 and sm_90. Every entry compiles for its architectures without a register spill, within 240 registers and
+# within shared memory under the pinned and the newest Triton (``python -m fastflamingo.aot``, CI runs both).
+# fp32 uses IEEE products (see ``dot_precision``), which Triton lowers to FMA loops, not tensor cores: only 16-row
+# tiles stay in registers, so fp32 is a correctness path, not a fast one.
 _GPU_CONFIG_TABLE = {
-    ("fwd", "lowp", 64): [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2),
-                          (16, 64, 4, 2)],
-    ("fwd", "lowp", 128): [(64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2), (16, 64, 4, 2)],
+    ("fwd", "lowp", 64): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2), (16, 64, 4, 2),
+                          (128, 32, 4, 3, SM90)],
+    ("fwd", "lowp", 128): [(64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 8, 2), (16, 64, 4, 2), (128, 64, 8, 3, SM90),
+                           (64, 32, 4, 2, SM90)],
     ("dkdv", "lowp", 64): [(32, 64, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2)],
-    ("dkdv", "lowp", 128): [(32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2)],
+    ("dkdv", "lowp", 128): [(32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 8, 2)],
     ("dq", "lowp", 64): [(128, 32, 8, 2), (64, 32, 4, 2), (16, 64, 4, 2)],
-    ("dq", "lowp", 128): [(64, 64, 8, 2), (128, 32, 8, 1), (64, 32, 4, 2), (16, 64, 4, 2)],
+    ("dq", "lowp", 128): [(64, 64, 8, 2), (64, 32, 8, 2), (16, 64, 4, 2), (128, 32, 8, 1, SM90), (64, 32, 4, 2, SM90)],
     ("fwd", "fp32", 64): [(16, 64, 8, 2)],
-    ("fwd", "fp32", 128): [(16, 64, 4, 2)],
+    ("fwd", "fp32", 128): [(16, 64, 8, 2, SM80), (16, 64, 4, 2, SM90)],
     ("dkdv", "fp32", 64): [(16, 32, 4, 1)],
     ("dkdv", "fp32", 128): [(16, 32, 4, 1)],
-    ("dq", "fp32", 64): [(16, 64, 4, 2)],
-    ("dq", "fp32", 128): [(16, 64, 4, 2)],
+    ("dq", "fp32", 64): [(16, 64, 8, 2)],
+    ("dq", "fp32", 128): [(16, 64, 8, 2)],
 }
-_GPU_CONFIGS = {key: [_cfg(*c) for c in table] for key, table in _GPU_CONFIG_TABLE.items()}
+_GPU_CONFIGS = per_arch(_GPU_CONFIG_TABLE, _cfg)
 PREPROCESS_BLOCK_M = 64
+PREPROCESS_CONFIG = triton.Config({}, num_warps=4, num_stages=1)  # no loop: nothing to pipeline
 
 
-def shipped_configs(kind: str, dtype: torch.dtype, head_dim: int) -> List[triton.Config]:
-    """The GPU configs a launch of ``kind`` ("fwd", "dkdv", "dq") may use (what ``fastflamingo.aot`` compiles)."""
+def shipped_configs(kind: str, dtype: torch.dtype, head_dim: int, arch: Optional[int] = None) -> List[triton.Config]:
+    """The GPU configs a launch of ``kind`` ("fwd", "dkdv", "dq") may use on ``arch`` (default: this device's)."""
     precision = "fp32" if dtype == torch.float32 else "lowp"
-    return _GPU_CONFIGS[(kind, precision, 64 if head_block(head_dim) <= 64 else 128)]
+    return _GPU_CONFIGS[((kind, precision, 64 if head_block(head_dim) <= 64 else 128), arch or device_arch())]
+
+
+# The autotune key, by the names tuned tables use (fastflamingo/configs/).
+AUTOTUNE_KEY = ("head_dim", "latents", "immediate", "dtype", "text_bucket", "media_bucket")
 
 
 def autotune_key(q: torch.Tensor, num_media: int, latents: int, immediate: bool) -> tuple:
@@ -493,54 +508,80 @@ def _pruner(kind: str):
 # The candidate list is chosen at import: the interpreter has one config; on the GPU the pruner picks the shipped
 # list for the key's dtype and head_dim (the chooser's own list is then unused).
 _CANDIDATES = [INTERPRETER_CONFIG] if INTERPRET else []
-FWD_CHOOSER = ConfigChooser("media_xattn_fwd", _CANDIDATES, _pruner("fwd"))
-DKDV_CHOOSER = ConfigChooser("media_xattn_bwd_dkdv", _CANDIDATES, _pruner("dkdv"))
-DQ_CHOOSER = ConfigChooser("media_xattn_bwd_dq", _CANDIDATES, _pruner("dq"))
+FWD_CHOOSER = ConfigChooser("media_xattn_fwd", _CANDIDATES, _pruner("fwd"), AUTOTUNE_KEY)
+DKDV_CHOOSER = ConfigChooser("media_xattn_bwd_dkdv", _CANDIDATES, _pruner("dkdv"), AUTOTUNE_KEY)
+DQ_CHOOSER = ConfigChooser("media_xattn_bwd_dq", _CANDIDATES, _pruner("dq"), AUTOTUNE_KEY)
 
 
 # ================================================================================================================
 # Ahead-of-time compile variants (python -m fastflamingo.aot)
 # ================================================================================================================
 
-# (head_dim, immediate): the OpenFlamingo and IDEFICS head sizes, 96 padded to 128, and both modes at the largest.
-_AOT_SHAPES = ((64, True), (96, False), (128, True), (128, False))
-_AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Representative launches (head_dim, immediate, batch, text, heads, media), 64 latents per media: OpenFlamingo-9B at
+# 32 shots (d64, 8 heads), 16 heads of 96 (padded to 128), IDEFICS-80B (d128, 64 heads) in both modes.
+_AOT_SHAPES = ((64, True, 16, 4096, 8, 33), (96, False, 16, 2048, 16, 17), (128, True, 16, 4096, 64, 33),
+               (128, False, 16, 4096, 64, 33))
+_AOT_LATENTS = 64
+
+
+def _aot_args(kind: str, dtype: torch.dtype, shape: tuple, block_m: int) -> dict:
+    """What ``fastflamingo/ops/media_xattn.py`` passes at ``shape``: q (B, T, H, D) contiguous, k and v views of one
+    fused (B, M*n, 2*H*D) projection (OpenFlamingo's ``to_kv``), int32 text_time (B, T), fresh outputs, lse and
+    schedules, one K/V row per sample (``kv_group`` 1)."""
+    head_dim, immediate, batch, text, heads, media = shape
+    q, do = meta_tensor((batch, text, heads, head_dim), dtype), meta_tensor((batch, text, heads, head_dim), dtype)
+    kv = meta_tensor((batch, media * _AOT_LATENTS, 2, heads, head_dim), dtype)
+    k, v, lse = kv[:, :, 0], kv[:, :, 1], meta_tensor((batch, heads, text), torch.float32)
+    text_time = meta_tensor((batch, text), torch.int32)
+    tiles, ranges = meta_tensor((batch, query_tile_slots(text, media, block_m)), torch.int32), meta_tensor(
+        (batch, media), torch.int32)
+    args = dict(Q=q, K=k, V=v, LSE=lse, TEXT_TIME=text_time, num_heads=heads, num_media=media, latents=_AOT_LATENTS,
+                qk_scale=head_dim ** -0.5 * LOG2E, HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim),
+                IMMEDIATE=immediate, DOT_PRECISION=dot_precision(dtype))
+    for names, t in ((("stride_qb", "stride_qt", "stride_qh"), q), (("stride_kb", "stride_kl", "stride_kh"), k),
+                     (("stride_vb", "stride_vl", "stride_vh"), v), (("stride_lb", "stride_lh"), lse),
+                     (("stride_tb", "stride_tt"), text_time)):
+        args.update(named_strides(names, t))
+    if kind == "fwd":
+        return dict(args, O=q, TILE_START=tiles, TILE_END=tiles, stride_pb=tiles.stride(0), kv_group=1,
+                    **named_strides(("stride_ob", "stride_ot", "stride_oh"), q))
+    args.update(DO=do, DELTA=lse, sm_scale=head_dim ** -0.5, **named_strides(("stride_gb", "stride_gt", "stride_gh"), do))
+    if kind == "dkdv":
+        dk = meta_tensor(k.shape, dtype)
+        return dict(args, TOKEN_FIRST=ranges, TOKEN_END=ranges, stride_rb=ranges.stride(0), DK=dk, DV=dk,
+                    **named_strides(("stride_dkb", "stride_dkl", "stride_dkh"), dk),
+                    **named_strides(("stride_dvb", "stride_dvl", "stride_dvh"), dk))
+    return dict(args, TILE_START=tiles, TILE_END=tiles, stride_pb=tiles.stride(0), DQ=q,
+                **named_strides(("stride_dqb", "stride_dqt", "stride_dqh"), q))
 
 
 def aot_variants(quick: bool = False) -> List[AotVariant]:
-    """Every kernel of this family at every shipped GPU config, dtype and representative constexpr combination.
-
-    ``quick``: the first config of each kernel in bf16 at head_dim 128, both modes.
-    """
-    kernels = (
-        ("fwd", _media_xattn_fwd_kernel, ("Q", "K", "V", "O"), ("LSE",), ("TEXT_TIME", "TILE_START", "TILE_END"),
-         ("qk_scale",)),
-        ("dkdv", _media_xattn_bwd_dkdv_kernel, ("Q", "K", "V", "DO", "DK", "DV"), ("LSE", "DELTA"),
-         ("TEXT_TIME", "TOKEN_FIRST", "TOKEN_END"), ("qk_scale", "sm_scale")),
-        ("dq", _media_xattn_bwd_dq_kernel, ("Q", "K", "V", "DO", "DQ"), ("LSE", "DELTA"),
-         ("TEXT_TIME", "TILE_START", "TILE_END"), ("qk_scale", "sm_scale")),
-    )
-    dtypes = (torch.bfloat16,) if quick else _AOT_DTYPES
-    shapes = ((128, True), (128, False)) if quick else _AOT_SHAPES
+    """The launches of every kernel of this family at every config each architecture ships: bf16 at every
+    representative shape, fp32 with its own configs, fp16 with the first config of each list (its code is bf16's
+    with another element type). ``quick``: bf16, the first config, head_dim 128, both modes."""
+    kernels = {"fwd": _media_xattn_fwd_kernel, "dkdv": _media_xattn_bwd_dkdv_kernel, "dq": _media_xattn_bwd_dq_kernel}
+    plans = [(torch.bfloat16, True)] if quick else [(torch.bfloat16, False), (torch.float16, True),
+                                                    (torch.float32, False)]
     variants = []
-    for dtype in dtypes:
+    for dtype, first_only in plans:
         io = TORCH_TO_TRITON_DTYPE[dtype]
-        for kind, fn, io_ptrs, f32_ptrs, i32_ptrs, floats in kernels:
-            pointers = {**{p: io for p in io_ptrs}, **{p: "fp32" for p in f32_ptrs}, **{p: "i32" for p in i32_ptrs}}
-            for head_dim, immediate in shapes:
-                configs = shipped_configs(kind, dtype, head_dim)
-                for config in configs[:1] if quick else configs:
-                    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), IMMEDIATE=immediate,
-                                      DOT_PRECISION=dot_precision(dtype), **config.kwargs)
-                    label = f"{io} d{head_dim} {'imm' if immediate else 'prev'} {config_label(config)}"
-                    variants.append(make_aot_variant(
-                        fn.__name__.strip("_").removesuffix("_kernel"), fn, pointers=pointers, constexprs=constexprs, config=config,
-                        label=label, floats=floats, unaligned=("stride_tt",)))
-        for head_dim in sorted({d for d, _ in shapes}):
-            config = triton.Config({}, num_warps=4, num_stages=1)
-            variants.append(make_aot_variant(
-                "media_xattn_bwd_preprocess", _media_xattn_bwd_preprocess_kernel,
-                pointers={"O": io, "DO": io, "DELTA": "fp32"}, config=config,
-                constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_M=PREPROCESS_BLOCK_M),
-                label=f"{io} d{head_dim} M{PREPROCESS_BLOCK_M}-w4-s1"))
+        for shape in [s for s in _AOT_SHAPES if s[0] == 128] if quick else _AOT_SHAPES:
+            head_dim, immediate = shape[:2]
+            for (kind, fn), arch in ((item, arch) for item in kernels.items() for arch in ARCHS):
+                configs = shipped_configs(kind, dtype, head_dim, arch)
+                for config in configs[:1] if first_only else configs:
+                    variants.append(aot_launch(
+                        "media_xattn_fwd" if kind == "fwd" else f"media_xattn_bwd_{kind}", fn,
+                        _aot_args(kind, dtype, shape, config.kwargs["BLOCK_M"]), config,
+                        f"{io} d{head_dim} {'imm' if immediate else 'prev'} {config_label(config)}", archs=(arch,)))
+        for head_dim, _, batch, text, heads, _ in [s for s in _AOT_SHAPES[:3] if not quick or s[0] == 128]:
+            o = meta_tensor((batch, text, heads, head_dim), dtype)
+            delta = meta_tensor((batch, heads, text), torch.float32)
+            args = dict(O=o, DO=o, DELTA=delta, num_tokens=text, num_heads=heads, HEAD_DIM=head_dim,
+                        BLOCK_D=head_block(head_dim), BLOCK_M=PREPROCESS_BLOCK_M,
+                        **named_strides(("stride_ob", "stride_ot", "stride_oh"), o),
+                        **named_strides(("stride_gb", "stride_gt", "stride_gh"), o),
+                        **named_strides(("stride_db", "stride_dh"), delta))
+            variants.append(aot_launch("media_xattn_bwd_preprocess", _media_xattn_bwd_preprocess_kernel, args,
+                                       PREPROCESS_CONFIG, f"{io} d{head_dim} {config_label(PREPROCESS_CONFIG)}"))
     return variants

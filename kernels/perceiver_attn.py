@@ -28,22 +28,30 @@ padded to the next power of two (at least 16: ``tl.dot`` needs K >= 16) with mas
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ._utils import (
+    ARCHS,
     INTERPRET,
+    LOG2E,
+    SM80,
+    SM90,
     TORCH_TO_TRITON_DTYPE,
     AotVariant,
     ConfigChooser,
+    aot_launch,
     config_label,
+    device_arch,
     dot_precision,
     head_block,
     length_bucket,
-    make_aot_variant,
+    meta_tensor,
+    named_strides,
+    per_arch,
 )
 
 
@@ -244,32 +252,37 @@ def _cfg(block_m: int, block_n: int, num_warps: int, num_stages: int) -> triton.
 # Under the interpreter one config, and a big one: the interpreter's cost is per tile, not per FLOP.
 INTERPRETER_CONFIG = _cfg(64, 64, 4, 1)
 
-# GPU candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, input precision and head tile (BLOCK_D <= 64
-# or 128). BLOCK_M is the query tile: the pruner keeps the configs whose BLOCK_M covers all latents (L <= 128), so
-# K/V are read once. Every entry compiles for sm_80 and sm_90 without a register spill and within shared memory
-# (``python -m fastflamingo.aot``); configs that spilled there were dropped. fp32 uses IEEE products (see
-# ``dot_precision``), lowered to FMA loops rather than tensor cores: a correctness path with small tiles.
+# GPU candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages[, architectures]) per kernel, input precision and head
+# tile (BLOCK_D <= 64 or 128); a row without architectures ships on sm_80 and sm_90. BLOCK_M is the query tile: the
+# pruner keeps the configs whose BLOCK_M covers all latents (L <= 128), so K/V are read once. Every entry compiles
+# for its architectures without a register spill, within 240 registers and within shared memory under the pinned
+# and the newest Triton (``python -m fastflamingo.aot``). fp32 uses IEEE products (see ``dot_precision``), lowered
+# to FMA loops rather than tensor cores: a correctness path with small tiles.
 _GPU_CONFIG_TABLE = {
-    ("fwd", "lowp", 64): [(64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3),
-                          (32, 64, 4, 3), (16, 64, 4, 3)],
-    ("fwd", "lowp", 128): [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (32, 64, 4, 3),
-                           (16, 64, 4, 3)],
-    ("bwd", "lowp", 64): [(64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2),
-                          (16, 64, 4, 2)],
-    ("bwd", "lowp", 128): [(64, 64, 8, 2), (64, 32, 8, 2), (128, 16, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2),
-                           (16, 64, 8, 2), (16, 32, 4, 2)],
+    ("fwd", "lowp", 64): [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (32, 64, 4, 3),
+                          (16, 64, 4, 3), (64, 128, 8, 3, SM90), (128, 32, 4, 3, SM90)],
+    ("fwd", "lowp", 128): [(64, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3),
+                           (64, 64, 4, 3, SM90), (128, 64, 8, 3, SM90)],
+    ("bwd", "lowp", 64): [(64, 16, 8, 2), (64, 16, 4, 2), (128, 16, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2),
+                          (16, 64, 4, 2), (64, 64, 8, 2, SM90), (64, 32, 4, 2, SM90), (128, 32, 8, 2, SM90)],
+    ("bwd", "lowp", 128): [(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2), (16, 64, 8, 2),
+                           (16, 32, 4, 2), (128, 16, 8, 2, SM90)],
     ("fwd", "fp32", 64): [(16, 64, 4, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
-    ("fwd", "fp32", 128): [(16, 64, 4, 2)],
-    ("bwd", "fp32", 64): [(32, 32, 8, 1), (16, 32, 8, 1)],
-    ("bwd", "fp32", 128): [(16, 32, 8, 1)],
+    ("fwd", "fp32", 128): [(16, 64, 8, 2, SM80), (16, 64, 4, 2, SM90)],
+    ("bwd", "fp32", 64): [(16, 32, 8, 2), (32, 32, 8, 1, SM80), (32, 32, 8, 2, SM90)],
+    ("bwd", "fp32", 128): [(16, 32, 8, 2)],
 }
-_GPU_CONFIGS = {key: [_cfg(*c) for c in table] for key, table in _GPU_CONFIG_TABLE.items()}
+_GPU_CONFIGS = per_arch(_GPU_CONFIG_TABLE, _cfg)
 
 
-def shipped_configs(kind: str, dtype: torch.dtype, head_dim: int) -> List[triton.Config]:
-    """The GPU configs a launch of ``kind`` ("fwd", "bwd") may use (what ``fastflamingo.aot`` compiles)."""
+def shipped_configs(kind: str, dtype: torch.dtype, head_dim: int, arch: Optional[int] = None) -> List[triton.Config]:
+    """The GPU configs a launch of ``kind`` ("fwd", "bwd") may use on ``arch`` (default: this device's)."""
     precision = "fp32" if dtype == torch.float32 else "lowp"
-    return _GPU_CONFIGS[(kind, precision, 64 if head_block(head_dim) <= 64 else 128)]
+    return _GPU_CONFIGS[((kind, precision, 64 if head_block(head_dim) <= 64 else 128), arch or device_arch())]
+
+
+# The autotune key, by the names tuned tables use (fastflamingo/configs/).
+AUTOTUNE_KEY = ("head_dim", "dtype", "latents", "media_bucket", "rows_bucket")
 
 
 def autotune_key(q: torch.Tensor, media_tokens: int) -> tuple:
@@ -297,46 +310,66 @@ def _pruner(kind: str):
 # The candidate list is chosen at import: the interpreter has one config; on the GPU the pruner picks the shipped
 # list for the key's dtype and head_dim (the chooser's own list is then unused).
 _CANDIDATES = [INTERPRETER_CONFIG] if INTERPRET else []
-FWD_CHOOSER = ConfigChooser("perceiver_fwd", _CANDIDATES, _pruner("fwd"))
-BWD_CHOOSER = ConfigChooser("perceiver_bwd", _CANDIDATES, _pruner("bwd"))
+FWD_CHOOSER = ConfigChooser("perceiver_fwd", _CANDIDATES, _pruner("fwd"), AUTOTUNE_KEY)
+BWD_CHOOSER = ConfigChooser("perceiver_bwd", _CANDIDATES, _pruner("bwd"), AUTOTUNE_KEY)
 
 
 # ================================================================================================================
 # Ahead-of-time compile variants (python -m fastflamingo.aot)
 # ================================================================================================================
 
-# OpenFlamingo's head_dim 64 and IDEFICS' 96 (padded to 128).
-_AOT_HEAD_DIMS = (64, 96)
-_AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Representative launches (head_dim, heads, media tokens): OpenFlamingo-9B (8 x 64, 256 patches) and IDEFICS (16 x 96
+# padded to 128, 257 patches), 16 samples x 33 media, 64 latents; K/V views of fused projections (token stride 2HD).
+_AOT_SHAPES = ((64, 8, 256), (96, 16, 257))
+_AOT_MEDIA, _AOT_LATENTS = 16 * 33, 64
+
+
+def _aot_args(dtype: torch.dtype, shape: tuple, partial: bool = False) -> dict:
+    """What ``fastflamingo/ops/perceiver_attn.py`` passes; ``partial``: the backward's fp32 dK/dV partials (a
+    leading query-tile axis), else gradients in the input dtype with a size-1 tile axis."""
+    head_dim, heads, tokens = shape
+    q = meta_tensor((_AOT_MEDIA, _AOT_LATENTS, heads, head_dim), dtype)
+    km = meta_tensor((_AOT_MEDIA, tokens, 2, heads, head_dim), dtype)[:, :, 0]
+    kl = meta_tensor((_AOT_MEDIA, _AOT_LATENTS, 2, heads, head_dim), dtype)[:, :, 0]
+    lse = meta_tensor((_AOT_MEDIA, heads, _AOT_LATENTS), torch.float32)
+    args = dict(Q=q, KM=km, VM=km, KL=kl, VL=kl, O=q, LSE=lse, num_heads=heads, media_tokens=tokens,
+                latents=_AOT_LATENTS, qk_scale=head_dim ** -0.5 * LOG2E, sm_scale=head_dim ** -0.5,
+                HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), DOT_PRECISION=dot_precision(dtype))
+    for names, t in ((("stride_qn", "stride_ql", "stride_qh"), q), (("stride_kmn", "stride_kmp", "stride_kmh"), km),
+                     (("stride_vmn", "stride_vmp", "stride_vmh"), km), (("stride_kln", "stride_kll", "stride_klh"), kl),
+                     (("stride_vln", "stride_vll", "stride_vlh"), kl), (("stride_on", "stride_ol", "stride_oh"), q),
+                     (("stride_gn", "stride_gl", "stride_gh"), q), (("stride_dqn", "stride_dql", "stride_dqh"), q),
+                     (("stride_sn", "stride_sh"), lse)):
+        args.update(named_strides(names, t))
+    grad_dtype, tiles = (torch.float32, 2) if partial else (dtype, 1)
+    for prefix, rows, axis in (("dkm", tokens, "p"), ("dvm", tokens, "p"), ("dkl", _AOT_LATENTS, "l"),
+                               ("dvl", _AOT_LATENTS, "l")):
+        g = meta_tensor((tiles, _AOT_MEDIA, rows, heads, head_dim), grad_dtype)
+        args[prefix.upper()] = g
+        args.update(named_strides([f"stride_{prefix}{x}" for x in ("t", "n", axis, "h")], g))
+    return dict(args, DO=q, DQ=q)
 
 
 def aot_variants(quick: bool = False) -> List[AotVariant]:
-    """Both kernels at every shipped GPU config, dtype and head size, plus the fp32 dK/dV-partial specialization
-    of the backward (L > BLOCK_M). ``quick``: the first config of each kernel in bf16 at head_dim 96."""
-    dtypes = (torch.bfloat16,) if quick else _AOT_DTYPES
-    head_dims = (96,) if quick else _AOT_HEAD_DIMS
+    """Both kernels at every config each architecture ships, per head size: bf16, fp32 with its own configs, fp16
+    with the first config of each list; plus the backward's fp32 dK/dV-partial specialization (L > BLOCK_M) for
+    the largest query tile. ``quick``: the first config of each kernel in bf16 at head_dim 96."""
+    plans = [(torch.bfloat16, True)] if quick else [(torch.bfloat16, False), (torch.float16, True),
+                                                    (torch.float32, False)]
     variants = []
-    for dtype in dtypes:
+    for dtype, first_only in plans:
         io = TORCH_TO_TRITON_DTYPE[dtype]
-        for head_dim in head_dims:
-            base = dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), DOT_PRECISION=dot_precision(dtype))
-            fwd_ptrs = {**{p: io for p in ("Q", "KM", "VM", "KL", "VL", "O")}, "LSE": "fp32"}
-            configs = shipped_configs("fwd", dtype, head_dim)
-            for config in configs[:1] if quick else configs:
-                variants.append(make_aot_variant(
-                    "perceiver_fwd", _perceiver_fwd_kernel, pointers=fwd_ptrs, constexprs={**base, **config.kwargs},
-                    config=config, label=f"{io} d{head_dim} {config_label(config)}", floats=("qk_scale",)))
-            configs = shipped_configs("bwd", dtype, head_dim)
-            largest = max(c.kwargs["BLOCK_M"] for c in configs)
-            for config in configs[:1] if quick else configs:
-                # L > BLOCK_M (fp32 dK/dV partials) only happens with the largest query tile (see the pruner)
-                for partial in (False, True) if config.kwargs["BLOCK_M"] == largest else (False,):
-                    grad_io = "fp32" if partial else io
-                    bwd_ptrs = {**{p: io for p in ("Q", "KM", "VM", "KL", "VL", "O", "DO", "DQ")}, "LSE": "fp32",
-                                **{p: grad_io for p in ("DKM", "DVM", "DKL", "DVL")}}
-                    variants.append(make_aot_variant(
-                        "perceiver_bwd", _perceiver_bwd_kernel, pointers=bwd_ptrs,
-                        constexprs={**base, **config.kwargs}, config=config,
-                        label=f"{io} d{head_dim} {config_label(config)}{' partial' if partial else ''}",
-                        floats=("qk_scale", "sm_scale")))
+        for shape, arch in ((s, a) for s in _AOT_SHAPES if not quick or s[0] == 96 for a in ARCHS):
+            head_dim = shape[0]
+            for kind, fn in (("fwd", _perceiver_fwd_kernel), ("bwd", _perceiver_bwd_kernel)):
+                configs = shipped_configs(kind, dtype, head_dim, arch)
+                largest = max(c.kwargs["BLOCK_M"] for c in configs)
+                for config in configs[:1] if first_only else configs:
+                    partials = (False, True) if kind == "bwd" and config.kwargs["BLOCK_M"] == largest else (False,)
+                    for partial in partials:
+                        args = _aot_args(dtype, shape, partial)
+                        if kind == "fwd":
+                            args = {name: value for name, value in args.items() if name in fn.arg_names}
+                        label = f"{io} d{head_dim} {config_label(config)}{' partial' if partial else ''}"
+                        variants.append(aot_launch(f"perceiver_{kind}", fn, args, config, label, archs=(arch,)))
     return variants

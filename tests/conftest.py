@@ -4,7 +4,6 @@ Without a GPU the Triton kernels run under the Triton interpreter (``TRITON_INTE
 variable has to be set before any kernel module is imported (``@triton.jit`` decides at decoration time), hence
 at the top of this file. On a CUDA machine the same tests run natively on the GPU (``DEVICE == "cuda"``).
 """
-import dataclasses
 import os
 
 import pytest
@@ -27,36 +26,11 @@ INTERPRET = triton is not None and os.environ.get("TRITON_INTERPRET", "0").lower
 DEVICE = "cuda" if (HAS_CUDA and not INTERPRET) else "cpu"
 
 
-def _patch_interpreter():
-    """Make the interpreter stricter and bf16-correct; the GPU code stays free of test-only branches.
-
-    - ``tl.device_assert`` is a no-op unless the builder's debug option is on (TRITON_DEBUG does not reach it).
-    - bf16 ``tl.dot`` multiplies the raw uint16 bit patterns (triton-lang/triton#11584): convert the operands to
-      fp32 first, which is exact and equals the GPU's bf16 MMA with fp32 accumulation.
-    """
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter as interp
-
-    interp.interpreter_builder.options = dataclasses.replace(interp.interpreter_builder.options, debug=True)
-    original = interp.InterpreterBuilder.create_dot
-    if getattr(original, "_bf16_fixed", False):
-        return
-
-    def to_f32(handle):
-        if handle.dtype.scalar == tl.bfloat16:
-            return interp.TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-        return handle
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return original(self, to_f32(a), to_f32(b), d, input_precision, max_num_imprecise_acc)
-
-    create_dot._bf16_fixed = True
-    interp.InterpreterBuilder.create_dot = create_dot
-
-
 if INTERPRET:
-    _patch_interpreter()
+    # stricter (device_assert on) and bf16-exact (tl.dot on bf16 operands): the GPU code stays free of test branches
+    from fastflamingo.kernels import _interpreter
+
+    _interpreter.make_strict_and_bf16_exact()
 
 
 def pytest_configure(config):

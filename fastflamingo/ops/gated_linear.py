@@ -299,6 +299,57 @@ def launch_fwd(
 
     key = (U.length_bucket(rows), n_out, k_in, inp.dtype, x.dtype, alpha.dtype, out_dtype, per_channel,
            gate is not None, bias is not None, batched)
-    cfg = U.as_config(config) if config is not None else K.FWD_CHOOSER.choose(key, run)
+    cfg = U.as_config(config) if config is not None else K.FWD_CHOOSER.choose(key, run, x.device)
     run(cfg)
     return out
+
+
+# ================================================================================================================
+# python -m fastflamingo.selftest
+# ================================================================================================================
+
+# (per-channel alpha, row gate, bias, rows of a (B, R) view that does not flatten), rotated across the configs
+_SELFTEST_EPILOGUES = ((False, False, False, False), (True, True, False, False), (False, True, True, False),
+                       (False, False, False, True))
+
+
+def selftest_cases(toy: bool) -> list:
+    """Every shipped config of this GPU's architecture, forced: bf16 (the epilogue variants rotate across the
+    configs), the first config in fp16, every fp32 config. ``toy``: interpreter-sized shapes (ragged everywhere)."""
+    import functools
+
+    from .. import selftest as S
+
+    K, U = _kernels()
+    arch = U.device_arch()
+    shape = (2, 20, 40, 48) if toy else (4, 150, 520, 384)  # batch, rows per batch, K (in), N (out)
+    cases = []
+    for dtype, first_only in ((torch.bfloat16, False), (torch.float16, True), (torch.float32, False)):
+        configs = K.shipped_configs(dtype, arch)
+        for i, config in enumerate(configs[:1] if first_only else configs):
+            epilogue = _SELFTEST_EPILOGUES[i % len(_SELFTEST_EPILOGUES)]
+            run = functools.partial(_selftest_fwd, config=config, dtype=dtype, epilogue=epilogue, shape=shape)
+            flags = "".join(n for n, on in zip(("+vec", "+gate", "+bias", "+3d"), epilogue) if on) or "scalar"
+            detail = f"{S.dtype_name(dtype)} {flags} M{shape[0] * shape[1]} K{shape[2]} N{shape[3]}"
+            cases.append(S.Case("gated_linear_fwd", U.config_label(config), detail, run, S.tolerance(dtype)))
+    return cases
+
+
+def _selftest_fwd(device, *, config, dtype, epilogue, shape):
+    from .. import selftest as S
+    from . import torch_path
+
+    per_channel, has_gate, has_bias, strided = epilogue
+    batch, rows, k_in, n_out = shape
+    x = S.randn(batch, rows, n_out, dtype=dtype, device=device)
+    # strided: rows of a (B, R) view that does not flatten to one row stride (the kernel's BATCHED path)
+    inp = S.randn(batch, rows + 3 if strided else rows, k_in, dtype=dtype, device=device)[:, :rows]
+    weight = S.randn(n_out, k_in, dtype=dtype, device=device, scale=k_in ** -0.5)
+    bias = S.randn(n_out, dtype=dtype, device=device) if has_bias else None
+    alpha = S.randn(n_out if per_channel else 1, dtype=dtype, device=device, scale=0.5)
+    row_gate = (torch.rand(batch, rows, device=device) > 0.3) if has_gate else None
+    out = torch.full(x.shape, float("nan"), dtype=result_dtype(x, inp, alpha), device=device)
+    launch_fwd(x, inp, weight, bias, alpha, row_gate, config, out=out)
+    ref = torch_path.gated_linear(x.float(), inp.float(), weight.float(), None if bias is None else bias.float(),
+                                  alpha.float(), row_gate)
+    return [("y", out, ref)]

@@ -80,7 +80,7 @@ def launch(
     if num_media * latents == 0:
         return o.zero_()
 
-    cfg = U.as_config(config) if config is not None else K.default_config(q.dtype, head_dim)
+    cfg = U.as_config(config) if config is not None else K.default_config(q.dtype, head_dim, q.device)
     block_n = cfg.kwargs["BLOCK_N"]
     if num_splits is None:
         visible = latents if immediate else num_media * latents
@@ -133,3 +133,55 @@ def launch(
         num_warps=K.COMBINE_CONFIG.num_warps, num_stages=K.COMBINE_CONFIG.num_stages,
     )
     return o
+
+
+# ================================================================================================================
+# python -m fastflamingo.selftest
+# ================================================================================================================
+
+
+def selftest_cases(toy: bool) -> list:
+    """The split kernel at the shipped config of every dtype and head size of this GPU's architecture, forced, with
+    one split (the direct path) and with several (split kernel + combine), both modes; bf16 at head sizes 64, 96
+    and 128, fp16 and fp32 once each. ``toy``: interpreter-sized shapes."""
+    import functools
+
+    from .. import selftest as S
+
+    K, U = _kernels()
+    arch = U.device_arch()
+    # batch, new tokens, heads, media, latents (all-previous: 5 media x 32 keys = 3 tiles of 64; 8 splits: some empty)
+    shape = (2, 2, 2, 5, 32) if toy else (3, 2, 4, 9, 64)
+    cases = []
+    for dtype, head_dims in ((torch.bfloat16, S.HEAD_DIMS), (torch.float16, (64,)), (torch.float32, (128,))):
+        for head_dim in head_dims:
+            config = K.shipped_config(dtype, head_dim, arch)
+            for splits in (1, 8):
+                for immediate in (True, False):
+                    run = functools.partial(_selftest_decode, config=config, splits=splits, dtype=dtype,
+                                            head_dim=head_dim, immediate=immediate, shape=shape)
+                    detail = (f"{S.dtype_name(dtype)} d{head_dim} {'imm' if immediate else 'prev'} splits {splits} "
+                              f"B{shape[0]} Tq{shape[1]} M{shape[3]}x{shape[4]}")
+                    kernel = "media_decode_split" + ("" if splits == 1 else "+combine")
+                    cases.append(S.Case(kernel, U.config_label(config), detail, run, S.tolerance(dtype)))
+    return cases
+
+
+def _selftest_decode(device, *, config, splits, dtype, head_dim, immediate, shape):
+    from .. import selftest as S
+    from ..masks import MediaMask
+    from . import torch_path
+
+    batch, tokens, heads, media, latents = shape
+    q = S.randn(batch, tokens, heads, head_dim, dtype=dtype, device=device)
+    kv = S.randn(batch, media * latents, 2, heads, head_dim, dtype=dtype, device=device)
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    # per sample: the last image, an earlier one, and (sample 0) a token past every image (sees nothing, immediate)
+    text_time = torch.randint(1, media + 1, (batch, tokens), device=device, dtype=torch.int32)
+    text_time[:, -1] = media
+    text_time[0, 0] = media + 1 if immediate else 0
+    scale = head_dim ** -0.5
+    out = S.nan_like(q)
+    launch(q, k, v, text_time, media, latents, immediate, scale, config, splits, out=out)
+    mask = MediaMask(text_time, media, "immediate" if immediate else "all_previous")
+    return [("o", out, torch_path.media_xattn(q.float(), k.float(), v.float(), mask, latents, scale))]

@@ -213,7 +213,7 @@ def launch_fwd(
         )
 
     cfg = U.as_config(config) if config is not None else K.FWD_CHOOSER.choose(
-        K.autotune_key(q, num_media, latents, immediate), run)
+        K.autotune_key(q, num_media, latents, immediate), run, q.device)
     run(cfg)
     return o, lse
 
@@ -221,14 +221,14 @@ def launch_fwd(
 def launch_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     text_time: torch.Tensor, num_media: int, latents: int, immediate: bool, scale: float,
-    config: Optional[ConfigLike] = None, *, dq: Optional[torch.Tensor] = None, dk: Optional[torch.Tensor] = None,
-    dv: Optional[torch.Tensor] = None,
+    config: Optional[ConfigLike] = None, *, dq_config: Optional[ConfigLike] = None, dq: Optional[torch.Tensor] = None,
+    dk: Optional[torch.Tensor] = None, dv: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward pass: (dq, dk, dv) with the shapes and dtypes of (q, k, v).
 
-    ``do`` may have any strides, including 0 (an expanded gradient). ``config`` forces one launch config for both
-    the dK/dV and the dQ kernel; dq/dk/dv are optional preallocated outputs. Deterministic: every output element
-    is written by exactly one program, with no atomics.
+    ``do`` may have any strides, including 0 (an expanded gradient). ``config`` forces the launch config of the
+    dK/dV kernel and, unless ``dq_config`` forces another, of the dQ kernel; dq/dk/dv are optional preallocated
+    outputs. Deterministic: every output element is written by exactly one program, with no atomics.
     """
     K, U = _kernels()
     _check_inputs(q, k, v, text_time, num_media, latents)
@@ -262,7 +262,8 @@ def launch_bwd(
         do.stride(0), do.stride(1), do.stride(2),
         delta.stride(0), delta.stride(1),
         num_tokens, heads,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=K.PREPROCESS_BLOCK_M, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=K.PREPROCESS_BLOCK_M,
+        num_warps=K.PREPROCESS_CONFIG.num_warps, num_stages=K.PREPROCESS_CONFIG.num_stages,
     )
     if lse.stride() != delta.stride():  # the backward kernels share one set of (B, H) strides for lse and delta
         lse = lse.contiguous()
@@ -310,8 +311,106 @@ def launch_bwd(
         )
 
     key = K.autotune_key(q, num_media, latents, immediate)
-    dkdv_cfg = U.as_config(config) if config is not None else K.DKDV_CHOOSER.choose(key, run_dkdv)
+    dkdv_cfg = U.as_config(config) if config is not None else K.DKDV_CHOOSER.choose(key, run_dkdv, q.device)
     run_dkdv(dkdv_cfg)
-    dq_cfg = U.as_config(config) if config is not None else K.DQ_CHOOSER.choose(key, run_dq)
+    dq_config = dq_config if dq_config is not None else config
+    dq_cfg = U.as_config(dq_config) if dq_config is not None else K.DQ_CHOOSER.choose(key, run_dq, q.device)
     run_dq(dq_cfg)
     return dq, dk, dv
+
+
+# ================================================================================================================
+# python -m fastflamingo.selftest
+# ================================================================================================================
+
+
+def selftest_cases(toy: bool) -> list:
+    """Every shipped config of the forward, dK/dV and dQ kernels of this GPU's architecture, forced: head sizes 64,
+    96 and 128 in bf16, the first config of each in fp16, every fp32 config; the two modes alternate across configs.
+    A dK/dV case forces dQ to its first config and vice versa. ``toy``: interpreter-sized shapes."""
+    import functools
+
+    from .. import selftest as S
+
+    K, U = _kernels()
+    arch = U.device_arch()
+    # batch, text, heads, media, latents: ragged text, a prefix that sees no media, several tiles per run
+    shape = (2, 40, 2, 3, 16) if toy else (2, 400, 4, 5, 64)
+    cases = []
+    for dtype, head_dims, first_only in ((torch.bfloat16, S.HEAD_DIMS, False), (torch.float16, (64,), True),
+                                         (torch.float32, (64, 128), False)):
+        for head_dim in head_dims:
+            fwd, dkdv, dq = (K.shipped_configs(kind, dtype, head_dim, arch) for kind in ("fwd", "dkdv", "dq"))
+            for kind, configs in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq)):
+                for i, config in enumerate(configs[:1] if first_only else configs):
+                    immediate = (i + head_dim // 32) % 2 == 0
+                    if kind == "fwd":
+                        run = functools.partial(_selftest_fwd, config=config)
+                    else:
+                        forced = (config, dq[0]) if kind == "dkdv" else (dkdv[0], config)
+                        run = functools.partial(_selftest_bwd, configs=(fwd[0],) + forced)
+                    run = functools.partial(run, dtype=dtype, head_dim=head_dim, immediate=immediate, shape=shape)
+                    name = "media_xattn_fwd" if kind == "fwd" else f"media_xattn_bwd_{kind}"
+                    detail = (f"{S.dtype_name(dtype)} d{head_dim} {'imm' if immediate else 'prev'} "
+                              f"B{shape[0]} T{shape[1]} H{shape[2]} M{shape[3]}x{shape[4]}")
+                    cases.append(S.Case(name, U.config_label(config), detail, run,
+                                        S.tolerance(dtype, grad=kind != "fwd")))
+    return cases
+
+
+def _selftest_inputs(device, dtype, head_dim, immediate, shape):
+    from .. import selftest as S
+    from ..masks import MediaMask
+    from ..testing import evenly_spaced_media_locations
+
+    batch, text, heads, media, latents = shape
+    q = S.randn(batch, text, heads, head_dim, dtype=dtype, device=device)
+    kv = S.randn(batch, media * latents, 2, heads, head_dim, dtype=dtype, device=device)  # a fused K/V projection
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    locations = evenly_spaced_media_locations(batch, text, media, first=text // 10, device=device)
+    text_time = locations.cumsum(-1).to(torch.int32)
+    mask = MediaMask(text_time, media, "immediate" if immediate else "all_previous")
+    return q, k, v, text_time, mask, head_dim ** -0.5
+
+
+def _selftest_reference_lse(q, k, text_time, media, latents, immediate, scale):
+    """Natural-log sum-exp of the visible scaled scores (fp32, (B, H, T)); 0 where a token sees nothing (the kernel
+    writes +inf there: both become 0 before the comparison)."""
+    from ..masks import visible_media
+
+    lo, hi = visible_media(text_time, media, immediate)
+    key_media = torch.arange(media * latents, device=q.device) // latents
+    seen = (key_media >= lo[..., None]) & (key_media < hi[..., None])  # (B, T, keys)
+    scores = torch.einsum("bthd,bkhd->bhtk", q.float(), k.float()) * scale
+    lse = scores.masked_fill(~seen[:, None], float("-inf")).logsumexp(-1)
+    return torch.where(torch.isinf(lse), 0.0, lse)
+
+
+def _selftest_fwd(device, *, config, dtype, head_dim, immediate, shape):
+    from . import torch_path
+
+    q, k, v, text_time, mask, scale = _selftest_inputs(device, dtype, head_dim, immediate, shape)
+    media, latents = shape[3], shape[4]
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("nan"), device=device)
+    launch_fwd(q, k, v, text_time, media, latents, immediate, scale, config, out=out, lse=lse)
+    ref = torch_path.media_xattn(q.float(), k.float(), v.float(), mask, latents, scale)
+    lse_ref = _selftest_reference_lse(q, k, text_time, media, latents, immediate, scale)
+    return [("o", out, ref), ("lse", torch.where(torch.isinf(lse), 0.0, lse), lse_ref)]
+
+
+def _selftest_bwd(device, *, configs, dtype, head_dim, immediate, shape):
+    from .. import selftest as S
+    from . import torch_path
+
+    q, k, v, text_time, mask, scale = _selftest_inputs(device, dtype, head_dim, immediate, shape)
+    media, latents = shape[3], shape[4]
+    fwd_config, dkdv_config, dq_config = configs
+    o, lse = launch_fwd(q, k, v, text_time, media, latents, immediate, scale, fwd_config)
+    do = S.randn(*q.shape, dtype=dtype, device=device)
+    dq, dk, dv = (S.nan_like(t) for t in (q, k, v))
+    launch_bwd(do, q, k, v, o, lse, text_time, media, latents, immediate, scale, dkdv_config, dq_config=dq_config,
+               dq=dq, dk=dk, dv=dv)
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    torch_path.media_xattn(*leaves, mask, latents, scale).backward(do.float())
+    return [(name, got, ref.grad) for name, got, ref in zip(("dq", "dk", "dv"), (dq, dk, dv), leaves)]
