@@ -45,6 +45,12 @@ STAGES=(env selftest tests bench mllama tune bench-compile)
 # 15 s of the device call's 540 s for the transfer of OUTDIR; bench-compile only gets what is left.
 declare -A LIMIT=([env]=45 [selftest]=110 [tests]=140 [bench]=110 [mllama]=30 [tune]=60 [bench-compile]=120)
 BUDGET=${DEVICE_CHECK_BUDGET:-525}
+if [[ $DRY == 1 ]]; then
+  # a CPU runs the kernels under the interpreter, several times slower than a GPU compiles and runs them: the dry run
+  # checks the wiring and the stage order, with 4x the limits
+  for name in "${!LIMIT[@]}"; do LIMIT[$name]=$((LIMIT[$name] * 4)); done
+  BUDGET=${DEVICE_CHECK_BUDGET:-2400}
+fi
 for name in "${ONLY[@]}"; do
   [[ -v "LIMIT[$name]" ]] || { echo "unknown stage '$name'; stages: ${STAGES[*]}" >&2; exit 2; }
 done
@@ -130,15 +136,21 @@ has_op() { "$PY" -m benchmarks --list 2> /dev/null | grep -q "^$1:"; }
 
 stage_env() {
   echo "--- install"
-  t "$PY" -m pip --disable-pip-version-check install "${DRY_FLAG[@]}" --no-deps --no-build-isolation -e . 2>&1 | tail -n 2
   local whl dist
+  if [[ $DRY == 1 ]]; then  # the dry run uses the checkout's own environment: nothing is installed
+    "$PY" -m pip show fastflamingo 2>&1 | grep -E "^(Name|Version|Editable project location|Location):"
+  else
+    t "$PY" -m pip --disable-pip-version-check install --no-deps --no-build-isolation -e . 2>&1 | tail -n 2
+  fi
   for whl in benchmarks/wheels/*.whl; do
     [[ -e "$whl" ]] || continue
     dist=$(basename "$whl" | cut -d- -f1)
     if "$PY" -m pip show "$dist" > /dev/null 2>&1; then
       echo "carried wheel $(basename "$whl"): $dist already installed, kept"
+    elif [[ $DRY == 1 ]]; then
+      echo "carried wheel $(basename "$whl"): $dist missing, would be installed"
     else
-      t "$PY" -m pip --disable-pip-version-check install "${DRY_FLAG[@]}" --no-deps "$whl" 2>&1 | tail -n 1
+      t "$PY" -m pip --disable-pip-version-check install --no-deps "$whl" 2>&1 | tail -n 1
     fi
   done
   echo "--- nvidia-smi"
@@ -153,7 +165,9 @@ stage_env() {
 }
 
 stage_selftest() {
-  t "$PY" -m fastflamingo.selftest "${DRY_FLAG[@]}" | tee "$OUT/selftest.txt"
+  # four processes on the GPU machine (the first compiles run in parallel), both cores of a CPU for the dry run
+  t "$PY" -m fastflamingo.selftest "${DRY_FLAG[@]}" --jobs "$([[ $DRY == 1 ]] && echo 2 || echo 4)" \
+    | tee "$OUT/selftest.txt"
 }
 
 stage_tests() {
@@ -173,7 +187,7 @@ deadline() { local d=$((STAGE_LIMIT - $1)); echo $((d < 5 ? 5 : d)); }
 BENCH_EXCLUDE='flex*,compile*'
 stage_bench() {
   t "$PY" -m benchmarks --priority --ops decode,gate,xattn,perceiver_core --exclude-providers "$BENCH_EXCLUDE" \
-    --out "$WORK/bench" --deadline "$(deadline 20)" "${DRY_FLAG[@]}"
+    --out "$WORK/bench" --deadline "$(deadline 25)" "${DRY_FLAG[@]}"
   local rc=$?
   collect_bench "$WORK/bench" bench-priority.json
   return $rc
@@ -202,7 +216,7 @@ stage_bench_compile() {
   local ops=xattn,perceiver_core,gate
   has_op mllama && ops+=,mllama
   t "$PY" -m benchmarks --priority --ops "$ops" --providers 'flex*,compile,fastflamingo' --out "$WORK/compile" \
-    --deadline "$(deadline 20)" "${DRY_FLAG[@]}"
+    --deadline "$(deadline 25)" "${DRY_FLAG[@]}"
   local rc=$?
   collect_bench "$WORK/compile" bench-compile.json
   return $rc

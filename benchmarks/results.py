@@ -63,7 +63,8 @@ def _version(module: str) -> Optional[str]:
 def metadata(device: str, argv: List[str]) -> Dict:
     import fastflamingo
 
-    commit = _git("rev-parse", "HEAD")
+    # a tree copied without .git (a lent GPU machine) names its commit through the environment
+    commit = _git("rev-parse", "HEAD") or os.environ.get("FASTFLAMINGO_GIT_COMMIT")
     status = _git("status", "--porcelain", "--untracked-files=no")
     now = _dt.datetime.now().astimezone()
     name = device_name(device)

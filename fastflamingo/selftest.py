@@ -241,7 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--family", nargs="*", default=[], help="only these kernel families")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="worker processes (default: 4 on CUDA, 1 with --dry-run)")
+                        help="worker processes (default: 4 on CUDA, 2 with --dry-run)")
     parser.add_argument("--shard", help=argparse.SUPPRESS)  # "k/n": a worker of --jobs (JSON lines out)
     args = parser.parse_args(argv)
 
@@ -275,7 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     start = time.perf_counter()
-    jobs = args.jobs if args.jobs is not None else (1 if args.dry_run else min(4, os.cpu_count() or 1))
+    jobs = args.jobs if args.jobs is not None else min(2 if args.dry_run else 4, os.cpu_count() or 1)
     jobs = max(1, min(jobs, len(cases)))
     if jobs == 1:
         outcomes = []
