@@ -13,8 +13,8 @@ config) with the largest relative error and ``ok`` or ``FAIL``; the exit status 
 Where the cases come from: each kernel family named in ``fastflamingo.kernels.KERNEL_FAMILIES`` declares its
 checks in its own ops module, ``fastflamingo/ops/<family>.py`` (listed in ``fastflamingo.ops.families()``), as
 ``selftest_cases(toy: bool) -> list[Case]`` beside its launchers; ``toy`` asks for interpreter-sized shapes. A new
-family plugs in by writing that function; nothing here changes. The helpers below (:func:`randn`, :func:`nan_like`, :func:`tolerance`, :func:`forced`) keep
-the families' declarations short and alike.
+family plugs in by writing that function; nothing here changes. The helpers below (:func:`shipped`, :func:`randn`,
+:func:`nan_like`, :func:`tolerance`) keep the families' declarations short and alike.
 """
 from __future__ import annotations
 
@@ -78,9 +78,20 @@ def nan_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, float("nan"), memory_format=torch.contiguous_format)
 
 
-def forced(configs: Sequence, fallback=None) -> list:
-    """The configs a family tests: ``configs`` (its shipped list for this architecture), in order."""
-    return list(configs) if configs else ([fallback] if fallback is not None else [])
+def shipped(configs_of: Callable[[int], Sequence]) -> list:
+    """The configs a family forces, given ``configs_of(arch)`` (its shipped list for an architecture): this GPU's
+    list on a GPU; under the interpreter (``--dry-run``) every architecture's list, each config once, in order."""
+    from .kernels import _utils
+
+    archs = _utils.ARCHS if _utils.INTERPRET else (_utils.device_arch(),)
+    out, seen = [], set()
+    for arch in archs:
+        for config in configs_of(arch):
+            label = _utils.config_label(config)
+            if label not in seen:
+                seen.add(label)
+                out.append(config)
+    return out
 
 
 def dtype_name(dtype: torch.dtype) -> str:

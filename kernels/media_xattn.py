@@ -545,7 +545,8 @@ def _aot_args(kind: str, dtype: torch.dtype, shape: tuple, block_m: int) -> dict
     if kind == "fwd":
         return dict(args, O=q, TILE_START=tiles, TILE_END=tiles, stride_pb=tiles.stride(0), kv_group=1,
                     **named_strides(("stride_ob", "stride_ot", "stride_oh"), q))
-    args.update(DO=do, DELTA=lse, sm_scale=head_dim ** -0.5, **named_strides(("stride_gb", "stride_gt", "stride_gh"), do))
+    args.update(DO=do, DELTA=lse, sm_scale=head_dim ** -0.5,
+                **named_strides(("stride_gb", "stride_gt", "stride_gh"), do))
     if kind == "dkdv":
         dk = meta_tensor(k.shape, dtype)
         return dict(args, TOKEN_FIRST=ranges, TOKEN_END=ranges, stride_rb=ranges.stride(0), DK=dk, DV=dk,

@@ -94,7 +94,8 @@ print("covered", len(seen))
 # variants' representative shapes do; each launcher runs on CPU tensors with its kernels replaced by a recorder.
 _CAPTURE = r"""
 import json, sys, torch
-from fastflamingo.kernels import _utils as U, gated_linear as G, media_decode as D, media_xattn as X, perceiver_attn as P
+from fastflamingo.kernels import _utils as U, gated_linear as G, media_decode as D, media_xattn as X
+from fastflamingo.kernels import perceiver_attn as P
 from fastflamingo.ops import gated_linear as og, media_decode as od, media_xattn as ox, perceiver_attn as op
 
 variants = [v for m in (X, D, P, G) for v in m.aot_variants() if 90 in v.archs]  # before the kernels are replaced
@@ -139,8 +140,9 @@ for fn, args in launches:
     warps, stages = args.pop("num_warps"), args.pop("num_stages")
     ours = U.runtime_specialization(fn, args, warps, stages, 90)[1:4]
     names = U.constexpr_names(fn)
+    types = U.AotVariant("", fn, args, 0, 0, "").signature
     same = [v for v in variants if v.fn is fn and v.num_warps == warps and v.num_stages == stages
-            and all(v.args[n] == args[n] for n in names) and v.signature == U.AotVariant("", fn, args, 0, 0, "").signature]
+            and all(v.args[n] == args[n] for n in names) and v.signature == types]
     if not same:
         report.append(f"{fn.__name__}: no AOT variant with the launch's constexprs {[(n, args[n]) for n in names]}")
         continue

@@ -321,11 +321,10 @@ def selftest_cases(toy: bool) -> list:
     from .. import selftest as S
 
     K, U = _kernels()
-    arch = U.device_arch()
     shape = (2, 20, 40, 48) if toy else (4, 150, 520, 384)  # batch, rows per batch, K (in), N (out)
     cases = []
     for dtype, first_only in ((torch.bfloat16, False), (torch.float16, True), (torch.float32, False)):
-        configs = K.shipped_configs(dtype, arch)
+        configs = S.shipped(functools.partial(K.shipped_configs, dtype))
         for i, config in enumerate(configs[:1] if first_only else configs):
             epilogue = _SELFTEST_EPILOGUES[i % len(_SELFTEST_EPILOGUES)]
             run = functools.partial(_selftest_fwd, config=config, dtype=dtype, epilogue=epilogue, shape=shape)

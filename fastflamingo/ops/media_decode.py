@@ -149,14 +149,13 @@ def selftest_cases(toy: bool) -> list:
     from .. import selftest as S
 
     K, U = _kernels()
-    arch = U.device_arch()
     # batch, new tokens, heads, media, latents (all-previous: 5 media x 32 keys = 3 tiles of 64; 8 splits: some empty)
     shape = (2, 2, 2, 5, 32) if toy else (3, 2, 4, 9, 64)
     cases = []
     for dtype, head_dims in ((torch.bfloat16, S.HEAD_DIMS), (torch.float16, (64,)), (torch.float32, (128,))):
         for head_dim in head_dims:
-            config = K.shipped_config(dtype, head_dim, arch)
-            for splits in (1, 8):
+            for config, splits in ((c, s) for c in S.shipped(lambda arch: [K.shipped_config(dtype, head_dim, arch)])
+                                   for s in (1, 8)):
                 for immediate in (True, False):
                     run = functools.partial(_selftest_decode, config=config, splits=splits, dtype=dtype,
                                             head_dim=head_dim, immediate=immediate, shape=shape)

@@ -325,7 +325,8 @@ def launch_bwd(
 
 
 def selftest_cases(toy: bool) -> list:
-    """Every shipped config of the forward, dK/dV and dQ kernels of this GPU's architecture, forced: head sizes 64,
+    """Every shipped config of the forward, dK/dV and dQ kernels (this GPU's list; every list under the
+    interpreter), forced: head sizes 64,
     96 and 128 in bf16, the first config of each in fp16, every fp32 config; the two modes alternate across configs.
     A dK/dV case forces dQ to its first config and vice versa. ``toy``: interpreter-sized shapes."""
     import functools
@@ -333,14 +334,14 @@ def selftest_cases(toy: bool) -> list:
     from .. import selftest as S
 
     K, U = _kernels()
-    arch = U.device_arch()
     # batch, text, heads, media, latents: ragged text, a prefix that sees no media, several tiles per run
     shape = (2, 40, 2, 3, 16) if toy else (2, 400, 4, 5, 64)
     cases = []
     for dtype, head_dims, first_only in ((torch.bfloat16, S.HEAD_DIMS, False), (torch.float16, (64,), True),
                                          (torch.float32, (64, 128), False)):
         for head_dim in head_dims:
-            fwd, dkdv, dq = (K.shipped_configs(kind, dtype, head_dim, arch) for kind in ("fwd", "dkdv", "dq"))
+            fwd, dkdv, dq = (S.shipped(functools.partial(K.shipped_configs, kind, dtype, head_dim))
+                             for kind in ("fwd", "dkdv", "dq"))
             for kind, configs in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq)):
                 for i, config in enumerate(configs[:1] if first_only else configs):
                     immediate = (i + head_dim // 32) % 2 == 0

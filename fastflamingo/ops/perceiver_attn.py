@@ -278,14 +278,14 @@ def selftest_cases(toy: bool) -> list:
     from .. import selftest as S
 
     K, U = _kernels()
-    arch = U.device_arch()
     shape = (2, 24, 2, 20) if toy else (6, 64, 4, 257)  # (samples x media, latents, heads, media tokens)
     cases = []
     for dtype, head_dims, first_only in ((torch.bfloat16, S.HEAD_DIMS, False), (torch.float16, (64,), True),
                                          (torch.float32, (64, 128), False)):
         for head_dim in head_dims:
-            fwd = K.shipped_configs("fwd", dtype, head_dim, arch)
-            for kind, configs in (("fwd", fwd), ("bwd", K.shipped_configs("bwd", dtype, head_dim, arch))):
+            fwd, bwd = (S.shipped(functools.partial(K.shipped_configs, kind, dtype, head_dim))
+                        for kind in ("fwd", "bwd"))
+            for kind, configs in (("fwd", fwd), ("bwd", bwd)):
                 for config in configs[:1] if first_only else configs:
                     run = functools.partial(_selftest_fwd if kind == "fwd" else _selftest_bwd, configs=(fwd[0], config),
                                             dtype=dtype, head_dim=head_dim, shape=shape)
