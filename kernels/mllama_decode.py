@@ -26,21 +26,26 @@ with one split the kernel writes the output directly. The split count comes from
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ._utils import (
+    ARCHS,
     INTERPRET,
     TORCH_TO_TRITON_DTYPE,
     AotVariant,
+    aot_launch,
     config_label,
+    device_arch,
     dot_precision,
     head_block,
-    make_aot_variant,
+    meta_tensor,
+    named_strides,
     next_power_of_2,
+    per_arch,
 )
 from .mllama_xattn import online_softmax_step
 
@@ -136,27 +141,29 @@ def _mllama_decode_split_kernel(
 
 INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=1)
 
-# GPU config per (precision, head tile): decode is bandwidth-bound, so the key tile is sized for bytes in flight
+# GPU config per (precision, head tile): (BLOCK_N, num_warps, num_stages[, architectures]), the first row that ships
+# on the device's architecture (a row without architectures ships on sm_80 and sm_90). Decode is bandwidth-bound, so the key tile is sized for bytes in flight
 # (pipelined K and V tiles) rather than for MMA shape; fp32 uses IEEE FMA loops with operands in registers. Every
-# entry compiles for sm_80/sm_90 at <= 240 registers without spills at every shape of ``aot_variants`` (with and
-# without a mask, direct and split): 64-key tiles spilled at head_dim 128, as did the fp32 configs with wider tiles.
+# entry compiles for its architectures at <= 240 registers without spills at every shape of ``aot_variants`` (with
+# and without a mask, direct and split) under the pinned and the newest Triton: 64-key tiles spilled at head_dim 128,
+# as did the fp32 configs with wider tiles.
 _GPU_CONFIG_TABLE = {
-    ("lowp", 64): (64, 4, 3),
-    ("lowp", 128): (32, 4, 3),
-    ("fp32", 64): (32, 8, 1),
-    ("fp32", 128): (16, 4, 1),
+    ("lowp", 64): [(64, 4, 3)],
+    ("lowp", 128): [(32, 4, 3)],
+    ("fp32", 64): [(32, 8, 1)],
+    ("fp32", 128): [(16, 4, 1)],
 }
-_GPU_CONFIGS = {key: triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-                for key, (n, w, s) in _GPU_CONFIG_TABLE.items()}
+_GPU_CONFIGS = per_arch(_GPU_CONFIG_TABLE, lambda n, w, s: triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s))
 
 
-def shipped_config(dtype: torch.dtype, head_dim: int) -> triton.Config:
+def shipped_config(dtype: torch.dtype, head_dim: int, arch: Optional[int] = None) -> triton.Config:
+    """The GPU config of the split kernel for this dtype and head size on ``arch`` (default: this device's)."""
     precision = "fp32" if dtype == torch.float32 else "lowp"
-    return _GPU_CONFIGS[(precision, 64 if head_block(head_dim) <= 64 else 128)]
+    return _GPU_CONFIGS[((precision, 64 if head_block(head_dim) <= 64 else 128), arch or device_arch())][0]
 
 
-def default_config(dtype: torch.dtype, head_dim: int) -> triton.Config:
-    return INTERPRETER_CONFIG if INTERPRET else shipped_config(dtype, head_dim)
+def default_config(dtype: torch.dtype, head_dim: int, device: Optional[torch.device] = None) -> triton.Config:
+    return INTERPRETER_CONFIG if INTERPRET else shipped_config(dtype, head_dim, device_arch(device))
 
 
 def rows_for(num_tokens: int, group: int) -> int:
@@ -169,34 +176,53 @@ def rows_for(num_tokens: int, group: int) -> int:
 # ================================================================================================================
 
 # (head_dim, group, tokens): a Llama 3.2 11B / 90B decode step (groups 4 / 8, one token), 11B with 8 draft tokens
-# (32 rows), and a 64-wide head without GQA.
+# (32 rows), and a 64-wide head without GQA; batch 4, 8 K/V heads, one cached image of 4 tiles x 1601 keys.
 _AOT_SHAPES = ((128, 4, 1), (128, 8, 1), (128, 4, 8), (64, 1, 1))
-_AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_AOT_BATCH, _AOT_KV_HEADS, _AOT_UNIT, _AOT_UNITS, _AOT_SPLITS = 4, 8, 1601, 4, 8
+
+
+def _aot_args(dtype: torch.dtype, shape: tuple, splits: int, has_mask: bool) -> dict:
+    """What ``fastflamingo/ops/mllama_decode.py`` passes: q (B, Tq, H, D) contiguous, the cache's k, v (B, Hkv, K, D),
+    the additive mask's last rows (B, Tq, K) (or q in its place), int32 units (B, U), fp32 partials for splits."""
+    head_dim, group, tokens = shape
+    batch, kv_heads, keys = _AOT_BATCH, _AOT_KV_HEADS, _AOT_UNIT * _AOT_UNITS
+    heads = kv_heads * group
+    q = meta_tensor((batch, tokens, heads, head_dim), dtype)
+    k = meta_tensor((batch, kv_heads, keys, head_dim), dtype)
+    mask = meta_tensor((batch, tokens, keys), dtype) if has_mask else q
+    units = meta_tensor((batch, _AOT_UNITS), torch.int32)
+    part = meta_tensor((batch * heads, tokens, splits, head_dim), torch.float32) if splits > 1 else q
+    lse = meta_tensor((batch * heads, tokens, splits), torch.float32) if splits > 1 else q
+    args = dict(Q=q, K=k, V=k, MASK=mask, O=q, O_PART=part, LSE_PART=lse, UNITS=units,
+                UNIT_COUNT=meta_tensor((batch,), torch.int32), stride_ub=units.stride(0), num_kv_heads=kv_heads,
+                num_tokens=tokens, num_keys=keys, unit_len=_AOT_UNIT, num_splits=splits, sm_scale=head_dim ** -0.5,
+                GROUP=group, HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), ROWS=rows_for(tokens, group),
+                HAS_MASK=has_mask, DIRECT=splits == 1, DOT_PRECISION=dot_precision(dtype),
+                stride_mb=0, stride_mt=0, stride_mk=0, stride_wbh=0, stride_wt=0, stride_ws=0, stride_lbh=0, stride_lt=0)
+    for names, t in ((("stride_qb", "stride_qt", "stride_qh"), q), (("stride_kb", "stride_kh", "stride_kl"), k),
+                     (("stride_vb", "stride_vh", "stride_vl"), k), (("stride_ob", "stride_ot", "stride_oh"), q)):
+        args.update(named_strides(names, t))
+    if has_mask:
+        args.update(named_strides(("stride_mb", "stride_mt", "stride_mk"), mask))
+    if splits > 1:
+        args.update(named_strides(("stride_wbh", "stride_wt", "stride_ws"), part),
+                    **named_strides(("stride_lbh", "stride_lt"), lse))
+    return args
 
 
 def aot_variants(quick: bool = False) -> List[AotVariant]:
-    """The split kernel (DIRECT and partial-writing, with and without a mask) at the shipped config of every dtype
-    and shape; the combine kernel is media_decode's (compiled by that family). ``quick``: bf16, 11B decode."""
-    dtypes = (torch.bfloat16,) if quick else _AOT_DTYPES
-    shapes = ((128, 4, 1),) if quick else _AOT_SHAPES
+    """The split kernel (one split writing the output and several writing partials, with and without a mask) at
+    the config each architecture ships for every dtype and shape; the combine kernel is media_decode's (compiled by
+    that family). ``quick``: bf16, 11B decode."""
+    dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32)
     variants = []
-    for dtype in dtypes:
-        io = TORCH_TO_TRITON_DTYPE[dtype]
-        for head_dim, group, tokens in shapes:
-            config = shipped_config(dtype, head_dim)
-            for direct in (True, False):
-                for has_mask in (True, False):
-                    part = io if direct else "fp32"
-                    pointers = {"Q": io, "K": io, "V": io, "MASK": io, "O": io, "O_PART": part, "LSE_PART": part,
-                                "UNITS": "i32", "UNIT_COUNT": "i32"}
-                    constexprs = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim),
-                                      ROWS=rows_for(tokens, group), HAS_MASK=has_mask, DIRECT=direct,
-                                      DOT_PRECISION=dot_precision(dtype), **config.kwargs)
-                    label = (f"{io} d{head_dim} g{group} t{tokens} {'direct' if direct else 'split'} "
-                             f"{'mask' if has_mask else 'nomask'} {config_label(config)}")
-                    variants.append(make_aot_variant(
-                        "mllama_decode_split", _mllama_decode_split_kernel, pointers=pointers,
-                        constexprs=constexprs, config=config, label=label, floats=("sm_scale",),
-                        unaligned=("stride_mb", "stride_mt", "stride_mk", "stride_wt", "stride_ws", "stride_lbh",
-                                   "stride_lt", "stride_ub")))
+    for dtype, shape, arch in ((d, s, a) for d in dtypes for s in (_AOT_SHAPES[:1] if quick else _AOT_SHAPES)
+                               for a in ARCHS):
+        config, io = shipped_config(dtype, shape[0], arch), TORCH_TO_TRITON_DTYPE[dtype]
+        for splits in (1, _AOT_SPLITS):
+            for has_mask in (True, False):
+                label = (f"{io} d{shape[0]} g{shape[1]} t{shape[2]} {'direct' if splits == 1 else 'split'} "
+                         f"{'mask' if has_mask else 'nomask'} {config_label(config)}")
+                variants.append(aot_launch("mllama_decode_split", _mllama_decode_split_kernel,
+                                           _aot_args(dtype, shape, splits, has_mask), config, label, archs=(arch,)))
     return variants

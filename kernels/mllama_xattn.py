@@ -38,24 +38,30 @@ Offsets: sample/head/image/tile bases are int64 scalars; offsets inside a tile a
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ._utils import (
+    ARCHS,
     INTERPRET,
+    LOG2E,
     TORCH_TO_TRITON_DTYPE,
     AotVariant,
     ConfigChooser,
+    aot_launch,
     config_label,
+    device_arch,
     dot_precision,
     head_block,
     length_bucket,
-    make_aot_variant,
+    meta_tensor,
+    named_strides,
+    per_arch,
 )
-from .media_xattn import query_tile_schedule
+from .media_xattn import query_tile_schedule, query_tile_slots
 
 _NO_IMAGE = tl.constexpr(2147483647)  # identity of the min over the rows' first images
 ALL_KEYS = -1  # img_start of a row that sees every key (padding included)
@@ -398,9 +404,10 @@ def _cfg(rows: int, block_n: int, num_warps: int, num_stages: int) -> triton.Con
 # Under the interpreter one config, and a big one: the interpreter's cost is per tile, not per FLOP.
 INTERPRETER_CONFIG = _cfg(64, 64, 4, 1)
 
-# GPU candidates (ROWS, BLOCK_N, num_warps, num_stages) per kernel, input precision and head tile. ROWS counts query
-# rows (tokens x heads of a group), the quantity that sizes registers. Every entry compiles for sm_80 and sm_90 at
-# <= 240 registers without spills at every (head_dim, group) of ``aot_variants`` (``python -m fastflamingo.aot
+# GPU candidates (ROWS, BLOCK_N, num_warps, num_stages[, architectures]) per kernel, input precision and head tile
+# (a row without architectures ships on sm_80 and sm_90). ROWS counts query rows (tokens x heads of a group), the
+# quantity that sizes registers. Every entry compiles for its architectures at <= 240 registers without spills at
+# every (head_dim, group) of ``aot_variants``, under the pinned and the newest Triton (``python -m fastflamingo.aot
 # --family mllama_xattn``); candidates that went over were dropped (4-warp 64-row tiles at head_dim 128 take 255
 # registers on sm_80, so the 128-wide heads use 8 warps). fp32 uses IEEE products (FMA loops): 16-row tiles, a
 # correctness path, not a fast one.
@@ -418,18 +425,22 @@ _GPU_CONFIG_TABLE = {
     ("dq", "fp32", 64): [(16, 16, 8, 1)],
     ("dq", "fp32", 128): [(16, 32, 8, 1)],
 }
-_GPU_CONFIGS = {key: [_cfg(*c) for c in table] for key, table in _GPU_CONFIG_TABLE.items()}
+_GPU_CONFIGS = per_arch(_GPU_CONFIG_TABLE, _cfg)
 
 
-def shipped_configs(kind: str, dtype: torch.dtype, head_dim: int) -> List[triton.Config]:
-    """The GPU candidates of one kernel for this dtype and head size (what ``fastflamingo.aot`` compiles)."""
+def shipped_configs(kind: str, dtype: torch.dtype, head_dim: int, arch: Optional[int] = None) -> List[triton.Config]:
+    """The GPU candidates of one kernel for this dtype and head size on ``arch`` (default: this device's)."""
     precision = "fp32" if dtype == torch.float32 else "lowp"
-    return _GPU_CONFIGS[(kind, precision, 64 if head_block(head_dim) <= 64 else 128)]
+    return _GPU_CONFIGS[((kind, precision, 64 if head_block(head_dim) <= 64 else 128), arch or device_arch())]
 
 
 def block_m_of(config: triton.Config, group: int) -> int:
     """Tokens per program: the config's query rows shared among the ``group`` heads of a K/V head."""
     return max(1, config.kwargs["ROWS"] // group)
+
+
+# The autotune key, by the names tuned tables use (fastflamingo/configs/).
+AUTOTUNE_KEY = ("head_dim", "group", "image_stride", "dtype", "text_bucket")
 
 
 def autotune_key(q: torch.Tensor, group: int, image_stride: int) -> tuple:
@@ -450,46 +461,68 @@ def _pruner(kind: str):
 
 
 _CANDIDATES = [INTERPRETER_CONFIG] if INTERPRET else []
-FWD_CHOOSER = ConfigChooser("mllama_xattn_fwd", _CANDIDATES, _pruner("fwd"))
-DKDV_CHOOSER = ConfigChooser("mllama_xattn_bwd_dkdv", _CANDIDATES, _pruner("dkdv"))
-DQ_CHOOSER = ConfigChooser("mllama_xattn_bwd_dq", _CANDIDATES, _pruner("dq"))
+FWD_CHOOSER = ConfigChooser("mllama_xattn_fwd", _CANDIDATES, _pruner("fwd"), AUTOTUNE_KEY)
+DKDV_CHOOSER = ConfigChooser("mllama_xattn_bwd_dkdv", _CANDIDATES, _pruner("dkdv"), AUTOTUNE_KEY)
+DQ_CHOOSER = ConfigChooser("mllama_xattn_bwd_dq", _CANDIDATES, _pruner("dq"), AUTOTUNE_KEY)
 
 
 # ================================================================================================================
 # Ahead-of-time compile variants (python -m fastflamingo.aot)
 # ================================================================================================================
 
-# (head_dim, group): Llama 3.2 11B (128, 4) and 90B (128, 8), a 64-wide head with groups 1 and 2.
+# (head_dim, group): Llama 3.2 11B (128, 4) and 90B (128, 8), a 64-wide head with groups 1 and 2; 8 K/V heads, a
+# prompt of 2048 tokens and one image of 4 tiles x 1601 keys (image_stride 6404) in the transformers cache layout.
 _AOT_SHAPES = ((128, 4), (128, 8), (64, 1), (64, 2))
-_AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_AOT_BATCH, _AOT_TEXT, _AOT_KV_HEADS, _AOT_IMAGE_STRIDE, _AOT_RUNS = 2, 2048, 8, 4 * 1601, 3
+
+
+def _aot_args(kind: str, dtype: torch.dtype, head_dim: int, group: int, block_m: int) -> dict:
+    """What ``fastflamingo/ops/mllama_xattn.py`` passes: q (B, S, H, D) contiguous, k, v (B, Hkv, K, D) contiguous
+    (the cache layout), int32 (B, S) image ranges and (B, 1) image key counts, fresh outputs and schedules."""
+    batch, text, kv_heads, keys = _AOT_BATCH, _AOT_TEXT, _AOT_KV_HEADS, _AOT_IMAGE_STRIDE
+    q = meta_tensor((batch, text, kv_heads * group, head_dim), dtype)
+    k = meta_tensor((batch, kv_heads, keys, head_dim), dtype)
+    lse = meta_tensor((batch, kv_heads * group, text), torch.float32)
+    ranges, image_keys = meta_tensor((batch, text), torch.int32), meta_tensor((batch, 1), torch.int32)
+    tiles = meta_tensor((batch, query_tile_slots(text, _AOT_RUNS, block_m)), torch.int32)
+    args = dict(Q=q, K=k, V=k, LSE=lse, IMG_START=ranges, IMG_END=ranges, IMG_KEYS=image_keys,
+                num_kv_heads=kv_heads, num_images=1, image_stride=keys, qk_scale=head_dim ** -0.5 * LOG2E,
+                GROUP=group, HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_M=block_m,
+                DOT_PRECISION=dot_precision(dtype), stride_nb=image_keys.stride(0))
+    for names, t in ((("stride_qb", "stride_qt", "stride_qh"), q), (("stride_kb", "stride_kh", "stride_kl"), k),
+                     (("stride_vb", "stride_vh", "stride_vl"), k), (("stride_lb", "stride_lh"), lse),
+                     (("stride_sb", "stride_st"), ranges)):
+        args.update(named_strides(names, t))
+    if kind == "fwd":
+        return dict(args, O=q, TILE_START=tiles, TILE_END=tiles, stride_pb=tiles.stride(0),
+                    **named_strides(("stride_ob", "stride_ot", "stride_oh"), q))
+    args.update(DO=q, DELTA=lse, sm_scale=head_dim ** -0.5, **named_strides(("stride_gb", "stride_gt", "stride_gh"), q))
+    if kind == "dkdv":
+        return dict(args, HAS_ALL=meta_tensor((batch,), torch.int32), TOKEN_FIRST=image_keys, TOKEN_END=image_keys,
+                    DK=k, DV=k, **named_strides(("stride_dkb", "stride_dkh", "stride_dkl"), k),
+                    **named_strides(("stride_dvb", "stride_dvh", "stride_dvl"), k))
+    return dict(args, TILE_START=tiles, TILE_END=tiles, stride_pb=tiles.stride(0), DQ=q,
+                **named_strides(("stride_dqb", "stride_dqt", "stride_dqh"), q))
 
 
 def aot_variants(quick: bool = False) -> List[AotVariant]:
-    """Every kernel at every shipped config, dtype and (head_dim, group); ``quick``: bf16, Llama 3.2 11B shape,
-    first config of each kernel."""
-    kernels = (
-        ("fwd", _mllama_xattn_fwd_kernel, ("Q", "K", "V", "O"), ("LSE",),
-         ("IMG_START", "IMG_END", "IMG_KEYS", "TILE_START", "TILE_END"), ("qk_scale",)),
-        ("dkdv", _mllama_xattn_bwd_dkdv_kernel, ("Q", "K", "V", "DO", "DK", "DV"), ("LSE", "DELTA"),
-         ("IMG_START", "IMG_END", "IMG_KEYS", "HAS_ALL", "TOKEN_FIRST", "TOKEN_END"), ("qk_scale", "sm_scale")),
-        ("dq", _mllama_xattn_bwd_dq_kernel, ("Q", "K", "V", "DO", "DQ"), ("LSE", "DELTA"),
-         ("IMG_START", "IMG_END", "IMG_KEYS", "TILE_START", "TILE_END"), ("qk_scale", "sm_scale")),
-    )
-    dtypes = (torch.bfloat16,) if quick else _AOT_DTYPES
-    shapes = ((128, 4),) if quick else _AOT_SHAPES
+    """The launches of every kernel at every config each architecture ships, per (head_dim, group): bf16, fp32
+    with its own configs, fp16 with the first config of each list. ``quick``: bf16, Llama 3.2 11B shape, first
+    config of each kernel."""
+    kernels = {"fwd": _mllama_xattn_fwd_kernel, "dkdv": _mllama_xattn_bwd_dkdv_kernel, "dq": _mllama_xattn_bwd_dq_kernel}
+    plans = [(torch.bfloat16, True)] if quick else [(torch.bfloat16, False), (torch.float16, True),
+                                                    (torch.float32, False)]
     variants = []
-    for dtype in dtypes:
+    for dtype, first_only in plans:
         io = TORCH_TO_TRITON_DTYPE[dtype]
-        for kind, fn, io_ptrs, f32_ptrs, i32_ptrs, floats in kernels:
-            pointers = {**{p: io for p in io_ptrs}, **{p: "fp32" for p in f32_ptrs}, **{p: "i32" for p in i32_ptrs}}
-            for head_dim, group in shapes:
-                configs = [c for c in shipped_configs(kind, dtype, head_dim) if c.kwargs["ROWS"] >= group]
-                for config in configs[:1] if quick else configs:
-                    constexprs = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim),
-                                      BLOCK_M=block_m_of(config, group), BLOCK_N=config.kwargs["BLOCK_N"],
-                                      DOT_PRECISION=dot_precision(dtype))
-                    label = f"{io} d{head_dim} g{group} {config_label(config)}"
-                    variants.append(make_aot_variant(
-                        f"mllama_xattn_{kind}", fn, pointers=pointers, constexprs=constexprs, config=config,
-                        label=label, floats=floats, unaligned=("stride_st", "stride_sb", "stride_nb", "stride_pb", "stride_lb", "stride_lh")))
+        for (head_dim, group), (kind, fn), arch in ((s, k, a) for s in (_AOT_SHAPES[:1] if quick else _AOT_SHAPES)
+                                                    for k in kernels.items() for a in ARCHS):
+            configs = [c for c in shipped_configs(kind, dtype, head_dim, arch) if c.kwargs["ROWS"] >= group]
+            for config in configs[:1] if first_only else configs:
+                block_m = block_m_of(config, group)
+                variants.append(aot_launch(
+                    f"mllama_xattn_{kind}", fn, dict(_aot_args(kind, dtype, head_dim, group, block_m),
+                                                     BLOCK_N=config.kwargs["BLOCK_N"]),
+                    triton.Config({}, num_warps=config.num_warps, num_stages=config.num_stages),
+                    f"{io} d{head_dim} g{group} {config_label(config)}", archs=(arch,)))
     return variants

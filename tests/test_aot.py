@@ -95,10 +95,13 @@ print("covered", len(seen))
 _CAPTURE = r"""
 import json, sys, torch
 from fastflamingo.kernels import _utils as U, gated_linear as G, media_decode as D, media_xattn as X
-from fastflamingo.kernels import perceiver_attn as P
-from fastflamingo.ops import gated_linear as og, media_decode as od, media_xattn as ox, perceiver_attn as op
+from fastflamingo.kernels import mllama_decode as LD, mllama_xattn as LX, perceiver_attn as P
+from fastflamingo.mllama import mask as M
+from fastflamingo.ops import gated_linear as og, media_decode as od, media_xattn as ox, mllama_decode as old
+from fastflamingo.ops import mllama_xattn as olx, perceiver_attn as op
 
-variants = [v for m in (X, D, P, G) for v in m.aot_variants() if 90 in v.archs]  # before the kernels are replaced
+FAMILIES = (X, D, P, G, LX, LD)
+variants = [v for m in FAMILIES for v in m.aot_variants() if 90 in v.archs]  # before the kernels are replaced
 launches = []
 
 class Recorder:
@@ -109,7 +112,7 @@ class Recorder:
             launches.append((self.fn, dict(zip(self.fn.arg_names, args), **kwargs)))
         return launch
 
-for module in (X, D, P, G):
+for module in FAMILIES:
     for name in [n for n in vars(module) if n.endswith("_kernel")]:
         setattr(module, name, Recorder(getattr(module, name)))
 
@@ -134,6 +137,22 @@ op.launch_bwd(r(4, 64, 8, 64), ql, kvm[:, :, 0], kvm[:, :, 1], kvl[:, :, 0], kvl
               pcfg("bwd"))
 # gated linear, OpenFlamingo epilogue (AOT: 65536 x 4096 x 512): 64 x 64 x 32
 og.launch_fwd(r(64, 64), r(64, 32), r(64, 32), None, r(1), None, G.shipped_configs(bf16, 90)[0])
+# mllama prefill, 11B shape (AOT: B2 S2048 H32 Hkv8 d128, one image of 4 x 1601 keys): S64, cache-layout k/v
+cam = torch.zeros(2, 64, 1, 4, dtype=torch.long); cam[:, 8:, 0] = 1
+closed = M.from_cross_attention_mask(cam, 1601, "hf")
+mq, mk = r(2, 64, 32, 128), r(2, 8, 4 * 1601, 128)
+ranges = (closed.img_start, closed.img_end, closed.image_keys, closed.image_stride, closed.max_runs)
+lcfg = lambda kind: LX.shipped_configs(kind, bf16, 128, 90)[0]
+mo, mlse = olx.launch_fwd(mq, mk, mk, *ranges, 0.09, lcfg("fwd"))
+olx.launch_bwd(r(2, 64, 32, 128), mq, mk, mk, mo, mlse, *ranges, 0.09, lcfg("dkdv"), dq_config=lcfg("dq"))
+# mllama decode, 11B (AOT: B4 Tq1 H32 Hkv8, 4 units of 1601 keys, 1 and 8 splits, with and without the mask)
+dq1, dk1 = r(4, 1, 32, 128), r(4, 8, 4 * 1601, 128)
+additive = torch.zeros(4, 1, 1, 4 * 1601, dtype=bf16)
+for mask in (additive, None):
+    units, count, unit_len = M.decode_units(mask, 4 * 1601, 1601, 4, "cpu")
+    for splits in (1, 8):
+        old.launch(dq1, dk1, dk1, None if mask is None else mask[:, 0], units, count, unit_len, 0.09,
+                   LD.shipped_config(bf16, 128, 90), splits)
 
 report = []
 for fn, args in launches:

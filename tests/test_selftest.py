@@ -50,14 +50,13 @@ def test_exit_status_on_failure(monkeypatch, capsys):
 def test_every_family_declares_every_shipped_config():
     """Each kernel family's cases force every config its lists ship for this architecture (bf16 lists at head sizes
     64, 96 and 128), so a config added to a table is run by the selftest without anyone remembering to."""
-    from fastflamingo.kernels import KERNEL_FAMILIES, media_xattn, perceiver_attn
+    from fastflamingo.kernels import media_xattn, perceiver_attn
 
     cases, missing = selftest.collect((), toy=True)
     assert not missing, f"kernel families without selftest cases: {missing}"
     kernels = {c.kernel for c in cases}
     assert {"media_xattn_fwd", "media_xattn_bwd_dkdv", "media_xattn_bwd_dq", "perceiver_fwd", "perceiver_bwd",
             "gated_linear_fwd", "media_decode_split", "media_decode_split+combine"} <= kernels
-    assert len(KERNEL_FAMILIES) == 4 or len(kernels) > 8
     seen = {(c.kernel, c.config, c.detail.split()[0], c.detail.split()[1]) for c in cases}
     from fastflamingo.kernels._utils import config_label
 

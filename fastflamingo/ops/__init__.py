@@ -9,10 +9,10 @@ or its modules needs torch only.
 def families() -> dict:
     """``{name: ops module}`` for every kernel family that has one (a new family adds its module here too)."""
     from ..kernels import KERNEL_FAMILIES
-    from . import gated_linear, media_decode, media_xattn, perceiver_attn
+    from . import gated_linear, media_decode, media_xattn, mllama_decode, mllama_xattn, perceiver_attn
 
     modules = {"media_xattn": media_xattn, "perceiver_attn": perceiver_attn, "gated_linear": gated_linear,
-               "media_decode": media_decode}
+               "media_decode": media_decode, "mllama_xattn": mllama_xattn, "mllama_decode": mllama_decode}
     return {name: modules[name] for name in KERNEL_FAMILIES if name in modules}
 
 

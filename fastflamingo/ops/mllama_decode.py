@@ -92,7 +92,7 @@ def launch(
         mask = mask.expand(batch, -1, -1)
     units = units.contiguous()
 
-    cfg = U.as_config(config) if config is not None else K.default_config(q.dtype, head_dim)
+    cfg = U.as_config(config) if config is not None else K.default_config(q.dtype, head_dim, q.device)
     block_n = cfg.kwargs["BLOCK_N"]
     if num_splits is None:
         num_splits = D.choose_splits(batch, kv_heads, num_keys, block_n, D.sm_count(q.device))
@@ -128,6 +128,60 @@ def launch(
         num_warps=D.COMBINE_CONFIG.num_warps, num_stages=D.COMBINE_CONFIG.num_stages,
     )
     return o
+
+
+# ================================================================================================================
+# python -m fastflamingo.selftest
+# ================================================================================================================
+
+
+def selftest_cases(toy: bool) -> list:
+    """The split kernel at the config of every dtype and head size (this GPU's; every architecture's under the
+    interpreter), forced, with one split and several, with the additive mask and without: bf16 at head sizes 64, 96
+    and 128 (4 query heads per K/V head, 2 new tokens), fp16 and fp32 once each. ``toy``: interpreter-sized shapes."""
+    import functools
+
+    from .. import selftest as S
+
+    K, _, U = _kernels()
+    shape = (2, 2, 1, 4, 8, 4) if toy else (2, 2, 2, 4, 40, 4)  # batch, tokens, K/V heads, group, keys/tile, tiles
+    cases = []
+    for dtype, head_dims in ((torch.bfloat16, S.HEAD_DIMS), (torch.float16, (64,)), (torch.float32, (128,))):
+        for head_dim in head_dims:
+            for config in S.shipped(lambda arch: [K.shipped_config(dtype, head_dim, arch)]):
+                for splits, has_mask in ((1, True), (1, False), (5, True), (5, False)):
+                    run = functools.partial(_selftest_run, config=config, splits=splits, has_mask=has_mask,
+                                            dtype=dtype, head_dim=head_dim, shape=shape)
+                    detail = (f"{S.dtype_name(dtype)} d{head_dim} g{shape[3]} {'mask' if has_mask else 'nomask'} "
+                              f"splits {splits} Tq{shape[1]}")
+                    kernel = "mllama_decode_split" + ("" if splits == 1 else "+combine")
+                    cases.append(S.Case(kernel, U.config_label(config), detail, run, S.tolerance(dtype)))
+    return cases
+
+
+def _selftest_run(device, *, config, splits, has_mask, dtype, head_dim, shape):
+    from .. import selftest as S
+    from ..mllama import mask as M
+    from ..mllama import reference, torch_path
+    from .mllama_xattn import selftest_mask
+
+    batch, tokens, kv_heads, group, per_tile, tiles = shape
+    cam = selftest_mask(batch, 16, tiles, device)[:, -tokens:]
+    keys = cam.shape[2] * tiles * per_tile
+    additive = None
+    if has_mask:  # the layer's additive mask: 0 on visible keys, finfo.min elsewhere, (B, 1, Tq, K)
+        visible = reference.visible_keys(cam, per_tile, "hf")
+        additive = torch.where(visible, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
+    q = S.randn(batch, tokens, kv_heads * group, head_dim, dtype=dtype, device=device)
+    kv = S.randn(batch, keys, 2, kv_heads, head_dim, dtype=dtype, device=device)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    units, count, unit_len = M.decode_units(additive, keys, per_tile, batch, device)
+    scale = head_dim ** -0.5
+    out = S.nan_like(q)
+    launch(q, k, v, None if additive is None else additive[:, 0], units, count, unit_len, scale, config, splits,
+           out=out)
+    ref = torch_path.dense(q.float(), k.float(), v.float(), None if additive is None else additive.float(), scale)
+    return [("o", out, ref)]
 
 
 __all__ = ["mllama_decode", "launch", "decode_op"]
