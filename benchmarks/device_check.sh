@@ -9,7 +9,7 @@
 #             skipped)
 #   bench     calibration + the priority cells (docs/performance.md, "Priority cells"), ops in the order decode (CUDA graphs
 #             included) -> gate -> xattn -> perceiver; FlexAttention and torch.compile providers wait for bench-compile
-#   mllama    python -m benchmarks --ops mllama --priority, only when that op is registered
+#   mllama    python -m benchmarks --ops mllama[,mllama_decode] --priority, only when the op is registered
 #   tune      python -m benchmarks.tune: every candidate config timed at the priority shapes -> a tuned table
 #   bench-compile  (optional: only with the time left) FlexAttention / torch.compile providers of the priority cells
 #
@@ -198,7 +198,9 @@ stage_mllama() {
     echo "mllama: the op is not registered in this tree; nothing to run"
     return 0
   fi
-  t "$PY" -m benchmarks --ops mllama --priority --exclude-providers "$BENCH_EXCLUDE" --out "$WORK/mllama" \
+  local ops=mllama
+  has_op mllama_decode && ops+=,mllama_decode
+  t "$PY" -m benchmarks --ops "$ops" --priority --exclude-providers "$BENCH_EXCLUDE" --out "$WORK/mllama" \
     --deadline "$(deadline 10)" "${DRY_FLAG[@]}"
   local rc=$?
   collect_bench "$WORK/mllama" bench-mllama.json

@@ -7,7 +7,9 @@ package does not import triton (only the family modules do).
 """
 
 # Every kernel family, in the order ``python -m fastflamingo.aot`` compiles them. A new family adds its module
-# name here and to :func:`families`, and an ``aot_variants(quick: bool)`` function in the module.
+# name here and to :func:`families`, an ``aot_variants(quick: bool)`` function in the module (launches described by
+# their arguments: ``_utils.aot_launch``), per-architecture config lists (``_utils.per_arch``), and
+# ``selftest_cases(toy)`` in its ops module, listed in ``fastflamingo.ops.families()``.
 KERNEL_FAMILIES = ("media_xattn", "perceiver_attn", "gated_linear", "media_decode", "mllama_xattn", "mllama_decode")
 
 

@@ -35,6 +35,8 @@ import triton.language as tl
 from ._utils import (
     ARCHS,
     INTERPRET,
+    SM80,
+    SM90,
     TORCH_TO_TRITON_DTYPE,
     AotVariant,
     aot_launch,
@@ -142,16 +144,17 @@ def _mllama_decode_split_kernel(
 INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=1)
 
 # GPU config per (precision, head tile): (BLOCK_N, num_warps, num_stages[, architectures]), the first row that ships
-# on the device's architecture (a row without architectures ships on sm_80 and sm_90). Decode is bandwidth-bound, so the key tile is sized for bytes in flight
-# (pipelined K and V tiles) rather than for MMA shape; fp32 uses IEEE FMA loops with operands in registers. Every
-# entry compiles for its architectures at <= 240 registers without spills at every shape of ``aot_variants`` (with
-# and without a mask, direct and split) under the pinned and the newest Triton: 64-key tiles spilled at head_dim 128,
-# as did the fp32 configs with wider tiles.
+# on the device's architecture (a row without architectures ships on sm_80 and sm_90). Decode is bandwidth-bound, so
+# the key tile is sized for bytes in flight (pipelined K and V tiles) rather than for MMA shape; fp32 uses IEEE FMA
+# loops with operands in registers. Every entry compiles for its architectures at <= 240 registers without spills at
+# every shape of ``aot_variants`` (with and without a mask, direct and split) under the pinned and the newest Triton:
+# 64-key tiles spilled at head_dim 128, as did the fp32 configs with wider tiles; at head_dim 128 the 32-key tile of
+# 32 rows (8 draft tokens x 4 heads) takes 242 registers on sm_90, where 16-key tiles serve.
 _GPU_CONFIG_TABLE = {
     ("lowp", 64): [(64, 4, 3)],
-    ("lowp", 128): [(32, 4, 3)],
+    ("lowp", 128): [(32, 4, 3, SM80), (16, 4, 3, SM90)],
     ("fp32", 64): [(32, 8, 1)],
-    ("fp32", 128): [(16, 4, 1)],
+    ("fp32", 128): [(16, 8, 2)],
 }
 _GPU_CONFIGS = per_arch(_GPU_CONFIG_TABLE, lambda n, w, s: triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s))
 

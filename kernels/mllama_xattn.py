@@ -48,6 +48,7 @@ from ._utils import (
     ARCHS,
     INTERPRET,
     LOG2E,
+    SM90,
     TORCH_TO_TRITON_DTYPE,
     AotVariant,
     ConfigChooser,
@@ -409,21 +410,21 @@ INTERPRETER_CONFIG = _cfg(64, 64, 4, 1)
 # quantity that sizes registers. Every entry compiles for its architectures at <= 240 registers without spills at
 # every (head_dim, group) of ``aot_variants``, under the pinned and the newest Triton (``python -m fastflamingo.aot
 # --family mllama_xattn``); candidates that went over were dropped (4-warp 64-row tiles at head_dim 128 take 255
-# registers on sm_80, so the 128-wide heads use 8 warps). fp32 uses IEEE products (FMA loops): 16-row tiles, a
-# correctness path, not a fast one.
+# registers on sm_80, so the 128-wide heads use 8 warps; the 64 x 64 dQ tile takes 244 on sm_80 under Triton 3.9, so
+# it ships on sm_90 only). fp32 uses IEEE products (FMA loops): 16-row tiles, a correctness path, not a fast one.
 _GPU_CONFIG_TABLE = {
-    ("fwd", "lowp", 64): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+    ("fwd", "lowp", 64): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2, SM90)],
     ("fwd", "lowp", 128): [(128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2)],
     ("dkdv", "lowp", 64): [(64, 32, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
     ("dkdv", "lowp", 128): [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
-    ("dq", "lowp", 64): [(32, 64, 4, 1), (32, 32, 8, 2), (16, 64, 4, 2)],
-    ("dq", "lowp", 128): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 4, 2)],
+    ("dq", "lowp", 64): [(32, 64, 8, 1), (32, 32, 8, 2), (16, 64, 4, 2)],
+    ("dq", "lowp", 128): [(64, 32, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2, SM90)],
     ("fwd", "fp32", 64): [(16, 32, 8, 1)],
-    ("fwd", "fp32", 128): [(16, 64, 8, 1)],
+    ("fwd", "fp32", 128): [(16, 32, 8, 2), (16, 64, 8, 1, SM90)],
     ("dkdv", "fp32", 64): [(16, 32, 4, 1)],
     ("dkdv", "fp32", 128): [(16, 32, 4, 1)],
     ("dq", "fp32", 64): [(16, 16, 8, 1)],
-    ("dq", "fp32", 128): [(16, 32, 8, 1)],
+    ("dq", "fp32", 128): [(16, 32, 4, 1)],
 }
 _GPU_CONFIGS = per_arch(_GPU_CONFIG_TABLE, _cfg)
 

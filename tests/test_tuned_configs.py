@@ -148,7 +148,7 @@ def test_tables_switched_off(utils, fake_device, monkeypatch):
     assert configs.table_for(FAKE) is None
 
 
-def test_real_launcher_reads_the_table(fake_device, no_timing, monkeypatch):
+def test_real_launcher_reads_the_table(fake_device, no_timing, monkeypatch, device):
     """The gated-linear launcher, with two candidates and a table for the fake device naming the second: the
     kernel runs with that config (right result), and nothing is timed. The table's key is written out by field
     name, as benchmarks.tune writes it, so this also pins the launcher's key layout."""
@@ -178,8 +178,8 @@ def test_real_launcher_reads_the_table(fake_device, no_timing, monkeypatch):
             return launch
 
     monkeypatch.setattr(kernels, "_gated_linear_fwd_kernel", Spy())
-    x, inp = torch.randn(30, 24), torch.randn(30, 40)
-    weight, alpha = torch.randn(24, 40) / 40 ** 0.5, torch.tensor([0.3])
+    x, inp = torch.randn(30, 24, device=device), torch.randn(30, 40, device=device)
+    weight, alpha = torch.randn(24, 40, device=device) / 40 ** 0.5, torch.tensor([0.3], device=device)
     y = op.launch_fwd(x, inp, weight, None, alpha)
     assert launched == [16] and chooser.stats() == {"single": 0, "table": 1, "timed": 0}
     expected = x + torch.tanh(alpha) * (inp @ weight.T)
