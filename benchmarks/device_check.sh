@@ -43,7 +43,7 @@ done
 STAGES=(env selftest tests bench mllama tune bench-compile)
 # Per-stage limits (seconds) on the GPU. Their sum (495) plus packaging stays under the 525 s budget, which leaves
 # 15 s of the device call's 540 s for the transfer of OUTDIR; bench-compile only gets what is left.
-declare -A LIMIT=([env]=45 [selftest]=110 [tests]=140 [bench]=110 [mllama]=30 [tune]=60 [bench-compile]=120)
+declare -A LIMIT=([env]=40 [selftest]=140 [tests]=120 [bench]=110 [mllama]=30 [tune]=55 [bench-compile]=120)
 BUDGET=${DEVICE_CHECK_BUDGET:-525}
 if [[ $DRY == 1 ]]; then
   # a CPU runs the kernels under the interpreter, several times slower than a GPU compiles and runs them: the dry run
@@ -165,8 +165,8 @@ stage_env() {
 }
 
 stage_selftest() {
-  # four processes on the GPU machine (the first compiles run in parallel), both cores of a CPU for the dry run
-  t "$PY" -m fastflamingo.selftest "${DRY_FLAG[@]}" --jobs "$([[ $DRY == 1 ]] && echo 2 || echo 4)" \
+  # eight processes on the GPU machine (the first compiles run in parallel), both cores of a CPU for the dry run
+  t "$PY" -m fastflamingo.selftest "${DRY_FLAG[@]}" --jobs "$([[ $DRY == 1 ]] && echo 2 || echo 8)" \
     | tee "$OUT/selftest.txt"
 }
 

@@ -6,7 +6,7 @@ one split and with several. Every output buffer starts filled with NaN, so an el
 shows up as NaN, and every result is compared with the PyTorch path of the same op in fp32. One line per (kernel,
 config) with the largest relative error and ``ok`` or ``FAIL``; the exit status is 1 when anything failed.
 
-    python -m fastflamingo.selftest                  # on a CUDA machine (~90 s, mostly first compiles)
+    python -m fastflamingo.selftest                  # on a CUDA machine (~90 s, mostly first compiles, in parallel)
     python -m fastflamingo.selftest --dry-run        # the same list at toy sizes under the Triton interpreter (CPU)
     python -m fastflamingo.selftest --family media_decode --list
 
@@ -225,23 +225,44 @@ def _run_shard(cases: List[Case], shard: Tuple[int, int], device: torch.device) 
             yield run_case(index, case, device)
 
 
-def _run_parallel(args, jobs: int) -> List[Outcome]:
-    """``jobs`` worker processes, each running every ``jobs``-th case and reporting JSON lines (compiles happen in
-    parallel: most of a cold run's time)."""
+def _run_parallel(args, jobs: int, report: Callable[[Outcome], None]) -> List[Outcome]:
+    """``jobs`` worker processes, each running every ``jobs``-th case and reporting JSON lines: the first compiles,
+    most of a cold run's time, happen in parallel. ``report`` sees each outcome as it arrives (a run stopped by a
+    time limit still shows what it checked)."""
+    import queue
+    import threading
+
     base = [sys.executable, "-m", "fastflamingo.selftest", *(["--dry-run"] if args.dry_run else [])]
     if args.family:
         base += ["--family", *args.family]
     procs = [subprocess.Popen(base + ["--shard", f"{k}/{jobs}"], stdout=subprocess.PIPE, text=True)
              for k in range(jobs)]
-    outcomes = []
-    for proc in procs:
-        out, _ = proc.communicate()
-        for line in out.splitlines():
+    arrived: "queue.Queue" = queue.Queue()
+
+    def read(proc) -> None:
+        for line in proc.stdout:
             if line.startswith("{"):
-                outcomes.append(Outcome(**json.loads(line)))
-        if proc.returncode not in (0, 1):
-            outcomes.append(Outcome(-1, "worker", "-", f"shard exit {proc.returncode}", float("nan"), 0.0, "", 0.0,
-                                    f"worker process failed with exit status {proc.returncode}"))
+                arrived.put(Outcome(**json.loads(line)))
+        if proc.wait() not in (0, 1):
+            arrived.put(Outcome(-1, "worker", "-", f"shard exit {proc.returncode}", float("nan"), 0.0, "", 0.0,
+                                f"worker process failed with exit status {proc.returncode}"))
+        arrived.put(None)
+
+    for proc in procs:
+        threading.Thread(target=read, args=(proc,), daemon=True).start()
+    outcomes, running = [], len(procs)
+    try:
+        while running:
+            outcome = arrived.get()
+            if outcome is None:
+                running -= 1
+                continue
+            outcomes.append(outcome)
+            report(outcome)
+    except KeyboardInterrupt:  # a time limit: stop the workers, keep what was checked
+        for proc in procs:
+            proc.kill()
+        print(f"interrupted: {len(outcomes)} checks done", flush=True)
     return sorted(outcomes, key=lambda o: o.index)
 
 
@@ -252,7 +273,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--family", nargs="*", default=[], help="only these kernel families")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="worker processes (default: 4 on CUDA, 2 with --dry-run)")
+                        help="worker processes (default: 8 on CUDA, 2 with --dry-run; at most one per core)")
     parser.add_argument("--shard", help=argparse.SUPPRESS)  # "k/n": a worker of --jobs (JSON lines out)
     args = parser.parse_args(argv)
 
@@ -286,17 +307,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     start = time.perf_counter()
-    jobs = args.jobs if args.jobs is not None else min(2 if args.dry_run else 4, os.cpu_count() or 1)
+    jobs = args.jobs if args.jobs is not None else min(2 if args.dry_run else 8, os.cpu_count() or 1)
     jobs = max(1, min(jobs, len(cases)))
+    outcomes: List[Outcome] = []
     if jobs == 1:
-        outcomes = []
-        for outcome in _run_shard(cases, (0, 1), device):
-            print(outcome.line(), flush=True)
-            outcomes.append(outcome)
+        try:
+            for outcome in _run_shard(cases, (0, 1), device):
+                print(outcome.line(), flush=True)
+                outcomes.append(outcome)
+        except KeyboardInterrupt:  # a time limit: keep what was checked
+            print(f"interrupted: {len(outcomes)} checks done", flush=True)
     else:
-        outcomes = _run_parallel(args, jobs)
-        for outcome in outcomes:
-            print(outcome.line())
+        outcomes = _run_parallel(args, jobs, lambda outcome: print(outcome.line(), flush=True))
     failed = [o for o in outcomes if not o.ok]
     lost = len(cases) - len([o for o in outcomes if o.index >= 0])
     print(f"\n{len(outcomes)} checks of {len(cases)} cases in {time.perf_counter() - start:.0f} s "
