@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -66,6 +67,32 @@ def tolerance(dtype: torch.dtype, grad: bool = False) -> float:
     """Relative error allowed against an fp32 reference: fp32 1e-4 (IEEE products in the kernels), fp16 5e-3,
     bf16 3e-2; twice that for gradients (one more rounding of the incoming gradient)."""
     return _TOLERANCE[dtype] * (2 if grad else 1)
+
+
+def one_config_plan(config_of: Callable[[torch.dtype, int, int], object]) -> Iterable[tuple]:
+    """``(dtype, head_dim, config)`` for a family that ships one config per (dtype, head tile, architecture), given
+    ``config_of(dtype, head_dim, arch)``: bf16 at every head size of :data:`HEAD_DIMS`, fp16 at 64, fp32 at 128."""
+    for dtype, head_dims in ((torch.bfloat16, HEAD_DIMS), (torch.float16, (64,)), (torch.float32, (128,))):
+        for head_dim in head_dims:
+            for config in shipped(lambda arch: [config_of(dtype, head_dim, arch)]):
+                yield dtype, head_dim, config
+
+
+def decode_cases(kernel: str, config_of: Callable[[torch.dtype, int, int], object], variants: Sequence[tuple],
+                 run: Callable[..., Checks], shape_label: str) -> List[Case]:
+    """The cases of a split-key decode family: every ``(dtype, head_dim, config)`` of :func:`one_config_plan` x
+    ``variants`` ``(splits, label, run keywords)``; ``run(device, config=, splits=, dtype=, head_dim=, **keywords)``.
+    Several splits also exercise the combine kernel."""
+    from .kernels._utils import config_label
+
+    cases = []
+    for dtype, head_dim, config in one_config_plan(config_of):
+        for splits, label, keywords in variants:
+            cases.append(Case(kernel + ("" if splits == 1 else "+combine"), config_label(config),
+                              f"{dtype_name(dtype)} d{head_dim} {label} splits {splits} {shape_label}",
+                              functools.partial(run, config=config, splits=splits, dtype=dtype, head_dim=head_dim,
+                                                **keywords), tolerance(dtype)))
+    return cases
 
 
 def randn(*shape, dtype: torch.dtype, device, scale: float = 1.0) -> torch.Tensor:

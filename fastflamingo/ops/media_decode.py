@@ -141,29 +141,20 @@ def launch(
 
 
 def selftest_cases(toy: bool) -> list:
-    """The split kernel at the shipped config of every dtype and head size of this GPU's architecture, forced, with
-    one split (the direct path) and with several (split kernel + combine), both modes; bf16 at head sizes 64, 96
-    and 128, fp16 and fp32 once each. ``toy``: interpreter-sized shapes."""
+    """The split kernel at the shipped config of every dtype and head size (this GPU's; every architecture's under the
+    interpreter), forced, with one split (the direct path) and with several (split kernel + combine), both modes;
+    bf16 at head sizes 64, 96 and 128, fp16 and fp32 once each. ``toy``: interpreter-sized shapes."""
     import functools
 
     from .. import selftest as S
 
-    K, U = _kernels()
+    K, _ = _kernels()
     # batch, new tokens, heads, media, latents (all-previous: 5 media x 32 keys = 3 tiles of 64; 8 splits: some empty)
     shape = (2, 2, 2, 5, 32) if toy else (3, 2, 4, 9, 64)
-    cases = []
-    for dtype, head_dims in ((torch.bfloat16, S.HEAD_DIMS), (torch.float16, (64,)), (torch.float32, (128,))):
-        for head_dim in head_dims:
-            for config, splits in ((c, s) for c in S.shipped(lambda arch: [K.shipped_config(dtype, head_dim, arch)])
-                                   for s in (1, 8)):
-                for immediate in (True, False):
-                    run = functools.partial(_selftest_decode, config=config, splits=splits, dtype=dtype,
-                                            head_dim=head_dim, immediate=immediate, shape=shape)
-                    detail = (f"{S.dtype_name(dtype)} d{head_dim} {'imm' if immediate else 'prev'} splits {splits} "
-                              f"B{shape[0]} Tq{shape[1]} M{shape[3]}x{shape[4]}")
-                    kernel = "media_decode_split" + ("" if splits == 1 else "+combine")
-                    cases.append(S.Case(kernel, U.config_label(config), detail, run, S.tolerance(dtype)))
-    return cases
+    variants = [(splits, mode, {"immediate": mode == "imm"}) for splits in (1, 8) for mode in ("imm", "prev")]
+    label = f"B{shape[0]} Tq{shape[1]} M{shape[3]}x{shape[4]}"
+    return S.decode_cases("media_decode_split", K.shipped_config, variants,
+                          functools.partial(_selftest_decode, shape=shape), label)
 
 
 def _selftest_decode(device, *, config, splits, dtype, head_dim, immediate, shape):

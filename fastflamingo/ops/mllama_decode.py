@@ -143,20 +143,11 @@ def selftest_cases(toy: bool) -> list:
 
     from .. import selftest as S
 
-    K, _, U = _kernels()
+    K, _, _ = _kernels()
     shape = (2, 2, 1, 4, 8, 4) if toy else (2, 2, 2, 4, 40, 4)  # batch, tokens, K/V heads, group, keys/tile, tiles
-    cases = []
-    for dtype, head_dims in ((torch.bfloat16, S.HEAD_DIMS), (torch.float16, (64,)), (torch.float32, (128,))):
-        for head_dim in head_dims:
-            for config in S.shipped(lambda arch: [K.shipped_config(dtype, head_dim, arch)]):
-                for splits, has_mask in ((1, True), (1, False), (5, True), (5, False)):
-                    run = functools.partial(_selftest_run, config=config, splits=splits, has_mask=has_mask,
-                                            dtype=dtype, head_dim=head_dim, shape=shape)
-                    detail = (f"{S.dtype_name(dtype)} d{head_dim} g{shape[3]} {'mask' if has_mask else 'nomask'} "
-                              f"splits {splits} Tq{shape[1]}")
-                    kernel = "mllama_decode_split" + ("" if splits == 1 else "+combine")
-                    cases.append(S.Case(kernel, U.config_label(config), detail, run, S.tolerance(dtype)))
-    return cases
+    variants = [(splits, label, {"has_mask": label == "mask"}) for splits in (1, 5) for label in ("mask", "nomask")]
+    return S.decode_cases("mllama_decode_split", K.shipped_config, variants,
+                          functools.partial(_selftest_run, shape=shape), f"g{shape[3]} Tq{shape[1]}")
 
 
 def _selftest_run(device, *, config, splits, has_mask, dtype, head_dim, shape):
