@@ -117,7 +117,7 @@ class MediaMask:
 
 _CACHE_LOCK = threading.Lock()
 _CACHE: "List[tuple]" = []  # (weakref to source, version, key, mask); a handful of entries, most recent last
-_CACHE_SIZE = 8
+_CACHE_SIZE = 16  # masks and the launchers' schedules of a few forwards
 
 
 def memoised(source: torch.Tensor, key: tuple, build):

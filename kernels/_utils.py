@@ -6,6 +6,7 @@ This module imports triton; ``fastflamingo.kernels`` itself (``__init__``) does 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from typing import Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -36,15 +37,53 @@ def head_block(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use exact IEEE products, so fp32 results agree with an fp32 reference to ~1e-6 on every device
-    (TF32 would cost three decimal digits); fp16/bf16 use tensor cores regardless of this setting."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def dot_precision(dtype: torch.dtype, allow_tf32: Optional[bool] = None) -> str:
+    """``tl.dot``'s input precision for inputs of ``dtype``. fp32 follows ``torch.get_float32_matmul_precision()``
+    (``allow_tf32`` None), like torch's own matmuls: "highest" (torch's default) keeps exact IEEE products, so fp32
+    results agree with an fp32 reference to ~1e-6; "high" or "medium" allow TF32 tensor cores (about three decimal
+    digits). fp16/bf16 use tensor cores regardless of this setting."""
+    if dtype != torch.float32:
+        return "tf32"
+    if allow_tf32 is None:
+        allow_tf32 = torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if allow_tf32 else "ieee"
+
+
+def aot_dot_precisions(dtype: torch.dtype) -> Tuple[str, ...]:
+    """Every ``DOT_PRECISION`` a launch with inputs of ``dtype`` may compile (what ``fastflamingo.aot`` checks)."""
+    return ("ieee", "tf32") if dtype == torch.float32 else ("tf32",)
 
 
 def length_bucket(n: int) -> int:
-    """Autotune key for a sequence length: next power of two, so neighbouring lengths share a tuning result."""
+    """Next power of two (at most 2**16)."""
     return min(next_power_of_2(max(int(n), 1)), 1 << 16)
+
+
+def size_class(n: int, bounds: Sequence[int]) -> int:
+    """Autotune-key class of a size that changes with the prompt or the batch: the first of the increasing
+    ``bounds`` that is >= n, or ``2 * bounds[-1]`` above them all. A few classes per key, so new prompt lengths or
+    image counts reuse the launch configs chosen for their class instead of timing the candidates again."""
+    n = int(n)
+    for bound in bounds:
+        if n <= bound:
+            return int(bound)
+    return 2 * int(bounds[-1])
+
+
+# SM count assumed under the interpreter (no device to ask): small, so default launches stay cheap on CPU.
+INTERPRETER_SM_COUNT = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a host-side property query, cached; no stream work)."""
+    if INTERPRET or device.type != "cuda":
+        return INTERPRETER_SM_COUNT
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,20 +181,32 @@ class AotVariant:
         return {(names.index(a),): [["tt.divisibility", 16]] for a in self.aligned}
 
 
+def not_specialized_args(fn) -> Tuple[str, ...]:
+    """Names of the arguments a kernel declares ``do_not_specialize`` (compiled or interpreted)."""
+    listed = getattr(fn, "do_not_specialize", None)
+    if listed is None:  # an InterpretedFunction keeps the decorator's arguments
+        listed = getattr(fn, "kwargs", {}).get("do_not_specialize") or ()
+    names = list(fn.arg_names)
+    return tuple(names[x] if isinstance(x, int) else x for x in listed)
+
+
 def pointer_type(dtype_name: str) -> str:
     return "*" + dtype_name
 
 
 def make_aot_variant(kernel: str, fn, *, pointers: Mapping[str, str], constexprs: Mapping[str, object],
                      config: triton.Config, label: str, floats: Sequence[str] = (),
-                     unaligned: Sequence[str] = ()) -> AotVariant:
+                     unaligned: Sequence[str] = (), aligned_ints: Sequence[str] = ()) -> AotVariant:
     """Build an :class:`AotVariant` from a kernel's argument names.
 
     ``pointers`` maps pointer arguments to element types (``"bf16"``); ``floats`` are fp32 scalars; every other
     non-constexpr argument is an i32. Pointers and ``stride_*`` arguments are marked 16-aligned (what a launch with
-    ordinary contiguous or fused-projection tensors specializes to) except those in ``unaligned``.
+    ordinary contiguous or fused-projection tensors specializes to) except those in ``unaligned`` and those the kernel
+    declares ``do_not_specialize`` (never specialized at run time); ``aligned_ints`` names other integers that are
+    multiples of 16 at every launch.
     """
     signature, aligned = {}, []
+    not_specialized = not_specialized_args(fn)
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
@@ -165,7 +216,8 @@ def make_aot_variant(kernel: str, fn, *, pointers: Mapping[str, str], constexprs
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-        if name not in constexprs and name not in unaligned and (name in pointers or name.startswith("stride_")):
+        if (name not in constexprs and name not in unaligned and name not in not_specialized
+                and (name in pointers or name.startswith("stride_") or name in aligned_ints)):
             aligned.append(name)
     return AotVariant(kernel=kernel, fn=fn, signature=signature, constexprs=dict(constexprs),
                       num_warps=config.num_warps, num_stages=config.num_stages, aligned=tuple(aligned),

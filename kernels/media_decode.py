@@ -32,22 +32,23 @@ keeps ``BLOCK_N * token stride`` below 2**31). fp32 statistics and fp32 ``tl.dot
 """
 from __future__ import annotations
 
-import functools
+from itertools import product
 from typing import List
 
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import (
+from ._utils import (  # noqa: F401  (sm_count: part of this module's interface for the launcher)
     INTERPRET,
     TORCH_TO_TRITON_DTYPE,
     AotVariant,
+    aot_dot_precisions,
     cdiv,
     config_label,
-    dot_precision,
     head_block,
     make_aot_variant,
+    sm_count,
 )
 from .media_xattn import _NO_KEY, _online_softmax, _visible_keys
 
@@ -63,7 +64,10 @@ COMBINE_BLOCK_S = 16
 # ================================================================================================================
 
 
-@triton.jit
+# Not specialized (they change with the step's token count, the batch and the prompt; see kernels/media_xattn.py):
+# text_time's strides, the token / media / split counts and the beam group. The fp32 workspace is laid out with its
+# split and head axes padded to multiples of 16 (launcher), so its strides never change class.
+@triton.jit(do_not_specialize=("stride_tb", "stride_tt", "num_tokens", "num_media", "num_splits", "kv_group"))
 def _media_decode_split_kernel(
     Q, K, V, O, O_PART, LSE_PART, TEXT_TIME,
     stride_qb, stride_qt, stride_qh,
@@ -138,7 +142,7 @@ def _media_decode_split_kernel(
         tl.store(LSE_PART + bh * stride_lbh + split + rows * stride_lt, b_lse, mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("num_splits",))
 def _media_decode_combine_kernel(
     O_PART, LSE_PART, O,
     stride_wbh, stride_wt, stride_ws,
@@ -208,8 +212,6 @@ COMBINE_CONFIG = triton.Config({}, num_warps=4, num_stages=1)
 SPLIT_WAVES = 2
 MIN_TILES_PER_SPLIT = 2
 MAX_SPLITS = 64
-# SM count assumed under the interpreter (no device to ask): small, so default launches stay cheap on CPU.
-INTERPRETER_SM_COUNT = 4
 
 
 def shipped_config(dtype: torch.dtype, head_dim: int) -> triton.Config:
@@ -220,18 +222,6 @@ def shipped_config(dtype: torch.dtype, head_dim: int) -> triton.Config:
 
 def default_config(dtype: torch.dtype, head_dim: int) -> triton.Config:
     return INTERPRETER_CONFIG if INTERPRET else shipped_config(dtype, head_dim)
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (a host-side property query, cached; no stream work)."""
-    if INTERPRET or device.type != "cuda":
-        return INTERPRETER_SM_COUNT
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def choose_splits(batch: int, heads: int, visible_keys: int, block_n: int, sms: int) -> int:
@@ -266,27 +256,24 @@ def aot_variants(quick: bool = False) -> List[AotVariant]:
         io = TORCH_TO_TRITON_DTYPE[dtype]
         for head_dim in head_dims:
             config = shipped_config(dtype, head_dim)
-            for immediate in (True, False):
-                for direct in (True, False):
-                    part = io if direct else "fp32"  # DIRECT launches pass o as the (unused) workspace
-                    pointers = {"Q": io, "K": io, "V": io, "O": io, "O_PART": part, "LSE_PART": part,
-                                "TEXT_TIME": "i32"}
-                    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_M=BLOCK_M,
-                                      IMMEDIATE=immediate, DIRECT=direct, DOT_PRECISION=dot_precision(dtype),
-                                      **config.kwargs)
-                    label = (f"{io} d{head_dim} {'imm' if immediate else 'prev'} "
-                             f"{'direct' if direct else 'split'} {config_label(config)}")
-                    # stride_tt is 0 for a text_time expanded over the tokens (cached media): not aligned
-                    variants.append(make_aot_variant(
-                        "media_decode_split", _media_decode_split_kernel, pointers=pointers, constexprs=constexprs,
-                        config=config, label=label, floats=("qk_scale",),
-                        unaligned=("stride_tt", "stride_wt", "stride_ws", "stride_lbh", "stride_lt")))
+            for immediate, direct, precision in product((True, False), (True, False), aot_dot_precisions(dtype)):
+                part = io if direct else "fp32"  # DIRECT launches pass o as the (unused) workspace
+                pointers = {"Q": io, "K": io, "V": io, "O": io, "O_PART": part, "LSE_PART": part,
+                            "TEXT_TIME": "i32"}
+                constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_M=BLOCK_M,
+                                  IMMEDIATE=immediate, DIRECT=direct, DOT_PRECISION=precision,
+                                  **config.kwargs)
+                label = (f"{io}{'/tf32' if precision == 'tf32' and dtype == torch.float32 else ''} d{head_dim} "
+                         f"{'imm' if immediate else 'prev'} "
+                         f"{'direct' if direct else 'split'} {config_label(config)}")
+                variants.append(make_aot_variant(
+                    "media_decode_split", _media_decode_split_kernel, pointers=pointers, constexprs=constexprs,
+                    config=config, label=label, floats=("qk_scale",)))
     for head_dim in head_dims:
         for io in sorted({TORCH_TO_TRITON_DTYPE[d] for d in dtypes}):
             variants.append(make_aot_variant(
                 "media_decode_combine", _media_decode_combine_kernel,
                 pointers={"O_PART": "fp32", "LSE_PART": "fp32", "O": io}, config=COMBINE_CONFIG,
                 constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_S=COMBINE_BLOCK_S),
-                label=f"{io} d{head_dim} S{COMBINE_BLOCK_S}-w{COMBINE_CONFIG.num_warps}-s{COMBINE_CONFIG.num_stages}",
-                unaligned=("stride_wt", "stride_ws", "stride_lbh", "stride_lt")))
+                label=f"{io} d{head_dim} S{COMBINE_BLOCK_S}-w{COMBINE_CONFIG.num_warps}-s{COMBINE_CONFIG.num_stages}"))
     return variants

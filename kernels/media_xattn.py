@@ -40,6 +40,7 @@ and the custom ops are in ``fastflamingo/ops/media_xattn.py`` (``docs/design.md`
 """
 from __future__ import annotations
 
+from itertools import product
 from typing import List, Tuple
 
 import torch
@@ -52,10 +53,11 @@ from ._utils import (
     AotVariant,
     ConfigChooser,
     config_label,
+    aot_dot_precisions,
     dot_precision,
     head_block,
-    length_bucket,
     make_aot_variant,
+    size_class,
 )
 
 _NO_KEY = tl.constexpr(2147483647)  # larger than any key index: the identity of the min over visible key starts
@@ -111,7 +113,15 @@ def _online_softmax(b_q, p_k, p_v, kt_offs, v_offs, start, stop, b_lo, b_hi, col
     return b_m, b_l, b_acc
 
 
-@triton.jit
+# Arguments that only feed masks and offsets and change with the prompt (text length, media count, schedule size,
+# strides of the (B, H, T) statistics and of text_time, the beam group) are not specialized: Triton would otherwise
+# compile a new variant whenever one of them becomes 1 or a multiple of 16 (docs/performance.md, "Specializations").
+# The strides of q, k, v, o keep their specialization: they are multiples of 16 whenever heads * head_dim is (every
+# Flamingo model), so they do not vary, and their divisibility is what lets the loads vectorize.
+_PROMPT_ARGS = ("stride_lb", "stride_lh", "stride_tb", "stride_tt", "num_media")
+
+
+@triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_pb", "kv_group"))
 def _media_xattn_fwd_kernel(
     Q, K, V, O, LSE, TEXT_TIME, TILE_START, TILE_END,
     stride_qb, stride_qt, stride_qh,
@@ -179,7 +189,7 @@ def _media_xattn_fwd_kernel(
     tl.store(LSE + b * stride_lb + h * stride_lh + t0 + rows, b_lse, mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("stride_db", "stride_dh", "num_tokens"))
 def _media_xattn_bwd_preprocess_kernel(
     O, DO, DELTA,
     stride_ob, stride_ot, stride_oh,
@@ -205,7 +215,7 @@ def _media_xattn_bwd_preprocess_kernel(
     tl.store(DELTA + b * stride_db + h * stride_dh + t0 + rows, tl.sum(b_o * b_do, axis=1), mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_rb",))
 def _media_xattn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, TEXT_TIME, TOKEN_FIRST, TOKEN_END, DK, DV,
     stride_qb, stride_qt, stride_qh,
@@ -290,7 +300,7 @@ def _media_xattn_bwd_dkdv_kernel(
     tl.store(p_dv + cols[:, None] * stride_dvl + offs_d[None, :], b_dv.to(DV.dtype.element_ty), mask=nd_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_pb",))
 def _media_xattn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, TEXT_TIME, TILE_START, TILE_END, DQ,
     stride_qb, stride_qt, stride_qh,
@@ -468,8 +478,15 @@ def shipped_configs(kind: str, dtype: torch.dtype, head_dim: int) -> List[triton
 
 
 def autotune_key(q: torch.Tensor, num_media: int, latents: int, immediate: bool) -> tuple:
-    """head_dim, latents per media, mode, dtype and bucketed lengths (text per sample, media per sample)."""
-    return (q.shape[-1], latents, bool(immediate), q.dtype, length_bucket(q.shape[1]), length_bucket(num_media))
+    """head_dim, latents per media, mode, dtype and the classes of the lengths that change with every prompt (text
+    per sample: up to 64, up to 1024, longer; media per sample: 1, up to 8, more), so that generate times the
+    candidates for a handful of keys in a process, not for every new prompt length or image count."""
+    return (q.shape[-1], latents, bool(immediate), q.dtype, size_class(q.shape[1], TEXT_CLASSES),
+            size_class(num_media, MEDIA_CLASSES))
+
+
+TEXT_CLASSES = (64, 1024)
+MEDIA_CLASSES = (1, 8)
 
 
 def _pruner(kind: str):
@@ -529,13 +546,14 @@ def aot_variants(quick: bool = False) -> List[AotVariant]:
             pointers = {**{p: io for p in io_ptrs}, **{p: "fp32" for p in f32_ptrs}, **{p: "i32" for p in i32_ptrs}}
             for head_dim, immediate in shapes:
                 configs = shipped_configs(kind, dtype, head_dim)
-                for config in configs[:1] if quick else configs:
+                for config, precision in product(configs[:1] if quick else configs, aot_dot_precisions(dtype)):
                     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), IMMEDIATE=immediate,
-                                      DOT_PRECISION=dot_precision(dtype), **config.kwargs)
-                    label = f"{io} d{head_dim} {'imm' if immediate else 'prev'} {config_label(config)}"
+                                      DOT_PRECISION=precision, **config.kwargs)
+                    label = (f"{io}{'/tf32' if precision == 'tf32' and dtype == torch.float32 else ''} d{head_dim} "
+                             f"{'imm' if immediate else 'prev'} {config_label(config)}")
                     variants.append(make_aot_variant(
-                        fn.__name__.strip("_").removesuffix("_kernel"), fn, pointers=pointers, constexprs=constexprs, config=config,
-                        label=label, floats=floats, unaligned=("stride_tt",)))
+                        fn.__name__.strip("_").removesuffix("_kernel"), fn, pointers=pointers, constexprs=constexprs,
+                        config=config, label=label, floats=floats))
         for head_dim in sorted({d for d, _ in shapes}):
             config = triton.Config({}, num_warps=4, num_stages=1)
             variants.append(make_aot_variant(

@@ -44,6 +44,7 @@ from ._utils import (
     head_block,
     length_bucket,
     make_aot_variant,
+    size_class,
 )
 
 
@@ -273,8 +274,10 @@ def shipped_configs(kind: str, dtype: torch.dtype, head_dim: int) -> List[triton
 
 
 def autotune_key(q: torch.Tensor, media_tokens: int) -> tuple:
-    """head_dim, dtype, latents (exact: it decides the query tile), bucketed media length and (media x heads)."""
-    return (q.shape[-1], q.dtype, q.shape[1], length_bucket(media_tokens), length_bucket(q.shape[0] * q.shape[2]))
+    """head_dim, dtype, latents (exact: it decides the query tile), bucketed media length (fixed per model) and the
+    class of (media x heads), which changes with the batch and the image count: up to 128, up to 1024, more."""
+    return (q.shape[-1], q.dtype, q.shape[1], length_bucket(media_tokens), size_class(q.shape[0] * q.shape[2],
+                                                                                      (128, 1024)))
 
 
 def gpu_candidates(kind: str, key: tuple) -> List[triton.Config]:

@@ -19,7 +19,7 @@ import torch
 
 from .. import _backend
 from .._checks import SUPPORTED_DTYPES, unsupported_dtype_reasons
-from ..masks import visible_media
+from ..masks import memoised, visible_media
 from ._launch import ConfigLike, check_out, unit_last_stride
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
@@ -151,6 +151,33 @@ def _text_time_int32(text_time: torch.Tensor) -> torch.Tensor:
     return text_time if text_time.dtype == torch.int32 else text_time.to(torch.int32)
 
 
+def query_tiles(text_time: torch.Tensor, num_media: int, immediate: bool, block_m: int):
+    """The run-aligned query-tile schedule (``kernels/media_xattn.py``) of this ``text_time`` for ``block_m``-row
+    tiles, built once per ``text_time`` tensor (its identity and version) and reused: every layer of a forward
+    receives the one ``text_time`` of the shared :class:`~fastflamingo.masks.MediaMask`, so the forward of the first
+    layer builds it, and the other layers, the backward pass and every autotune timing reuse it (device tensors:
+    no host read either way)."""
+    K, _ = _kernels()
+
+    def build():
+        lo, hi = visible_media(text_time, num_media, immediate)
+        return K.query_tile_schedule(lo, hi, num_media, block_m)
+
+    return memoised(text_time, ("media_xattn.query_tiles", num_media, bool(immediate), block_m), build)
+
+
+def media_tokens(text_time: torch.Tensor, num_media: int, immediate: bool):
+    """Per (sample, media) token range of the dK/dV kernel, built once per ``text_time`` tensor like
+    :func:`query_tiles`."""
+    K, _ = _kernels()
+
+    def build():
+        lo, hi = visible_media(text_time, num_media, immediate)
+        return K.media_token_ranges(lo, hi, num_media, immediate)
+
+    return memoised(text_time, ("media_xattn.media_tokens", num_media, bool(immediate)), build)
+
+
 def launch_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
     num_media: int, latents: int, immediate: bool, scale: float,
@@ -191,11 +218,10 @@ def launch_fwd(
     qk_scale = float(scale) * U.LOG2E
     block_d = U.head_block(head_dim)
     precision = U.dot_precision(q.dtype)
-    lo, hi = visible_media(text_time, num_media, immediate)
 
     def run(cfg) -> None:
         block_m = cfg.kwargs["BLOCK_M"]
-        tile_start, tile_end = K.query_tile_schedule(lo, hi, num_media, block_m)
+        tile_start, tile_end = query_tiles(text_time, num_media, immediate, block_m)
         grid = (tile_start.shape[1], batch // kv_group * heads, kv_group)  # axis 1: (K/V row, head); 2: its samples
         K._media_xattn_fwd_kernel[grid](
             q, k, v, o, lse, text_time, tile_start, tile_end,
@@ -266,8 +292,7 @@ def launch_bwd(
     )
     if lse.stride() != delta.stride():  # the backward kernels share one set of (B, H) strides for lse and delta
         lse = lse.contiguous()
-    lo, hi = visible_media(text_time, num_media, immediate)
-    token_first, token_end = K.media_token_ranges(lo, hi, num_media, immediate)
+    token_first, token_end = media_tokens(text_time, num_media, immediate)
 
     def run_dkdv(cfg) -> None:
         block_n = cfg.kwargs["BLOCK_N"]
@@ -291,7 +316,7 @@ def launch_bwd(
 
     def run_dq(cfg) -> None:
         block_m = cfg.kwargs["BLOCK_M"]
-        tile_start, tile_end = K.query_tile_schedule(lo, hi, num_media, block_m)
+        tile_start, tile_end = query_tiles(text_time, num_media, immediate, block_m)
         grid = (tile_start.shape[1], batch * heads)
         K._media_xattn_bwd_dq_kernel[grid](
             q, k, v, do, lse, delta, text_time, tile_start, tile_end, dq,
