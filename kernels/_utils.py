@@ -182,12 +182,16 @@ class AotVariant:
 
 
 def not_specialized_args(fn) -> Tuple[str, ...]:
-    """Names of the arguments a kernel declares ``do_not_specialize`` (compiled or interpreted)."""
-    listed = getattr(fn, "do_not_specialize", None)
-    if listed is None:  # an InterpretedFunction keeps the decorator's arguments
-        listed = getattr(fn, "kwargs", {}).get("do_not_specialize") or ()
+    """Names of the arguments a kernel declares ``do_not_specialize`` or ``do_not_specialize_on_alignment``
+    (compiled or interpreted): none of them is ever specialized as a multiple of 16."""
     names = list(fn.arg_names)
-    return tuple(names[x] if isinstance(x, int) else x for x in listed)
+    found = []
+    for option in ("do_not_specialize", "do_not_specialize_on_alignment"):
+        listed = getattr(fn, option, None)
+        if listed is None:  # an InterpretedFunction keeps the decorator's arguments
+            listed = getattr(fn, "kwargs", {}).get(option)
+        found += [names[x] if isinstance(x, int) else x for x in listed or ()]
+    return tuple(found)
 
 
 def pointer_type(dtype_name: str) -> str:

@@ -66,8 +66,10 @@ COMBINE_BLOCK_S = 16
 
 # Not specialized (they change with the step's token count, the batch and the prompt; see kernels/media_xattn.py):
 # text_time's strides, the token / media / split counts and the beam group. The fp32 workspace is laid out with its
-# split and head axes padded to multiples of 16 (launcher), so its strides never change class.
-@triton.jit(do_not_specialize=("stride_tb", "stride_tt", "num_tokens", "num_media", "num_splits", "kv_group"))
+# split and head axes padded to multiples of 16 (launcher), so its strides never change class; text_time may be a
+# view at any offset (the last column of a prompt's), so its alignment is not specialized either.
+@triton.jit(do_not_specialize=("stride_tb", "stride_tt", "num_tokens", "num_media", "num_splits", "kv_group"),
+            do_not_specialize_on_alignment=("TEXT_TIME",))
 def _media_decode_split_kernel(
     Q, K, V, O, O_PART, LSE_PART, TEXT_TIME,
     stride_qb, stride_qt, stride_qh,

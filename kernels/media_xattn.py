@@ -119,9 +119,12 @@ def _online_softmax(b_q, p_k, p_v, kt_offs, v_offs, start, stop, b_lo, b_hi, col
 # The strides of q, k, v, o keep their specialization: they are multiples of 16 whenever heads * head_dim is (every
 # Flamingo model), so they do not vary, and their divisibility is what lets the loads vectorize.
 _PROMPT_ARGS = ("stride_lb", "stride_lh", "stride_tb", "stride_tt", "num_media")
+# text_time may be a view at any offset (a caller's slice of a longer mask): its alignment is not specialized
+# either (a few int32 loads per tile)
+_ANY_ALIGNMENT = ("TEXT_TIME",)
 
 
-@triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_pb", "kv_group"))
+@triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_pb", "kv_group"), do_not_specialize_on_alignment=_ANY_ALIGNMENT)
 def _media_xattn_fwd_kernel(
     Q, K, V, O, LSE, TEXT_TIME, TILE_START, TILE_END,
     stride_qb, stride_qt, stride_qh,
@@ -215,7 +218,7 @@ def _media_xattn_bwd_preprocess_kernel(
     tl.store(DELTA + b * stride_db + h * stride_dh + t0 + rows, tl.sum(b_o * b_do, axis=1), mask=m_ok)
 
 
-@triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_rb",))
+@triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_rb",), do_not_specialize_on_alignment=_ANY_ALIGNMENT)
 def _media_xattn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, TEXT_TIME, TOKEN_FIRST, TOKEN_END, DK, DV,
     stride_qb, stride_qt, stride_qh,
@@ -300,7 +303,7 @@ def _media_xattn_bwd_dkdv_kernel(
     tl.store(p_dv + cols[:, None] * stride_dvl + offs_d[None, :], b_dv.to(DV.dtype.element_ty), mask=nd_ok)
 
 
-@triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_pb",))
+@triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_pb",), do_not_specialize_on_alignment=_ANY_ALIGNMENT)
 def _media_xattn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, TEXT_TIME, TILE_START, TILE_END, DQ,
     stride_qb, stride_qt, stride_qh,
