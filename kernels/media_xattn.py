@@ -54,6 +54,7 @@ from ._utils import (
     ConfigChooser,
     config_label,
     aot_dot_precisions,
+    cdiv,
     dot_precision,
     head_block,
     make_aot_variant,
@@ -218,7 +219,8 @@ def _media_xattn_bwd_preprocess_kernel(
     tl.store(DELTA + b * stride_db + h * stride_dh + t0 + rows, tl.sum(b_o * b_do, axis=1), mask=m_ok)
 
 
-@triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_rb",), do_not_specialize_on_alignment=_ANY_ALIGNMENT)
+@triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_rb", "num_splits"),
+            do_not_specialize_on_alignment=_ANY_ALIGNMENT)
 def _media_xattn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, TEXT_TIME, TOKEN_FIRST, TOKEN_END, DK, DV,
     stride_qb, stride_qt, stride_qh,
@@ -228,19 +230,23 @@ def _media_xattn_bwd_dkdv_kernel(
     stride_lb, stride_lh,
     stride_tb, stride_tt,
     stride_rb,
-    stride_dkb, stride_dkl, stride_dkh,
-    stride_dvb, stride_dvl, stride_dvh,
-    num_heads, num_media, latents, qk_scale, sm_scale,
+    stride_dks, stride_dkb, stride_dkl, stride_dkh,
+    stride_dvs, stride_dvb, stride_dvl, stride_dvh,
+    num_heads, num_media, latents, num_splits, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IMMEDIATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program: one media-aligned key tile of one (sample, head); loops over the tokens that see its media.
+    """One program: one media-aligned key tile of one (sample, head) and one split (grid axis 2) of the tokens that
+    see its media: split ``s`` takes token blocks ``[s * blocks // splits, (s + 1) * blocks // splits)``.
 
     Computed transposed ([keys, tokens]) so that the dK/dV accumulators need no transpose:
-    ``dv += p^T do``, ``dk += scale * ds^T q`` with ``ds = p * (do v^T - delta)``.
+    ``dv += p^T do``, ``dk += scale * ds^T q`` with ``ds = p * (do v^T - delta)``. With one split DK/DV are the
+    gradients; with several they are fp32 partials (split stride ``stride_dks``) that the launcher sums in split
+    order (deterministic).
     """
     pid_tile = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_split = tl.program_id(2)
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
     tiles_per_media = tl.cdiv(latents, BLOCK_N)
@@ -261,6 +267,11 @@ def _media_xattn_bwd_dkdv_kernel(
     b_v = tl.load(p_v + cols[:, None] * stride_vl + offs_d[None, :], mask=nd_ok, other=0.0)
     tok_first = tl.load(TOKEN_FIRST + b * stride_rb + media)
     tok_end = tl.load(TOKEN_END + b * stride_rb + media)
+    # this split's share of the token blocks (an empty media has first = T > end = 0: no blocks)
+    num_blocks = tl.cdiv(tl.maximum(tok_end - tok_first, 0), BLOCK_M)
+    tok_stop = tl.minimum(tok_first + ((pid_split + 1) * num_blocks // num_splits) * BLOCK_M, tok_end)
+    tok_first = tok_first + (pid_split * num_blocks // num_splits) * BLOCK_M
+    tok_end = tok_stop
 
     # scalar base pointers of the current token block, advanced by BLOCK_M tokens per step
     m_first = tok_first.to(tl.int64)
@@ -297,8 +308,9 @@ def _media_xattn_bwd_dkdv_kernel(
         p_delta += BLOCK_M
 
     b_dk = b_dk * sm_scale
-    p_dk = DK + b * stride_dkb + h * stride_dkh + n0 * stride_dkl
-    p_dv = DV + b * stride_dvb + h * stride_dvh + n0 * stride_dvl
+    split = pid_split.to(tl.int64)
+    p_dk = DK + split * stride_dks + b * stride_dkb + h * stride_dkh + n0 * stride_dkl
+    p_dv = DV + split * stride_dvs + b * stride_dvb + h * stride_dvh + n0 * stride_dvl
     tl.store(p_dk + cols[:, None] * stride_dkl + offs_d[None, :], b_dk.to(DK.dtype.element_ty), mask=nd_ok)
     tl.store(p_dv + cols[:, None] * stride_dvl + offs_d[None, :], b_dv.to(DV.dtype.element_ty), mask=nd_ok)
 
@@ -419,6 +431,25 @@ def query_tile_schedule(lo: torch.Tensor, hi: torch.Tensor, num_media: int,
     return start, end
 
 
+# dK/dV token splits: when the (key tile, sample, head) programs alone are fewer than DKDV_SPLIT_WAVES per SM, the
+# token loop of each is cut into splits (grid axis 2) of at least DKDV_MIN_BLOCKS token blocks, at most
+# DKDV_MAX_SPLITS, writing fp32 partials summed in split order (a deterministic two-pass reduction).
+DKDV_SPLIT_WAVES = 2
+DKDV_MIN_BLOCKS = 2
+DKDV_MAX_SPLITS = 16
+
+
+def dkdv_splits(programs: int, num_tokens: int, num_media: int, immediate: bool, block_m: int, sms: int) -> int:
+    """Token splits of the dK/dV kernel, from shapes only (no tensor read): ``programs`` is its grid without
+    splits; the tokens that see one media are estimated as ``T / M`` (immediate) or ``T`` (all previous)."""
+    if programs >= DKDV_SPLIT_WAVES * sms:
+        return 1
+    tokens = cdiv(num_tokens, max(num_media, 1)) if immediate else num_tokens
+    blocks = cdiv(max(tokens, 1), block_m)
+    return max(1, min(cdiv(DKDV_SPLIT_WAVES * sms, max(programs, 1)), cdiv(blocks, DKDV_MIN_BLOCKS),
+                      DKDV_MAX_SPLITS))
+
+
 def media_token_ranges(lo: torch.Tensor, hi: torch.Tensor, num_media: int,
                        immediate: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per (sample, media): [first, last + 1) of the tokens that see it, int32 (B, M); empty as (T, 0).
@@ -466,7 +497,7 @@ _GPU_CONFIG_TABLE = {
     ("fwd", "fp32", 64): [(16, 64, 8, 2)],
     ("fwd", "fp32", 128): [(16, 64, 4, 2)],
     ("dkdv", "fp32", 64): [(16, 32, 4, 1)],
-    ("dkdv", "fp32", 128): [(16, 32, 4, 1)],
+    ("dkdv", "fp32", 128): [(16, 32, 4, 2)],  # (16, 32, 4, 1) spills 8 bytes with TF32 products on sm_90
     ("dq", "fp32", 64): [(16, 64, 4, 2)],
     ("dq", "fp32", 128): [(16, 64, 4, 2)],
 }
@@ -549,13 +580,17 @@ def aot_variants(quick: bool = False) -> List[AotVariant]:
             pointers = {**{p: io for p in io_ptrs}, **{p: "fp32" for p in f32_ptrs}, **{p: "i32" for p in i32_ptrs}}
             for head_dim, immediate in shapes:
                 configs = shipped_configs(kind, dtype, head_dim)
-                for config, precision in product(configs[:1] if quick else configs, aot_dot_precisions(dtype)):
+                # dK/dV with token splits writes fp32 partials: its own pointer types
+                partials = (False, True) if kind == "dkdv" and dtype != torch.float32 else (False,)
+                for config, precision, partial in product(configs[:1] if quick else configs,
+                                                          aot_dot_precisions(dtype), partials):
                     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), IMMEDIATE=immediate,
                                       DOT_PRECISION=precision, **config.kwargs)
                     label = (f"{io}{'/tf32' if precision == 'tf32' and dtype == torch.float32 else ''} d{head_dim} "
-                             f"{'imm' if immediate else 'prev'} {config_label(config)}")
+                             f"{'imm' if immediate else 'prev'} {config_label(config)}{' partial' if partial else ''}")
                     variants.append(make_aot_variant(
-                        fn.__name__.strip("_").removesuffix("_kernel"), fn, pointers=pointers, constexprs=constexprs,
+                        fn.__name__.strip("_").removesuffix("_kernel"), fn, constexprs=constexprs,
+                        pointers={**pointers, **({"DK": "fp32", "DV": "fp32"} if partial else {})},
                         config=config, label=label, floats=floats))
         for head_dim in sorted({d for d, _ in shapes}):
             config = triton.Config({}, num_warps=4, num_stages=1)

@@ -248,13 +248,14 @@ def launch_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     text_time: torch.Tensor, num_media: int, latents: int, immediate: bool, scale: float,
     config: Optional[ConfigLike] = None, *, dq: Optional[torch.Tensor] = None, dk: Optional[torch.Tensor] = None,
-    dv: Optional[torch.Tensor] = None,
+    dv: Optional[torch.Tensor] = None, dkdv_splits: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward pass: (dq, dk, dv) with the shapes and dtypes of (q, k, v).
 
     ``do`` may have any strides, including 0 (an expanded gradient). ``config`` forces one launch config for both
-    the dK/dV and the dQ kernel; dq/dk/dv are optional preallocated outputs. Deterministic: every output element
-    is written by exactly one program, with no atomics.
+    the dK/dV and the dQ kernel; dq/dk/dv are optional preallocated outputs. ``dkdv_splits`` forces the number of
+    token splits of the dK/dV kernel (default: from the shapes and the SM count, so that a small grid still fills
+    the GPU). Deterministic: no atomics; split partials are summed in a fixed order.
     """
     K, U = _kernels()
     _check_inputs(q, k, v, text_time, num_media, latents)
@@ -296,9 +297,17 @@ def launch_bwd(
 
     def run_dkdv(cfg) -> None:
         block_n = cfg.kwargs["BLOCK_N"]
-        grid = (num_media * U.cdiv(latents, block_n), batch * heads)
+        programs = num_media * U.cdiv(latents, block_n) * batch * heads
+        splits = int(dkdv_splits) if dkdv_splits is not None else K.dkdv_splits(
+            programs, num_tokens, num_media, immediate, cfg.kwargs["BLOCK_M"], U.sm_count(q.device))
+        if splits == 1:
+            gk, gv = dk.unsqueeze(0), dv.unsqueeze(0)  # the gradients themselves (split stride unused)
+        else:  # fp32 partials, summed below in split order
+            gk = torch.empty((splits,) + tuple(k.shape), dtype=torch.float32, device=k.device)
+            gv = torch.empty((splits,) + tuple(v.shape), dtype=torch.float32, device=v.device)
+        grid = (num_media * U.cdiv(latents, block_n), batch * heads, splits)
         K._media_xattn_bwd_dkdv_kernel[grid](
-            q, k, v, do, lse, delta, text_time, token_first, token_end, dk, dv,
+            q, k, v, do, lse, delta, text_time, token_first, token_end, gk, gv,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -306,13 +315,15 @@ def launch_bwd(
             lse.stride(0), lse.stride(1),
             text_time.stride(0), text_time.stride(1),
             token_first.stride(0),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
-            heads, num_media, latents, qk_scale, float(scale),
+            *gk.stride()[:4], *gv.stride()[:4],
+            heads, num_media, latents, splits, qk_scale, float(scale),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=block_n,
             IMMEDIATE=bool(immediate), DOT_PRECISION=precision,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+        if splits > 1:
+            torch.sum(gk, dim=0, out=dk) if dk.dtype == torch.float32 else dk.copy_(gk.sum(dim=0))
+            torch.sum(gv, dim=0, out=dv) if dv.dtype == torch.float32 else dv.copy_(gv.sum(dim=0))
 
     def run_dq(cfg) -> None:
         block_m = cfg.kwargs["BLOCK_M"]
