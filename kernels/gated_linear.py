@@ -110,7 +110,7 @@ def _gate_epilogue(acc, rows, cols, m_ok, n_ok, batch, within, X, BIAS, ALPHA, G
 
 
 # M and rows_per_batch change with the prompt and the batch (they only feed masks and the row split): not
-# specialized, so a new prompt length compiles nothing (docs/performance.md, "Specializations").
+# specialized, so a new prompt length compiles nothing (docs/steady_state.md, "Specializations").
 @triton.jit(do_not_specialize=("M", "rows_per_batch"))
 def _gated_linear_fwd_kernel(
     X, A, W, BIAS, ALPHA, GATE, Y,
@@ -282,7 +282,7 @@ def split_k(rows: int, n: int, k: int, config: triton.Config, sms: int) -> Tuple
 FORMS = ("fused", "splitk", "cublas")
 
 # (largest M or None, smallest K, form): the first row with M <= largest and K >= smallest decides. Defaults from
-# the roofline argument of docs/performance.md ("Gated projection"), not yet from a GPU measurement:
+# the roofline argument of docs/steady_state.md ("Gated projection forms"), not yet from a GPU measurement:
 # - decode (a few rows) with a long reduction: split-K, unless the output tiles alone already fill the GPU;
 # - decode with a short reduction: cuBLAS (its GEMV is tuned for exactly this) + the epilogue;
 # - prefill with a long reduction (IDEFICS): cuBLAS + the epilogue (see the module docstring);

@@ -116,7 +116,7 @@ def _online_softmax(b_q, p_k, p_v, kt_offs, v_offs, start, stop, b_lo, b_hi, col
 
 # Arguments that only feed masks and offsets and change with the prompt (text length, media count, schedule size,
 # strides of the (B, H, T) statistics and of text_time, the beam group) are not specialized: Triton would otherwise
-# compile a new variant whenever one of them becomes 1 or a multiple of 16 (docs/performance.md, "Specializations").
+# compile a new variant whenever one of them becomes 1 or a multiple of 16 (docs/steady_state.md, "Specializations").
 # The strides of q, k, v, o keep their specialization: they are multiples of 16 whenever heads * head_dim is (every
 # Flamingo model), so they do not vary, and their divisibility is what lets the loads vectorize.
 _PROMPT_ARGS = ("stride_lb", "stride_lh", "stride_tb", "stride_tt", "num_media")
@@ -431,12 +431,9 @@ def query_tile_schedule(lo: torch.Tensor, hi: torch.Tensor, num_media: int,
     return start, end
 
 
-# dK/dV token splits: when the (key tile, sample, head) programs alone are fewer than DKDV_SPLIT_WAVES per SM, the
-# token loop of each is cut into splits (grid axis 2) of at least DKDV_MIN_BLOCKS token blocks, at most
-# DKDV_MAX_SPLITS, writing fp32 partials summed in split order (a deterministic two-pass reduction).
-DKDV_SPLIT_WAVES = 2
-DKDV_MIN_BLOCKS = 2
-DKDV_MAX_SPLITS = 16
+# dK/dV token splits: under DKDV_SPLIT_WAVES programs per SM, the token loop is cut into splits (grid axis 2) of at
+# least DKDV_MIN_BLOCKS token blocks, at most DKDV_MAX_SPLITS (fp32 partials summed in split order).
+DKDV_SPLIT_WAVES, DKDV_MIN_BLOCKS, DKDV_MAX_SPLITS = 2, 2, 16
 
 
 def dkdv_splits(programs: int, num_tokens: int, num_media: int, immediate: bool, block_m: int, sms: int) -> int:

@@ -8,7 +8,7 @@ token count, split count) would compile new variants as a user's prompts vary. T
 tokens, the training backward) through the launchers, and for every launch computes Triton's own specialization
 with the binder ``JITFunction.run`` executes before compiling (for an sm_90 target: no GPU needed; the kernels are
 recorded, not run). Per kernel and launch config (constexprs, warps, stages) at most 3 variants may appear; the
-autotune keys stay within a few classes. ``docs/performance.md`` ("Specializations") explains the rules.
+autotune keys stay within a few classes. ``docs/steady_state.md`` ("Specializations") explains the rules.
 """
 import collections
 import itertools
