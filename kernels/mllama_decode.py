@@ -48,7 +48,10 @@ from .mllama_xattn import online_softmax_step
 _SCORE_FLOOR = tl.constexpr(-1.0e38)
 
 
-@triton.jit
+# Not specialized (they change with the step's token count, the batch, the image count and the split count): the
+# mask's batch and token strides, the workspace strides, the unit-list stride and the counts.
+@triton.jit(do_not_specialize=("stride_mb", "stride_mt", "stride_wbh", "stride_wt", "stride_lbh", "stride_lt",
+                               "stride_ub", "num_tokens", "num_keys", "num_splits"))
 def _mllama_decode_split_kernel(
     Q, K, V, MASK, O, O_PART, LSE_PART, UNITS, UNIT_COUNT,
     stride_qb, stride_qt, stride_qh,

@@ -112,7 +112,13 @@ def _image_span(j, b_s, b_e, b_all, any_all, n_real, image_stride):
     return limit, row_end
 
 
-@triton.jit
+# Arguments that change with the prompt (the strides of the (B, H, T) statistics, of the per-token image ranges and
+# the per-image key counts, the schedule size, the image count) are not specialized: a new prompt length or image
+# count compiles nothing new (docs/steady_state.md, "Specializations").
+_PROMPT_ARGS = ("stride_lb", "stride_lh", "stride_sb", "stride_st", "stride_nb", "num_images")
+
+
+@triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_pb",))
 def _mllama_xattn_fwd_kernel(
     Q, K, V, O, LSE, IMG_START, IMG_END, IMG_KEYS, TILE_START, TILE_END,
     stride_qb, stride_qt, stride_qh,
@@ -189,7 +195,7 @@ def _mllama_xattn_fwd_kernel(
     tl.store(p_lse + head * stride_lh + tok, b_lse, mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PROMPT_ARGS)
 def _mllama_xattn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, IMG_START, IMG_END, IMG_KEYS, HAS_ALL, TOKEN_FIRST, TOKEN_END, DK, DV,
     stride_qb, stride_qt, stride_qh,
@@ -281,7 +287,7 @@ def _mllama_xattn_bwd_dkdv_kernel(
     tl.store(p_dv + dv_offs, b_dv.to(DV.dtype.element_ty), mask=nd_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_pb",))
 def _mllama_xattn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, IMG_START, IMG_END, IMG_KEYS, TILE_START, TILE_END, DQ,
     stride_qb, stride_qt, stride_qh,

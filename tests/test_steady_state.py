@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastflamingo as ff
 from fastflamingo import masks
-from fastflamingo.testing import tiny_open_flamingo
+from test_media_cache import flamingo  # noqa: F401  (the OpenFlamingo model and prompt fixture)
 
 _READ_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::is_nonzero"}
 
@@ -89,16 +89,8 @@ def assert_decode_reads_within_upstream(upstream, patched, steps):
 
 
 @pytest.mark.parametrize("beams", [1, 3], ids=["greedy", "beam3"])
-def test_open_flamingo_decode_steps_read_no_more_than_upstream(beams):
-    try:
-        model, media_token, _ = tiny_open_flamingo(num_layers=4, cross_attn_every_n_layers=1)
-    except ModuleNotFoundError as exc:
-        pytest.skip(str(exc))
-    g = torch.Generator().manual_seed(3)
-    vision_x = torch.randn(2, 3, 1, 3, 32, 32, generator=g)
-    ids = torch.randint(0, 90, (2, 18), generator=g)
-    ids[0, [0, 6, 12]] = media_token
-    ids[1, [3, 9]] = media_token
+def test_open_flamingo_decode_steps_read_no_more_than_upstream(flamingo, beams):
+    model, vision_x, ids = flamingo
     steps = 5
     tokens = {}
 
