@@ -42,15 +42,19 @@ def _mask_argument(module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Op
 
 
 def _publish(module: nn.Module, args: tuple, kwargs: Dict[str, Any]):
+    if torch.compiler.is_compiling():  # traced code finds the closed form on device itself (and Dynamo cannot
+        return None                    # trace a ContextVar); _withdraw skips alike, so the stack stays balanced
     entry = None
     image_mask = _mask_argument(module, args, kwargs)
-    if isinstance(image_mask, torch.Tensor) and image_mask.dim() == 3 and not torch.compiler.is_compiling():
+    if isinstance(image_mask, torch.Tensor) and image_mask.dim() == 3:
         entry = (masks.from_image_attention_mask(image_mask), image_mask.shape[-1])
     _ACTIVE.set(_ACTIVE.get() + (entry,))  # None keeps the stack balanced: the layers then fall back
     return None
 
 
 def _withdraw(module: nn.Module, args: tuple, kwargs: Dict[str, Any], output: Any):
+    if torch.compiler.is_compiling():
+        return None
     stack = _ACTIVE.get()
     if stack:
         _ACTIVE.set(stack[:-1])
