@@ -13,7 +13,6 @@ Every run calibrates the device (copy GB/s, GEMM TFLOP/s), then writes
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path

@@ -55,7 +55,6 @@ from ._utils import (
     config_label,
     aot_dot_precisions,
     cdiv,
-    dot_precision,
     head_block,
     make_aot_variant,
     size_class,
