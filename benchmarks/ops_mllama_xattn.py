@@ -34,7 +34,6 @@ from typing import List, Optional
 
 import torch
 
-import fastflamingo
 from fastflamingo.mllama import mask as mask_mod
 
 from .registry import Case, Op, Provider, Runner, register_op, register_provider

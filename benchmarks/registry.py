@@ -156,8 +156,11 @@ def _op_modules():
     def ops_mllama_decode():
         from . import ops_mllama_decode  # noqa: F401
 
+    def ops_train():
+        from . import ops_train  # noqa: F401
+
     return (ops_media_xattn, ops_media_decode, ops_perceiver_attn, ops_gated_linear, ops_modules, ops_resampler,
-            ops_e2e, ops_mllama_xattn, ops_mllama_decode)
+            ops_e2e, ops_mllama_xattn, ops_mllama_decode, ops_train)
 
 
 def load_all() -> Dict[str, Op]:

@@ -5,7 +5,8 @@ The priority cells of the benchmark suite (``python -m benchmarks --priority``: 
 and any other registered op with priority cells) run once through their ``fastflamingo`` provider, forward and,
 where the cell has one, backward, with tuned tables switched off, so every kernel's config chooser times all the
 candidates it keeps for each autotune key it meets. The table then maps each (kernel, key) to the fastest config
-and keeps every candidate's time. It also records how many kernels were compiled and how long that took (what a
+and keeps every candidate's time; for every gated-projection shape the cells met it also times the projection's
+three forms (fused GEMM, split-K, cuBLAS + epilogue) and stores the fastest as a form entry. It also records how many kernels were compiled and how long that took (what a
 cold process pays before its first step; a tuned table removes the timing, ``fastflamingo.warmup`` moves the rest
 ahead of time).
 
@@ -91,6 +92,42 @@ def collect_entries(timed_only: bool) -> List[Dict]:
     return entries
 
 
+def tune_forms(device: str) -> List[Dict]:
+    """One form entry per gated-projection shape the cells launched (``FORM_KEYS_SEEN``): the three forms (fused
+    GEMM, split-K, cuBLAS + epilogue) timed at the row bucket's size on the GPU. Under ``--dry-run`` (no timing on
+    the CPU) the entries name the default form, so the plumbing is the same."""
+    import torch
+
+    from fastflamingo import configs
+    from fastflamingo.kernels import _utils
+    from fastflamingo.kernels import gated_linear as K
+    from fastflamingo.ops import gated_linear as op
+
+    entries = []
+    for key in sorted(K.FORM_KEYS_SEEN, key=repr):
+        rows, n, k, dtype = key
+        fields = configs.key_dict(key, K.FORM_KEY)
+        if device != "cuda":
+            form = K.choose_form(rows, n, k, dtype, _utils.sm_count(torch.device(device)))
+            entries.append(configs.make_form_entry(K.FORM_TABLE_KERNEL, fields, form))
+            continue
+        from triton.testing import do_bench
+
+        x, inp = torch.randn(rows, n, device=device, dtype=dtype), torch.randn(rows, k, device=device, dtype=dtype)
+        weight = torch.randn(n, k, device=device, dtype=dtype) * k ** -0.5
+        alpha = torch.full((1,), 0.5, device=device, dtype=dtype)
+        out = torch.empty_like(x)
+        timings = {}
+        for form in K.FORMS:
+            # the fused form's first call times its own candidates (tables are off here); do_bench's warm-up
+            # absorbs that
+            timings[form] = do_bench(lambda: op.launch_fwd(x, inp, weight, None, alpha, out=out, form=form),
+                                     warmup=25, rep=100)
+        best = min(timings, key=timings.get)
+        entries.append(configs.make_form_entry(K.FORM_TABLE_KERNEL, fields, best, timings))
+    return entries
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__.split("\n\n")[0])
     ap.add_argument("outdir", help="folder for the table (created)")
@@ -140,6 +177,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     wall = time.perf_counter() - start
 
     entries = collect_entries(timed_only=not args.dry_run)
+    with fastflamingo.backend(backend):
+        entries += tune_forms(device)
     identity = _identity(device)
     from .results import _git
 
@@ -167,7 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for e in entries:
         key = ",".join(f"{k}={v}" for k, v in e["key"].items())
         timings = e.get("timings", {})
-        label = min(timings, key=timings.get) if timings else "-"
+        label = e.get("form") or (min(timings, key=timings.get) if timings else "-")
         ms = f"{e['ms']:8.4f}" if "ms" in e else f"{'-':>8}"
         print(f"{e['kernel']:<26} {key[:70]:<70} {label:<20} {ms}  {len(timings)}")
     print(f"\n{len(entries)} entries from {len(plans)} cells ({failures} failed) in {wall:.0f} s; "

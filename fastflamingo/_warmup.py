@@ -5,9 +5,9 @@ A Triton kernel compiles on its first launch with a new specialization, and a ``
 candidates on the first launch with a new autotune key (unless the tuned table of this GPU, ``fastflamingo/configs``,
 has the key): both happen inside the first forward of each shape, and neither may happen during CUDA-graph capture.
 ``warmup`` finds the fastflamingo modules of the model (cross-attention, gated projections, perceiver attention),
-and runs each op they use on random inputs of the model's head sizes and widths, for every length bucket of the
-autotune keys (powers of two) up to ``max_text`` text tokens and ``max_media`` media, plus one decode step per media
-count. Nothing of the model's state changes: the ops are called directly on random inputs (stand-in weights of the
+and runs each op they use on random inputs of the model's head sizes and widths, once per size class of the autotune
+keys (text length, media count, rows; ``kernels/*.py``, ``*_CLASSES``) up to ``max_text`` text tokens and
+``max_media`` media, plus one decode step per media class. Nothing of the model's state changes: the ops are called directly on random inputs (stand-in weights of the
 same shapes and dtypes), not through the modules, so parameters, their gradients and the media caches stay as they
 were.
 """
@@ -59,14 +59,13 @@ class _Gate:
     row_gate: bool
 
 
-def buckets(limit: int, start: int = 16) -> List[int]:
-    """Powers of two from ``start`` up to the one that covers ``limit`` (the autotune keys' length buckets)."""
-    out, n = [], start
-    while True:
-        out.append(n)
-        if n >= limit:
-            return out
-        n *= 2
+def class_sizes(limit: int, bounds: Sequence[int], per: int = 1) -> List[int]:
+    """One size per autotune size class (``kernels._utils.size_class`` with ``bounds``) that sizes up to ``limit``
+    reach, where the keyed quantity is ``size * per``: the largest size within each class bound below
+    ``limit * per``, then ``limit`` itself (the largest class reached)."""
+    limit = max(int(limit), 1)
+    sizes = {int(bound) // per for bound in bounds if bound < limit * per}
+    return sorted({s for s in sizes if 1 <= s < limit} | {limit})
 
 
 def _discover(model: nn.Module) -> Tuple[List[_Attention], List[_Gate], List[Tuple[int, int]], Optional[int]]:
@@ -169,10 +168,12 @@ def _media_locations(batch: int, text: int, media: int, device) -> torch.Tensor:
 def _warm_attention(spec: _Attention, device, dtype, batch, max_text, max_media, latents, backward, decode) -> int:
     calls = 0
     mode = "immediate" if spec.immediate else "all_previous"
-    for media in buckets(max_media, start=1):
+    from .kernels import media_xattn as kernels
+
+    for media in class_sizes(max_media, kernels.MEDIA_CLASSES):
         kv = _rand(batch, media * latents, 2, spec.heads, spec.head_dim, device=device, dtype=dtype, grad=backward)
         k, v = kv[:, :, 0], kv[:, :, 1]  # views of one fused projection, like the modules' to_kv
-        texts = [t for t in buckets(max_text) if t >= min(media, max_text)]
+        texts = [t for t in class_sizes(max_text, kernels.TEXT_CLASSES) if t >= min(media, max_text)]
         for text in texts + ([1] if decode else []):
             q = _rand(batch, text, spec.heads, spec.head_dim, device=device, dtype=dtype, grad=backward and text > 1)
             if text == 1:  # a decode step: the token after the whole prompt
@@ -193,8 +194,10 @@ def _warm_gate(gate: _Gate, device, dtype, batch, max_text, backward, decode) ->
     linear = nn.Linear(model_linear.in_features, model_linear.out_features, bias=model_linear.bias is not None,
                        device=device, dtype=model_linear.weight.dtype).requires_grad_(backward)
     alpha = torch.zeros_like(gate.alpha, device=device).requires_grad_(backward)
+    from .kernels import gated_linear as kernels
+
     calls = 0
-    for rows in ([1] if decode else []) + buckets(max_text):
+    for rows in ([1] if decode else []) + class_sizes(max_text, kernels.ROW_CLASSES, per=batch):
         x = _rand(batch, rows, linear.out_features, device=device, dtype=dtype, grad=backward)
         inp = _rand(batch, rows, linear.in_features, device=device, dtype=dtype, grad=backward)
         row_gate = torch.ones(batch, rows, device=device, dtype=dtype) if gate.row_gate else None
@@ -206,8 +209,10 @@ def _warm_gate(gate: _Gate, device, dtype, batch, max_text, backward, decode) ->
 
 
 def _warm_perceiver(heads, head_dim, device, dtype, batch, max_media, latents, media_tokens, backward) -> int:
+    from .kernels import perceiver_attn as kernels
+
     calls = 0
-    for media in buckets(max_media, start=1):
+    for media in class_sizes(max_media, kernels.ROW_CLASSES, per=batch * heads):
         num = batch * media
         q = _rand(num, latents, heads, head_dim, device=device, dtype=dtype, grad=backward)
         kv_media = _rand(num, media_tokens, 2, heads, head_dim, device=device, dtype=dtype, grad=backward)

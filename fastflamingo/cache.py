@@ -20,8 +20,9 @@ the layer already computes). ``FASTFLAMINGO_MEDIA_CACHE=0`` turns caching off; :
 
 Beam search: OpenFlamingo's ``generate`` repeat_interleaves the images per beam and IDEFICS expands its inputs the
 same way, so the media of a batch of B samples with r beams holds r identical consecutive rows per sample.
-:meth:`ProjectionCache.get_grouped` finds that repeat factor once per cached media (an exact comparison) and
-projects only the unique rows, so the cached K/V holds one row per sample instead of r copies; attention then reads
+:meth:`ProjectionCache.get_grouped` finds that repeat factor once per media tensor (an exact comparison, shared by
+every layer: :func:`shared_repeat_factor`, so it runs in the first forward of a ``generate`` and never in a decode
+step) and projects only the unique rows, so the cached K/V holds one row per sample instead of r copies; attention then reads
 K/V row ``b // r`` for query row ``b`` (``kv_group`` of :func:`fastflamingo.functional.media_xattn`).
 
 Under ``torch.compile`` the lookup cannot be traced (it keys on object identities and version counters), so a
@@ -123,6 +124,24 @@ _SLOTS = itertools.count()
 _BY_SLOT: "weakref.WeakValueDictionary[int, ProjectionCache]" = weakref.WeakValueDictionary()
 
 
+_LAST_REPEAT: list = [None, None, 1]  # [weak reference to the source's root, key of the source, its factor]
+
+
+def shared_repeat_factor(t: torch.Tensor) -> int:
+    """:func:`repeat_factor` of ``t``, computed once per media tensor and shared by every layer: the layers of a
+    model all cache projections of the same media, so ``generate`` compares the media once (in its first forward),
+    not once per layer, and no decode step compares anything. Keyed like the cache itself (identity of the tensor
+    owning the storage, version, data pointer, shape, strides)."""
+    key = _tensor_key(t)
+    ref, last_key, factor = _LAST_REPEAT
+    if key is not None and last_key == key and ref is not None and ref() is _root(t):
+        return factor
+    factor = repeat_factor(t)
+    if key is not None:
+        _LAST_REPEAT[:] = [weakref.ref(_root(t)), key, factor]
+    return factor
+
+
 class ProjectionCache:
     """One remembered ``compute(source)`` result for one module; see the module docstring for the validity rule.
 
@@ -207,7 +226,7 @@ class ProjectionCache:
         ``(compute(source), 1)``: the gradient of a shared row is never needed there."""
 
         def grouped():
-            r = repeat_factor(source)
+            r = shared_repeat_factor(source)
             return compute(source[::r] if r > 1 else source), r
 
         return self._cached(module, source, weights, grouped, lambda: (compute(source), 1))

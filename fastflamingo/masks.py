@@ -117,7 +117,7 @@ class MediaMask:
 
 _CACHE_LOCK = threading.Lock()
 _CACHE: "List[tuple]" = []  # (weakref to source, version, key, mask); a handful of entries, most recent last
-_CACHE_SIZE = 8
+_CACHE_SIZE = 16  # masks and the launchers' schedules of a few forwards
 
 
 def memoised(source: torch.Tensor, key: tuple, build):
@@ -197,13 +197,59 @@ def from_image_attention_mask(image_attention_mask: torch.Tensor) -> "MediaMask 
     after an end-of-sequence token): that is the immediate mode. Rows that are prefixes ``1..j`` of the images
     give the all-previous mode. Any other pattern is returned as a boolean (batch, text, num_images) tensor,
     which only the PyTorch path serves (with a dense mask).
+
+    Which mode applies is a host decision (one read of the whole mask). It is made once per source tensor: during
+    ``generate`` every decode step's mask is a view of the prompt's mask (transformers slices its last row), and a
+    view whose rows are rows of a classified tensor has that tensor's mode (both properties hold row by row), so a
+    decode step only computes ``text_time`` on the device, with no host read (:func:`_row_source`).
     """
     if image_attention_mask.dim() != 3:
         raise ValueError(
             f"image_attention_mask must have shape (batch, text, num_images), got {tuple(image_attention_mask.shape)}"
         )
+    m = image_attention_mask
 
-    return memoised(image_attention_mask, ("idefics",), lambda: _classify_allowed(image_attention_mask != 0))
+    def build():
+        source = _row_source(m)
+        mode = memoised(source, ("idefics-mode",), lambda: _closed_form_mode(source != 0))
+        if mode is None and source is not m:  # the larger tensor has no closed form: perhaps these rows do
+            mode = _closed_form_mode(m != 0)
+        allowed = m != 0
+        return allowed if mode is None else MediaMask(_count_and_last(allowed)[1], m.shape[-1], mode)
+
+    return memoised(m, ("idefics",), build)
+
+
+def _row_source(m: torch.Tensor) -> torch.Tensor:
+    """The tensor whose rows (runs of ``num_images`` consecutive elements along its last dim) include every
+    (batch, text) row of ``m``: ``m``'s base when ``m`` is a view that selects whole rows of a contiguous base (e.g.
+    ``mask[:, -1:]``, or a reshape of a beam-expanded mask), else ``m`` itself. Decided from shapes, strides and
+    offsets only (no tensor read)."""
+    base = m._base
+    images = m.shape[-1]
+    if base is None or base.dim() < 2 or base.shape[-1] != images or images == 0 or base.dtype != m.dtype:
+        return m
+    if not base.is_contiguous() or base.storage_offset() != 0:
+        return m
+    if base.untyped_storage().nbytes() != base.numel() * base.element_size():
+        return m
+    if m.stride(-1) != 1 and images > 1:
+        return m
+    # every row of m starts at a multiple of `images` elements of the base's storage: a whole row of the base
+    if any(x % images for x in (m.storage_offset(), m.stride(0), m.stride(1))):
+        return m
+    return base
+
+
+def _closed_form_mode(allowed: torch.Tensor) -> Optional[str]:
+    """The mode of a (batch, text, num_media) boolean mask: immediate when every row has at most one image,
+    all-previous when every row is a prefix ``1..j``, None when neither (two host reads)."""
+    count, last = _count_and_last(allowed)
+    if bool((count <= 1).all()):
+        return IMMEDIATE
+    if bool((count == last).all()):  # every row is a prefix 1..j (or empty)
+        return ALL_PREVIOUS
+    return None
 
 
 def _count_and_last(allowed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -219,13 +265,8 @@ def _count_and_last(allowed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def _classify_allowed(allowed: torch.Tensor) -> "MediaMask | torch.Tensor":
     """Closed form of a (batch, text, num_media) boolean mask when there is one, else the mask itself."""
-    num_media = allowed.shape[-1]
-    count, last = _count_and_last(allowed)
-    if bool((count <= 1).all()):
-        return MediaMask(last, num_media, IMMEDIATE)
-    if bool((count == last).all()):  # every row is a prefix 1..j (or empty)
-        return MediaMask(last, num_media, ALL_PREVIOUS)
-    return allowed
+    mode = _closed_form_mode(allowed)
+    return allowed if mode is None else MediaMask(_count_and_last(allowed)[1], allowed.shape[-1], mode)
 
 
 def from_idefics_additive_mask(mask: torch.Tensor, num_images: int, latents_per_image: int) -> "MediaMask | torch.Tensor":

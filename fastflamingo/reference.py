@@ -214,6 +214,18 @@ def media_xattn(q, k, v, text_time, num_media: int, immediate: bool, scale: Opti
     return torch.einsum("bhtk,bkhd->bthd", probs, v)
 
 
+def media_xattn_lse(q, k, text_time, num_media: int, immediate: bool, scale: Optional[float] = None):
+    """Log-sum-exp (natural log) of each token's visible scaled scores, (B, H, T) in fp32: what the forward kernel
+    saves for the backward pass. ``-inf`` where a token sees nothing."""
+    latents = k.shape[1] // num_media if num_media else 0
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    lo, hi = visible_media(text_time.to(q.device), num_media, immediate)
+    key = torch.arange(k.shape[1], device=q.device)
+    allowed = (key >= lo[..., None] * latents) & (key < hi[..., None] * latents)  # (B, T, keys)
+    scores = torch.einsum("bthd,bkhd->bhtk", q.float(), k.float()) * scale
+    return scores.masked_fill(~allowed[:, None], float("-inf")).logsumexp(-1)
+
+
 def perceiver_attn(q, k_media, v_media, k_latents, v_latents, scale: Optional[float] = None):
     """Latents q (N, L, H, D) attend to ``[media; latents]`` keys and values (concatenated here)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale

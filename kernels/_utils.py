@@ -40,15 +40,53 @@ def head_block(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use exact IEEE products, so fp32 results agree with an fp32 reference to ~1e-6 on every device
-    (TF32 would cost three decimal digits); fp16/bf16 use tensor cores regardless of this setting."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def dot_precision(dtype: torch.dtype, allow_tf32: Optional[bool] = None) -> str:
+    """``tl.dot``'s input precision for inputs of ``dtype``. fp32 follows ``torch.get_float32_matmul_precision()``
+    (``allow_tf32`` None), like torch's own matmuls: "highest" (torch's default) keeps exact IEEE products, so fp32
+    results agree with an fp32 reference to ~1e-6; "high" or "medium" allow TF32 tensor cores (about three decimal
+    digits). fp16/bf16 use tensor cores regardless of this setting."""
+    if dtype != torch.float32:
+        return "tf32"
+    if allow_tf32 is None:
+        allow_tf32 = torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if allow_tf32 else "ieee"
+
+
+def aot_dot_precisions(dtype: torch.dtype) -> Tuple[str, ...]:
+    """Every ``DOT_PRECISION`` a launch with inputs of ``dtype`` may compile (what ``fastflamingo.aot`` checks)."""
+    return ("ieee", "tf32") if dtype == torch.float32 else ("tf32",)
 
 
 def length_bucket(n: int) -> int:
-    """Autotune key for a sequence length: next power of two, so neighbouring lengths share a tuning result."""
+    """Next power of two (at most 2**16)."""
     return min(next_power_of_2(max(int(n), 1)), 1 << 16)
+
+
+def size_class(n: int, bounds: Sequence[int]) -> int:
+    """Autotune-key class of a size that changes with the prompt or the batch: the first of the increasing
+    ``bounds`` that is >= n, or ``2 * bounds[-1]`` above them all. A few classes per key, so new prompt lengths or
+    image counts reuse the launch configs chosen for their class instead of timing the candidates again."""
+    n = int(n)
+    for bound in bounds:
+        if n <= bound:
+            return int(bound)
+    return 2 * int(bounds[-1])
+
+
+# SM count assumed under the interpreter (no device to ask): small, so default launches stay cheap on CPU.
+INTERPRETER_SM_COUNT = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a host-side property query, cached; no stream work)."""
+    if INTERPRET or device.type != "cuda":
+        return INTERPRETER_SM_COUNT
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -314,27 +352,6 @@ def aot_launch(kernel: str, fn, args: Mapping[str, object], config: triton.Confi
     if missing or unknown:
         raise ValueError(f"{kernel} AOT variant {label!r}: missing arguments {missing}, unknown {unknown}")
     return AotVariant(kernel, fn, args, config.num_warps, config.num_stages, label, tuple(archs))
-
-
-def make_aot_variant(kernel: str, fn, *, pointers: Mapping[str, str], constexprs: Mapping[str, object],
-                     config: triton.Config, label: str, floats: Sequence[str] = (),
-                     unaligned: Sequence[str] = ()) -> AotVariant:
-    """Older declaration kept for kernel families not yet moved to :func:`aot_launch`: pointers and ``stride_*``
-    arguments aligned unless ``unaligned``, every other integer neither a multiple of 16 nor 1. Not exact: a size
-    that is a multiple of 16 at run time compiles differently (e.g. a pipelined K loop); prefer :func:`aot_launch`."""
-    dtypes = {v: k for k, v in _POINTER_TYPES.items()}
-    args: Dict[str, object] = dict(constexprs)
-    for name in fn.arg_names:
-        if name in constexprs:
-            continue
-        if name in pointers:
-            t = meta_tensor((32,), dtypes[pointers[name]])
-            args[name] = t[1:] if name in unaligned else t
-        elif name in floats:
-            args[name] = 1.5
-        else:
-            args[name] = 16 if name.startswith("stride_") and name not in unaligned else 17
-    return AotVariant(kernel, fn, args, config.num_warps, config.num_stages, label)
 
 
 def runtime_specialization(fn, args: Mapping[str, object], num_warps: int, num_stages: int, arch: int):

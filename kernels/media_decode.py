@@ -32,28 +32,31 @@ keeps ``BLOCK_N * token stride`` below 2**31). fp32 statistics and fp32 ``tl.dot
 """
 from __future__ import annotations
 
-import functools
+from itertools import product
 from typing import List, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import (
+from ._utils import (  # noqa: F401  (sm_count: part of this module's interface for the launcher)
     ARCHS,
     INTERPRET,
     LOG2E,
+    SM80,
+    SM90,
     TORCH_TO_TRITON_DTYPE,
     AotVariant,
+    aot_dot_precisions,
     aot_launch,
     cdiv,
     config_label,
     device_arch,
-    dot_precision,
     head_block,
     meta_tensor,
     named_strides,
     per_arch,
+    sm_count,
 )
 from .media_xattn import _NO_KEY, _online_softmax, _visible_keys
 
@@ -69,7 +72,12 @@ COMBINE_BLOCK_S = 16
 # ================================================================================================================
 
 
-@triton.jit
+# Not specialized (they change with the step's token count, the batch and the prompt; see kernels/media_xattn.py):
+# text_time's strides, the token / media / split counts and the beam group. The fp32 workspace is laid out with its
+# split and head axes padded to multiples of 16 (launcher), so its strides never change class; text_time may be a
+# view at any offset (the last column of a prompt's), so its alignment is not specialized either.
+@triton.jit(do_not_specialize=("stride_tb", "stride_tt", "num_tokens", "num_media", "num_splits", "kv_group"),
+            do_not_specialize_on_alignment=("TEXT_TIME",))
 def _media_decode_split_kernel(
     Q, K, V, O, O_PART, LSE_PART, TEXT_TIME,
     stride_qb, stride_qt, stride_qh,
@@ -144,7 +152,7 @@ def _media_decode_split_kernel(
         tl.store(LSE_PART + bh * stride_lbh + split + rows * stride_lt, b_lse, mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("num_splits",))
 def _media_decode_combine_kernel(
     O_PART, LSE_PART, O,
     stride_wbh, stride_wt, stride_ws,
@@ -197,16 +205,16 @@ INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=1)
 # row that ships on the device's architecture (a row without architectures ships on sm_80 and sm_90). Decode is
 # bandwidth-bound, so the key tile is sized for bytes in flight (2-3 stages of 64 keys x 2 tensors per program)
 # rather than for MMA shape; 64 also matches Flamingo's 64 latents, so an immediate-mode token reads exactly one tile.
-# fp32 uses IEEE products (FMA loops) whose operands live in registers: 64-key tiles with 4 warps at head_dim 64, and
-# unpipelined 32-key tiles with 8 warps at head_dim 128 (the pipelined ones spill a few bytes under Triton 3.9, and
-# 8-warp tiles at head_dim 64 spill at 64 registers under 3.6). Every entry compiles for its architectures without a
-# spill, within 240 registers and within shared memory under the pinned and the newest Triton
-# (python -m fastflamingo.aot).
+# fp32 runs IEEE or TF32 products (torch's matmul precision) whose operands live in registers, and the two compile
+# differently: the fp32 rows are those that compile cleanly both ways under both Triton releases (on sm_90 at
+# head_dim 128 only 16-key tiles with 8 warps or 32-key tiles with 8 warps and 3 stages do). Every entry compiles for
+# its architectures without a spill, within 240 registers and within shared memory under the pinned and the newest
+# Triton (python -m fastflamingo.aot).
 _GPU_CONFIG_TABLE = {
     ("lowp", 64): [(64, 4, 3)],
     ("lowp", 128): [(64, 4, 3)],
-    ("fp32", 64): [(64, 4, 2)],
-    ("fp32", 128): [(32, 8, 1)],
+    ("fp32", 64): [(64, 4, 2, SM80), (64, 8, 1, SM90)],
+    ("fp32", 128): [(32, 8, 1, SM80), (32, 8, 3, SM90)],
 }
 _GPU_CONFIGS = per_arch(_GPU_CONFIG_TABLE, lambda n, w, s: triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s))
 COMBINE_CONFIG = triton.Config({}, num_warps=4, num_stages=1)
@@ -217,8 +225,6 @@ COMBINE_CONFIG = triton.Config({}, num_warps=4, num_stages=1)
 SPLIT_WAVES = 2
 MIN_TILES_PER_SPLIT = 2
 MAX_SPLITS = 64
-# SM count assumed under the interpreter (no device to ask): small, so default launches stay cheap on CPU.
-INTERPRETER_SM_COUNT = 4
 
 
 def shipped_config(dtype: torch.dtype, head_dim: int, arch: Optional[int] = None) -> triton.Config:
@@ -229,18 +235,6 @@ def shipped_config(dtype: torch.dtype, head_dim: int, arch: Optional[int] = None
 
 def default_config(dtype: torch.dtype, head_dim: int, device: Optional[torch.device] = None) -> triton.Config:
     return INTERPRETER_CONFIG if INTERPRET else shipped_config(dtype, head_dim, device_arch(device))
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (a host-side property query, cached; no stream work)."""
-    if INTERPRET or device.type != "cuda":
-        return INTERPRETER_SM_COUNT
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def choose_splits(batch: int, heads: int, visible_keys: int, block_n: int, sms: int) -> int:
@@ -268,19 +262,21 @@ _AOT_STEPS = ((64, 1, 8, 33), (96, 4, 16, 17), (128, 16, 64, 33))
 _AOT_LATENTS, _AOT_SPLITS = 64, 17
 
 
-def _aot_args(dtype: torch.dtype, step: tuple, splits: int) -> dict:
+def _aot_args(dtype: torch.dtype, step: tuple, splits: int, precision: str) -> dict:
     """What ``fastflamingo/ops/media_decode.py`` passes: q (B, 1, H, D) from a contiguous projection, k and v views
-    of one fused cached (B, M*n, 2*H*D) projection, int32 text_time (B, 1), fp32 partials for several splits."""
+    of one fused cached (B, M*n, 2*H*D) projection, int32 text_time (B, 1); several splits: fp32 partials with the
+    head axis padded to BLOCK_D and the LSEs' split axis to a multiple of 16; one split: o as the unused workspace."""
     head_dim, batch, heads, media = step
     q = meta_tensor((batch, 1, heads, head_dim), dtype)
     k = meta_tensor((batch, media * _AOT_LATENTS, 2, heads, head_dim), dtype)[:, :, 0]
     text_time = meta_tensor((batch, 1), torch.int32)
-    part = meta_tensor((batch * heads, 1, splits, head_dim), torch.float32) if splits > 1 else q
-    lse = meta_tensor((batch * heads, 1, splits), torch.float32) if splits > 1 else q
+    padded = cdiv(splits, 16) * 16
+    part = meta_tensor((batch * heads, 1, splits, head_block(head_dim)), torch.float32) if splits > 1 else q
+    lse = meta_tensor((batch * heads, 1, padded), torch.float32) if splits > 1 else q
     args = dict(Q=q, K=k, V=k, O=q, O_PART=part, LSE_PART=lse, TEXT_TIME=text_time, num_heads=heads, num_tokens=1,
                 num_media=media, latents=_AOT_LATENTS, num_splits=splits, kv_group=1,
                 qk_scale=head_dim ** -0.5 * LOG2E, HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_M=BLOCK_M,
-                DOT_PRECISION=dot_precision(dtype), DIRECT=splits == 1,
+                DOT_PRECISION=precision, DIRECT=splits == 1,
                 stride_wbh=0, stride_wt=0, stride_ws=0, stride_lbh=0, stride_lt=0)  # DIRECT: no workspace
     for names, t in ((("stride_qb", "stride_qt", "stride_qh"), q), (("stride_kb", "stride_kl", "stride_kh"), k),
                      (("stride_vb", "stride_vl", "stride_vh"), k), (("stride_ob", "stride_ot", "stride_oh"), q),
@@ -302,15 +298,15 @@ def aot_variants(quick: bool = False) -> List[AotVariant]:
     for dtype, step, arch in ((d, s, a) for d in dtypes for s in steps for a in ARCHS):
         io, head_dim = TORCH_TO_TRITON_DTYPE[dtype], step[0]
         config = shipped_config(dtype, head_dim, arch)
-        for immediate in (True, False):
-            for splits in (1, _AOT_SPLITS):
-                label = (f"{io} d{head_dim} {'imm' if immediate else 'prev'} "
-                         f"{'direct' if splits == 1 else 'split'} {config_label(config)}")
-                variants.append(aot_launch("media_decode_split", _media_decode_split_kernel,
-                                           dict(_aot_args(dtype, step, splits), IMMEDIATE=immediate), config, label,
-                                           archs=(arch,)))
-        part = meta_tensor((step[1] * step[2], 1, _AOT_SPLITS, head_dim), torch.float32)
-        lse, o = meta_tensor(part.shape[:3], torch.float32), meta_tensor((step[1], 1, step[2], head_dim), dtype)
+        for immediate, splits, precision in product((True, False), (1, _AOT_SPLITS), aot_dot_precisions(dtype)):
+            label = (f"{io}{'/tf32' if precision == 'tf32' and dtype == torch.float32 else ''} d{head_dim} "
+                     f"{'imm' if immediate else 'prev'} {'direct' if splits == 1 else 'split'} {config_label(config)}")
+            variants.append(aot_launch("media_decode_split", _media_decode_split_kernel,
+                                       dict(_aot_args(dtype, step, splits, precision), IMMEDIATE=immediate), config,
+                                       label, archs=(arch,)))
+        part = meta_tensor((step[1] * step[2], 1, _AOT_SPLITS, head_block(head_dim)), torch.float32)
+        lse = meta_tensor((step[1] * step[2], 1, cdiv(_AOT_SPLITS, 16) * 16), torch.float32)
+        o = meta_tensor((step[1], 1, step[2], head_dim), dtype)
         args = dict(O_PART=part, LSE_PART=lse, O=o, num_heads=step[2], num_splits=_AOT_SPLITS, HEAD_DIM=head_dim,
                     BLOCK_D=head_block(head_dim), BLOCK_S=COMBINE_BLOCK_S,
                     **named_strides(("stride_wbh", "stride_wt", "stride_ws"), part),

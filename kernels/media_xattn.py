@@ -35,12 +35,14 @@ of media index correctly; offsets inside a tile are int32 (``rows * token stride
 launchers), which keeps the address arithmetic out of the register budget. head_dim is padded to the next power of
 two (at least 16) with masked loads.
 
-This file holds the kernels, their launch configurations and the device-side schedules; the host-side launchers
-and the custom ops are in ``fastflamingo/ops/media_xattn.py`` (``docs/design.md`` shows the layers).
+This file holds the kernels and their launch configurations; the device-side schedules are in ``_schedules.py``
+(shared with mllama_xattn), the host-side launchers and the custom ops in ``fastflamingo/ops/media_xattn.py``
+(``docs/design.md`` shows the layers).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from itertools import product
+from typing import List, Optional
 
 import torch
 import triton
@@ -57,14 +59,16 @@ from ._utils import (
     ConfigChooser,
     aot_launch,
     config_label,
+    aot_dot_precisions,
+    cdiv,
     device_arch,
-    dot_precision,
     head_block,
-    length_bucket,
     meta_tensor,
     named_strides,
     per_arch,
+    size_class,
 )
+from ._schedules import media_token_ranges, query_tile_schedule, query_tile_slots  # noqa: F401  (launchers)
 
 _NO_KEY = tl.constexpr(2147483647)  # larger than any key index: the identity of the min over visible key starts
 
@@ -119,7 +123,18 @@ def _online_softmax(b_q, p_k, p_v, kt_offs, v_offs, start, stop, b_lo, b_hi, col
     return b_m, b_l, b_acc
 
 
-@triton.jit
+# Arguments that only feed masks and offsets and change with the prompt (text length, media count, schedule size,
+# strides of the (B, H, T) statistics and of text_time, the beam group) are not specialized: Triton would otherwise
+# compile a new variant whenever one of them becomes 1 or a multiple of 16 (docs/steady_state.md, "Specializations").
+# The strides of q, k, v, o keep their specialization: they are multiples of 16 whenever heads * head_dim is (every
+# Flamingo model), so they do not vary, and their divisibility is what lets the loads vectorize.
+_PROMPT_ARGS = ("stride_lb", "stride_lh", "stride_tb", "stride_tt", "num_media")
+# text_time may be a view at any offset (a caller's slice of a longer mask): its alignment is not specialized
+# either (a few int32 loads per tile)
+_ANY_ALIGNMENT = ("TEXT_TIME",)
+
+
+@triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_pb", "kv_group"), do_not_specialize_on_alignment=_ANY_ALIGNMENT)
 def _media_xattn_fwd_kernel(
     Q, K, V, O, LSE, TEXT_TIME, TILE_START, TILE_END,
     stride_qb, stride_qt, stride_qh,
@@ -187,7 +202,7 @@ def _media_xattn_fwd_kernel(
     tl.store(LSE + b * stride_lb + h * stride_lh + t0 + rows, b_lse, mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("stride_db", "stride_dh", "num_tokens"))
 def _media_xattn_bwd_preprocess_kernel(
     O, DO, DELTA,
     stride_ob, stride_ot, stride_oh,
@@ -213,7 +228,8 @@ def _media_xattn_bwd_preprocess_kernel(
     tl.store(DELTA + b * stride_db + h * stride_dh + t0 + rows, tl.sum(b_o * b_do, axis=1), mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_rb", "num_splits"),
+            do_not_specialize_on_alignment=_ANY_ALIGNMENT)
 def _media_xattn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, TEXT_TIME, TOKEN_FIRST, TOKEN_END, DK, DV,
     stride_qb, stride_qt, stride_qh,
@@ -223,19 +239,23 @@ def _media_xattn_bwd_dkdv_kernel(
     stride_lb, stride_lh,
     stride_tb, stride_tt,
     stride_rb,
-    stride_dkb, stride_dkl, stride_dkh,
-    stride_dvb, stride_dvl, stride_dvh,
-    num_heads, num_media, latents, qk_scale, sm_scale,
+    stride_dks, stride_dkb, stride_dkl, stride_dkh,
+    stride_dvs, stride_dvb, stride_dvl, stride_dvh,
+    num_heads, num_media, latents, num_splits, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IMMEDIATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program: one media-aligned key tile of one (sample, head); loops over the tokens that see its media.
+    """One program: one media-aligned key tile of one (sample, head) and one split (grid axis 2) of the tokens that
+    see its media: split ``s`` takes token blocks ``[s * blocks // splits, (s + 1) * blocks // splits)``.
 
     Computed transposed ([keys, tokens]) so that the dK/dV accumulators need no transpose:
-    ``dv += p^T do``, ``dk += scale * ds^T q`` with ``ds = p * (do v^T - delta)``.
+    ``dv += p^T do``, ``dk += scale * ds^T q`` with ``ds = p * (do v^T - delta)``. With one split DK/DV are the
+    gradients; with several they are fp32 partials (split stride ``stride_dks``) that the launcher sums in split
+    order (deterministic).
     """
     pid_tile = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_split = tl.program_id(2)
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
     tiles_per_media = tl.cdiv(latents, BLOCK_N)
@@ -256,6 +276,11 @@ def _media_xattn_bwd_dkdv_kernel(
     b_v = tl.load(p_v + cols[:, None] * stride_vl + offs_d[None, :], mask=nd_ok, other=0.0)
     tok_first = tl.load(TOKEN_FIRST + b * stride_rb + media)
     tok_end = tl.load(TOKEN_END + b * stride_rb + media)
+    # this split's share of the token blocks (an empty media has first = T > end = 0: no blocks)
+    num_blocks = tl.cdiv(tl.maximum(tok_end - tok_first, 0), BLOCK_M)
+    tok_stop = tl.minimum(tok_first + ((pid_split + 1) * num_blocks // num_splits) * BLOCK_M, tok_end)
+    tok_first = tok_first + (pid_split * num_blocks // num_splits) * BLOCK_M
+    tok_end = tok_stop
 
     # scalar base pointers of the current token block, advanced by BLOCK_M tokens per step
     m_first = tok_first.to(tl.int64)
@@ -292,13 +317,14 @@ def _media_xattn_bwd_dkdv_kernel(
         p_delta += BLOCK_M
 
     b_dk = b_dk * sm_scale
-    p_dk = DK + b * stride_dkb + h * stride_dkh + n0 * stride_dkl
-    p_dv = DV + b * stride_dvb + h * stride_dvh + n0 * stride_dvl
+    split = pid_split.to(tl.int64)
+    p_dk = DK + split * stride_dks + b * stride_dkb + h * stride_dkh + n0 * stride_dkl
+    p_dv = DV + split * stride_dvs + b * stride_dvb + h * stride_dvh + n0 * stride_dvl
     tl.store(p_dk + cols[:, None] * stride_dkl + offs_d[None, :], b_dk.to(DK.dtype.element_ty), mask=nd_ok)
     tl.store(p_dv + cols[:, None] * stride_dvl + offs_d[None, :], b_dv.to(DV.dtype.element_ty), mask=nd_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_pb",), do_not_specialize_on_alignment=_ANY_ALIGNMENT)
 def _media_xattn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, TEXT_TIME, TILE_START, TILE_END, DQ,
     stride_qb, stride_qt, stride_qh,
@@ -367,71 +393,20 @@ def _media_xattn_bwd_dq_kernel(
     tl.store(p_dq + rows[:, None] * stride_dqt + offs_d[None, :], b_dq.to(DQ.dtype.element_ty), mask=md_ok)
 
 
-# ================================================================================================================
-# Device-side schedules (torch ops on the device: no host synchronisation)
-# ================================================================================================================
+# dK/dV token splits: under DKDV_SPLIT_WAVES programs per SM, the token loop is cut into splits (grid axis 2) of at
+# least DKDV_MIN_BLOCKS token blocks, at most DKDV_MAX_SPLITS (fp32 partials summed in split order).
+DKDV_SPLIT_WAVES, DKDV_MIN_BLOCKS, DKDV_MAX_SPLITS = 2, 2, 16
 
 
-def query_tile_slots(num_tokens: int, num_media: int, block_m: int) -> int:
-    """Upper bound of run-aligned query tiles per sample (see the module docstring); also >= ceil(T / BLOCK_M)."""
-    return max(1, min(num_tokens, num_tokens // block_m + num_media + 2))
-
-
-def query_tile_schedule(lo: torch.Tensor, hi: torch.Tensor, num_media: int,
-                        block_m: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Run-aligned query tiles: int32 (B, slots) ``tile_start`` / ``tile_end``; unused slots have start == end.
-
-    ``lo``, ``hi``: each token's visible media (``fastflamingo.masks.visible_media``); a run is a stretch of
-    tokens with equal (lo, hi)."""
-    batch, num_tokens = lo.shape
-    device = lo.device
-    slots = query_tile_slots(num_tokens, num_media, block_m)
-    pos = torch.arange(num_tokens, device=device, dtype=torch.int32).expand(batch, num_tokens)
-    change = torch.ones((batch, num_tokens), dtype=torch.bool, device=device)
-    change[:, 1:] = (lo[:, 1:] != lo[:, :-1]) | (hi[:, 1:] != hi[:, :-1])
-    run_start = torch.where(change, pos, torch.zeros_like(pos)).cummax(dim=1).values
-    # first change strictly after t (or T): a reversed running minimum of the change positions shifted by one
-    change_after = torch.full_like(pos, num_tokens)
-    change_after[:, :-1] = torch.where(change[:, 1:], pos[:, 1:], change_after[:, 1:])
-    run_end = change_after.flip(1).cummin(dim=1).values.flip(1)
-    is_start = (pos - run_start) % block_m == 0
-    end_if_start = torch.minimum(pos + block_m, run_end)
-    ordinal = is_start.cumsum(dim=1, dtype=torch.int32)  # non-decreasing: the i-th tile starts where it reaches i
-    wanted = torch.arange(1, slots + 1, device=device, dtype=torch.int32).expand(batch, slots).contiguous()
-    where = torch.searchsorted(ordinal.contiguous(), wanted)  # int64; num_tokens past the last tile
-    used = where < num_tokens
-    gather_at = where.clamp(max=num_tokens - 1)
-    start = torch.where(used, where.to(torch.int32), 0)
-    end = torch.where(used, end_if_start.gather(1, gather_at), 0)
-    # Too many runs for the slots (only when text_time is not monotone): plain BLOCK_M tiles for that sample.
-    plain_start = (wanted - 1) * block_m
-    plain_used = plain_start < num_tokens
-    plain_end = torch.where(plain_used, torch.clamp(plain_start + block_m, max=num_tokens), 0)
-    plain_start = torch.where(plain_used, plain_start, 0)
-    overflow = (ordinal[:, -1] > slots)[:, None]
-    start = torch.where(overflow, plain_start, start).to(torch.int32).contiguous()
-    end = torch.where(overflow, plain_end, end).to(torch.int32).contiguous()
-    return start, end
-
-
-def media_token_ranges(lo: torch.Tensor, hi: torch.Tensor, num_media: int,
-                       immediate: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per (sample, media): [first, last + 1) of the tokens that see it, int32 (B, M); empty as (T, 0).
-    ``lo``, ``hi``: each token's visible media (``fastflamingo.masks.visible_media``)."""
-    batch, num_tokens = lo.shape
-    device = lo.device
-    pos = torch.arange(num_tokens, device=device, dtype=torch.int32).expand(batch, num_tokens)
-    # immediate: a token sees media lo only; all-previous: it sees 0..hi-1, so index it by its last media and
-    # spread with a reversed running min/max below. Tokens that see nothing go to a dummy column M.
-    index = torch.where(hi > lo, hi - 1, num_media).to(torch.int64)
-    first = torch.full((batch, num_media + 1), num_tokens, dtype=torch.int32, device=device)
-    last = torch.full((batch, num_media + 1), -1, dtype=torch.int32, device=device)
-    first = first.scatter_reduce(1, index, pos, reduce="amin")[:, :num_media]
-    last = last.scatter_reduce(1, index, pos, reduce="amax")[:, :num_media]
-    if not immediate:
-        first = first.flip(1).cummin(dim=1).values.flip(1)
-        last = last.flip(1).cummax(dim=1).values.flip(1)
-    return first.contiguous(), (last + 1).contiguous()
+def dkdv_splits(programs: int, num_tokens: int, num_media: int, immediate: bool, block_m: int, sms: int) -> int:
+    """Token splits of the dK/dV kernel, from shapes only (no tensor read): ``programs`` is its grid without
+    splits; the tokens that see one media are estimated as ``T / M`` (immediate) or ``T`` (all previous)."""
+    if programs >= DKDV_SPLIT_WAVES * sms:
+        return 1
+    tokens = cdiv(num_tokens, max(num_media, 1)) if immediate else num_tokens
+    blocks = cdiv(max(tokens, 1), block_m)
+    return max(1, min(cdiv(DKDV_SPLIT_WAVES * sms, max(programs, 1)), cdiv(blocks, DKDV_MIN_BLOCKS),
+                      DKDV_MAX_SPLITS))
 
 
 # ================================================================================================================
@@ -457,15 +432,15 @@ _GPU_CONFIG_TABLE = {
     ("fwd", "lowp", 128): [(64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 8, 2), (16, 64, 4, 2), (128, 64, 8, 3, SM90),
                            (64, 32, 4, 2, SM90)],
     ("dkdv", "lowp", 64): [(32, 64, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2)],
-    ("dkdv", "lowp", 128): [(32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 8, 2)],
+    ("dkdv", "lowp", 128): [(32, 64, 8, 2), (32, 32, 4, 2, SM80), (32, 32, 8, 2, SM90), (16, 64, 8, 2)],
     ("dq", "lowp", 64): [(128, 32, 8, 2), (64, 32, 4, 2), (16, 64, 4, 2)],
     ("dq", "lowp", 128): [(64, 64, 8, 2), (64, 32, 8, 2), (16, 64, 4, 2), (128, 32, 8, 1, SM90), (64, 32, 4, 2, SM90)],
     ("fwd", "fp32", 64): [(16, 64, 8, 2)],
     ("fwd", "fp32", 128): [(16, 64, 8, 2, SM80), (16, 64, 4, 2, SM90)],
     ("dkdv", "fp32", 64): [(16, 32, 4, 1)],
-    ("dkdv", "fp32", 128): [(16, 32, 4, 1)],
-    ("dq", "fp32", 64): [(16, 64, 8, 2)],
-    ("dq", "fp32", 128): [(16, 64, 8, 2)],
+    ("dkdv", "fp32", 128): [(16, 16, 4, 1)],  # 16x32 tiles spill under 3.6 or 3.9 with IEEE or TF32 products
+    ("dq", "fp32", 64): [(16, 64, 4, 2)],
+    ("dq", "fp32", 128): [(16, 64, 8, 2)],  # 4 warps: 250+ registers with TF32 products on sm_80
 }
 _GPU_CONFIGS = per_arch(_GPU_CONFIG_TABLE, _cfg)
 PREPROCESS_BLOCK_M = 64
@@ -483,8 +458,15 @@ AUTOTUNE_KEY = ("head_dim", "latents", "immediate", "dtype", "text_bucket", "med
 
 
 def autotune_key(q: torch.Tensor, num_media: int, latents: int, immediate: bool) -> tuple:
-    """head_dim, latents per media, mode, dtype and bucketed lengths (text per sample, media per sample)."""
-    return (q.shape[-1], latents, bool(immediate), q.dtype, length_bucket(q.shape[1]), length_bucket(num_media))
+    """head_dim, latents per media, mode, dtype and the classes of the lengths that change with every prompt (text
+    per sample: up to 64, up to 1024, longer; media per sample: 1, up to 8, more), so that generate times the
+    candidates for a handful of keys in a process, not for every new prompt length or image count."""
+    return (q.shape[-1], latents, bool(immediate), q.dtype, size_class(q.shape[1], TEXT_CLASSES),
+            size_class(num_media, MEDIA_CLASSES))
+
+
+TEXT_CLASSES = (64, 1024)
+MEDIA_CLASSES = (1, 8)
 
 
 def _pruner(kind: str):
@@ -524,10 +506,12 @@ _AOT_SHAPES = ((64, True, 16, 4096, 8, 33), (96, False, 16, 2048, 16, 17), (128,
 _AOT_LATENTS = 64
 
 
-def _aot_args(kind: str, dtype: torch.dtype, shape: tuple, block_m: int) -> dict:
+def _aot_args(kind: str, dtype: torch.dtype, shape: tuple, block_m: int, precision: str, partial: bool = False
+              ) -> dict:
     """What ``fastflamingo/ops/media_xattn.py`` passes at ``shape``: q (B, T, H, D) contiguous, k and v views of one
     fused (B, M*n, 2*H*D) projection (OpenFlamingo's ``to_kv``), int32 text_time (B, T), fresh outputs, lse and
-    schedules, one K/V row per sample (``kv_group`` 1)."""
+    schedules, one K/V row per sample (``kv_group`` 1); dK/dV: the gradients themselves (one split, an unsqueezed
+    view) or fp32 partials per token split (``partial``)."""
     head_dim, immediate, batch, text, heads, media = shape
     q, do = meta_tensor((batch, text, heads, head_dim), dtype), meta_tensor((batch, text, heads, head_dim), dtype)
     kv = meta_tensor((batch, media * _AOT_LATENTS, 2, heads, head_dim), dtype)
@@ -537,7 +521,7 @@ def _aot_args(kind: str, dtype: torch.dtype, shape: tuple, block_m: int) -> dict
         (batch, media), torch.int32)
     args = dict(Q=q, K=k, V=v, LSE=lse, TEXT_TIME=text_time, num_heads=heads, num_media=media, latents=_AOT_LATENTS,
                 qk_scale=head_dim ** -0.5 * LOG2E, HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim),
-                IMMEDIATE=immediate, DOT_PRECISION=dot_precision(dtype))
+                IMMEDIATE=immediate, DOT_PRECISION=precision)
     for names, t in ((("stride_qb", "stride_qt", "stride_qh"), q), (("stride_kb", "stride_kl", "stride_kh"), k),
                      (("stride_vb", "stride_vl", "stride_vh"), v), (("stride_lb", "stride_lh"), lse),
                      (("stride_tb", "stride_tt"), text_time)):
@@ -548,10 +532,12 @@ def _aot_args(kind: str, dtype: torch.dtype, shape: tuple, block_m: int) -> dict
     args.update(DO=do, DELTA=lse, sm_scale=head_dim ** -0.5,
                 **named_strides(("stride_gb", "stride_gt", "stride_gh"), do))
     if kind == "dkdv":
-        dk = meta_tensor(k.shape, dtype)
+        splits = 3 if partial else 1
+        dk = meta_tensor((splits,) + tuple(k.shape), torch.float32) if partial else meta_tensor(k.shape, dtype)[None]
         return dict(args, TOKEN_FIRST=ranges, TOKEN_END=ranges, stride_rb=ranges.stride(0), DK=dk, DV=dk,
-                    **named_strides(("stride_dkb", "stride_dkl", "stride_dkh"), dk),
-                    **named_strides(("stride_dvb", "stride_dvl", "stride_dvh"), dk))
+                    num_splits=splits,
+                    **named_strides(("stride_dks", "stride_dkb", "stride_dkl", "stride_dkh"), dk),
+                    **named_strides(("stride_dvs", "stride_dvb", "stride_dvl", "stride_dvh"), dk))
     return dict(args, TILE_START=tiles, TILE_END=tiles, stride_pb=tiles.stride(0), DQ=q,
                 **named_strides(("stride_dqb", "stride_dqt", "stride_dqh"), q))
 
@@ -570,11 +556,16 @@ def aot_variants(quick: bool = False) -> List[AotVariant]:
             head_dim, immediate = shape[:2]
             for (kind, fn), arch in ((item, arch) for item in kernels.items() for arch in ARCHS):
                 configs = shipped_configs(kind, dtype, head_dim, arch)
-                for config in configs[:1] if first_only else configs:
+                # dK/dV with token splits writes fp32 partials: its own pointer types
+                partials = (False, True) if kind == "dkdv" and dtype != torch.float32 else (False,)
+                for config, precision, partial in product(configs[:1] if first_only else configs,
+                                                          aot_dot_precisions(dtype), partials):
+                    label = (f"{io}{'/tf32' if precision == 'tf32' and dtype == torch.float32 else ''} d{head_dim} "
+                             f"{'imm' if immediate else 'prev'} {config_label(config)}{' partial' if partial else ''}")
                     variants.append(aot_launch(
                         "media_xattn_fwd" if kind == "fwd" else f"media_xattn_bwd_{kind}", fn,
-                        _aot_args(kind, dtype, shape, config.kwargs["BLOCK_M"]), config,
-                        f"{io} d{head_dim} {'imm' if immediate else 'prev'} {config_label(config)}", archs=(arch,)))
+                        _aot_args(kind, dtype, shape, config.kwargs["BLOCK_M"], precision, partial), config, label,
+                        archs=(arch,)))
         for head_dim, _, batch, text, heads, _ in [s for s in _AOT_SHAPES[:3] if not quick or s[0] == 128]:
             o = meta_tensor((batch, text, heads, head_dim), dtype)
             delta = meta_tensor((batch, heads, text), torch.float32)

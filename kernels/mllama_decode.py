@@ -26,6 +26,7 @@ with one split the kernel writes the output directly. The split count comes from
 """
 from __future__ import annotations
 
+from itertools import product
 from typing import List, Optional
 
 import torch
@@ -40,9 +41,11 @@ from ._utils import (
     TORCH_TO_TRITON_DTYPE,
     AotVariant,
     aot_launch,
+    cdiv,
     config_label,
     device_arch,
     dot_precision,
+    aot_dot_precisions,
     head_block,
     meta_tensor,
     named_strides,
@@ -55,7 +58,10 @@ from .mllama_xattn import online_softmax_step
 _SCORE_FLOOR = tl.constexpr(-1.0e38)
 
 
-@triton.jit
+# Not specialized (they change with the step's token count, the batch, the image count and the split count): the
+# mask's batch and token strides, the workspace strides, the unit-list stride and the counts.
+@triton.jit(do_not_specialize=("stride_mb", "stride_mt", "stride_wbh", "stride_wt", "stride_lbh", "stride_lt",
+                               "stride_ub", "num_tokens", "num_keys", "num_splits"))
 def _mllama_decode_split_kernel(
     Q, K, V, MASK, O, O_PART, LSE_PART, UNITS, UNIT_COUNT,
     stride_qb, stride_qt, stride_qh,
@@ -145,24 +151,29 @@ INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=1)
 
 # GPU config per (precision, head tile): (BLOCK_N, num_warps, num_stages[, architectures]), the first row that ships
 # on the device's architecture (a row without architectures ships on sm_80 and sm_90). Decode is bandwidth-bound, so
-# the key tile is sized for bytes in flight (pipelined K and V tiles) rather than for MMA shape; fp32 uses IEEE FMA
-# loops with operands in registers. Every entry compiles for its architectures at <= 240 registers without spills at
-# every shape of ``aot_variants`` (with and without a mask, direct and split) under the pinned and the newest Triton:
-# 64-key tiles spilled at head_dim 128, as did the fp32 configs with wider tiles; at head_dim 128 the 32-key tile of
-# 32 rows (8 draft tokens x 4 heads) takes 242 registers on sm_90, where 16-key tiles serve.
+# the key tile is sized for bytes in flight (pipelined K and V tiles) rather than for MMA shape. fp32 has a row per
+# dot precision ("ieee": FMA loops with operands in registers; "tf32": tensor cores), which compile differently: at
+# head_dim 128 on sm_90 no config is clean both ways under both Triton releases. Every entry compiles for its
+# architectures at <= 240 registers without spills at every shape of ``aot_variants`` (with and without a mask,
+# direct and split, 1 or 8 draft tokens) under the pinned and the newest Triton: 64-key tiles spilled at head_dim
+# 128, as did most fp32 configs.
 _GPU_CONFIG_TABLE = {
     ("lowp", 64): [(64, 4, 3)],
     ("lowp", 128): [(32, 4, 3, SM80), (16, 4, 3, SM90)],
-    ("fp32", 64): [(32, 8, 1)],
-    ("fp32", 128): [(16, 8, 2)],
+    ("ieee", 64): [(32, 8, 1)],
+    ("ieee", 128): [(16, 8, 2, SM80), (32, 8, 2, SM90)],
+    ("tf32", 64): [(32, 8, 1)],
+    ("tf32", 128): [(16, 8, 2, SM80), (16, 8, 1, SM90)],
 }
 _GPU_CONFIGS = per_arch(_GPU_CONFIG_TABLE, lambda n, w, s: triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s))
 
 
-def shipped_config(dtype: torch.dtype, head_dim: int, arch: Optional[int] = None) -> triton.Config:
-    """The GPU config of the split kernel for this dtype and head size on ``arch`` (default: this device's)."""
-    precision = "fp32" if dtype == torch.float32 else "lowp"
-    return _GPU_CONFIGS[((precision, 64 if head_block(head_dim) <= 64 else 128), arch or device_arch())][0]
+def shipped_config(dtype: torch.dtype, head_dim: int, arch: Optional[int] = None,
+                   precision: Optional[str] = None) -> triton.Config:
+    """The GPU config of the split kernel for this dtype and head size on ``arch`` (default: this device's); fp32
+    by dot ``precision`` (default: what a launch uses now, ``dot_precision``)."""
+    key = "lowp" if dtype != torch.float32 else (precision or dot_precision(dtype))
+    return _GPU_CONFIGS[((key, 64 if head_block(head_dim) <= 64 else 128), arch or device_arch())][0]
 
 
 def default_config(dtype: torch.dtype, head_dim: int, device: Optional[torch.device] = None) -> triton.Config:
@@ -184,9 +195,10 @@ _AOT_SHAPES = ((128, 4, 1), (128, 8, 1), (128, 4, 8), (64, 1, 1))
 _AOT_BATCH, _AOT_KV_HEADS, _AOT_UNIT, _AOT_UNITS, _AOT_SPLITS = 4, 8, 1601, 4, 8
 
 
-def _aot_args(dtype: torch.dtype, shape: tuple, splits: int, has_mask: bool) -> dict:
+def _aot_args(dtype: torch.dtype, shape: tuple, splits: int, has_mask: bool, precision: str) -> dict:
     """What ``fastflamingo/ops/mllama_decode.py`` passes: q (B, Tq, H, D) contiguous, the cache's k, v (B, Hkv, K, D),
-    the additive mask's last rows (B, Tq, K) (or q in its place), int32 units (B, U), fp32 partials for splits."""
+    the additive mask's last rows (B, Tq, K) (or q in its place), int32 units (B, U), fp32 partials for splits
+    (media_decode's padded layout)."""
     head_dim, group, tokens = shape
     batch, kv_heads, keys = _AOT_BATCH, _AOT_KV_HEADS, _AOT_UNIT * _AOT_UNITS
     heads = kv_heads * group
@@ -194,13 +206,13 @@ def _aot_args(dtype: torch.dtype, shape: tuple, splits: int, has_mask: bool) -> 
     k = meta_tensor((batch, kv_heads, keys, head_dim), dtype)
     mask = meta_tensor((batch, tokens, keys), dtype) if has_mask else q
     units = meta_tensor((batch, _AOT_UNITS), torch.int32)
-    part = meta_tensor((batch * heads, tokens, splits, head_dim), torch.float32) if splits > 1 else q
-    lse = meta_tensor((batch * heads, tokens, splits), torch.float32) if splits > 1 else q
+    part = meta_tensor((batch * heads, tokens, splits, head_block(head_dim)), torch.float32) if splits > 1 else q
+    lse = meta_tensor((batch * heads, tokens, cdiv(splits, 16) * 16), torch.float32) if splits > 1 else q
     args = dict(Q=q, K=k, V=k, MASK=mask, O=q, O_PART=part, LSE_PART=lse, UNITS=units,
                 UNIT_COUNT=meta_tensor((batch,), torch.int32), stride_ub=units.stride(0), num_kv_heads=kv_heads,
                 num_tokens=tokens, num_keys=keys, unit_len=_AOT_UNIT, num_splits=splits, sm_scale=head_dim ** -0.5,
                 GROUP=group, HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), ROWS=rows_for(tokens, group),
-                HAS_MASK=has_mask, DIRECT=splits == 1, DOT_PRECISION=dot_precision(dtype),
+                HAS_MASK=has_mask, DIRECT=splits == 1, DOT_PRECISION=precision,
                 stride_mb=0, stride_mt=0, stride_mk=0, stride_wbh=0, stride_wt=0, stride_ws=0, stride_lbh=0, stride_lt=0)
     for names, t in ((("stride_qb", "stride_qt", "stride_qh"), q), (("stride_kb", "stride_kh", "stride_kl"), k),
                      (("stride_vb", "stride_vh", "stride_vl"), k), (("stride_ob", "stride_ot", "stride_oh"), q)):
@@ -221,11 +233,13 @@ def aot_variants(quick: bool = False) -> List[AotVariant]:
     variants = []
     for dtype, shape, arch in ((d, s, a) for d in dtypes for s in (_AOT_SHAPES[:1] if quick else _AOT_SHAPES)
                                for a in ARCHS):
-        config, io = shipped_config(dtype, shape[0], arch), TORCH_TO_TRITON_DTYPE[dtype]
-        for splits in (1, _AOT_SPLITS):
-            for has_mask in (True, False):
-                label = (f"{io} d{shape[0]} g{shape[1]} t{shape[2]} {'direct' if splits == 1 else 'split'} "
-                         f"{'mask' if has_mask else 'nomask'} {config_label(config)}")
-                variants.append(aot_launch("mllama_decode_split", _mllama_decode_split_kernel,
-                                           _aot_args(dtype, shape, splits, has_mask), config, label, archs=(arch,)))
+        io = TORCH_TO_TRITON_DTYPE[dtype]
+        for splits, has_mask, precision in product((1, _AOT_SPLITS), (True, False), aot_dot_precisions(dtype)):
+            config = shipped_config(dtype, shape[0], arch, precision)
+            label = (f"{io}{'/tf32' if precision == 'tf32' and dtype == torch.float32 else ''} d{shape[0]} "
+                     f"g{shape[1]} t{shape[2]} {'direct' if splits == 1 else 'split'} "
+                     f"{'mask' if has_mask else 'nomask'} {config_label(config)}")
+            variants.append(aot_launch("mllama_decode_split", _mllama_decode_split_kernel,
+                                       _aot_args(dtype, shape, splits, has_mask, precision), config, label,
+                                       archs=(arch,)))
     return variants

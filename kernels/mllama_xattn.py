@@ -22,7 +22,7 @@ backward's dK/dV program loops over the same rows, so the sum over the group's q
 Loops. A query tile visits the images ``[min start, max end)`` of its rows and, inside image ``j``, its real keys
 in ``BLOCK_N`` steps; ``tokens_per_tile`` (1601) is not a multiple of any tile size, so the last key tile of each
 image is partial and masked (keys past the image's real keys are neither loaded nor scored). Query tiles are aligned
-to runs of tokens that see the same images (``media_xattn.query_tile_schedule`` on run ids), so every row of a tile
+to runs of tokens that see the same images (``_schedules.query_tile_schedule`` on run ids), so every row of a tile
 normally needs exactly the keys the tile visits; each row is still masked by its own range, so any tile split stays
 exact. dK/dV programs own one ``BLOCK_N`` key tile of one image slot and loop over the tokens that see that image
 (``image_token_ranges``); key tiles nobody sees (padding, unless some row sees every key) write zeros and stop.
@@ -38,6 +38,7 @@ Offsets: sample/head/image/tile bases are int64 scalars; offsets inside a tile a
 """
 from __future__ import annotations
 
+from itertools import product
 from typing import List, Optional, Tuple
 
 import torch
@@ -48,6 +49,7 @@ from ._utils import (
     ARCHS,
     INTERPRET,
     LOG2E,
+    SM80,
     SM90,
     TORCH_TO_TRITON_DTYPE,
     AotVariant,
@@ -55,14 +57,14 @@ from ._utils import (
     aot_launch,
     config_label,
     device_arch,
-    dot_precision,
+    aot_dot_precisions,
     head_block,
     length_bucket,
     meta_tensor,
     named_strides,
     per_arch,
 )
-from .media_xattn import query_tile_schedule, query_tile_slots
+from ._schedules import query_tile_schedule, query_tile_slots
 
 _NO_IMAGE = tl.constexpr(2147483647)  # identity of the min over the rows' first images
 ALL_KEYS = -1  # img_start of a row that sees every key (padding included)
@@ -119,7 +121,13 @@ def _image_span(j, b_s, b_e, b_all, any_all, n_real, image_stride):
     return limit, row_end
 
 
-@triton.jit
+# Arguments that change with the prompt (the strides of the (B, H, T) statistics, of the per-token image ranges and
+# the per-image key counts, the schedule size, the image count) are not specialized: a new prompt length or image
+# count compiles nothing new (docs/steady_state.md, "Specializations").
+_PROMPT_ARGS = ("stride_lb", "stride_lh", "stride_sb", "stride_st", "stride_nb", "num_images")
+
+
+@triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_pb",))
 def _mllama_xattn_fwd_kernel(
     Q, K, V, O, LSE, IMG_START, IMG_END, IMG_KEYS, TILE_START, TILE_END,
     stride_qb, stride_qt, stride_qh,
@@ -196,7 +204,7 @@ def _mllama_xattn_fwd_kernel(
     tl.store(p_lse + head * stride_lh + tok, b_lse, mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PROMPT_ARGS)
 def _mllama_xattn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, IMG_START, IMG_END, IMG_KEYS, HAS_ALL, TOKEN_FIRST, TOKEN_END, DK, DV,
     stride_qb, stride_qt, stride_qh,
@@ -288,7 +296,7 @@ def _mllama_xattn_bwd_dkdv_kernel(
     tl.store(p_dv + dv_offs, b_dv.to(DV.dtype.element_ty), mask=nd_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_pb",))
 def _mllama_xattn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, IMG_START, IMG_END, IMG_KEYS, TILE_START, TILE_END, DQ,
     stride_qb, stride_qt, stride_qh,
@@ -419,12 +427,12 @@ _GPU_CONFIG_TABLE = {
     ("dkdv", "lowp", 128): [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
     ("dq", "lowp", 64): [(32, 64, 8, 1), (32, 32, 8, 2), (16, 64, 4, 2)],
     ("dq", "lowp", 128): [(64, 32, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2, SM90)],
-    ("fwd", "fp32", 64): [(16, 32, 8, 1)],
+    ("fwd", "fp32", 64): [(16, 64, 8, 1, SM80), (16, 32, 8, 2, SM90)],
     ("fwd", "fp32", 128): [(16, 32, 8, 2), (16, 64, 8, 1, SM90)],
     ("dkdv", "fp32", 64): [(16, 32, 4, 1)],
     ("dkdv", "fp32", 128): [(16, 32, 4, 1)],
     ("dq", "fp32", 64): [(16, 16, 8, 1)],
-    ("dq", "fp32", 128): [(16, 32, 4, 1)],
+    ("dq", "fp32", 128): [(16, 16, 4, 2, SM80), (16, 16, 8, 2, SM90)],
 }
 _GPU_CONFIGS = per_arch(_GPU_CONFIG_TABLE, _cfg)
 
@@ -477,7 +485,7 @@ _AOT_SHAPES = ((128, 4), (128, 8), (64, 1), (64, 2))
 _AOT_BATCH, _AOT_TEXT, _AOT_KV_HEADS, _AOT_IMAGE_STRIDE, _AOT_RUNS = 2, 2048, 8, 4 * 1601, 3
 
 
-def _aot_args(kind: str, dtype: torch.dtype, head_dim: int, group: int, block_m: int) -> dict:
+def _aot_args(kind: str, dtype: torch.dtype, head_dim: int, group: int, block_m: int, precision: str) -> dict:
     """What ``fastflamingo/ops/mllama_xattn.py`` passes: q (B, S, H, D) contiguous, k, v (B, Hkv, K, D) contiguous
     (the cache layout), int32 (B, S) image ranges and (B, 1) image key counts, fresh outputs and schedules."""
     batch, text, kv_heads, keys = _AOT_BATCH, _AOT_TEXT, _AOT_KV_HEADS, _AOT_IMAGE_STRIDE
@@ -489,7 +497,7 @@ def _aot_args(kind: str, dtype: torch.dtype, head_dim: int, group: int, block_m:
     args = dict(Q=q, K=k, V=k, LSE=lse, IMG_START=ranges, IMG_END=ranges, IMG_KEYS=image_keys,
                 num_kv_heads=kv_heads, num_images=1, image_stride=keys, qk_scale=head_dim ** -0.5 * LOG2E,
                 GROUP=group, HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_M=block_m,
-                DOT_PRECISION=dot_precision(dtype), stride_nb=image_keys.stride(0))
+                DOT_PRECISION=precision, stride_nb=image_keys.stride(0))
     for names, t in ((("stride_qb", "stride_qt", "stride_qh"), q), (("stride_kb", "stride_kh", "stride_kl"), k),
                      (("stride_vb", "stride_vh", "stride_vl"), k), (("stride_lb", "stride_lh"), lse),
                      (("stride_sb", "stride_st"), ranges)):
@@ -519,11 +527,12 @@ def aot_variants(quick: bool = False) -> List[AotVariant]:
         for (head_dim, group), (kind, fn), arch in ((s, k, a) for s in (_AOT_SHAPES[:1] if quick else _AOT_SHAPES)
                                                     for k in kernels.items() for a in ARCHS):
             configs = [c for c in shipped_configs(kind, dtype, head_dim, arch) if c.kwargs["ROWS"] >= group]
-            for config in configs[:1] if first_only else configs:
+            for config, precision in product(configs[:1] if first_only else configs, aot_dot_precisions(dtype)):
                 block_m = block_m_of(config, group)
+                tag = "/tf32" if precision == "tf32" and dtype == torch.float32 else ""
                 variants.append(aot_launch(
-                    f"mllama_xattn_{kind}", fn, dict(_aot_args(kind, dtype, head_dim, group, block_m),
+                    f"mllama_xattn_{kind}", fn, dict(_aot_args(kind, dtype, head_dim, group, block_m, precision),
                                                      BLOCK_N=config.kwargs["BLOCK_N"]),
                     triton.Config({}, num_warps=config.num_warps, num_stages=config.num_stages),
-                    f"{io} d{head_dim} g{group} {config_label(config)}", archs=(arch,)))
+                    f"{io}{tag} d{head_dim} g{group} {config_label(config)}", archs=(arch,)))
     return variants

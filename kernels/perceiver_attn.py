@@ -28,6 +28,7 @@ padded to the next power of two (at least 16: ``tl.dot`` needs K >= 16) with mas
 """
 from __future__ import annotations
 
+from itertools import product
 from typing import List, Optional
 
 import torch
@@ -43,15 +44,17 @@ from ._utils import (
     TORCH_TO_TRITON_DTYPE,
     AotVariant,
     ConfigChooser,
+    aot_dot_precisions,
     aot_launch,
+    cdiv,
     config_label,
     device_arch,
-    dot_precision,
     head_block,
     length_bucket,
     meta_tensor,
     named_strides,
     per_arch,
+    size_class,
 )
 
 
@@ -61,15 +64,28 @@ from ._utils import (
 
 
 @triton.jit
-def _fwd_source(b_q, b_m, b_l, b_acc, p_k, p_v, stride_k, stride_v, num_keys, qk_scale, d_ok,
+def _key_range(pid_split, num_splits, num_keys, tiles_before, total_tiles, BLOCK_N: tl.constexpr):
+    """This split's keys ``[start, stop)`` of one source: split ``s`` owns the key tiles
+    ``[s * total // splits, (s + 1) * total // splits)`` of the media tiles followed by the latent tiles, and a
+    source whose tiles start at ``tiles_before`` gets the part of that range that falls in it (maybe empty)."""
+    first = pid_split * total_tiles // num_splits - tiles_before
+    end = (pid_split + 1) * total_tiles // num_splits - tiles_before
+    start = tl.maximum(first, 0) * BLOCK_N
+    stop = tl.minimum(tl.maximum(end, 0) * BLOCK_N, num_keys)
+    return start, tl.maximum(stop, start)
+
+
+@triton.jit
+def _fwd_source(b_q, b_m, b_l, b_acc, p_k, p_v, stride_k, stride_v, start, stop, qk_scale, d_ok,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online-softmax update of (running max, running sum, accumulator) with every key of one source."""
+    """Online-softmax update of (running max, running sum, accumulator) with the keys ``[start, stop)`` of one
+    source (``p_k`` / ``p_v`` point at key ``start``)."""
     cols = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kt_offs = offs_d[:, None] + cols[None, :] * stride_k  # [BLOCK_D, BLOCK_N]: K loaded transposed
     v_offs = cols[:, None] * stride_v + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-    for start_n in range(0, num_keys, BLOCK_N):
-        n_ok = start_n + cols < num_keys
+    for start_n in range(start, stop, BLOCK_N):
+        n_ok = start_n + cols < stop
         b_kt = tl.load(p_k + kt_offs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
         b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
         b_s = tl.where(n_ok[None, :], b_s, float("-inf"))
@@ -87,7 +103,7 @@ def _fwd_source(b_q, b_m, b_l, b_acc, p_k, p_v, stride_k, stride_v, num_keys, qk
     return b_m, b_l, b_acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("num_splits",))
 def _perceiver_fwd_kernel(
     Q, KM, VM, KL, VL, O, LSE,
     stride_qn, stride_ql, stride_qh,
@@ -95,15 +111,18 @@ def _perceiver_fwd_kernel(
     stride_vmn, stride_vmp, stride_vmh,
     stride_kln, stride_kll, stride_klh,
     stride_vln, stride_vll, stride_vlh,
-    stride_on, stride_ol, stride_oh,
-    stride_sn, stride_sh,
-    num_heads, media_tokens, latents, qk_scale,
+    stride_os, stride_on, stride_ol, stride_oh,
+    stride_ss, stride_sn, stride_sh,
+    num_heads, media_tokens, latents, num_splits, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One program: one query tile of one (media, head); all media keys, then all latent keys."""
+    """One program: one query tile of one (media, head) and one split (grid axis 2) of the key tiles (media keys,
+    then latent keys). With one split O and LSE are the results; with several, each split writes its normalised
+    fp32 partial and its LSE (split strides ``stride_os`` / ``stride_ss``) for the launcher's combine."""
     pid_nh = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_split = tl.program_id(2)
     n = (pid_nh // num_heads).to(tl.int64)
     h = (pid_nh % num_heads).to(tl.int64)
     m0 = pid_m.to(tl.int64) * BLOCK_M
@@ -119,29 +138,37 @@ def _perceiver_fwd_kernel(
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 domain
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    media_tiles = tl.cdiv(media_tokens, BLOCK_N)
+    total_tiles = media_tiles + tl.cdiv(latents, BLOCK_N)
+    start, stop = _key_range(pid_split, num_splits, media_tokens, 0, total_tiles, BLOCK_N)
     b_m, b_l, b_acc = _fwd_source(
         b_q, b_m, b_l, b_acc,
-        KM + n * stride_kmn + h * stride_kmh, VM + n * stride_vmn + h * stride_vmh, stride_kmp, stride_vmp,
-        media_tokens, qk_scale, d_ok, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        KM + n * stride_kmn + h * stride_kmh + start.to(tl.int64) * stride_kmp,
+        VM + n * stride_vmn + h * stride_vmh + start.to(tl.int64) * stride_vmp, stride_kmp, stride_vmp,
+        start, stop, qk_scale, d_ok, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    start, stop = _key_range(pid_split, num_splits, latents, media_tiles, total_tiles, BLOCK_N)
     b_m, b_l, b_acc = _fwd_source(
         b_q, b_m, b_l, b_acc,
-        KL + n * stride_kln + h * stride_klh, VL + n * stride_vln + h * stride_vlh, stride_kll, stride_vll,
-        latents, qk_scale, d_ok, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        KL + n * stride_kln + h * stride_klh + start.to(tl.int64) * stride_kll,
+        VL + n * stride_vln + h * stride_vlh + start.to(tl.int64) * stride_vll, stride_kll, stride_vll,
+        start, stop, qk_scale, d_ok, BLOCK_N, BLOCK_D, DOT_PRECISION)
 
-    # every row saw at least the L >= 1 latent keys (padding rows saw them too, with q = 0), so l >= 1
+    # every split owns at least one key tile (the launcher keeps splits <= tiles), and every row saw all of its
+    # keys (padding rows too, with q = 0), so l >= 1
     b_o = b_acc / b_l[:, None]
     b_lse = (b_m + tl.log2(b_l)) * 0.6931471805599453
-    p_o = O + n * stride_on + h * stride_oh + m0 * stride_ol
+    split = pid_split.to(tl.int64)
+    p_o = O + split * stride_os + n * stride_on + h * stride_oh + m0 * stride_ol
     tl.store(p_o + rows[:, None] * stride_ol + offs_d[None, :], b_o.to(O.dtype.element_ty), mask=md_ok)
-    tl.store(LSE + n * stride_sn + h * stride_sh + m0 + rows, b_lse, mask=m_ok)
+    tl.store(LSE + split * stride_ss + n * stride_sn + h * stride_sh + m0 + rows, b_lse, mask=m_ok)
 
 
 @triton.jit
 def _bwd_source(b_q, b_do, b_lse2, b_delta, b_dq, p_k, p_v, p_dk, p_dv, stride_k, stride_v, stride_dk, stride_dv,
-                num_keys, m_ok, d_ok, qk_scale, sm_scale,
+                start, stop, m_ok, d_ok, qk_scale, sm_scale,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dK/dV of every key tile of one source (stored at once: this program holds all of their query rows) and
-    the dQ contribution of those keys (returned, unscaled):
+    """dK/dV of the key tiles ``[start, stop)`` of one source (stored at once: this program holds all of their
+    query rows; the pointers point at key ``start``) and the dQ contribution of those keys (returned, unscaled):
     ``dv = p^T do``, ``dk = scale * ds^T q``, ``dq += ds k`` with ``ds = p * (do v^T - delta)``.
 
     Scores are [queries, keys], so the loop-invariant q and dO are the row-distributed operand of the score
@@ -153,8 +180,8 @@ def _bwd_source(b_q, b_do, b_lse2, b_delta, b_dq, p_k, p_v, p_dk, p_dv, stride_k
     vt_offs = offs_d[:, None] + cols[None, :] * stride_v
     dk_offs = cols[:, None] * stride_dk + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
     dv_offs = cols[:, None] * stride_dv + offs_d[None, :]
-    for start_n in range(0, num_keys, BLOCK_N):
-        n_ok = start_n + cols < num_keys
+    for start_n in range(start, stop, BLOCK_N):
+        n_ok = start_n + cols < stop
         dn_ok = d_ok[:, None] & n_ok[None, :]
         b_kt = tl.load(p_k + kt_offs, mask=dn_ok, other=0.0)
         b_vt = tl.load(p_v + vt_offs, mask=dn_ok, other=0.0)
@@ -174,7 +201,7 @@ def _bwd_source(b_q, b_do, b_lse2, b_delta, b_dq, p_k, p_v, p_dk, p_dv, stride_k
     return b_dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("num_splits",))
 def _perceiver_bwd_kernel(
     Q, KM, VM, KL, VL, O, DO, LSE, DQ, DKM, DVM, DKL, DVL,
     stride_qn, stride_ql, stride_qh,
@@ -185,19 +212,23 @@ def _perceiver_bwd_kernel(
     stride_on, stride_ol, stride_oh,
     stride_gn, stride_gl, stride_gh,
     stride_sn, stride_sh,
-    stride_dqn, stride_dql, stride_dqh,
+    stride_dqs, stride_dqn, stride_dql, stride_dqh,
     stride_dkmt, stride_dkmn, stride_dkmp, stride_dkmh,
     stride_dvmt, stride_dvmn, stride_dvmp, stride_dvmh,
     stride_dklt, stride_dkln, stride_dkll, stride_dklh,
     stride_dvlt, stride_dvln, stride_dvll, stride_dvlh,
-    num_heads, media_tokens, latents, qk_scale, sm_scale,
+    num_heads, media_tokens, latents, num_splits, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One program: one query tile of one (media, head). dK/dV go to tile ``pid_m`` of the dK/dV buffers (their
-    ``stride_*t``; with one query tile that is the gradient itself)."""
+    """One program: one query tile of one (media, head) and one split (grid axis 2) of the key tiles. dK/dV of
+    those keys go to tile ``pid_m`` of the dK/dV buffers (their ``stride_*t``; with one query tile that is the
+    gradient itself): final, since no other program touches those keys for this query tile. dQ goes to split
+    ``pid_split`` of DQ (``stride_dqs``): the gradient itself with one split, fp32 partials summed by the launcher
+    in split order otherwise."""
     pid_nh = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_split = tl.program_id(2)
     n = (pid_nh // num_heads).to(tl.int64)
     h = (pid_nh % num_heads).to(tl.int64)
     t = pid_m.to(tl.int64)
@@ -220,22 +251,30 @@ def _perceiver_bwd_kernel(
     b_lse2 = tl.load(LSE + n * stride_sn + h * stride_sh + m0 + rows, mask=m_ok, other=0.0) * 1.4426950408889634
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    media_tiles = tl.cdiv(media_tokens, BLOCK_N)
+    total_tiles = media_tiles + tl.cdiv(latents, BLOCK_N)
+    start, stop = _key_range(pid_split, num_splits, media_tokens, 0, total_tiles, BLOCK_N)
+    first = start.to(tl.int64)
     b_dq = _bwd_source(
         b_q, b_do, b_lse2, b_delta, b_dq,
-        KM + n * stride_kmn + h * stride_kmh, VM + n * stride_vmn + h * stride_vmh,
-        DKM + t * stride_dkmt + n * stride_dkmn + h * stride_dkmh,
-        DVM + t * stride_dvmt + n * stride_dvmn + h * stride_dvmh,
+        KM + n * stride_kmn + h * stride_kmh + first * stride_kmp,
+        VM + n * stride_vmn + h * stride_vmh + first * stride_vmp,
+        DKM + t * stride_dkmt + n * stride_dkmn + h * stride_dkmh + first * stride_dkmp,
+        DVM + t * stride_dvmt + n * stride_dvmn + h * stride_dvmh + first * stride_dvmp,
         stride_kmp, stride_vmp, stride_dkmp, stride_dvmp,
-        media_tokens, m_ok, d_ok, qk_scale, sm_scale, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        start, stop, m_ok, d_ok, qk_scale, sm_scale, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    start, stop = _key_range(pid_split, num_splits, latents, media_tiles, total_tiles, BLOCK_N)
+    first = start.to(tl.int64)
     b_dq = _bwd_source(
         b_q, b_do, b_lse2, b_delta, b_dq,
-        KL + n * stride_kln + h * stride_klh, VL + n * stride_vln + h * stride_vlh,
-        DKL + t * stride_dklt + n * stride_dkln + h * stride_dklh,
-        DVL + t * stride_dvlt + n * stride_dvln + h * stride_dvlh,
+        KL + n * stride_kln + h * stride_klh + first * stride_kll,
+        VL + n * stride_vln + h * stride_vlh + first * stride_vll,
+        DKL + t * stride_dklt + n * stride_dkln + h * stride_dklh + first * stride_dkll,
+        DVL + t * stride_dvlt + n * stride_dvln + h * stride_dvlh + first * stride_dvll,
         stride_kll, stride_vll, stride_dkll, stride_dvll,
-        latents, m_ok, d_ok, qk_scale, sm_scale, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        start, stop, m_ok, d_ok, qk_scale, sm_scale, BLOCK_N, BLOCK_D, DOT_PRECISION)
 
-    p_dq = DQ + n * stride_dqn + h * stride_dqh + m0 * stride_dql
+    p_dq = DQ + pid_split.to(tl.int64) * stride_dqs + n * stride_dqn + h * stride_dqh + m0 * stride_dql
     tl.store(p_dq + rows[:, None] * stride_dql + offs_d[None, :], (b_dq * sm_scale).to(DQ.dtype.element_ty),
              mask=md_ok)
 
@@ -261,13 +300,13 @@ INTERPRETER_CONFIG = _cfg(64, 64, 4, 1)
 _GPU_CONFIG_TABLE = {
     ("fwd", "lowp", 64): [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (32, 64, 4, 3),
                           (16, 64, 4, 3), (64, 128, 8, 3, SM90), (128, 32, 4, 3, SM90)],
-    ("fwd", "lowp", 128): [(64, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3),
+    ("fwd", "lowp", 128): [(64, 64, 8, 3), (64, 32, 4, 3, SM90), (128, 32, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3),
                            (64, 64, 4, 3, SM90), (128, 64, 8, 3, SM90)],
     ("bwd", "lowp", 64): [(64, 16, 8, 2), (64, 16, 4, 2), (128, 16, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2),
                           (16, 64, 4, 2), (64, 64, 8, 2, SM90), (64, 32, 4, 2, SM90), (128, 32, 8, 2, SM90)],
     ("bwd", "lowp", 128): [(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2), (16, 64, 8, 2),
                            (16, 32, 4, 2), (128, 16, 8, 2, SM90)],
-    ("fwd", "fp32", 64): [(16, 64, 4, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
+    ("fwd", "fp32", 64): [(16, 64, 4, 2, SM80), (32, 32, 8, 2), (16, 32, 4, 2)],  # 16x64x4w spills with TF32 on sm_90
     ("fwd", "fp32", 128): [(16, 64, 8, 2, SM80), (16, 64, 4, 2, SM90)],
     ("bwd", "fp32", 64): [(16, 32, 8, 2), (32, 32, 8, 1, SM80)],
     ("bwd", "fp32", 128): [(16, 32, 8, 2)],
@@ -286,8 +325,13 @@ AUTOTUNE_KEY = ("head_dim", "dtype", "latents", "media_bucket", "rows_bucket")
 
 
 def autotune_key(q: torch.Tensor, media_tokens: int) -> tuple:
-    """head_dim, dtype, latents (exact: it decides the query tile), bucketed media length and (media x heads)."""
-    return (q.shape[-1], q.dtype, q.shape[1], length_bucket(media_tokens), length_bucket(q.shape[0] * q.shape[2]))
+    """head_dim, dtype, latents (exact: it decides the query tile), bucketed media length (fixed per model) and the
+    class of (media x heads), which changes with the batch and the image count: up to 128, up to 1024, more."""
+    return (q.shape[-1], q.dtype, q.shape[1], length_bucket(media_tokens),
+            size_class(q.shape[0] * q.shape[2], ROW_CLASSES))
+
+
+ROW_CLASSES = (128, 1024)  # classes of (media x heads) in the autotune key
 
 
 def gpu_candidates(kind: str, key: tuple) -> List[triton.Config]:
@@ -298,6 +342,25 @@ def gpu_candidates(kind: str, key: tuple) -> List[triton.Config]:
     largest = max(c.kwargs["BLOCK_M"] for c in shipped)
     wanted = min(largest, max(16, triton.next_power_of_2(max(latents, 1))))
     return [c for c in shipped if c.kwargs["BLOCK_M"] == wanted] or shipped
+
+
+# Key splits: when the (media x head, query tile) programs are fewer than SPLIT_WAVES per SM (a few images at
+# batch 1), the key tiles of each are cut into splits (grid axis 2) of at least MIN_TILES_PER_SPLIT tiles: the
+# forward's normalised partials are merged with their LSEs and the backward's dQ partials summed, both in split
+# order by the launcher (deterministic two-pass reductions); dK/dV need no reduction (each key tile belongs to
+# one split).
+SPLIT_WAVES = 2
+MIN_TILES_PER_SPLIT = 2
+MAX_SPLITS = 8
+
+
+def key_splits(programs: int, media_tokens: int, latents: int, block_n: int, sms: int) -> int:
+    """Key splits of a launch with ``programs`` programs per split, from shapes only; never more than the key
+    tiles (every split owns at least one tile)."""
+    if programs >= SPLIT_WAVES * sms:
+        return 1
+    tiles = cdiv(media_tokens, block_n) + cdiv(latents, block_n)
+    return max(1, min(cdiv(SPLIT_WAVES * sms, max(programs, 1)), cdiv(tiles, MIN_TILES_PER_SPLIT), MAX_SPLITS))
 
 
 def _pruner(kind: str):
@@ -324,52 +387,70 @@ _AOT_SHAPES = ((64, 8, 256), (96, 16, 257))
 _AOT_MEDIA, _AOT_LATENTS = 16 * 33, 64
 
 
-def _aot_args(dtype: torch.dtype, shape: tuple, partial: bool = False) -> dict:
-    """What ``fastflamingo/ops/perceiver_attn.py`` passes; ``partial``: the backward's fp32 dK/dV partials (a
-    leading query-tile axis), else gradients in the input dtype with a size-1 tile axis."""
+def _aot_args(kind: str, dtype: torch.dtype, shape: tuple, precision: str, partial: bool = False,
+              split: bool = False) -> dict:
+    """What ``fastflamingo/ops/perceiver_attn.py`` passes to the ``kind`` ("fwd", "bwd") kernel. ``split``: three
+    key splits writing fp32 partials (the forward's O and LSE, the backward's dQ), else the results themselves with
+    a size-1 split axis; ``partial``: the backward's fp32 dK/dV partials (a leading query-tile axis), else gradients
+    in the input dtype with a size-1 tile axis."""
     head_dim, heads, tokens = shape
+    count = 3 if split else 1
     q = meta_tensor((_AOT_MEDIA, _AOT_LATENTS, heads, head_dim), dtype)
     km = meta_tensor((_AOT_MEDIA, tokens, 2, heads, head_dim), dtype)[:, :, 0]
     kl = meta_tensor((_AOT_MEDIA, _AOT_LATENTS, 2, heads, head_dim), dtype)[:, :, 0]
     lse = meta_tensor((_AOT_MEDIA, heads, _AOT_LATENTS), torch.float32)
-    args = dict(Q=q, KM=km, VM=km, KL=kl, VL=kl, O=q, LSE=lse, num_heads=heads, media_tokens=tokens,
-                latents=_AOT_LATENTS, qk_scale=head_dim ** -0.5 * LOG2E, sm_scale=head_dim ** -0.5,
-                HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), DOT_PRECISION=dot_precision(dtype))
+    args = dict(Q=q, KM=km, VM=km, KL=kl, VL=kl, num_heads=heads, media_tokens=tokens, latents=_AOT_LATENTS,
+                num_splits=count, qk_scale=head_dim ** -0.5 * LOG2E, HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim),
+                DOT_PRECISION=precision)
     for names, t in ((("stride_qn", "stride_ql", "stride_qh"), q), (("stride_kmn", "stride_kmp", "stride_kmh"), km),
                      (("stride_vmn", "stride_vmp", "stride_vmh"), km), (("stride_kln", "stride_kll", "stride_klh"), kl),
-                     (("stride_vln", "stride_vll", "stride_vlh"), kl), (("stride_on", "stride_ol", "stride_oh"), q),
-                     (("stride_gn", "stride_gl", "stride_gh"), q), (("stride_dqn", "stride_dql", "stride_dqh"), q),
-                     (("stride_sn", "stride_sh"), lse)):
+                     (("stride_vln", "stride_vll", "stride_vlh"), kl)):
         args.update(named_strides(names, t))
+    if kind == "fwd":
+        o = meta_tensor((count,) + tuple(q.shape), torch.float32) if split else q[None]
+        part_lse = meta_tensor((count,) + tuple(lse.shape), torch.float32) if split else lse[None]
+        return dict(args, O=o, LSE=part_lse, **named_strides(("stride_os", "stride_on", "stride_ol", "stride_oh"), o),
+                    **named_strides(("stride_ss", "stride_sn", "stride_sh"), part_lse))
+    dq = meta_tensor((count,) + tuple(q.shape), torch.float32) if split else q[None]
+    args.update(O=q, DO=q, LSE=lse, DQ=dq, sm_scale=head_dim ** -0.5,
+                **named_strides(("stride_on", "stride_ol", "stride_oh"), q),
+                **named_strides(("stride_gn", "stride_gl", "stride_gh"), q),
+                **named_strides(("stride_sn", "stride_sh"), lse),
+                **named_strides(("stride_dqs", "stride_dqn", "stride_dql", "stride_dqh"), dq))
     grad_dtype, tiles = (torch.float32, 2) if partial else (dtype, 1)
     for prefix, rows, axis in (("dkm", tokens, "p"), ("dvm", tokens, "p"), ("dkl", _AOT_LATENTS, "l"),
                                ("dvl", _AOT_LATENTS, "l")):
         g = meta_tensor((tiles, _AOT_MEDIA, rows, heads, head_dim), grad_dtype)
         args[prefix.upper()] = g
         args.update(named_strides([f"stride_{prefix}{x}" for x in ("t", "n", axis, "h")], g))
-    return dict(args, DO=q, DQ=q)
+    return args
 
 
 def aot_variants(quick: bool = False) -> List[AotVariant]:
-    """Both kernels at every config each architecture ships, per head size: bf16, fp32 with its own configs, fp16
-    with the first config of each list; plus the backward's fp32 dK/dV-partial specialization (L > BLOCK_M) for
-    the largest query tile. ``quick``: the first config of each kernel in bf16 at head_dim 96."""
+    """Both kernels at every config each architecture ships, per head size and dot precision: bf16, fp32 with its
+    own configs, fp16 with the first config of each list; with their split specializations (fp32 output partials of
+    the forward, fp32 dQ partials of the backward: the first config stands for the others, same code) and the
+    backward's fp32 dK/dV-partial specialization (L > BLOCK_M) for the largest query tile. ``quick``: the first
+    config of each kernel in bf16 at head_dim 96."""
     plans = [(torch.bfloat16, True)] if quick else [(torch.bfloat16, False), (torch.float16, True),
                                                     (torch.float32, False)]
     variants = []
     for dtype, first_only in plans:
         io = TORCH_TO_TRITON_DTYPE[dtype]
-        for shape, arch in ((s, a) for s in _AOT_SHAPES if not quick or s[0] == 96 for a in ARCHS):
+        for shape, arch, precision in product([s for s in _AOT_SHAPES if not quick or s[0] == 96], ARCHS,
+                                              aot_dot_precisions(dtype)):
             head_dim = shape[0]
+            tag = "/tf32" if precision == "tf32" and dtype == torch.float32 else ""
             for kind, fn in (("fwd", _perceiver_fwd_kernel), ("bwd", _perceiver_bwd_kernel)):
                 configs = shipped_configs(kind, dtype, head_dim, arch)
                 largest = max(c.kwargs["BLOCK_M"] for c in configs)
-                for config in configs[:1] if first_only else configs:
+                for i, config in enumerate(configs[:1] if first_only else configs):
+                    # L > BLOCK_M (fp32 dK/dV partials) only happens with the largest query tile (see the pruner)
                     partials = (False, True) if kind == "bwd" and config.kwargs["BLOCK_M"] == largest else (False,)
-                    for partial in partials:
-                        args = _aot_args(dtype, shape, partial)
-                        if kind == "fwd":
-                            args = {name: value for name, value in args.items() if name in fn.arg_names}
-                        label = f"{io} d{head_dim} {config_label(config)}{' partial' if partial else ''}"
+                    splits = (False, True) if i == 0 and dtype != torch.float32 else (False,)
+                    for partial, split in product(partials, splits):
+                        args = _aot_args(kind, dtype, shape, precision, partial, split)
+                        label = (f"{io}{tag} d{head_dim} {config_label(config)}{' partial' if partial else ''}"
+                                 f"{' split' if split else ''}")
                         variants.append(aot_launch(f"perceiver_{kind}", fn, args, config, label, archs=(arch,)))
     return variants

@@ -123,8 +123,9 @@ q, kv = r(2, 64, 8, 64), r(2, 3 * 64, 2, 8, 64)
 tt = torch.zeros(2, 64, dtype=torch.int64); tt[:, 0] = 1; tt[:, 20] = 1; tt[:, 40] = 1; tt = tt.cumsum(1)
 cfg = lambda kind: X.shipped_configs(kind, bf16, 64, 90)[0]
 o, lse = ox.launch_fwd(q, kv[:, :, 0], kv[:, :, 1], tt, 3, 64, True, 0.125, cfg("fwd"))
-ox.launch_bwd(r(2, 64, 8, 64), q, kv[:, :, 0], kv[:, :, 1], o, lse, tt, 3, 64, True, 0.125, cfg("dkdv"),
-              dq_config=cfg("dq"))
+for splits in (1, 3):  # dK/dV writing the gradients, and fp32 partials per token split
+    ox.launch_bwd(r(2, 64, 8, 64), q, kv[:, :, 0], kv[:, :, 1], o, lse, tt, 3, 64, True, 0.125, cfg("dkdv"),
+                  dq_config=cfg("dq"), dkdv_splits=splits)
 # media_decode d64 (AOT: B1 H8 M33, 1 and 17 splits): one token, 3 media
 q1 = r(1, 1, 8, 64); kv1 = r(1, 3 * 64, 2, 8, 64); tt1 = torch.tensor([[3]])
 for splits in (1, 17):
@@ -132,11 +133,16 @@ for splits in (1, 17):
 # perceiver d64 (AOT: N528 L64 H8 P256): N4 L64 H8 P32
 kvm, kvl, ql = r(4, 32, 2, 8, 64), r(4, 64, 2, 8, 64), r(4, 64, 8, 64)
 pcfg = lambda kind: P.shipped_configs(kind, bf16, 64, 90)[0]
-po, plse = op.launch_fwd(ql, kvm[:, :, 0], kvm[:, :, 1], kvl[:, :, 0], kvl[:, :, 1], 0.125, pcfg("fwd"))
-op.launch_bwd(r(4, 64, 8, 64), ql, kvm[:, :, 0], kvm[:, :, 1], kvl[:, :, 0], kvl[:, :, 1], po, plse, 0.125,
-              pcfg("bwd"))
+for splits in (1, 2):  # the results themselves, and fp32 partials per key split
+    po, plse = op.launch_fwd(ql, kvm[:, :, 0], kvm[:, :, 1], kvl[:, :, 0], kvl[:, :, 1], 0.125, pcfg("fwd"),
+                             splits=splits)
+    op.launch_bwd(r(4, 64, 8, 64), ql, kvm[:, :, 0], kvm[:, :, 1], kvl[:, :, 0], kvl[:, :, 1], po, plse, 0.125,
+                  pcfg("bwd"), splits=splits)
 # gated linear, OpenFlamingo epilogue (AOT: 65536 x 4096 x 512): 64 x 64 x 32
 og.launch_fwd(r(64, 64), r(64, 32), r(64, 32), None, r(1), None, G.shipped_configs(bf16, 90)[0])
+# its decode forms (AOT: split-K at 4 x 4096 x 11008, cuBLAS + epilogue at 1 x 4096 x 512): 4 x 64 x 512, 1 x 64 x 32
+og.launch_fwd(r(4, 64), r(4, 512), r(64, 512), None, r(1), form="splitk")
+og.launch_fwd(r(1, 64), r(1, 32), r(64, 32), None, r(1), form="cublas")
 # mllama prefill, 11B shape (AOT: B2 S2048 H32 Hkv8 d128, one image of 4 x 1601 keys): S64, cache-layout k/v
 cam = torch.zeros(2, 64, 1, 4, dtype=torch.long); cam[:, 8:, 0] = 1
 closed = M.from_cross_attention_mask(cam, 1601, "hf")

@@ -342,6 +342,41 @@ def test_kv_repeat_prefix_path(num_text, monkeypatch):
         assert torch.equal(F.media_cross_attention(q, k, v, mask, kv_repeat=r)[0], torch.zeros_like(q[0]))
 
 
+@pytest.mark.parametrize("num_text", [1, 3])
+def test_window_path_decode_immediate(num_text, monkeypatch):
+    """Immediate-mode decode on the PyTorch path gathers each token's own latents on the device (no host
+    schedule): forward and gradients match the fp64 reference, tokens that see nothing (0, or past the last
+    media) are exactly 0, and grouped K/V (kv_repeat) equals repeated K/V."""
+    from fastflamingo import reference
+
+    num_media, latents, heads, head_dim = 3, 5, 2, 8
+    g = torch.Generator().manual_seed(7)
+    tt = torch.tensor([[0, 1, 3][:num_text], [2, 4, 2][:num_text], [3, 3, 1][:num_text], [1, 0, 0][:num_text]],
+                      dtype=torch.int32)
+    mask = masks.MediaMask(tt, num_media, masks.IMMEDIATE)
+    q = torch.randn(4, num_text, heads, head_dim, generator=g, requires_grad=True)
+    k = torch.randn(4, num_media * latents, heads, head_dim, generator=g, requires_grad=True)
+    v = torch.randn(4, num_media * latents, heads, head_dim, generator=g, requires_grad=True)
+    calls = []
+    original = torch_path._window_path
+    monkeypatch.setattr(torch_path, "_window_path", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    with ff.backend("torch"):
+        out = F.media_xattn(q, k, v, mask)
+    assert calls
+    ref = reference.media_xattn(q.double(), k.double(), v.double(), tt, num_media, True)
+    assert_close(out, ref, 1e-5, "out")
+    blind = (tt == 0) | (tt > num_media)
+    assert blind.any() and bool((out.detach()[blind] == 0).all())
+    grad = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad.double())
+    for name, a, b in zip("qkv", got, want):
+        assert_close(a, b, 1e-5, f"d{name}")
+    r = 2
+    qg, kg, vg = _grouped_inputs(2, r, num_text, num_media, latents=latents, seed=4)
+    _check_grouped(qg, kg, vg, masks.MediaMask(tt, num_media, masks.IMMEDIATE), r, "_window_path", monkeypatch)
+
+
 def test_kv_repeat_dense_path(monkeypatch):
     r, num_media, num_text = 2, 3, 7
     q, k, v = _grouped_inputs(2, r, num_text, num_media, seed=3)

@@ -120,9 +120,10 @@ def flamingo_cases(draw):
     dim_head = draw(st.sampled_from([16, 32]) if backend == "triton" else st.integers(1, 12))
     batch, num_media, latents = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 5))
     cached = draw(st.booleans())
-    # a LayerNorm over 2 or 3 features is near-singular when they are close: in fp16/bf16 one unit in the last
-    # place of rounding (a fused epilogue rounds once, upstream twice) then moves the exact gradients by O(1)
-    dims = (8, 24) if dtype in LOW_PRECISION else (2, 24)
+    # A LayerNorm over a handful of features is near-singular: one unit of rounding in the last place moves the
+    # exact gradients by a large fraction (seen with 2 features in fp32 at 2e-5 and in bf16 at 1.0), which no
+    # tolerance tied to the dtype can absorb; only fp64 has the headroom for the narrowest widths.
+    dims = (2, 24) if dtype == torch.float64 else (8, 24)
     num_text = draw(st.integers(1, 4 if cached else 24))
     prompt = draw(st.integers(1, 24)) if cached else num_text  # use_cached_media: media_locations is the prompt's
     layouts = st.sampled_from(["text-only", "random", "image-last", "image-first", "more-images-than-media"])

@@ -80,13 +80,13 @@ def make_case(device, lead, n_out, k_in, dtype, *, alpha="scalar", alpha_dtype=N
 
 
 def run_case(kernels, device, *, lead=(3, 37), n_out=80, k_in=40, dtype=torch.float32, config=None,
-             grad="random", seed=0, **kw):
+             grad="random", seed=0, form=None, **kw):
 
     x, inp, weight, bias, alpha, row_gate = make_case(device, lead, n_out, k_in, dtype, seed=seed, **kw)
     with torch.no_grad():
         expected_dtype = oracle.gated_linear(x, inp, weight, bias, alpha, row_gate).dtype
     out = torch.full(x.shape, float("nan"), dtype=expected_dtype, device=device)
-    y = tg.launch_fwd(x, inp, weight, bias, alpha, row_gate, config=config, out=out)
+    y = tg.launch_fwd(x, inp, weight, bias, alpha, row_gate, config=config, out=out, form=form)
     assert y.data_ptr() == out.data_ptr() and y.dtype == expected_dtype
 
     gen = torch.Generator().manual_seed(seed + 1)
@@ -164,6 +164,102 @@ def test_small_tiles_multi_k(kernels, device):
     """Several K steps with a ragged K tail (K=40, BLOCK_K=16) and ragged M/N tiles; group swizzle over 7x5 tiles."""
     run_case(kernels, device, lead=(3, 37), n_out=77, k_in=40, config={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16},
              alpha="vector3d", gate=True, bias=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forms by shape: fused GEMM, split-K + epilogue, cuBLAS + epilogue
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["fused", "splitk", "cublas"])
+@pytest.mark.parametrize("case", [
+    dict(lead=(2, 3), dtype=torch.float32),  # a decode step: 6 rows
+    dict(lead=(1, 1), dtype=torch.float16, alpha="vector3d", gate=True, bias=True),
+    dict(lead=(3, 37), dtype=torch.bfloat16, alpha="vector1d", gate=True),
+    dict(lead=(5, 7), layout="transposed", alpha="vector3d", alpha_dtype=torch.float32, dtype=torch.float16),
+], ids=["decode-fp32", "M1-fp16-vec-gate-bias", "prefill-bf16-gate", "3d-rows-fp16-a32"])
+def test_every_form_matches_the_reference(kernels, device, form, case):
+    run_case(kernels, device, form=form, k_in=96, **case)
+
+
+def test_split_k_partials_are_summed_in_a_fixed_order(kernels, device):
+    """Several K slices (a ragged last one): exact against the reference and bitwise repeatable."""
+    config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
+    slices, k_split = kernels.split_k(4, 80, 200, tg._kernels()[1].as_config(config), 4)
+    assert slices >= 3 and k_split % 16 == 0 and (slices - 1) * k_split < 200
+    y = run_case(kernels, device, lead=(1, 4), k_in=200, form="splitk", config=config, alpha="vector1d", gate=True)
+    again = run_case(kernels, device, lead=(1, 4), k_in=200, form="splitk", config=config, alpha="vector1d",
+                     gate=True)
+    assert torch.equal(y, again)
+
+
+def test_form_table(kernels, monkeypatch):
+    """The table picks by shape, tuned overrides come first, the environment forces one everywhere."""
+    choose = kernels.choose_form
+    assert choose(1, 4096, 11008, torch.bfloat16, sms=132) == "splitk"  # decode, long K, 64 column tiles
+    assert choose(1, 16384, 11008, torch.bfloat16, sms=132) == "cublas"  # the column tiles alone fill the GPU
+    assert choose(8, 4096, 512, torch.bfloat16, sms=132) == "cublas"  # decode, short K
+    assert choose(2048, 8192, 8192, torch.bfloat16, sms=132) == "cublas"  # prefill, long K
+    assert choose(2048, 2048, 512, torch.bfloat16, sms=132) == "fused"  # prefill, OpenFlamingo's K
+    monkeypatch.setitem(kernels.FORM_OVERRIDES, (kernels.row_bucket(2048), 2048, 512, torch.bfloat16), "cublas")
+    assert choose(2000, 2048, 512, torch.bfloat16, sms=132) == "cublas"
+    x, inp, weight, bias, alpha, gate = make_case("cpu", (2, 3), 16, 8, torch.float32)
+    monkeypatch.setenv("FASTFLAMINGO_GATED_LINEAR_FORM", "nonsense")
+    with pytest.raises(ValueError, match="not one of"):
+        tg.launch_fwd(x.to(device_of(kernels)), inp, weight, bias, alpha)
+
+
+def device_of(kernels):
+    return "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
+
+
+def test_backward_keeps_weight_sized_tensors_in_the_weight_dtype():
+    """No fp32 tensor as large as the weight is created for a bf16 weight (the backward used to build two fp32
+    copies: ~720 MB for IDEFICS-80B's down_proj); per-channel and scalar alpha, with a row gate."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.fp32_sizes = []  # shapes
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    self.fp32_sizes.append(tuple(t.shape))
+            return out
+
+    n_out, k_in = 48, 64
+    for alpha in ("scalar", "vector3d"):
+        for lead in ((2, 3), (4, 40)):
+            x, inp, weight, bias, a, gate = make_case("cpu", lead, n_out, k_in, torch.bfloat16, alpha=alpha,
+                                                      alpha_dtype=torch.float32, gate=True)
+            dy = torch.randn(x.shape).to(torch.float32)
+            with Allocations() as seen:
+                tg.backward(dy, inp, weight, bias, a, gate)
+            weight_sized = [s for s in seen.fp32_sizes if sorted(s[-2:]) == sorted((n_out, k_in))]
+            assert not weight_sized, f"fp32 tensors of the weight's size: {weight_sized}"
+
+
+def test_fp32_follows_the_matmul_precision_setting(kernels, device):
+    """fp32 inputs use TF32 products when torch allows them ("high"/"medium"), exact IEEE products otherwise, in
+    every kernel family (one helper decides)."""
+    from fastflamingo.kernels import _utils
+
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert _utils.dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert _utils.dot_precision(torch.float32) == "tf32"
+        assert _utils.dot_precision(torch.bfloat16) == "tf32"
+        # and a launch compiles/interprets with it (TF32 keeps ~3 digits: the fp16 tolerance)
+        x, inp, weight, bias, alpha, gate = make_case(device, (2, 9), 40, 32, torch.float32)
+        y = tg.launch_fwd(x, inp, weight, bias, alpha, gate, form="fused")
+        assert_close(y, oracle.gated_linear(*(t.double() for t in (x, inp, weight)), None, alpha.double()), 5e-3)
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def test_expanded_grad_output(kernels, device):

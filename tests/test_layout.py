@@ -68,3 +68,20 @@ def test_nothing_cites_a_path_outside_the_repository():
             if OUTSIDE.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:100]}")
     assert not offenders, offenders
+
+
+def test_tests_named_by_the_readme_exist():
+    """The README's tables name the test behind each claim (``test_x.py::test_y``, then ``::test_z`` for more of
+    the same file): every one of them exists."""
+    text = (ROOT / "README.md").read_text()
+    missing = []
+    for line in text.splitlines():
+        current = None
+        for match in re.finditer(r"(test_\w+\.py)?::(\w+)", line):
+            current = match.group(1) or current
+            if current is None:
+                continue
+            source = ROOT / "tests" / current
+            if not source.is_file() or not re.search(rf"def {match.group(2)}\b", source.read_text()):
+                missing.append(f"{current}::{match.group(2)}")
+    assert not missing, missing

@@ -87,7 +87,7 @@ def make_inputs(device, batch, num_text, heads, head_dim, num_keys, dtype, *, fu
 
 
 def run_case(kernels, device, *, text_time, heads, head_dim, num_media, latents, dtype, immediate, config=None,
-             fused_kv=False, strided_q=False, grad="random", backward=True, seed=0):
+             fused_kv=False, strided_q=False, grad="random", backward=True, seed=0, dkdv_splits=None):
     """Forward (and backward) of one case into NaN-poisoned buffers, compared with the float64 reference."""
     batch, num_text = text_time.shape
     num_keys = num_media * latents
@@ -127,13 +127,14 @@ def run_case(kernels, device, *, text_time, heads, head_dim, num_media, latents,
 
     dq, dk, dv = (nan_like(t.shape, dtype, device) for t in (q, k, v))
     grads = xattn_ops.launch_bwd(grad_out, q, k, v, o, lse, text_time, num_media, latents, immediate, scale,
-                                    config=config, dq=dq, dk=dk, dv=dv)
+                                    config=config, dq=dq, dk=dk, dv=dv, dkdv_splits=dkdv_splits)
     assert all(g.data_ptr() == b.data_ptr() for g, b in zip(grads, (dq, dk, dv)))
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close(got, want, bwd_tol, name)
     assert (dq.cpu()[~seen] == 0).all(), "tokens that see no media must get a zero gradient"
     key_seen = visible_mask(text_time, num_media, latents, immediate).any(1)  # (B, L)
     assert (dk.cpu()[~key_seen] == 0).all() and (dv.cpu()[~key_seen] == 0).all()
+    return grads
 
 
 def cumsum_time(batch, num_text, image_positions):
@@ -158,6 +159,38 @@ def test_dtypes_text_before_first_media(kernels, device, dtype, immediate):
     text_time = cumsum_time(2, 77, [20, 45, 60])
     run_case(kernels, device, text_time=text_time, heads=2, head_dim=64, num_media=3, latents=64, dtype=dtype,
              immediate=immediate)
+
+
+@pytest.mark.parametrize("dtype,immediate,splits", [
+    pytest.param(torch.float32, True, 2, id="fp32-immediate-2"),
+    pytest.param(torch.float32, False, 5, id="fp32-all_previous-5"),
+    pytest.param(torch.bfloat16, False, 3, id="bf16-all_previous-3"),
+])
+def test_dkdv_token_splits(kernels, device, dtype, immediate, splits):
+    """The dK/dV token loop cut into splits (fp32 partials summed in split order): exact against the fp64
+    reference, including a media no token sees, text before the first media and more splits than some media have
+    token blocks; bitwise repeatable."""
+    text_time = cumsum_time(1, 45, [12, 30])  # three media, the third seen by nothing
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    dq, dk, dv = run_case(kernels, device, text_time=text_time, heads=1, head_dim=32, num_media=3, latents=16,
+                          dtype=dtype, immediate=immediate, config=config, dkdv_splits=splits)
+    q, k, v = make_inputs(device, 1, 45, 1, 32, 48, dtype, seed=0)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
+    o, lse = xattn_ops.launch_fwd(q, k, v, text_time.to(device), 3, 16, immediate, 32 ** -0.5, config=config)
+    first = xattn_ops.launch_bwd(grad_out, q, k, v, o, lse, text_time.to(device), 3, 16, immediate, 32 ** -0.5,
+                                 config=config, dkdv_splits=splits)
+    again = xattn_ops.launch_bwd(grad_out, q, k, v, o, lse, text_time.to(device), 3, 16, immediate, 32 ** -0.5,
+                                 config=config, dkdv_splits=splits)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_dkdv_split_count_fills_the_gpu(kernels):
+    """Shapes only: split when the grid is under two waves of SMs, never more than the token blocks allow."""
+    assert kernels.dkdv_splits(programs=1000, num_tokens=4096, num_media=1, immediate=True, block_m=32, sms=132) == 1
+    one_image = kernels.dkdv_splits(programs=8, num_tokens=2048, num_media=1, immediate=True, block_m=32, sms=132)
+    assert one_image == kernels.DKDV_MAX_SPLITS  # batch 1, one image, 8 heads: 8 programs for 264 SM slots
+    assert kernels.dkdv_splits(programs=8, num_tokens=40, num_media=1, immediate=True, block_m=32, sms=132) == 1
+    assert kernels.dkdv_splits(programs=64, num_tokens=1024, num_media=32, immediate=True, block_m=16, sms=132) == 1
 
 
 @pytest.mark.parametrize("immediate", MODES)

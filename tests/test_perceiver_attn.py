@@ -73,14 +73,14 @@ def make_inputs(device, num, latents, media_tokens, heads, head_dim, dtype, *, f
 
 
 def run_case(kernels, device, *, num=2, latents=64, media_tokens=37, heads=2, head_dim=64, dtype=torch.float32,
-             config=None, fused_kv=False, grad="random", seed=0):
+             config=None, fused_kv=False, grad="random", seed=0, splits=None):
     inputs = make_inputs(device, num, latents, media_tokens, heads, head_dim, dtype, fused_kv=fused_kv, seed=seed)
     q = inputs[0]
     scale = head_dim ** -0.5
     fwd_tol, bwd_tol = TOLERANCE[dtype]
     out = nan_like(q)
     lse = torch.full((num, heads, latents), float("nan"), device=device)
-    o, lse_out = tp.launch_fwd(*inputs, scale, config=config, out=out, lse=lse)
+    o, lse_out = tp.launch_fwd(*inputs, scale, config=config, out=out, lse=lse, splits=splits)
     assert o.data_ptr() == out.data_ptr() and lse_out.data_ptr() == lse.data_ptr()
 
     gen = torch.Generator().manual_seed(seed + 1)
@@ -99,10 +99,11 @@ def run_case(kernels, device, *, num=2, latents=64, media_tokens=37, heads=2, he
     buffers = [nan_like(t) for t in inputs]
     grads = tp.launch_bwd(grad_out, *inputs, o, lse, scale, config=config, dq=buffers[0],
                                   dk_media=buffers[1], dv_media=buffers[2], dk_latents=buffers[3],
-                                  dv_latents=buffers[4])
+                                  dv_latents=buffers[4], splits=splits)
     assert all(g.data_ptr() == b.data_ptr() for g, b in zip(grads, buffers))
     for name, got, want in zip(GRAD_NAMES, grads, ref_grads):
         assert_close(got, want, bwd_tol, name)
+    return o, lse, grads
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,6 +162,30 @@ def test_large_scores_stay_finite(kernels, device):
     for name, got, want in zip(GRAD_NAMES, tp.launch_bwd(grad_out, q, km, vm, kl, vl, o, lse, 1.0),
                                ref_grads):
         assert_close(got, want, 1e-3, name)
+
+
+@pytest.mark.parametrize("splits,config,dtype", [
+    (2, None, torch.float32),  # one media tile + one latent tile: a split per source
+    (3, {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}, torch.float32),  # splits across sources
+    (4, {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}, torch.bfloat16),  # + several query tiles
+], ids=["2-splits", "3-splits-mixed-tiles", "4-splits-bf16-query-tiles"])
+def test_key_splits(kernels, device, splits, config, dtype):
+    """The key tiles cut into splits (forward partials merged by their LSEs, dQ partials summed, both in split
+    order): exact against the fp64 reference and bitwise repeatable."""
+    args = dict(num=2, latents=40, media_tokens=37, heads=1, head_dim=32, dtype=dtype, config=config, splits=splits)
+    first = run_case(kernels, device, **args)
+    again = run_case(kernels, device, **args)
+    assert torch.equal(first[0], again[0]) and all(torch.equal(a, b) for a, b in zip(first[2], again[2]))
+
+
+def test_key_split_count(kernels):
+    """Shapes only: split a grid under two waves of SMs, at most one split per two key tiles."""
+    assert kernels.key_splits(programs=2048, media_tokens=257, latents=64, block_n=64, sms=132) == 1
+    assert kernels.key_splits(programs=16, media_tokens=257, latents=64, block_n=64, sms=132) == 3  # 6 tiles
+    assert kernels.key_splits(programs=16, media_tokens=4096, latents=64, block_n=64, sms=132) == kernels.MAX_SPLITS
+    with pytest.raises(ValueError, match="splits must be in"):
+        q = torch.zeros(1, 8, 1, 16)
+        tp.launch_fwd(q, q, q, q, q, 0.25, splits=3)
 
 
 def test_deterministic(kernels, device):

@@ -163,7 +163,7 @@ def test_real_launcher_reads_the_table(fake_device, no_timing, monkeypatch, devi
     monkeypatch.setattr(chooser, "prune", None)
     monkeypatch.setattr(chooser, "cache", {})
     monkeypatch.setattr(chooser, "sources", {})
-    key = {"rows_bucket": 32, "n": 24, "k": 40, "dtype": "fp32", "x_dtype": "fp32", "alpha_dtype": "fp32",
+    key = {"rows_bucket": kernels.row_bucket(30), "n": 24, "k": 40, "dtype": "fp32", "x_dtype": "fp32", "alpha_dtype": "fp32",
            "out_dtype": "fp32", "alpha_per_channel": False, "row_gate": False, "bias": False, "batched": False}
     assert set(key) == set(chooser.key_names)
     fake_device([configs.make_entry(chooser.name, key, alt)])
@@ -194,5 +194,51 @@ def test_tune_dry_run_writes_a_table(tmp_path):
     (path,) = tmp_path.glob("dry-run-*.json")
     table = configs.load_table(path)
     assert table.identity.capability == (0, 0) and len(table) >= 1
-    assert {e["kernel"] for e in table.entries.values()} >= {"gated_linear_fwd"}
+    assert {e["kernel"] for e in table.entries.values()} >= {"gated_linear_fwd", "gated_linear_form"}
+    forms = [e for e in table.entries.values() if e["kernel"] == "gated_linear_form"]
+    assert all(e["form"] in ("fused", "splitk", "cublas") and set(e["key"]) == {"rows_bucket", "n", "k", "dtype"}
+               for e in forms)
     assert table.generated["compiles"] == 0 and "gate" in " ".join(table.generated["cells"])
+
+
+@pytest.mark.parametrize("form", ["splitk", "cublas", "fused"])
+def test_form_entry_routes_the_gated_projection(fake_device, form, monkeypatch, device):
+    """A form entry in the GPU's table decides which kernels the gated projection launches for its key (ahead of
+    the built-in shape rule); the result is right whichever form runs; a form this build lacks is ignored with a
+    warning."""
+    pytest.importorskip("triton")
+    from fastflamingo.kernels import gated_linear as kernels
+    from fastflamingo.ops import gated_linear as op
+
+    monkeypatch.delenv("FASTFLAMINGO_GATED_LINEAR_FORM", raising=False)
+    rows, n, k = 3, 24, 40
+    key = configs.key_dict((kernels.row_bucket(rows), n, k, torch.float32), kernels.FORM_KEY)
+    fake_device([configs.make_form_entry(kernels.FORM_TABLE_KERNEL, key, form)])
+    launched = []
+    for name in ("_gated_linear_fwd_kernel", "_gated_linear_epilogue_kernel"):
+        original = getattr(kernels, name)
+
+        class Spy:
+            def __init__(self, name, original):
+                self.name, self.original = name, original
+
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    launched.append((self.name, kwargs.get("PARTIAL")))
+                    return self.original[grid](*args, **kwargs)
+                return launch
+
+        monkeypatch.setattr(kernels, name, Spy(name, original))
+    x, inp = torch.randn(rows, n, device=device), torch.randn(rows, k, device=device)
+    weight, alpha = torch.randn(n, k, device=device) / k ** 0.5, torch.tensor([0.3], device=device)
+    y = op.launch_fwd(x, inp, weight, None, alpha)
+    expected = {"fused": [("_gated_linear_fwd_kernel", False)],
+                "splitk": [("_gated_linear_fwd_kernel", True), ("_gated_linear_epilogue_kernel", None)],
+                "cublas": [("_gated_linear_epilogue_kernel", None)]}[form]
+    assert launched == expected
+    assert (y - (x + torch.tanh(alpha) * (inp @ weight.T))).abs().max() < 1e-5
+
+    fake_device([configs.make_form_entry(kernels.FORM_TABLE_KERNEL, key, "warp-speed")])
+    with pytest.warns(UserWarning, match="warp-speed"):
+        assert kernels.choose_form(rows, n, k, torch.float32, 4, torch.device(device)) == kernels.choose_form(
+            rows, n, k, torch.float32, 4)

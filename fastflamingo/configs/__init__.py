@@ -142,7 +142,12 @@ class TunedTable:
 
     def lookup(self, kernel: str, key: Mapping[str, Any]) -> Optional[Dict[str, int]]:
         entry = self.entries.get(key_string(kernel, key))
-        return None if entry is None else dict(entry["config"])
+        return None if entry is None or "config" not in entry else dict(entry["config"])
+
+    def lookup_form(self, kernel: str, key: Mapping[str, Any]) -> Optional[str]:
+        """The ``form`` of a form entry (the gated projection's choice among its kernels), or None."""
+        entry = self.entries.get(key_string(kernel, key))
+        return None if entry is None else entry.get("form")
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -168,6 +173,16 @@ def make_entry(kernel: str, key: Mapping[str, Any], config, ms: Optional[float] 
     return entry
 
 
+def make_form_entry(kernel: str, key: Mapping[str, Any], form: str,
+                    timings: Optional[Mapping[str, float]] = None) -> Dict[str, Any]:
+    """An entry that names a form (which of an op's kernels serves the key) instead of a launch config."""
+    entry: Dict[str, Any] = {"kernel": kernel, "key": dict(key), "form": str(form)}
+    if timings:
+        entry["ms"] = round(float(timings[form]), 5)
+        entry["timings"] = {name: round(float(t), 5) for name, t in timings.items()}
+    return entry
+
+
 def parse_table(data: Mapping[str, Any], path: Optional[Path] = None) -> TunedTable:
     """Validate a table's JSON; ValueError naming the file and the problem otherwise."""
     where = f"tuned config table {path}" if path else "tuned config table"
@@ -177,7 +192,11 @@ def parse_table(data: Mapping[str, Any], path: Optional[Path] = None) -> TunedTa
         identity = DeviceIdentity.from_json(data["device"])
         entries = {}
         for entry in data.get("entries", []):
-            kernel, key, config = str(entry["kernel"]), dict(entry["key"]), config_dict(entry["config"])
+            kernel, key = str(entry["kernel"]), dict(entry["key"])
+            if "form" in entry:  # a form entry: no launch config
+                entries[key_string(kernel, key)] = dict(entry, kernel=kernel, key=key, form=str(entry["form"]))
+                continue
+            config = config_dict(entry["config"])
             if "num_warps" not in config or "num_stages" not in config:
                 raise ValueError(f"entry for {kernel} {key} lacks num_warps / num_stages")
             entries[key_string(kernel, key)] = dict(entry, kernel=kernel, key=key, config=config)
@@ -232,6 +251,11 @@ def merged_table(identity: DeviceIdentity, paths: Optional[Iterable[Path]] = Non
 
 _CACHE: Dict[DeviceIdentity, Optional[TunedTable]] = {}
 _LOCK = threading.Lock()
+_GENERATION = [0]  # bumped by clear_cache: lookups memoised elsewhere key on it
+
+
+def generation() -> int:
+    return _GENERATION[0]
 
 
 def table_for(identity: Optional[DeviceIdentity]) -> Optional[TunedTable]:
@@ -248,10 +272,11 @@ def clear_cache() -> None:
     """Forget the tables read so far (after writing a table or changing ``FASTFLAMINGO_TUNED_CONFIGS``)."""
     with _LOCK:
         _CACHE.clear()
+        _GENERATION[0] += 1
 
 
 __all__ = [
     "DeviceIdentity", "TunedTable", "ENV_VAR", "TABLE_DIR", "device_identity", "key_dict", "key_string",
-    "config_dict", "make_entry", "parse_table", "load_table", "search_paths", "all_tables", "merged_table",
-    "table_for", "clear_cache", "tables_enabled", "triton_major_minor",
+    "config_dict", "make_entry", "make_form_entry", "parse_table", "load_table", "search_paths", "all_tables",
+    "merged_table", "table_for", "clear_cache", "generation", "tables_enabled", "triton_major_minor",
 ]

@@ -5,8 +5,9 @@ Constructor arguments, submodule names and state_dict keys are those of upstream
 ``load_state_dict(upstream.state_dict(), strict=True)`` works in both directions. transformers is not imported:
 the config is any object (or dict) with IdeficsConfig's attributes, read with upstream's defaults.
 
-The gated layer recovers the closed-form mask from the expanded mask it receives with
-:func:`fastflamingo.masks.idefics_media_mask` (see there how).
+Inside a patched ``IdeficsModel`` the gated layers take the closed-form mask that the model's forward derives from
+its (batch, text, num_images) argument (``model_mask.py``); called on their own they recover it from the expanded
+mask they receive with :func:`fastflamingo.masks.idefics_media_mask` (see there how).
 
 Divergences from upstream, all deliberate:
 

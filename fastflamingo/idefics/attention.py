@@ -14,6 +14,7 @@ from .._checks import check_linear_input, check_tensor
 from ..cache import ProjectionCache
 from ..ops.torch_path import fold_groups, unfold_groups
 from .config import DEFAULTS, get, latents_per_image, vision_embed_dim
+from .model_mask import model_mask
 
 
 def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -156,7 +157,11 @@ class IdeficsCrossAttention(nn.Module):
         if traced:  # the closed form is found on device, below (the host-side recovery cannot be traced)
             mask = masks.checked_idefics_mask(attention_mask, batch, num_text, num_keys)
         else:
-            mask = masks.idefics_media_mask(attention_mask, batch, num_text, num_keys, hidden_states.device)
+            # the closed form published by the enclosing IdeficsModel forward (no read of the expanded bias), else
+            # recovered from the bias itself
+            mask = model_mask(batch, num_text, num_keys)
+            if mask is None:
+                mask = masks.idefics_media_mask(attention_mask, batch, num_text, num_keys, hidden_states.device)
         heads = (self.num_heads, self.head_dim)
         q = self.q_proj(hidden_states).view(batch, num_text, *heads)
         if self.qk_layer_norms:

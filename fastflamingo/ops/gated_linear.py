@@ -7,21 +7,19 @@ per gated branch), nor recomputed: the only gradient that needs it, ``d alpha``,
 GEMM (below).
 
 Backward (``fastflamingo::gated_linear_bwd``), with ``t = tanh(alpha)``, ``g = rowmask(dy)`` and
-``G = g^T @ inp`` (N, K) computed once in fp32::
+``G = g^T @ inp`` (N, K)::
 
     dx      = dy
-    dinp    = rowmask(dy @ (t * W))        t folded into the small (N, K) weight, never into the (M, N) dy
-    dW      = t * G
+    dinp    = rowmask((t * g) @ W)         t scales the smallest of g, the result, or (per channel) W
+    dW      = t * G                        G computed in the weight's dtype, scaled in place
     dbias   = t * colsum(g)
     d alpha = (1 - t^2) * sum_m g[m, n] h[m, n] = (1 - t^2) * (sum_k W[n, k] G[n, k] + bias[n] colsum(g)[n])
 
 summed over n as well for a scalar alpha. ``sum_m g h`` equals ``sum_k W * G`` exactly (``h = inp @ W^T``), so
-d alpha costs an (N, K) elementwise product instead of a pass over two (M, N) tensors, and it is as accurate as
-the fp32 G. The two GEMMs are cuBLAS (torch.mm): they have no epilogue worth fusing once ``t`` sits in the weight
-(dinp) or in an (N, K) output scale (dW), and a plain GEMM is what cuBLAS is tuned for (docs/performance.md uses
-it as the speed-of-light bound); the remaining elementwise work is on (N, K) and (M, K)
-tensors, never on (M, N). G uses cuBLAS's fp16/bf16 -> fp32 output
-(``torch.mm(..., out_dtype=torch.float32)``, CUDA) where available, else upcast operands.
+d alpha costs N row dot products (fp32 accumulation) instead of a pass over two (M, N) tensors. The two GEMMs are
+cuBLAS (torch.mm, fp32 accumulation): they have no epilogue worth fusing, and a plain GEMM is what cuBLAS is tuned
+for (docs/performance.md uses it as the speed-of-light bound). Nothing weight-sized is ever fp32 (an fp32 copy of
+IDEFICS-80B's ``down_proj`` weight alone is ~720 MB): G is produced in the weight's dtype and becomes dW in place.
 
 The ops are opaque to torch.compile (an ``autograd.Function`` launching the kernel would be traced into by Dynamo:
 docs/testing.md, "torch.compile"). Importing this module needs torch only: triton and the kernels are imported
@@ -30,6 +28,7 @@ on the first call.
 from __future__ import annotations
 
 import math
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -70,17 +69,19 @@ def _(x, inp, weight, bias, alpha, row_gate):
 # Backward
 # ----------------------------------------------------------------------------------------------------------------
 
-_MM_F32_OUT = {"cuda": True}  # flips to False if this torch's CUDA mm has no fp16/bf16 -> fp32 overload
+_BMM_F32_OUT = {"cuda": True}  # flips to False if this torch's CUDA bmm has no fp16/bf16 -> fp32 overload
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with an fp32 result and fp32 accumulation."""
-    if a.dtype != torch.float32 and a.device.type == "cuda" and _MM_F32_OUT["cuda"]:
+def _row_dots(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """fp32 (N,): ``sum_k w[n, k] g[n, k]`` with fp32 accumulation, as N batched (1, K) x (K, 1) products: no
+    (N, K) temporary (an elementwise product would be one more weight-sized tensor)."""
+    lhs, rhs = w.unsqueeze(1), g.unsqueeze(2)
+    if w.dtype != torch.float32 and w.device.type == "cuda" and _BMM_F32_OUT["cuda"]:
         try:
-            return torch.mm(a, b, out_dtype=torch.float32)  # torch >= 2.8: cuBLAS writes fp32 directly
+            return torch.bmm(lhs, rhs, out_dtype=torch.float32).view(-1)  # cuBLAS writes fp32 directly
         except (TypeError, RuntimeError, NotImplementedError):
-            _MM_F32_OUT["cuda"] = False
-    return torch.mm(a.float(), b.float())
+            _BMM_F32_OUT["cuda"] = False
+    return torch.bmm(lhs, rhs).view(-1).float()
 
 
 def backward(
@@ -88,29 +89,40 @@ def backward(
     row_gate: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dinp, dweight, dbias, dalpha) of the gated linear; dbias is empty when there is no bias. See the module
-    docstring for the arrangement. dx (= dy) is not computed here: it is the incoming gradient itself."""
+    docstring for the arrangement. dx (= dy) is not computed here: it is the incoming gradient itself.
+
+    Everything weight-sized stays in the weight's dtype (G is computed by cuBLAS with fp32 accumulation and becomes
+    dW in place); only (N,)-sized reductions are fp32."""
     n_out, k_in = weight.shape
     compute = inp.dtype  # upstream's gradient of h is in h's dtype
     g = dy.reshape(-1, n_out).to(compute)
     a = inp.reshape(-1, k_in)
+    rows = g.shape[0]
     t = torch.tanh(alpha).float()  # in alpha's dtype first, as upstream's alpha.tanh()
     per_channel = alpha.numel() > 1
-    t_col = t.reshape(n_out, 1) if per_channel else t.reshape(())
+    t_row = t.reshape(1, n_out) if per_channel else t.reshape(1, 1)  # broadcasts over (M, N)
     keep = None
     if row_gate is not None:
         keep = (row_gate.reshape(-1) != 0)[:, None]
         # masked_fill semantics: rows the gate drops contribute nothing, even where inp (so h) is inf or NaN
         a = torch.where(keep, a, a.new_zeros(()))
-    dinp = torch.mm(g, (weight.float() * t_col).to(compute))
+        g = torch.where(keep, g, g.new_zeros(()))
+    # dinp = (t * g) @ W: t scales the smaller of the (M, N) gradient and the (M, K) result (scalar alpha), or of
+    # the gradient and the (N, K) weight (per channel); a scaled weight stays in the weight's dtype
+    if not per_channel and k_in < n_out:
+        dinp = torch.mm(g, weight.to(compute)).mul_(t_row)  # in-place: computed in fp32, stored in compute
+    elif per_channel and rows * n_out > n_out * k_in:
+        dinp = torch.mm(g, (weight * t.reshape(n_out, 1).to(weight.dtype)).to(compute))
+    else:
+        dinp = torch.mm((g * t_row).to(compute), weight.to(compute))
     if keep is not None:
         dinp = torch.where(keep, dinp, dinp.new_zeros(()))
-    grad_w = _mm_f32(g.t(), a)  # G = g^T inp, (N, K), fp32
-    dweight = (grad_w * t_col).to(weight.dtype)
-    per_row = (weight.float() * grad_w).sum(dim=1)  # sum_m g[m, n] (inp @ W^T)[m, n]
+    grad_w = torch.mm(g.t().to(weight.dtype), a.to(weight.dtype))  # G = g^T inp, (N, K), fp32 accumulation
+    per_row = _row_dots(weight, grad_w)  # sum_m g[m, n] (inp @ W^T)[m, n]
+    dweight = grad_w.mul_(t.reshape(n_out, 1) if per_channel else t)  # fp32 product, stored in the weight dtype
     if bias is not None:
-        g_kept = g if keep is None else torch.where(keep, g, g.new_zeros(()))
-        colsum = g_kept.sum(dim=0, dtype=torch.float32)
-        dbias = (colsum * t_col.reshape(-1)).to(bias.dtype)
+        colsum = g.sum(dim=0, dtype=torch.float32)
+        dbias = (colsum * t_row.reshape(-1)).to(bias.dtype)
         per_row = per_row + bias.float() * colsum
     else:
         dbias = weight.new_empty((0,))
@@ -245,7 +257,7 @@ def _check_inputs(x, inp, weight, bias, alpha, row_gate) -> None:
 def launch_fwd(
     x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: torch.Tensor,
     row_gate: Optional[torch.Tensor] = None, config: Optional[ConfigLike] = None, *,
-    out: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None, form: Optional[str] = None,
 ) -> torch.Tensor:
     """``y = x + tanh(alpha) * (inp @ weight^T + bias)``, rows with ``row_gate == 0`` exactly ``x``.
 
@@ -253,11 +265,17 @@ def launch_fwd(
         x: (..., N) residual; inp: (..., K) with the same leading dims; weight: (N, K); bias: (N,) or None, in
             inp's dtype; alpha: 1 element, or N channels (shape (N,) or (1, 1, N)); row_gate: x's leading shape,
             any dtype, or None. fp32/fp16/bf16; x and alpha may differ from inp.
-        config: force a launch config (``{"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}``), bypassing the autotuner.
+        config: force the GEMM's launch config (``{"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}``), bypassing the
+            autotuner (fused and split-K forms).
         out: optional preallocated output (x's shape, the dtype of :func:`result_dtype`, unit last stride).
+        form: force ``"fused"``, ``"splitk"`` or ``"cublas"`` (``kernels/gated_linear.py``); default: the form the
+            shape table picks (``FASTFLAMINGO_GATED_LINEAR_FORM`` forces one everywhere).
 
     Returns:
         y with x's shape and the dtype of :func:`result_dtype` (upstream's promotion).
+
+    Only the fused form autotunes, keyed on a few row classes; the decode forms run fixed configs, so a decode
+    step never times anything and, once compiled, can be captured in a CUDA graph.
     """
     K, U = _kernels()
     _check_inputs(x, inp, weight, bias, alpha, row_gate)
@@ -283,25 +301,75 @@ def launch_fwd(
     if y2.data_ptr() != out.data_ptr():
         raise ValueError("out must have unit stride along its last dimension")
     (sxb, sxt), (sab, sat), (syb, syt) = strides
+    form = _form(form, rows, n_out, k_in, inp.dtype, x.device)
+    epilogue = dict(HAS_BIAS=bias is not None, ALPHA_PER_CHANNEL=per_channel, HAS_GATE=gate is not None,
+                    BATCHED=batched)
+    # the epilogue's operands, as both kernels take them
+    gated = (x2, bias if bias is not None else weight, alpha_flat, gate if gate is not None else x2, y2)
+    gated_strides = (sxb, sxt, syb, syt, alpha_flat.stride(0), gate.stride(0) if gate is not None else 0)
+    precision = U.dot_precision(inp.dtype)
 
-    def run(cfg) -> None:
-        block_m, block_n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-        grid = (U.cdiv(rows, block_m) * U.cdiv(n_out, block_n),)
+    if form == "fused":
+        def run(cfg) -> None:
+            block_m, block_n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+            grid = (U.cdiv(rows, block_m) * U.cdiv(n_out, block_n), 1)
+            x_, bias_, alpha_, gate_, y_ = gated
+            K._gated_linear_fwd_kernel[grid](
+                x_, a2, weight, bias_, alpha_, gate_, y_,
+                sxb, sxt, sab, sat, weight.stride(0), syb, syt, *gated_strides[4:],
+                rows, n_out, k_in, per_batch, k_in,
+                PARTIAL=False, GROUP=K.GROUP_M, DOT_PRECISION=precision, **epilogue, **cfg.kwargs,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+
+        key = (K.row_bucket(rows), n_out, k_in, inp.dtype, x.dtype, alpha.dtype, out_dtype, per_channel,
+               gate is not None, bias is not None, batched)
+        cfg = U.as_config(config) if config is not None else K.FWD_CHOOSER.choose(key, run, x.device)
+        run(cfg)
+        return out
+
+    if form == "splitk":
+        cfg = U.as_config(config) if config is not None else K.splitk_config(inp.dtype)
+        num_slices, k_split = K.split_k(rows, n_out, k_in, cfg, U.sm_count(x.device))
+        # fp32 partials [slice, row, column]; columns padded to a multiple of 16 so the workspace strides never
+        # change specialization with the row count
+        width = U.cdiv(n_out, 16) * 16
+        h = torch.empty((num_slices, rows, width), dtype=torch.float32, device=x.device)
+        grid = (U.cdiv(rows, cfg.kwargs["BLOCK_M"]) * U.cdiv(n_out, cfg.kwargs["BLOCK_N"]), num_slices)
+        # the epilogue flags are unused by a partial launch: fixed values, so that it compiles one variant
         K._gated_linear_fwd_kernel[grid](
-            x2, a2, weight, bias if bias is not None else weight, alpha_flat, gate if gate is not None else x2, y2,
-            sxb, sxt, sab, sat, weight.stride(0), syb, syt,
-            alpha_flat.stride(0), gate.stride(0) if gate is not None else 0,
-            rows, n_out, k_in, per_batch,
-            HAS_BIAS=bias is not None, ALPHA_PER_CHANNEL=per_channel, HAS_GATE=gate is not None, BATCHED=batched,
-            GROUP=K.GROUP_M, DOT_PRECISION=U.dot_precision(inp.dtype), **cfg.kwargs,
+            x2, a2, weight, weight, alpha_flat, x2, h,
+            0, 0, sab, sat, weight.stride(0), h.stride(0), h.stride(1), 0, 0,
+            rows, n_out, k_in, per_batch, k_split,
+            HAS_BIAS=False, ALPHA_PER_CHANNEL=False, HAS_GATE=False, BATCHED=batched, PARTIAL=True,
+            GROUP=K.GROUP_M, DOT_PRECISION=precision, **cfg.kwargs,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-
-    key = (U.length_bucket(rows), n_out, k_in, inp.dtype, x.dtype, alpha.dtype, out_dtype, per_channel,
-           gate is not None, bias is not None, batched)
-    cfg = U.as_config(config) if config is not None else K.FWD_CHOOSER.choose(key, run, x.device)
-    run(cfg)
+        slice_stride = h.stride(0)
+    else:  # cublas: h in the input dtype, as upstream's F.linear (fp32 inputs follow the matmul precision)
+        h = torch.mm(a2.reshape(rows, k_in), weight.t())
+        num_slices, slice_stride = 1, 0
+    cfg = K.epilogue_config(rows)
+    grid = (U.cdiv(rows, cfg.kwargs["BLOCK_M"]), U.cdiv(n_out, cfg.kwargs["BLOCK_N"]))
+    K._gated_linear_epilogue_kernel[grid](
+        h, *gated,
+        slice_stride, h.stride(-2),
+        *gated_strides,
+        rows, n_out, per_batch, num_slices,
+        **epilogue, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
     return out
+
+
+_FORM_ENV = "FASTFLAMINGO_GATED_LINEAR_FORM"
+
+
+def _form(form: Optional[str], rows: int, n_out: int, k_in: int, dtype: torch.dtype, device: torch.device) -> str:
+    K, U = _kernels()
+    form = form or os.environ.get(_FORM_ENV) or K.choose_form(rows, n_out, k_in, dtype, U.sm_count(device), device)
+    if form not in K.FORMS:
+        raise ValueError(f"gated_linear form {form!r} is not one of {K.FORMS} (argument or {_FORM_ENV})")
+    return form
 
 
 # ================================================================================================================
@@ -331,10 +399,20 @@ def selftest_cases(toy: bool) -> list:
             flags = "".join(n for n, on in zip(("+vec", "+gate", "+bias", "+3d"), epilogue) if on) or "scalar"
             detail = f"{S.dtype_name(dtype)} {flags} M{shape[0] * shape[1]} K{shape[2]} N{shape[3]}"
             cases.append(S.Case("gated_linear_fwd", U.config_label(config), detail, run, S.tolerance(dtype)))
+    # The decode forms at a few rows with a long reduction, forced: split-K (fp32 partials over K slices, then the
+    # epilogue kernel sums them in slice order) and cuBLAS's product + the epilogue kernel. Their configs are fixed.
+    shape = (2, 3, 512, 48) if toy else (2, 4, 4096, 512)
+    for form, dtype, epilogue in ((f, d, e) for f in ("splitk", "cublas") for d in (torch.bfloat16, torch.float32)
+                                  for e in _SELFTEST_EPILOGUES[:2]):
+        run = functools.partial(_selftest_fwd, config=None, dtype=dtype, epilogue=epilogue, shape=shape, form=form)
+        flags = "".join(n for n, on in zip(("+vec", "+gate", "+bias", "+3d"), epilogue) if on) or "scalar"
+        detail = f"{S.dtype_name(dtype)} {flags} M{shape[0] * shape[1]} K{shape[2]} N{shape[3]}"
+        label = U.config_label(K.splitk_config(dtype) if form == "splitk" else K.epilogue_config(shape[0] * shape[1]))
+        cases.append(S.Case(f"gated_linear_{form}", label, detail, run, S.tolerance(dtype)))
     return cases
 
 
-def _selftest_fwd(device, *, config, dtype, epilogue, shape):
+def _selftest_fwd(device, *, config, dtype, epilogue, shape, form=None):
     from .. import selftest as S
     from . import torch_path
 
@@ -348,7 +426,7 @@ def _selftest_fwd(device, *, config, dtype, epilogue, shape):
     alpha = S.randn(n_out if per_channel else 1, dtype=dtype, device=device, scale=0.5)
     row_gate = (torch.rand(batch, rows, device=device) > 0.3) if has_gate else None
     out = torch.full(x.shape, float("nan"), dtype=result_dtype(x, inp, alpha), device=device)
-    launch_fwd(x, inp, weight, bias, alpha, row_gate, config, out=out)
+    launch_fwd(x, inp, weight, bias, alpha, row_gate, config, out=out, form=form)
     ref = torch_path.gated_linear(x.float(), inp.float(), weight.float(), None if bias is None else bias.float(),
                                   alpha.float(), row_gate)
     return [("y", out, ref)]

@@ -108,9 +108,12 @@ def launch(
         )
         return o
 
-    # fp32 partials, [(sample, head), token, split, :] so that the combine reads one token's splits contiguously
-    o_part = torch.empty((batch * heads, num_tokens, num_splits, head_dim), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((batch * heads, num_tokens, num_splits), dtype=torch.float32, device=q.device)
+    # fp32 partials, [(sample, head), token, split, :] so that the combine reads one token's splits contiguously.
+    # The head axis is padded to BLOCK_D and the split axis of the LSEs to a multiple of 16, so every workspace
+    # stride is a multiple of 16 whatever the token and split counts: one compiled variant for every step.
+    o_part = torch.empty((batch * heads, num_tokens, num_splits, block_d), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((batch * heads, num_tokens, U.cdiv(num_splits, 16) * 16), dtype=torch.float32,
+                           device=q.device)
     K._media_decode_split_kernel[grid](
         q, k, v, o, o_part, lse_part, text_time,
         q.stride(0), q.stride(1), q.stride(2),

@@ -19,7 +19,7 @@ import torch
 
 from .. import _backend
 from .._checks import SUPPORTED_DTYPES, unsupported_dtype_reasons
-from ..masks import visible_media
+from ..masks import memoised, visible_media
 from ._launch import ConfigLike, check_out, unit_last_stride
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
@@ -151,6 +151,33 @@ def _text_time_int32(text_time: torch.Tensor) -> torch.Tensor:
     return text_time if text_time.dtype == torch.int32 else text_time.to(torch.int32)
 
 
+def query_tiles(text_time: torch.Tensor, num_media: int, immediate: bool, block_m: int):
+    """The run-aligned query-tile schedule (``kernels/media_xattn.py``) of this ``text_time`` for ``block_m``-row
+    tiles, built once per ``text_time`` tensor (its identity and version) and reused: every layer of a forward
+    receives the one ``text_time`` of the shared :class:`~fastflamingo.masks.MediaMask`, so the forward of the first
+    layer builds it, and the other layers, the backward pass and every autotune timing reuse it (device tensors:
+    no host read either way)."""
+    K, _ = _kernels()
+
+    def build():
+        lo, hi = visible_media(text_time, num_media, immediate)
+        return K.query_tile_schedule(lo, hi, num_media, block_m)
+
+    return memoised(text_time, ("media_xattn.query_tiles", num_media, bool(immediate), block_m), build)
+
+
+def media_tokens(text_time: torch.Tensor, num_media: int, immediate: bool):
+    """Per (sample, media) token range of the dK/dV kernel, built once per ``text_time`` tensor like
+    :func:`query_tiles`."""
+    K, _ = _kernels()
+
+    def build():
+        lo, hi = visible_media(text_time, num_media, immediate)
+        return K.media_token_ranges(lo, hi, num_media, immediate)
+
+    return memoised(text_time, ("media_xattn.media_tokens", num_media, bool(immediate)), build)
+
+
 def launch_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
     num_media: int, latents: int, immediate: bool, scale: float,
@@ -191,11 +218,10 @@ def launch_fwd(
     qk_scale = float(scale) * U.LOG2E
     block_d = U.head_block(head_dim)
     precision = U.dot_precision(q.dtype)
-    lo, hi = visible_media(text_time, num_media, immediate)
 
     def run(cfg) -> None:
         block_m = cfg.kwargs["BLOCK_M"]
-        tile_start, tile_end = K.query_tile_schedule(lo, hi, num_media, block_m)
+        tile_start, tile_end = query_tiles(text_time, num_media, immediate, block_m)
         grid = (tile_start.shape[1], batch // kv_group * heads, kv_group)  # axis 1: (K/V row, head); 2: its samples
         K._media_xattn_fwd_kernel[grid](
             q, k, v, o, lse, text_time, tile_start, tile_end,
@@ -222,13 +248,15 @@ def launch_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     text_time: torch.Tensor, num_media: int, latents: int, immediate: bool, scale: float,
     config: Optional[ConfigLike] = None, *, dq_config: Optional[ConfigLike] = None, dq: Optional[torch.Tensor] = None,
-    dk: Optional[torch.Tensor] = None, dv: Optional[torch.Tensor] = None,
+    dk: Optional[torch.Tensor] = None, dv: Optional[torch.Tensor] = None, dkdv_splits: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward pass: (dq, dk, dv) with the shapes and dtypes of (q, k, v).
 
     ``do`` may have any strides, including 0 (an expanded gradient). ``config`` forces the launch config of the
     dK/dV kernel and, unless ``dq_config`` forces another, of the dQ kernel; dq/dk/dv are optional preallocated
-    outputs. Deterministic: every output element is written by exactly one program, with no atomics.
+    outputs. ``dkdv_splits`` forces the number of token splits of the dK/dV kernel (default: from the shapes and the
+    SM count, so that a small grid still fills the GPU). Deterministic: no atomics; split partials are summed in a
+    fixed order.
     """
     K, U = _kernels()
     _check_inputs(q, k, v, text_time, num_media, latents)
@@ -267,14 +295,21 @@ def launch_bwd(
     )
     if lse.stride() != delta.stride():  # the backward kernels share one set of (B, H) strides for lse and delta
         lse = lse.contiguous()
-    lo, hi = visible_media(text_time, num_media, immediate)
-    token_first, token_end = K.media_token_ranges(lo, hi, num_media, immediate)
+    token_first, token_end = media_tokens(text_time, num_media, immediate)
 
     def run_dkdv(cfg) -> None:
         block_n = cfg.kwargs["BLOCK_N"]
-        grid = (num_media * U.cdiv(latents, block_n), batch * heads)
+        programs = num_media * U.cdiv(latents, block_n) * batch * heads
+        splits = int(dkdv_splits) if dkdv_splits is not None else K.dkdv_splits(
+            programs, num_tokens, num_media, immediate, cfg.kwargs["BLOCK_M"], U.sm_count(q.device))
+        if splits == 1:
+            gk, gv = dk.unsqueeze(0), dv.unsqueeze(0)  # the gradients themselves (split stride unused)
+        else:  # fp32 partials, summed below in split order
+            gk = torch.empty((splits,) + tuple(k.shape), dtype=torch.float32, device=k.device)
+            gv = torch.empty((splits,) + tuple(v.shape), dtype=torch.float32, device=v.device)
+        grid = (num_media * U.cdiv(latents, block_n), batch * heads, splits)
         K._media_xattn_bwd_dkdv_kernel[grid](
-            q, k, v, do, lse, delta, text_time, token_first, token_end, dk, dv,
+            q, k, v, do, lse, delta, text_time, token_first, token_end, gk, gv,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -282,17 +317,19 @@ def launch_bwd(
             lse.stride(0), lse.stride(1),
             text_time.stride(0), text_time.stride(1),
             token_first.stride(0),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
-            heads, num_media, latents, qk_scale, float(scale),
+            *gk.stride()[:4], *gv.stride()[:4],
+            heads, num_media, latents, splits, qk_scale, float(scale),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=block_n,
             IMMEDIATE=bool(immediate), DOT_PRECISION=precision,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+        if splits > 1:
+            torch.sum(gk, dim=0, out=dk) if dk.dtype == torch.float32 else dk.copy_(gk.sum(dim=0))
+            torch.sum(gv, dim=0, out=dv) if dv.dtype == torch.float32 else dv.copy_(gv.sum(dim=0))
 
     def run_dq(cfg) -> None:
         block_m = cfg.kwargs["BLOCK_M"]
-        tile_start, tile_end = K.query_tile_schedule(lo, hi, num_media, block_m)
+        tile_start, tile_end = query_tiles(text_time, num_media, immediate, block_m)
         grid = (tile_start.shape[1], batch * heads)
         K._media_xattn_bwd_dq_kernel[grid](
             q, k, v, do, lse, delta, text_time, tile_start, tile_end, dq,
@@ -326,9 +363,10 @@ def launch_bwd(
 
 def selftest_cases(toy: bool) -> list:
     """Every shipped config of the forward, dK/dV and dQ kernels (this GPU's list; every list under the
-    interpreter), forced: head sizes 64,
-    96 and 128 in bf16, the first config of each in fp16, every fp32 config; the two modes alternate across configs.
-    A dK/dV case forces dQ to its first config and vice versa. ``toy``: interpreter-sized shapes."""
+    interpreter), forced: head sizes 64, 96 and 128 in bf16, the first config of each in fp16, every fp32 config;
+    the two modes alternate across configs, and the dK/dV kernel alternates one token split (it writes the gradients)
+    and three (fp32 partials summed by the launcher). A dK/dV case forces dQ to its first config and vice versa.
+    ``toy``: interpreter-sized shapes."""
     import functools
 
     from .. import selftest as S
@@ -344,16 +382,15 @@ def selftest_cases(toy: bool) -> list:
                              for kind in ("fwd", "dkdv", "dq"))
             for kind, configs in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq)):
                 for i, config in enumerate(configs[:1] if first_only else configs):
-                    immediate = (i + head_dim // 32) % 2 == 0
-                    if kind == "fwd":
-                        run = functools.partial(_selftest_fwd, config=config)
-                    else:
-                        forced = (config, dq[0]) if kind == "dkdv" else (dkdv[0], config)
-                        run = functools.partial(_selftest_bwd, configs=(fwd[0],) + forced)
+                    immediate, splits = (i + head_dim // 32) % 2 == 0, 1 + 2 * (i % 2) if kind == "dkdv" else None
+                    forced = {"dkdv": (fwd[0], config, dq[0]), "dq": (fwd[0], dkdv[0], config)}.get(kind)
+                    run = functools.partial(_selftest_bwd, configs=forced, dkdv_splits=splits) if forced else \
+                        functools.partial(_selftest_fwd, config=config)
                     run = functools.partial(run, dtype=dtype, head_dim=head_dim, immediate=immediate, shape=shape)
                     name = "media_xattn_fwd" if kind == "fwd" else f"media_xattn_bwd_{kind}"
                     detail = (f"{S.dtype_name(dtype)} d{head_dim} {'imm' if immediate else 'prev'} "
-                              f"B{shape[0]} T{shape[1]} H{shape[2]} M{shape[3]}x{shape[4]}")
+                              f"B{shape[0]} T{shape[1]} H{shape[2]} M{shape[3]}x{shape[4]}"
+                              f"{f' splits{splits}' if splits else ''}")
                     cases.append(S.Case(name, U.config_label(config), detail, run,
                                         S.tolerance(dtype, grad=kind != "fwd")))
     return cases
@@ -374,20 +411,8 @@ def _selftest_inputs(device, dtype, head_dim, immediate, shape):
     return q, k, v, text_time, mask, head_dim ** -0.5
 
 
-def _selftest_reference_lse(q, k, text_time, media, latents, immediate, scale):
-    """Natural-log sum-exp of the visible scaled scores (fp32, (B, H, T)); 0 where a token sees nothing (the kernel
-    writes +inf there: both become 0 before the comparison)."""
-    from ..masks import visible_media
-
-    lo, hi = visible_media(text_time, media, immediate)
-    key_media = torch.arange(media * latents, device=q.device) // latents
-    seen = (key_media >= lo[..., None]) & (key_media < hi[..., None])  # (B, T, keys)
-    scores = torch.einsum("bthd,bkhd->bhtk", q.float(), k.float()) * scale
-    lse = scores.masked_fill(~seen[:, None], float("-inf")).logsumexp(-1)
-    return torch.where(torch.isinf(lse), 0.0, lse)
-
-
 def _selftest_fwd(device, *, config, dtype, head_dim, immediate, shape):
+    from ..reference import media_xattn_lse
     from . import torch_path
 
     q, k, v, text_time, mask, scale = _selftest_inputs(device, dtype, head_dim, immediate, shape)
@@ -396,11 +421,13 @@ def _selftest_fwd(device, *, config, dtype, head_dim, immediate, shape):
     lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("nan"), device=device)
     launch_fwd(q, k, v, text_time, media, latents, immediate, scale, config, out=out, lse=lse)
     ref = torch_path.media_xattn(q.float(), k.float(), v.float(), mask, latents, scale)
-    lse_ref = _selftest_reference_lse(q, k, text_time, media, latents, immediate, scale)
-    return [("o", out, ref), ("lse", torch.where(torch.isinf(lse), 0.0, lse), lse_ref)]
+    # a token that sees nothing: +inf from the kernel, -inf from the reference; both compared as 0
+    lse, lse_ref = (torch.where(torch.isinf(t), 0.0, t)
+                    for t in (lse, media_xattn_lse(q, k, text_time, media, immediate, scale)))
+    return [("o", out, ref), ("lse", lse, lse_ref)]
 
 
-def _selftest_bwd(device, *, configs, dtype, head_dim, immediate, shape):
+def _selftest_bwd(device, *, configs, dtype, head_dim, immediate, shape, dkdv_splits=None):
     from .. import selftest as S
     from . import torch_path
 
@@ -411,7 +438,7 @@ def _selftest_bwd(device, *, configs, dtype, head_dim, immediate, shape):
     do = S.randn(*q.shape, dtype=dtype, device=device)
     dq, dk, dv = (S.nan_like(t) for t in (q, k, v))
     launch_bwd(do, q, k, v, o, lse, text_time, media, latents, immediate, scale, dkdv_config, dq_config=dq_config,
-               dq=dq, dk=dk, dv=dv)
+               dq=dq, dk=dk, dv=dv, dkdv_splits=dkdv_splits)
     leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
     torch_path.media_xattn(*leaves, mask, latents, scale).backward(do.float())
     return [(name, got, ref.grad) for name, got, ref in zip(("dq", "dk", "dv"), (dq, dk, dv), leaves)]

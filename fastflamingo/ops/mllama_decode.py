@@ -112,8 +112,12 @@ def launch(
             q, k, v, mask_arg, o, o, o, units, unit_count, *args, 0, 0, 0, 0, 0, units.stride(0),
             kv_heads, num_tokens, num_keys, unit_len, 1, float(scale), DIRECT=True, **common)
         return o
-    o_part = torch.empty((batch * heads, num_tokens, num_splits, head_dim), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((batch * heads, num_tokens, num_splits), dtype=torch.float32, device=q.device)
+    # fp32 partials for media_decode's combine kernel, laid out as media_decode lays them out (head axis padded to
+    # BLOCK_D, the LSEs' split axis to a multiple of 16), so the combine's strides never change specialization
+    o_part = torch.empty((batch * heads, num_tokens, num_splits, U.head_block(head_dim)), dtype=torch.float32,
+                         device=q.device)
+    lse_part = torch.empty((batch * heads, num_tokens, U.cdiv(num_splits, 16) * 16), dtype=torch.float32,
+                           device=q.device)
     K._mllama_decode_split_kernel[grid](
         q, k, v, mask_arg, o, o_part, lse_part, units, unit_count, *args,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),

@@ -138,7 +138,7 @@ def _check_inputs(q, k_media, v_media, k_latents, v_latents) -> None:
 def launch_fwd(
     q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor, k_latents: torch.Tensor, v_latents: torch.Tensor,
     scale: float, config: Optional[ConfigLike] = None, *, out: Optional[torch.Tensor] = None,
-    lse: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None, splits: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward pass.
 
@@ -146,7 +146,8 @@ def launch_fwd(
         q: (N, L, H, D) latent queries; k_media, v_media: (N, P, H, D); k_latents, v_latents: (N, L, H, D). Any
             strides (a tensor whose last stride is not 1 is copied); fp32, fp16 or bf16, all one dtype; D <= 128.
         scale: softmax scale. config: force a launch config (``{"BLOCK_M": 64, "BLOCK_N": 32}``), bypassing the
-            autotuner. out, lse: optional preallocated outputs (unit last stride).
+            autotuner. out, lse: optional preallocated outputs (unit last stride). splits: force the number of key
+            splits (default: from the shapes and the SM count, so that a small grid still fills the GPU).
 
     Returns:
         o (N, L, H, D) in q's dtype, and lse (N, H, L) fp32: natural-log sum-exp of the scaled scores over all
@@ -172,23 +173,50 @@ def launch_fwd(
         check_row_strides((q, o), block_m)
         check_row_strides((k_media, v_media, k_latents, v_latents), block_n)
         grid = (num * heads, U.cdiv(latents, block_m))
-        K._perceiver_fwd_kernel[grid](
-            q, k_media, v_media, k_latents, v_latents, o, lse,
+        count = _splits(K, U, splits, grid, media_tokens, latents, block_n, q.device)
+        if count == 1:  # the results themselves (split strides unused)
+            o_part, lse_part = o.unsqueeze(0), lse.unsqueeze(0)
+        else:  # normalised fp32 partials and their LSEs, merged below in split order
+            o_part = torch.empty((count,) + tuple(o.shape), dtype=torch.float32, device=o.device)
+            lse_part = torch.empty((count,) + tuple(lse.shape), dtype=torch.float32, device=o.device)
+        K._perceiver_fwd_kernel[grid + (count,)](
+            q, k_media, v_media, k_latents, v_latents, o_part, lse_part,
             q.stride(0), q.stride(1), q.stride(2),
             k_media.stride(0), k_media.stride(1), k_media.stride(2),
             v_media.stride(0), v_media.stride(1), v_media.stride(2),
             k_latents.stride(0), k_latents.stride(1), k_latents.stride(2),
             v_latents.stride(0), v_latents.stride(1), v_latents.stride(2),
-            o.stride(0), o.stride(1), o.stride(2),
-            lse.stride(0), lse.stride(1),
-            heads, media_tokens, latents, qk_scale,
+            *o_part.stride()[:4], *lse_part.stride()[:3],
+            heads, media_tokens, latents, count, qk_scale,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=precision,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+        if count > 1:
+            _merge_splits(o_part, lse_part, o, lse)
 
     cfg = U.as_config(config) if config is not None else K.FWD_CHOOSER.choose(K.autotune_key(q, media_tokens), run, q.device)
     run(cfg)
     return o, lse
+
+
+def _splits(K, U, forced: Optional[int], grid: Tuple[int, int], media_tokens: int, latents: int, block_n: int,
+            device: torch.device) -> int:
+    if forced is not None:
+        forced = int(forced)
+        tiles = U.cdiv(media_tokens, block_n) + U.cdiv(latents, block_n)
+        if not 1 <= forced <= tiles:
+            raise ValueError(f"splits must be in 1..{tiles} (the key tiles), got {forced}")
+        return forced
+    return K.key_splits(grid[0] * grid[1], media_tokens, latents, block_n, U.sm_count(device))
+
+
+def _merge_splits(o_part: torch.Tensor, lse_part: torch.Tensor, o: torch.Tensor, lse: torch.Tensor) -> None:
+    """o, lse from the splits' normalised partials (S, N, L, H, D) and LSEs (S, N, H, L), in split order:
+    ``o = sum_s exp(lse_s - lse) o_s`` with ``lse = log sum_s exp(lse_s)`` (every split saw keys: finite)."""
+    total = torch.logsumexp(lse_part, dim=0)  # (N, H, L)
+    weights = torch.exp(lse_part - total).permute(0, 1, 3, 2).unsqueeze(-1)  # (S, N, L, H, 1)
+    o.copy_((weights * o_part).sum(dim=0))
+    lse.copy_(total)
 
 
 def launch_bwd(
@@ -197,12 +225,14 @@ def launch_bwd(
     config: Optional[ConfigLike] = None, *, dq: Optional[torch.Tensor] = None,
     dk_media: Optional[torch.Tensor] = None, dv_media: Optional[torch.Tensor] = None,
     dk_latents: Optional[torch.Tensor] = None, dv_latents: Optional[torch.Tensor] = None,
+    splits: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward pass: (dq, dk_media, dv_media, dk_latents, dv_latents), shapes and dtypes of the inputs.
 
     ``do`` may have any strides, including 0 (an expanded gradient). ``config`` forces a launch config; the d*
-    arguments are optional preallocated outputs (unit last stride). Deterministic: no atomics; with several query
-    tiles (L > BLOCK_M) the per-tile fp32 dK/dV partials are summed in a fixed order.
+    arguments are optional preallocated outputs (unit last stride); ``splits`` forces the number of key splits.
+    Deterministic: no atomics; with several query tiles (L > BLOCK_M) the per-tile fp32 dK/dV partials, and with
+    several key splits the per-split fp32 dQ partials, are summed in a fixed order.
     """
     K, U = _kernels()
     _check_inputs(q, k_media, v_media, k_latents, v_latents)
@@ -231,16 +261,20 @@ def launch_bwd(
     def run(cfg) -> None:
         block_m, block_n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
         tiles = U.cdiv(latents, block_m)
+        count = _splits(K, U, splits, (num * heads, tiles), media_tokens, latents, block_n, q.device)
         if tiles == 1:  # one query tile: dK/dV are final where the kernel writes them (tile stride unused)
             targets = [g.unsqueeze(0) for g in grads]
         else:  # per-tile fp32 partials, summed below in a fixed order
             targets = [torch.empty((tiles,) + tuple(g.shape), dtype=torch.float32, device=g.device) for g in grads]
+        # dQ: the gradient itself with one key split, else per-split fp32 partials summed below in split order
+        dq_part = dq.unsqueeze(0) if count == 1 else torch.empty((count,) + tuple(dq.shape), dtype=torch.float32,
+                                                                  device=dq.device)
         check_row_strides((q, o, do, dq), block_m)
         check_row_strides((k_media, v_media, k_latents, v_latents), block_n)
         check_row_strides([t[0] for t in targets], block_n)
         dkm, dvm, dkl, dvl = targets
-        K._perceiver_bwd_kernel[(num * heads, tiles)](
-            q, k_media, v_media, k_latents, v_latents, o, do, lse, dq, dkm, dvm, dkl, dvl,
+        K._perceiver_bwd_kernel[(num * heads, tiles, count)](
+            q, k_media, v_media, k_latents, v_latents, o, do, lse, dq_part, dkm, dvm, dkl, dvl,
             q.stride(0), q.stride(1), q.stride(2),
             k_media.stride(0), k_media.stride(1), k_media.stride(2),
             v_media.stride(0), v_media.stride(1), v_media.stride(2),
@@ -249,15 +283,17 @@ def launch_bwd(
             o.stride(0), o.stride(1), o.stride(2),
             do.stride(0), do.stride(1), do.stride(2),
             lse.stride(0), lse.stride(1),
-            dq.stride(0), dq.stride(1), dq.stride(2),
+            *dq_part.stride()[:4],
             *dkm.stride()[:4], *dvm.stride()[:4], *dkl.stride()[:4], *dvl.stride()[:4],
-            heads, media_tokens, latents, qk_scale, float(scale),
+            heads, media_tokens, latents, count, qk_scale, float(scale),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=precision,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if tiles > 1:
             for g, part in zip(grads, targets):
                 g.copy_(part.sum(dim=0))
+        if count > 1:
+            dq.copy_(dq_part.sum(dim=0))
 
     cfg = U.as_config(config) if config is not None else K.BWD_CHOOSER.choose(K.autotune_key(q, media_tokens), run, q.device)
     run(cfg)
@@ -286,10 +322,14 @@ def selftest_cases(toy: bool) -> list:
             fwd, bwd = (S.shipped(functools.partial(K.shipped_configs, kind, dtype, head_dim))
                         for kind in ("fwd", "bwd"))
             for kind, configs in (("fwd", fwd), ("bwd", bwd)):
-                for config in configs[:1] if first_only else configs:
+                for i, config in enumerate(configs[:1] if first_only else configs):
+                    # one key split and two (media keys | latent keys: fp32 partials merged by the launcher)
+                    # alternate, whatever the SM count would choose
+                    splits = 1 + i % 2
                     run = functools.partial(_selftest_fwd if kind == "fwd" else _selftest_bwd, configs=(fwd[0], config),
-                                            dtype=dtype, head_dim=head_dim, shape=shape)
-                    detail = f"{S.dtype_name(dtype)} d{head_dim} N{shape[0]} L{shape[1]} H{shape[2]} P{shape[3]}"
+                                            dtype=dtype, head_dim=head_dim, shape=shape, splits=splits)
+                    detail = (f"{S.dtype_name(dtype)} d{head_dim} N{shape[0]} L{shape[1]} H{shape[2]} P{shape[3]} "
+                              f"splits{splits}")
                     cases.append(S.Case(f"perceiver_{kind}", U.config_label(config), detail, run,
                                         S.tolerance(dtype, grad=kind == "bwd")))
     return cases
@@ -305,21 +345,21 @@ def _selftest_inputs(device, dtype, head_dim, shape):
     return q, kv_media[:, :, 0], kv_media[:, :, 1], kv_latents[:, :, 0], kv_latents[:, :, 1], head_dim ** -0.5
 
 
-def _selftest_fwd(device, *, configs, dtype, head_dim, shape):
+def _selftest_fwd(device, *, configs, dtype, head_dim, shape, splits):
     from .. import selftest as S
     from . import torch_path
 
     q, km, vm, kl, vl, scale = _selftest_inputs(device, dtype, head_dim, shape)
     out = S.nan_like(q)
     lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("nan"), device=device)
-    launch_fwd(q, km, vm, kl, vl, scale, configs[1], out=out, lse=lse)
+    launch_fwd(q, km, vm, kl, vl, scale, configs[1], out=out, lse=lse, splits=splits)
     ref = torch_path.perceiver_attn(*(t.float() for t in (q, km, vm, kl, vl)), scale)
     k = torch.cat((km, kl), dim=1).float()
     lse_ref = (torch.einsum("nlhd,nkhd->nhlk", q.float(), k) * scale).logsumexp(-1)
     return [("o", out, ref), ("lse", lse, lse_ref)]
 
 
-def _selftest_bwd(device, *, configs, dtype, head_dim, shape):
+def _selftest_bwd(device, *, configs, dtype, head_dim, shape, splits):
     from .. import selftest as S
     from . import torch_path
 
@@ -330,7 +370,7 @@ def _selftest_bwd(device, *, configs, dtype, head_dim, shape):
     do = S.randn(*q.shape, dtype=dtype, device=device)
     grads = [S.nan_like(t) for t in (q, km, vm, kl, vl)]
     launch_bwd(do, q, km, vm, kl, vl, o, lse, scale, configs[1], dq=grads[0], dk_media=grads[1], dv_media=grads[2],
-               dk_latents=grads[3], dv_latents=grads[4])
+               dk_latents=grads[3], dv_latents=grads[4], splits=splits)
     leaves = [t.detach().float().requires_grad_() for t in (q, km, vm, kl, vl)]
     torch_path.perceiver_attn(*leaves, scale).backward(do.float())
     names = ("dq", "dk_media", "dv_media", "dk_latents", "dv_latents")

@@ -109,11 +109,13 @@ def media_xattn(q, k, v, mask, latents: int, scale: float, dropout_p: float = 0.
         return _dense_path(q, k, v, mask.visible(), latents, scale, dropout_p, kv_group)
     if torch.compiler.is_compiling():  # the schedules below read the mask on the host: not traceable
         return _key_mask_path(q, k, v, mask, latents, scale, dropout_p, kv_group)
-    if mask.immediate:
-        if len(runs(mask)) > _FEW_RUNS:
-            return _chunks_path(q, k, v, mask, latents, scale, dropout_p, kv_group)
-    elif q.shape[1] <= DECODE_MAX_TOKENS:
+    if q.shape[1] <= DECODE_MAX_TOKENS:
+        # decode steps: no host-side schedule, so no host read of the mask (a decode step stays sync-free)
+        if mask.immediate:
+            return _window_path(q, k, v, mask, latents, scale, dropout_p, kv_group)
         return _prefix_path(q, k, v, mask, latents, scale, dropout_p, kv_group)
+    if mask.immediate and len(runs(mask)) > _FEW_RUNS:
+        return _chunks_path(q, k, v, mask, latents, scale, dropout_p, kv_group)
     if kv_group > 1:
         return _runs_forward_grouped(q, k, v, runs(mask), latents, scale, dropout_p, kv_group)
     return _runs_path(q, k, v, mask, latents, scale, dropout_p)
@@ -248,27 +250,22 @@ def _runs_path(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: 
 
 def _prefix_path(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float,
                  kv_group: int = 1):
-    """All-previous decode: every token sees a key prefix ``[0, hi * latents)``, so one SDPA call over the keys any
-    token sees, with a boolean key mask of only tokens x keys per sample, replaces the per-sample run loop (and its
-    host-side run list). On CPU the keys past the furthest prefix are skipped (a free host read); on CUDA there is
-    no host read, so a decode step stays capturable in a CUDA graph."""
-    trim = q.device.type == "cpu"
-    return _key_mask_path(q, k, v, mask, latents, scale, dropout_p, kv_group, trim_unseen_keys=trim)
+    """All-previous decode: every token sees a key prefix ``[0, hi * latents)``, so one SDPA call with a boolean key
+    mask of only tokens x keys per sample replaces the per-sample run loop (and its host-side run list). Every key
+    is visited and nothing is read on the host, on CPU as on CUDA: a decode step stays sync-free (and capturable in
+    a CUDA graph), and its new tokens come after every media of the prompt, so they see (nearly) all keys anyway."""
+    return _key_mask_path(q, k, v, mask, latents, scale, dropout_p, kv_group)
 
 
-def _key_mask_path(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float, kv_group: int = 1,
-                   trim_unseen_keys: bool = False):
+def _key_mask_path(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float, kv_group: int = 1):
     """One SDPA call with a (batch, text, keys) boolean key mask built on device from the closed form: token ``t``
     sees keys ``[lo * latents, hi * latents)``. No host read and no data-dependent Python decision, so this is the
     path while tracing (torch.compile / torch.export: the run and chunk schedules are host-side lists), at the price
     of visiting every key. Tokens that see nothing attend to every key (a finite softmax, no NaN in the forward or
     backward) and are then set to exactly 0. ``kv_group`` r > 1: the r query rows sharing a K/V row are folded into
-    one (:func:`fold_groups`), with their key masks. ``trim_unseen_keys`` (eager only) drops the keys past the
-    furthest one any token sees, after one host read."""
+    one (:func:`fold_groups`), with their key masks."""
     lo, hi = mask.media_range()  # (batch, text) int32; lo >= hi: nothing visible
     num_keys = k.shape[1]
-    if trim_unseen_keys:
-        num_keys = max(int(hi.max()), 0) * latents if hi.numel() else 0
     if num_keys == 0:
         if kv_group > 1:  # inference only: no graph to keep
             return q.new_zeros(q.shape[0], q.shape[1], v.shape[2], v.shape[3])
@@ -283,6 +280,27 @@ def _key_mask_path(q, k, v, mask: MediaMask, latents: int, scale: float, dropout
         out = unfold_groups(out, kv_group)
     else:
         out = _sdpa(q, k[:, :num_keys], v[:, :num_keys], scale, dropout_p, attn_mask=key_mask[:, None])
+    return torch.where(sees[:, :, None, None], out, out.new_zeros(()))
+
+
+def _window_path(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float, kv_group: int = 1):
+    """Immediate mode for a few tokens per sample (decode steps): each token sees exactly the ``latents`` keys of one
+    media, gathered per token by index (computed on the device: no host read) and attended without a mask; tokens
+    that see nothing get exact zeros. ``kv_group`` r > 1: sample b's keys come from K/V row b // r. Autograd goes
+    through index_select, whose backward is linear in the sizes."""
+    batch, num_text, heads, head_dim = q.shape
+    head_dim_v = v.shape[-1]
+    lo, hi = mask.media_range()  # (batch, text) int32; lo == hi: nothing visible
+    sees = hi > lo
+    num_keys = k.shape[1]
+    rows = torch.arange(batch, device=q.device) // kv_group  # the K/V row of each sample
+    first = rows[:, None] * num_keys + torch.where(sees, lo, torch.zeros_like(lo)) * latents  # (batch, text)
+    index = (first[..., None] + torch.arange(latents, device=q.device)).flatten()  # (batch * text * latents,)
+    window_k = k.reshape(-1, heads, head_dim).index_select(0, index).view(batch * num_text, latents, heads, head_dim)
+    window_v = v.reshape(-1, heads, head_dim_v).index_select(0, index).view(batch * num_text, latents, heads,
+                                                                          head_dim_v)
+    out = _sdpa(q.reshape(batch * num_text, 1, heads, head_dim), window_k, window_v, scale, dropout_p)
+    out = out.view(batch, num_text, heads, head_dim_v)
     return torch.where(sees[:, :, None, None], out, out.new_zeros(()))
 
 

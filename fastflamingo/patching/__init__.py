@@ -51,21 +51,34 @@ def patch(model: nn.Module, *, empty_rows: str = "hf") -> PatchReport:
         )
     report = PatchReport(model=type(model).__name__)
     apply_rules(model, rules, report)
+    already = any(getattr(m, ORIGINAL_ATTR, None) is not None for m in model.modules())
+    if not report.replaced and not already:
+        raise TypeError(
+            f"fastflamingo.patch found nothing to patch in {type(model).__name__}. Supported models:\n  - "
+            + "\n  - ".join(SUPPORTED)
+        )
     if report.replaced:
         route_init_weights(model)  # transformers' init_weights() reaches the drop-ins through their originals
-        return report
-    if any(getattr(m, ORIGINAL_ATTR, None) is not None for m in model.modules()):
-        return report  # already patched
-    raise TypeError(
-        f"fastflamingo.patch found nothing to patch in {type(model).__name__}. Supported models:\n  - "
-        + "\n  - ".join(SUPPORTED)
-    )
+    _install_model_hooks(model)
+    return report
 
 
 def unpatch(model: nn.Module) -> int:
-    """Put back the original upstream modules replaced by :func:`patch`; returns how many were restored."""
+    """Put back the original upstream modules replaced by :func:`patch` and remove the model-level hooks it added;
+    returns how many modules were restored."""
+    from ..idefics import model_mask
+
+    model_mask.uninstall(model)
     unroute_init_weights(model)
     return restore(model)
+
+
+def _install_model_hooks(model: nn.Module) -> None:
+    """Model-level hooks beside the module swaps: an ``IdeficsModel`` hands its gated layers the closed-form image
+    mask (``fastflamingo/idefics/model_mask.py``)."""
+    from ..idefics import model_mask
+
+    model_mask.install(model)
 
 
 __all__ = ["patch", "unpatch", "PatchReport", "SUPPORTED"]
