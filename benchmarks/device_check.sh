@@ -132,7 +132,12 @@ collect_bench() {
   return 0
 }
 
-has_op() { "$PY" -m benchmarks --list 2> /dev/null | grep -q "^$1:"; }
+# has_op NAME: whether the benchmark op is registered in this tree (a failing --list is reported, not taken as "no")
+has_op() {
+  local list
+  list=$("$PY" -m benchmarks --list 2>&1) || { echo "benchmarks --list failed: ${list: -400}"; return 1; }
+  grep -q "^$1:" <<< "$list"
+}
 
 stage_env() {
   echo "--- install"

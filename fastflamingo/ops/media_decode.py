@@ -6,7 +6,7 @@ Importing this module needs torch only: triton and the kernels are imported on t
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -108,12 +108,7 @@ def launch(
         )
         return o
 
-    # fp32 partials, [(sample, head), token, split, :] so that the combine reads one token's splits contiguously.
-    # The head axis is padded to BLOCK_D and the split axis of the LSEs to a multiple of 16, so every workspace
-    # stride is a multiple of 16 whatever the token and split counts: one compiled variant for every step.
-    o_part = torch.empty((batch * heads, num_tokens, num_splits, block_d), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((batch * heads, num_tokens, U.cdiv(num_splits, 16) * 16), dtype=torch.float32,
-                           device=q.device)
+    o_part, lse_part = split_workspace(batch * heads, num_tokens, num_splits, head_dim, q.device)
     K._media_decode_split_kernel[grid](
         q, k, v, o, o_part, lse_part, text_time,
         q.stride(0), q.stride(1), q.stride(2),
@@ -126,16 +121,35 @@ def launch(
         heads, num_tokens, num_media, latents, num_splits, kv_group, float(scale) * U.LOG2E,
         DIRECT=False, **common,
     )
+    combine(o_part, lse_part, o, num_splits)
+    return o
+
+
+def split_workspace(rows: int, num_tokens: int, num_splits: int, head_dim: int,
+                    device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Empty fp32 partials ``[(sample, head), token, split, :]`` and their LSEs for ``rows`` (sample, head) pairs,
+    laid out for :func:`combine` (one token's splits contiguous). The head axis is padded to BLOCK_D and the LSEs'
+    split axis to a multiple of 16, so every workspace stride is a multiple of 16 whatever the token and split
+    counts: one compiled variant for every decode step (mllama_decode's split kernel writes the same layout)."""
+    _, U = _kernels()
+    o_part = torch.empty((rows, num_tokens, num_splits, U.head_block(head_dim)), dtype=torch.float32, device=device)
+    lse_part = torch.empty((rows, num_tokens, U.cdiv(num_splits, 16) * 16), dtype=torch.float32, device=device)
+    return o_part, lse_part
+
+
+def combine(o_part: torch.Tensor, lse_part: torch.Tensor, o: torch.Tensor, num_splits: int) -> None:
+    """``o`` (B, T, H, D) from the splits' partials of :func:`split_workspace`, merged in split order."""
+    K, U = _kernels()
+    batch, num_tokens, heads, head_dim = o.shape
     K._media_decode_combine_kernel[(num_tokens, batch * heads)](
         o_part, lse_part, o,
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse_part.stride(0), lse_part.stride(1),
         o.stride(0), o.stride(1), o.stride(2),
         heads, num_splits,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=K.COMBINE_BLOCK_S,
+        HEAD_DIM=head_dim, BLOCK_D=U.head_block(head_dim), BLOCK_S=K.COMBINE_BLOCK_S,
         num_warps=K.COMBINE_CONFIG.num_warps, num_stages=K.COMBINE_CONFIG.num_stages,
     )
-    return o
 
 
 # ================================================================================================================

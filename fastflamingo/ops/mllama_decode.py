@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .._checks import SUPPORTED_DTYPES
+from . import media_decode as media_decode_ops
 from ._launch import ConfigLike, check_out
 from .mllama_xattn import _addressable
 
@@ -112,25 +113,13 @@ def launch(
             q, k, v, mask_arg, o, o, o, units, unit_count, *args, 0, 0, 0, 0, 0, units.stride(0),
             kv_heads, num_tokens, num_keys, unit_len, 1, float(scale), DIRECT=True, **common)
         return o
-    # fp32 partials for media_decode's combine kernel, laid out as media_decode lays them out (head axis padded to
-    # BLOCK_D, the LSEs' split axis to a multiple of 16), so the combine's strides never change specialization
-    o_part = torch.empty((batch * heads, num_tokens, num_splits, U.head_block(head_dim)), dtype=torch.float32,
-                         device=q.device)
-    lse_part = torch.empty((batch * heads, num_tokens, U.cdiv(num_splits, 16) * 16), dtype=torch.float32,
-                           device=q.device)
+    # fp32 partials in the layout of media_decode's combine kernel
+    o_part, lse_part = media_decode_ops.split_workspace(batch * heads, num_tokens, num_splits, head_dim, q.device)
     K._mllama_decode_split_kernel[grid](
         q, k, v, mask_arg, o, o_part, lse_part, units, unit_count, *args,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
         units.stride(0), kv_heads, num_tokens, num_keys, unit_len, num_splits, float(scale), DIRECT=False, **common)
-    D._media_decode_combine_kernel[(num_tokens, batch * heads)](
-        o_part, lse_part, o,
-        o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        lse_part.stride(0), lse_part.stride(1),
-        o.stride(0), o.stride(1), o.stride(2),
-        heads, num_splits,
-        HEAD_DIM=head_dim, BLOCK_D=U.head_block(head_dim), BLOCK_S=D.COMBINE_BLOCK_S,
-        num_warps=D.COMBINE_CONFIG.num_warps, num_stages=D.COMBINE_CONFIG.num_stages,
-    )
+    media_decode_ops.combine(o_part, lse_part, o, num_splits)
     return o
 
 
