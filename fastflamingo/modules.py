@@ -36,6 +36,22 @@ class FeedForward(nn.Sequential):
             nn.Linear(inner_dim, dim, bias=False),
         )
 
+    def gelu_and_out_fusable(self) -> bool:
+        """Whether ``self[2:]`` is still upstream's exact GELU + bias-free Linear, called plainly, so that
+        :func:`fastflamingo.functional.gelu_linear` may run the two: a user's replacement, a hook or a wrapped
+        ``forward`` (accelerate's offloading loads the weight in one) runs as written."""
+        act, out = self[2], self[3]
+        return (type(act) is nn.GELU and act.approximate == "none" and type(out) is nn.Linear and out.bias is None
+                and out.weight.device.type != "meta"
+                and not any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m) or hasattr(m, "_hf_hook")
+                            for m in (act, out)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self) == 4 and self.gelu_and_out_fusable():
+            # the GELU output (dim * mult per token) is recomputed in the backward pass instead of kept
+            return functional.gelu_linear(self[1](self[0](x)), self[3].weight)
+        return super().forward(x)
+
 
 def flatten_media(media: torch.Tensor) -> torch.Tensor:
     """(batch, num_media, latents, dim) -> (batch, num_media * latents, dim): the media-major key order."""

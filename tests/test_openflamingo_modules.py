@@ -213,3 +213,62 @@ def test_perceiver_attention_matches(of):
     mine.load_state_dict(up.state_dict(), strict=True)
     x, lat = torch.randn(2, 3, 11, 32), torch.randn(2, 3, 5, 32)
     assert_close(mine(x, lat), up(x, lat), 1e-5, "perceiver attention")
+
+
+def _saved_bytes(fn, module):
+    """Bytes of the distinct storages autograd saves for the backward pass while ``fn()`` runs, the module's own
+    parameters aside (they are not activations: they exist anyway)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_feed_forward_recomputes_gelu_instead_of_keeping_it(of, autocast):
+    """The drop-in FeedForward matches upstream's (forward, input and weight gradients; fp32, and bf16 autocast) and
+    keeps less for the backward pass: the GELU output (tokens x dim * mult), and under autocast also the low-precision
+    copy of the out-projection's weight (the backward casts it again)."""
+    torch.manual_seed(0)
+    dim, mult, shape = 24, 4, (3, 7, 24)
+    ours = ff.FeedForward(dim, mult)
+    theirs = of.FeedForward(dim, mult)
+    theirs.load_state_dict(ours.state_dict())
+    results = {}
+    for name, module in (("ours", ours), ("theirs", theirs)):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, saved = _saved_bytes(lambda: module(x), module)
+        out.float().square().sum().backward()
+        results[name] = (out, saved, grads_of(module, x))
+    (out, saved, grads), (ref, ref_saved, ref_grads) = results["ours"], results["theirs"]
+    assert out.dtype == ref.dtype
+    rtol = 2e-2 if autocast else 1e-6
+    assert_close(out, ref, rtol, "out")
+    for key in ref_grads:
+        assert grads[key].dtype == ref_grads[key].dtype, key
+        assert_close(grads[key], ref_grads[key], rtol, key)
+    gelu_out = 3 * 7 * dim * mult * (2 if autocast else 4)
+    weight_copy = dim * mult * dim * 2 if autocast else 0
+    assert ref_saved - saved == gelu_out + weight_copy, (ref_saved, saved)
+
+
+def test_feed_forward_with_a_hook_runs_as_written():
+    """A forward hook on the GELU or the out-projection (or a replaced GELU) keeps the plain Sequential path."""
+    module = ff.FeedForward(16, 2)
+    calls = []
+    module[3].register_forward_hook(lambda m, args, out: calls.append(out.shape))
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    module(x).sum().backward()
+    assert calls == [(2, 5, 16)] and not module.gelu_and_out_fusable()
+    module = ff.FeedForward(16, 2)
+    module[2] = torch.nn.GELU(approximate="tanh")
+    assert not module.gelu_and_out_fusable()
+    torch.testing.assert_close(module(x), module[3](torch.nn.functional.gelu(module[1](module[0](x)), approximate="tanh")))
