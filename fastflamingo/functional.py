@@ -271,9 +271,15 @@ def gated_linear(
     linear: nn.Module,
     alpha: torch.Tensor,
     row_gate: Optional[torch.Tensor] = None,
+    *,
+    activation: Optional[str] = None,
 ) -> torch.Tensor:
     """``x + tanh(alpha) * linear(inp)`` (rows with ``row_gate == 0`` get ``x``): the gated residual fused into
     the epilogue of the matmul that produces the branch, on the Triton backend.
+
+    ``activation="gelu"``: ``inp`` is the pre-activation and the branch is ``linear(gelu(inp))`` (exact GELU; the
+    OpenFlamingo feed-forward's last two layers). On the PyTorch path the GELU output is then recomputed in the
+    backward pass instead of kept (:func:`gelu_linear`).
 
     ``linear`` is the upstream projection module (``to_out``, ``ff[3]``, ``o_proj``, ``down_proj``). Only a plain
     ``nn.Linear`` is fused; anything else runs as a module, then the gated residual: a LoRA wrapper, a quantized
@@ -281,8 +287,10 @@ def gated_linear(
     or loads an offloaded weight in its forward, and a weight still on the meta device would otherwise be read).
     Gradients flow to ``x``, ``inp``, the weight (and bias) and ``alpha``.
     """
+    if activation not in (None, "gelu"):
+        raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
     if not _plain_linear(linear):
-        return gated_residual(x, linear(inp), alpha, row_gate)
+        return gated_residual(x, linear(nn.functional.gelu(inp) if activation else inp), alpha, row_gate)
     if inp.shape[:-1] != x.shape[:-1] or inp.shape[-1] != linear.in_features or x.shape[-1] != linear.out_features:
         raise ValueError(
             f"x {tuple(x.shape)} and inp {tuple(inp.shape)} do not fit a Linear({linear.in_features}, "
@@ -296,10 +304,13 @@ def gated_linear(
         return gated_ops.unsupported_reasons(x, inp, weight, bias, alpha, row_gate)
 
     if _backend.choose("gated_linear", (x, inp, weight, alpha), triton_reasons) == "torch":
+        if activation:
+            branch = gelu_linear(inp, weight)
+            return gated_residual(x, branch if bias is None else branch + bias, alpha, row_gate)
         return torch_path.gated_linear(x, inp, weight, bias, alpha, row_gate)
     from .ops.gated_linear import gated_linear as kernel_path
 
-    return kernel_path(x, inp, weight, bias, alpha, row_gate)
+    return kernel_path(x, nn.functional.gelu(inp) if activation else inp, weight, bias, alpha, row_gate)
 
 
 class _GeluLinear(torch.autograd.Function):

@@ -216,8 +216,10 @@ class GatedCrossAttentionBlock(nn.Module):
         else:  # a user-replaced attention module
             x = functional.gated_residual(x, self.attn(x, media, media_locations, use_cached_media), self.attn_gate)
         if isinstance(self.ff, FeedForward):
-            hidden = self.ff[2](self.ff[1](self.ff[0](x)))
-            return functional.gated_linear(x, hidden, self.ff[3], self.ff_gate)
+            hidden = self.ff[1](self.ff[0](x))
+            if len(self.ff) == 4 and self.ff.gelu_and_out_fusable():  # the GELU output is not kept for backward
+                return functional.gated_linear(x, hidden, self.ff[3], self.ff_gate, activation="gelu")
+            return functional.gated_linear(x, self.ff[2](hidden), self.ff[3], self.ff_gate)
         return functional.gated_residual(x, self.ff(x), self.ff_gate)
 
 

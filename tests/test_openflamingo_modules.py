@@ -272,3 +272,33 @@ def test_feed_forward_with_a_hook_runs_as_written():
     module[2] = torch.nn.GELU(approximate="tanh")
     assert not module.gelu_and_out_fusable()
     torch.testing.assert_close(module(x), module[3](torch.nn.functional.gelu(module[1](module[0](x)), approximate="tanh")))
+
+
+def test_gated_block_keeps_no_gelu_output_for_backward():
+    """On the PyTorch path the block's feed-forward keeps its pre-activation only (the GELU output is recomputed in
+    the backward pass): one (tokens x dim * mult) tensor less than the same block run layer by layer (a no-op hook
+    on ff[3] forces that), with the same output and gradients."""
+    torch.manual_seed(0)
+    dim, mult = 32, 4
+    block = ff.GatedCrossAttentionBlock(dim=dim, dim_visual=24, dim_head=16, heads=2, ff_mult=mult)
+    with torch.no_grad():
+        block.attn_gate.fill_(0.5)
+        block.ff_gate.fill_(-0.3)
+    x = torch.randn(2, 9, dim, requires_grad=True)
+    media = torch.randn(2, 2, 4, 24)
+    ml = locations(2, 9, [(0, 5), (3,)])
+    results = []
+    for plain in (False, True):
+        handle = block.ff[3].register_forward_hook(lambda *args: None) if plain else None
+        out, saved = _saved_bytes(lambda: block(x, media, media_locations=ml), block)
+        out.square().sum().backward()
+        results.append((out.detach(), saved, {k: v.clone() for k, v in grads_of(block, x).items()}))
+        block.zero_grad(set_to_none=True)
+        x.grad = None
+        if handle is not None:
+            handle.remove()
+    (out, saved, grads), (ref, ref_saved, ref_grads) = results
+    assert_close(out, ref, 1e-6, "out")
+    for key in ref_grads:
+        assert_close(grads[key], ref_grads[key], 1e-6, key)
+    assert ref_saved - saved == 2 * 9 * dim * mult * 4, (ref_saved, saved)
