@@ -137,6 +137,34 @@ def test_prefill_default_config_and_autograd(kernels, device):
         assert_close(name, got, ref, 2e-4)
 
 
+def test_schedules_built_once_per_closed_mask(kernels, device, monkeypatch):
+    """Two layers' forward and backward on one closed mask build the query tiles and the token ranges once (the
+    layers of a model share the memoised closed mask); a new mask builds them again."""
+    from fastflamingo.kernels import mllama_xattn as K
+
+    calls = {"query_tiles": [], "image_token_ranges": []}  # (img_start, and the tile size for the query tiles)
+    for name in calls:
+        original = getattr(K, name)
+
+        def counted(img_start, img_end, *sizes, _name=name, _original=original):
+            calls[_name].append((img_start.data_ptr(),) + sizes[1:])
+            return _original(img_start, img_end, *sizes)
+
+        monkeypatch.setattr(K, name, counted)
+    cam = mixed_layout()
+    q, k, v = make_qkv(device, torch.float32, 2, cam.shape[1], 8, 2, 32, 2 * T * P, seed=2)
+    masks = [M.from_cross_attention_mask(cam, P, "hf") for _ in range(2)]
+    for closed in [masks[0], masks[0], masks[1]]:
+        for _ in range(2):  # two layers
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            with fastflamingo.backend("triton"):
+                mllama_xattn(*leaves, closed).sum().backward()
+    # each (mask, tile size) once: the forward and dQ kernels share tiles of one size, the layers share everything
+    for name, built in calls.items():
+        assert len(built) == len(set(built)), (name, built)
+    assert len(calls["image_token_ranges"]) == 2
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # PyTorch path, dispatch, custom ops, torch.compile
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import torch
 
 from .. import _backend
 from .._checks import SUPPORTED_DTYPES, unsupported_dtype_reasons
+from ..cache import tensor_version
+from ..masks import memoised
 from ._launch import ConfigLike, check_out, unit_last_stride
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
@@ -140,6 +142,33 @@ def _common_constexprs(K, U, q: torch.Tensor, group: int, config) -> dict:
                 DOT_PRECISION=U.dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+def _schedule_key(name: str, img_end: torch.Tensor, *sizes) -> tuple:
+    # img_start is the memo's source; img_end, from the same closed mask, must match too
+    return (name, img_end.data_ptr(), tuple(img_end.shape), tensor_version(img_end), *sizes)
+
+
+def query_tiles(img_start: torch.Tensor, img_end: torch.Tensor, max_runs: int, block_m: int):
+    """The run-aligned query tiles of the forward and dQ kernels (``kernels/mllama_xattn.py``), built once per closed
+    mask (the identity and version of its tensors) and reused: every cross-attention layer of a forward receives the
+    same memoised closed mask, so the first layer builds the schedule and the other layers, the backward pass and
+    the autotune timings reuse it (device tensors: no host read either way)."""
+    K, _ = _kernels()
+    return memoised(img_start, _schedule_key("mllama_xattn.query_tiles", img_end, max_runs, block_m),
+                    lambda: K.query_tiles(img_start, img_end, max_runs, block_m))
+
+
+def image_tokens(img_start: torch.Tensor, img_end: torch.Tensor, num_images: int):
+    """Per (sample, image slot) token range of the dK/dV kernel and whether a sample has rows that see every key,
+    built once per closed mask like :func:`query_tiles`."""
+    K, _ = _kernels()
+
+    def build():
+        first, end = K.image_token_ranges(img_start, img_end, num_images)
+        return first, end, (img_start < 0).any(dim=1).to(torch.int32)
+
+    return memoised(img_start, _schedule_key("mllama_xattn.image_tokens", img_end, num_images), build)
+
+
 def launch_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, img_start: torch.Tensor, img_end: torch.Tensor,
     image_keys: torch.Tensor, image_stride: int, max_runs: int, scale: float,
@@ -177,7 +206,7 @@ def launch_fwd(
 
     def run(cfg) -> None:
         consts = _common_constexprs(K, U, q, group, cfg)
-        tile_start, tile_end = K.query_tiles(img_start, img_end, max_runs, consts["BLOCK_M"])
+        tile_start, tile_end = query_tiles(img_start, img_end, max_runs, consts["BLOCK_M"])
         K._mllama_xattn_fwd_kernel[(tile_start.shape[1], batch * kv_heads)](
             q, k, v, o, lse, img_start, img_end, image_keys, tile_start, tile_end,
             q.stride(0), q.stride(1), q.stride(2),
@@ -241,8 +270,7 @@ def launch_bwd(
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=M.PREPROCESS_BLOCK_M,
         num_warps=M.PREPROCESS_CONFIG.num_warps, num_stages=M.PREPROCESS_CONFIG.num_stages,
     )
-    token_first, token_end = K.image_token_ranges(img_start, img_end, num_images)
-    has_all = (img_start < 0).any(dim=1).to(torch.int32)
+    token_first, token_end, has_all = image_tokens(img_start, img_end, num_images)
 
     def run_dkdv(cfg) -> None:
         consts = _common_constexprs(K, U, q, group, cfg)
@@ -264,7 +292,7 @@ def launch_bwd(
 
     def run_dq(cfg) -> None:
         consts = _common_constexprs(K, U, q, group, cfg)
-        tile_start, tile_end = K.query_tiles(img_start, img_end, max_runs, consts["BLOCK_M"])
+        tile_start, tile_end = query_tiles(img_start, img_end, max_runs, consts["BLOCK_M"])
         K._mllama_xattn_bwd_dq_kernel[(tile_start.shape[1], batch * kv_heads)](
             q, k, v, do, lse, delta, img_start, img_end, image_keys, tile_start, tile_end, dq,
             q.stride(0), q.stride(1), q.stride(2),
