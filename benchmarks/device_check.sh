@@ -3,7 +3,8 @@
 # under its own `timeout -s INT` (pytest and the benchmarks still print their summaries) and its output written to
 # OUTDIR as soon as the stage ends, so a later stage that fails or runs out of time loses nothing before it:
 #
-#   env       install (editable, --no-deps; carried wheels only for missing packages), nvidia-smi, fastflamingo.info
+#   env       install (editable, --no-deps, --no-build-isolation, the dry run too; carried wheels only for missing
+#             packages), nvidia-smi, fastflamingo.info
 #   selftest  python -m fastflamingo.selftest: every kernel family at every shipped config, forced, vs the PyTorch path
 #   tests     the test suite natively on CUDA (-n 12, no -x, --maxfail=25 -rfE --durations=15; CPU-only AOT tests
 #             skipped)
@@ -142,11 +143,23 @@ has_op() {
 stage_env() {
   echo "--- install"
   local whl dist
-  if [[ $DRY == 1 ]]; then  # the dry run uses the checkout's own environment: nothing is installed
-    "$PY" -m pip show fastflamingo 2>&1 | grep -E "^(Name|Version|Editable project location|Location):"
+  # the same install in the dry run (into the checkout's own environment, where it is already there: a no-op but for
+  # the build), so the dry run proves it works beside the environment's transformers and Hugging Face's `kernels`
+  "$PY" -c 'import importlib.metadata as m
+for d in ("torch", "triton", "transformers", "kernels"):
+    try: print(d, m.version(d), end="; ")
+    except m.PackageNotFoundError: print(d, "missing", end="; ")
+print()'
+  if [[ $DRY == 1 ]] && ! "$PY" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
+    echo "dry run: $PY is not a virtual environment's interpreter; install skipped (it would change that Python)"
+  elif t "$PY" -m pip --disable-pip-version-check install --no-deps --no-build-isolation -e . > "$WORK/install.log" 2>&1
+  then
+    tail -n 2 "$WORK/install.log"
   else
-    t "$PY" -m pip --disable-pip-version-check install --no-deps --no-build-isolation -e . 2>&1 | tail -n 2
+    tail -n 40 "$WORK/install.log"  # the whole error: a failed install stops the stage
+    return 1
   fi
+  "$PY" -m pip show fastflamingo 2>&1 | grep -E "^(Name|Version|Editable project location|Location):"
   for whl in benchmarks/wheels/*.whl; do
     [[ -e "$whl" ]] || continue
     dist=$(basename "$whl" | cut -d- -f1)

@@ -2,7 +2,7 @@
 
     python -m fastflamingo.aot [--quick] [--arch 80 90] [--jobs N] [--family NAME]
 
-For each kernel family listed in ``fastflamingo.kernels.KERNEL_FAMILIES``, its ``aot_variants()`` describe the
+For each kernel family listed in ``fastflamingo.ops.KERNEL_FAMILIES``, its ``aot_variants()`` describe the
 launches its launcher makes at representative shapes (every argument, as passed) for every shipped launch config of
 each architecture, dtype and representative constexpr combination. The specialization comes from those arguments
 by Triton's own rules (integers that are multiples of 16 or equal to 1, aligned pointers), so what is compiled is
@@ -57,7 +57,7 @@ def _prepare_environment() -> Optional[str]:
 
 
 def _families(selected: Sequence[str]) -> List[str]:
-    from .kernels import KERNEL_FAMILIES
+    from .ops import KERNEL_FAMILIES
 
     families = list(KERNEL_FAMILIES)
     if selected:
@@ -69,9 +69,9 @@ def _families(selected: Sequence[str]) -> List[str]:
 
 
 def _collect(families: Sequence[str], quick: bool) -> list:
-    from .kernels import families as kernel_families
+    from .ops import kernel_modules
 
-    modules = kernel_families()
+    modules = kernel_modules()
     variants = []
     for family in families:
         variants += modules[family].aot_variants(quick=quick)

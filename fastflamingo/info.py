@@ -70,9 +70,9 @@ def backends() -> List[Tuple[str, str]]:
 
 
 def kernel_families() -> str:
-    from . import kernels  # the package only: no triton import
+    from .ops import KERNEL_FAMILIES  # torch only: no triton import
 
-    return ", ".join(kernels.KERNEL_FAMILIES)
+    return ", ".join(KERNEL_FAMILIES)
 
 
 def tuned_table(device: Optional[torch.device] = None) -> List[str]:

@@ -10,7 +10,7 @@ config) with the largest relative error and ``ok`` or ``FAIL``; the exit status 
     python -m fastflamingo.selftest --dry-run        # the same list at toy sizes under the Triton interpreter (CPU)
     python -m fastflamingo.selftest --family media_decode --list
 
-Where the cases come from: each kernel family named in ``fastflamingo.kernels.KERNEL_FAMILIES`` declares its
+Where the cases come from: each kernel family named in ``fastflamingo.ops.KERNEL_FAMILIES`` declares its
 checks in its own ops module, ``fastflamingo/ops/<family>.py`` (listed in ``fastflamingo.ops.families()``), as
 ``selftest_cases(toy: bool) -> list[Case]`` beside its launchers; ``toy`` asks for interpreter-sized shapes. A new
 family plugs in by writing that function; nothing here changes. The helpers below (:func:`shipped`, :func:`randn`,
@@ -145,9 +145,9 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def families() -> Tuple[str, ...]:
-    from . import kernels  # the package only: no triton import
+    from .ops import KERNEL_FAMILIES  # torch only: no triton import
 
-    return tuple(kernels.KERNEL_FAMILIES)
+    return tuple(KERNEL_FAMILIES)
 
 
 def family_cases(family: str, toy: bool) -> List[Case]:

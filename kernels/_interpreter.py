@@ -12,6 +12,10 @@ looks for the ``_bf16_fixed`` mark on ``InterpreterBuilder.create_dot``).
 """
 from __future__ import annotations
 
+if not __name__.startswith("fastflamingo.kernels."):  # kernels/ has no __init__.py on purpose (kernels/README.md)
+    raise ImportError(f"{__name__}: the Triton kernels are imported as fastflamingo.kernels.<module>, never as a "
+                      "top-level 'kernels' (that name is Hugging Face's package, which transformers imports)")
+
 import dataclasses
 
 

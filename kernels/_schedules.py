@@ -4,6 +4,10 @@ run ids) and, per media, the range of tokens that see it (``media_xattn``'s dK/d
 them on the mask (``fastflamingo/ops/media_xattn.py``)."""
 from __future__ import annotations
 
+if not __name__.startswith("fastflamingo.kernels."):  # kernels/ has no __init__.py on purpose (kernels/README.md)
+    raise ImportError(f"{__name__}: the Triton kernels are imported as fastflamingo.kernels.<module>, never as a "
+                      "top-level 'kernels' (that name is Hugging Face's package, which transformers imports)")
+
 from typing import Tuple
 
 import torch

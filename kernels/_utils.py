@@ -2,9 +2,13 @@
 selection (a tiny explicit autotuner that reads tuned tables first), per-architecture config lists, a compile
 counter, and the ahead-of-time compile registry (launches described by their arguments).
 
-This module imports triton; ``fastflamingo.kernels`` itself (``__init__``) does not.
+This module imports triton; ``fastflamingo.kernels`` itself (a namespace package: no ``__init__``) does not.
 """
 from __future__ import annotations
+
+if not __name__.startswith("fastflamingo.kernels."):  # kernels/ has no __init__.py on purpose (kernels/README.md)
+    raise ImportError(f"{__name__}: the Triton kernels are imported as fastflamingo.kernels.<module>, never as a "
+                      "top-level 'kernels' (that name is Hugging Face's package, which transformers imports)")
 
 import contextlib
 import dataclasses

@@ -2,7 +2,6 @@
 modules; no project module loaded through importlib; no reference to a file outside the repository."""
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,21 +21,12 @@ def _tracked(*patterns):
 
 
 def test_every_kernel_family_has_its_four_files():
-    from fastflamingo.kernels import KERNEL_FAMILIES
+    from fastflamingo.ops import KERNEL_FAMILIES
 
     for stem in KERNEL_FAMILIES:
         for path in (f"kernels/{stem}.py", f"fastflamingo/ops/{stem}.py", f"tests/test_{stem}.py",
                      f"benchmarks/ops_{stem}.py"):
             assert (ROOT / path).is_file(), f"kernel family {stem!r} has no {path}"
-
-
-def test_kernel_families_import_plainly():
-    pytest.importorskip("triton")
-    code = ("import fastflamingo.kernels as k; fams = k.families(); "
-            "assert tuple(fams) == k.KERNEL_FAMILIES, (tuple(fams), k.KERNEL_FAMILIES); "
-            "assert all(callable(m.aot_variants) for m in fams.values())")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
 
 
 def test_modules_stay_small():

@@ -1,19 +1,37 @@
 """The boundary between the public functional API and the kernels: custom ops and their launchers.
 
-Each kernel family of ``fastflamingo.kernels`` has its ops module here under the same stem, with its launchers, its
-custom ops and ``selftest_cases(toy)`` (the checks ``python -m fastflamingo.selftest`` runs). Importing this package
-or its modules needs torch only.
+Each kernel family of ``fastflamingo.kernels`` (the source folder ``kernels/``) has its ops module here under the
+same stem, with its launchers, its custom ops and ``selftest_cases(toy)`` (the checks ``python -m
+fastflamingo.selftest`` runs). Importing this package or its modules needs torch only.
+
+``KERNEL_FAMILIES`` is the one list of kernel families: ``python -m fastflamingo.aot``, the selftest, ``info`` and
+the layout test read it. It lives here, not in ``kernels/``, because that folder has no ``__init__.py`` on purpose:
+with one, every process started from the checkout root would import it as a top-level package named ``kernels`` in
+place of Hugging Face's ``kernels``, which transformers imports (docs/design.md, "Why kernels/ has no __init__.py").
+A new family adds its name here, ``kernels/<stem>.py`` with ``aot_variants(quick: bool)`` and per-architecture
+config lists (``_utils.per_arch``), and ``fastflamingo/ops/<stem>.py`` with ``selftest_cases(toy)``.
 """
+
+# Every kernel family, in the order ``python -m fastflamingo.aot`` compiles them.
+KERNEL_FAMILIES = ("media_xattn", "perceiver_attn", "gated_linear", "media_decode", "mllama_xattn", "mllama_decode")
+
+
+def kernel_modules() -> dict:
+    """``{name: kernel module}`` (``fastflamingo.kernels.<name>``) for every kernel family (imports triton)."""
+    from ..kernels import gated_linear, media_decode, media_xattn, mllama_decode, mllama_xattn, perceiver_attn
+
+    modules = {"media_xattn": media_xattn, "perceiver_attn": perceiver_attn, "gated_linear": gated_linear,
+               "media_decode": media_decode, "mllama_xattn": mllama_xattn, "mllama_decode": mllama_decode}
+    return {name: modules[name] for name in KERNEL_FAMILIES}
 
 
 def families() -> dict:
-    """``{name: ops module}`` for every kernel family that has one (a new family adds its module here too)."""
-    from ..kernels import KERNEL_FAMILIES
+    """``{name: ops module}`` for every kernel family (torch only)."""
     from . import gated_linear, media_decode, media_xattn, mllama_decode, mllama_xattn, perceiver_attn
 
     modules = {"media_xattn": media_xattn, "perceiver_attn": perceiver_attn, "gated_linear": gated_linear,
                "media_decode": media_decode, "mllama_xattn": mllama_xattn, "mllama_decode": mllama_decode}
-    return {name: modules[name] for name in KERNEL_FAMILIES if name in modules}
+    return {name: modules[name] for name in KERNEL_FAMILIES}
 
 
-__all__ = ["families"]
+__all__ = ["KERNEL_FAMILIES", "families", "kernel_modules"]
