@@ -11,7 +11,6 @@ import importlib.metadata
 import importlib.util
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -137,13 +136,6 @@ def test_editable_install_resolves_the_kernels_from_elsewhere(tmp_path):
     assert Path(result.stdout.strip()).resolve() == (ROOT / "kernels" / "media_xattn.py").resolve(), result.stdout
 
 
-def _tracked(*patterns):
-    out = subprocess.run(["git", "ls-files", *patterns], cwd=ROOT, capture_output=True, text=True)
-    if out.returncode != 0 or not out.stdout.strip():
-        pytest.skip("not a git checkout")
-    return out.stdout.split()
-
-
 def _copy_of_the_checkout(dst: Path) -> Path:
     """What a fresh clone holds, with the uncommitted changes (tools/copy_tree.py): no stale ``build/``."""
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "copy_tree.py"), str(dst)], cwd=ROOT,
@@ -174,29 +166,19 @@ def test_builds_without_isolation_beside_hugging_face_kernels(tmp_path):
     assert list(editable_dir.glob("fastflamingo-*.whl")), editable.stdout
 
     (wheel,) = wheel_dir.glob("fastflamingo-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {f"fastflamingo/kernels/{Path(p).name}" for p in _tracked("kernels/*.py")}
-    expected |= {p for p in _tracked("fastflamingo/*.py", "fastflamingo/**/*.py", "fastflamingo/configs/*.json")}
-    missing = sorted(expected - names)
-    assert not missing, f"files missing from the wheel: {missing}"
-    top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
-    assert top_level == {"fastflamingo"}, top_level
+    contents = subprocess.run([sys.executable, str(ROOT / "tools" / "package_contents.py"), str(wheel)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+    assert contents.returncode == 0, contents.stderr[-4000:]
 
 
-def _lock(path):
-    pins = {}
-    for line in (ROOT / path).read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if "==" in line:
-            name, version = line.split("==", 1)
-            pins[name.lower().replace("_", "-")] = version
-    return pins
-
-
-def test_readme_tested_versions_match_the_lock():
+def test_readme_tested_versions_match_the_lock(monkeypatch):
     """The README's "Tested versions" table quotes the lock tier's versions as requirements/lock.txt pins them, and
     the newest Triton of the compile check as requirements/triton-newest.txt does."""
-    lock, newest_triton = _lock("requirements/lock.txt"), _lock("requirements/triton-newest.txt")["triton"]
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    from lock_check import locked  # the parser the bootstrap checks the venv with
+
+    lock = {key: version for key, (_, version) in locked(ROOT / "requirements" / "lock.txt").items()}
+    newest_triton = locked(ROOT / "requirements" / "triton-newest.txt")["triton"][1]
     text = (ROOT / "README.md").read_text()
     table = text[text.index("### Tested versions"):].split("\n\n")[1]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]

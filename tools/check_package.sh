@@ -44,24 +44,7 @@ echo "--- python -m build --no-isolation (sdist, then the wheel from the sdist)"
 ls -1 "$WORK/dist"
 SDIST=$(ls "$WORK"/dist/fastflamingo-*.tar.gz)
 WHEEL=$(ls "$WORK"/dist/fastflamingo-*.whl)
-"$BUILD_PY" - "$SDIST" "$WHEEL" <<'EOF'
-import subprocess, sys, tarfile, zipfile
-sdist, wheel = sys.argv[1:]
-tracked = subprocess.run(["git", "ls-files", "kernels/*.py", "fastflamingo/*.py", "fastflamingo/**/*.py",
-                          "fastflamingo/configs/*.json"], capture_output=True, text=True, check=True).stdout.split()
-expected = {f"fastflamingo/kernels/{p.split('/', 1)[1]}" if p.startswith("kernels/") else p for p in tracked}
-in_wheel = set(zipfile.ZipFile(wheel).namelist())
-with tarfile.open(sdist) as tar:
-    in_sdist = {m.name.split("/", 1)[1] for m in tar.getmembers() if m.isfile() and "/" in m.name}
-problems = [f"{where} lacks {p}" for where, names in (("sdist", in_sdist), ("wheel", in_wheel))
-            for p in sorted(expected - names)]
-top = {n.split("/")[0] for n in in_wheel if not n.split("/")[0].endswith(".dist-info")}
-if top != {"fastflamingo"}:
-    problems.append(f"wheel top-level packages {sorted(top)}, expected only fastflamingo")
-if problems:
-    sys.exit("\n".join(problems))
-print(f"sdist and wheel hold all {len(expected)} library files; the wheel's only top-level package is fastflamingo")
-EOF
+"$BUILD_PY" tools/package_contents.py "$SDIST" "$WHEEL"
 
 echo "--- clean venv: the wheel, with torch, triton and numpy at the lock's versions"
 "$BUILD_PY" -m venv "$WORK/venv"
