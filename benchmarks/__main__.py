@@ -3,9 +3,8 @@
 Default on CPU: the core cross-attention ``media_xattn`` and the whole ``MaskedCrossAttention`` module ``mca`` at 0,
 4, 8, 16, 32 shots, 2048 text tokens, fp32, a few minutes on 2 cores. Default on CUDA: the realistic diagonal of
 docs/performance.md for every op in bf16; ``--full`` for the grid, ``--priority`` for the priority cells,
-``--dry-run`` for the same code paths at toy sizes on CPU. Ops are named by their stem (``media_xattn``,
-``media_decode``, ``perceiver_attn``, ``gated_linear``); the older names ``xattn``, ``decode``, ``perceiver_core``
-and ``gate`` are accepted too.
+``--dry-run`` for the same code paths at toy sizes on CPU. An op with a kernel is named by its stem
+(``media_xattn``, ``media_decode``, ``perceiver_attn``, ``gated_linear``, ``mllama_xattn``, ``mllama_decode``).
 
 Every run calibrates the device (copy GB/s, GEMM TFLOP/s), then writes
 ``benchmarks/results/<device>-<date>-<commit>.json|.csv`` (or into ``--out``) and prints a table.
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import registry, report, shapes
+from . import catalog, report, shapes
 from . import results as R
 from .calibrate import calibrate
 from .harness import Harness, Plan, Progress
@@ -58,12 +57,10 @@ def parse_args(argv=None):
 
 def _list(ops) -> None:
     for name, op in ops.items():
-        aliases = [old for old, new in registry.ALIASES.items() if new == name]
-        also = f" [also --ops {', '.join(aliases)}]" if aliases else ""
-        print(f"{name}{also}: {op.description} (default on: {', '.join(op.default_devices) or 'opt-in'})")
+        print(f"{name}: {op.description} (default on: {', '.join(op.default_devices) or 'opt-in'})")
         for p in op.providers.values():
             print(f"    {p.name:22s} {p.kind:12s} {p.description} [{', '.join(p.devices)}]")
-    for module, err in registry.LOAD_ERRORS.items():
+    for module, err in catalog.LOAD_ERRORS.items():
         print(f"(op module {module} failed to import: {err})")
 
 
@@ -78,7 +75,7 @@ def build_plans(args, ops, device):
         profile = "quick"
     else:
         profile = "cpu" if device == "cpu" else "diagonal"
-    wanted_ops = [registry.canonical(o) for o in _csv(args.ops) or ()]
+    wanted_ops = _csv(args.ops) or []
     if wanted_ops:
         unknown = [o for o in wanted_ops if o not in ops]
         if unknown:
@@ -112,14 +109,14 @@ def build_plans(args, ops, device):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    ops = registry.load_all()
+    ops = catalog.load_all()
     if args.list:
         _list(ops)
         return 0
     device = "cpu" if args.dry_run else (args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch.cuda.is_available() is False")
-    for module, err in registry.LOAD_ERRORS.items():
+    for module, err in catalog.LOAD_ERRORS.items():
         print(f"warning: op module {module} failed to import: {err}", file=sys.stderr)
     # toy shapes gain nothing from intra-op threads, and on a shared machine OpenMP barriers then wait for
     # descheduled threads (ms per op): the dry run uses one thread unless told otherwise
@@ -157,9 +154,9 @@ def main(argv=None) -> int:
     rows = result.rows
     table_shots = [int(s) for s in _csv(args.table_shots)] if args.table_shots else None
     if table_shots is None:
-        xs = [r["shots"] for r in rows if registry.canonical(r["op"]) != "gated_linear"]
+        xs = [r["shots"] for r in rows if r["op"] != "gated_linear"]
         table_shots = [max(xs)] if xs else None
-    shown = [r for r in rows if registry.canonical(r["op"]) == "gated_linear" or not table_shots
+    shown = [r for r in rows if r["op"] == "gated_linear" or not table_shots
              or r["shots"] in table_shots]
     print()
     print(report.describe({"meta": result.meta, "calibration": c}))

@@ -8,9 +8,10 @@
 #   selftest  python -m fastflamingo.selftest: every kernel family at every shipped config, forced, vs the PyTorch path
 #   tests     the test suite natively on CUDA (-n 12, no -x, --maxfail=25 -rfE --durations=15; CPU-only AOT tests
 #             skipped)
-#   bench     calibration + the priority cells (docs/performance.md, "Priority cells"), ops in the order decode (CUDA graphs
-#             included) -> gate -> xattn -> perceiver; FlexAttention and torch.compile providers wait for bench-compile
-#   mllama    python -m benchmarks --ops mllama[,mllama_decode] --priority, only when the op is registered
+#   bench     calibration + the priority cells (docs/performance.md, "Priority cells"), ops in the order media_decode
+#             (CUDA graphs included) -> gated_linear -> media_xattn -> perceiver_attn; FlexAttention and torch.compile
+#             providers wait for bench-compile
+#   mllama    python -m benchmarks --ops mllama_xattn[,mllama_decode] --priority, only when the op is registered
 #   tune      python -m benchmarks.tune: every candidate config timed at the priority shapes -> a tuned table
 #   bench-compile  (optional: only with the time left) FlexAttention / torch.compile providers of the priority cells
 #
@@ -204,19 +205,19 @@ deadline() { local d=$((STAGE_LIMIT - $1)); echo $((d < 5 ? 5 : d)); }
 
 BENCH_EXCLUDE='flex*,compile*'
 stage_bench() {
-  t "$PY" -m benchmarks --priority --ops decode,gate,xattn,perceiver_core --exclude-providers "$BENCH_EXCLUDE" \
-    --out "$WORK/bench" --deadline "$(deadline 25)" "${DRY_FLAG[@]}"
+  t "$PY" -m benchmarks --priority --ops media_decode,gated_linear,media_xattn,perceiver_attn \
+    --exclude-providers "$BENCH_EXCLUDE" --out "$WORK/bench" --deadline "$(deadline 25)" "${DRY_FLAG[@]}"
   local rc=$?
   collect_bench "$WORK/bench" bench-priority.json
   return $rc
 }
 
 stage_mllama() {
-  if ! has_op mllama; then
-    echo "mllama: the op is not registered in this tree; nothing to run"
+  if ! has_op mllama_xattn; then
+    echo "mllama_xattn: the op is not registered in this tree; nothing to run"
     return 0
   fi
-  local ops=mllama
+  local ops=mllama_xattn
   has_op mllama_decode && ops+=,mllama_decode
   t "$PY" -m benchmarks --ops "$ops" --priority --exclude-providers "$BENCH_EXCLUDE" --out "$WORK/mllama" \
     --deadline "$(deadline 10)" "${DRY_FLAG[@]}"
@@ -233,8 +234,8 @@ stage_tune() {
 }
 
 stage_bench_compile() {
-  local ops=xattn,perceiver_core,gate
-  has_op mllama && ops+=,mllama
+  local ops=media_xattn,perceiver_attn,gated_linear
+  has_op mllama_xattn && ops+=,mllama_xattn
   t "$PY" -m benchmarks --priority --ops "$ops" --providers 'flex*,compile,fastflamingo' --out "$WORK/compile" \
     --deadline "$(deadline 25)" "${DRY_FLAG[@]}"
   local rc=$?

@@ -372,7 +372,7 @@ def _of3b_interleaved(inputs, case):
 
 def _of3b_rows(inputs, case, which):
     """The ``gen`` and ``decode-step`` rows of one provider from the interleaved runs."""
-    from .timing import QUANTILES, _quantile
+    from .timing import QUANTILES, quantile
 
     if not inputs.shared:
         inputs.shared.update(zip(("runs", "peaks"), _of3b_interleaved(inputs, case)))
@@ -408,11 +408,11 @@ def _of3b_rows(inputs, case, which):
                tokens_per_s=batch * (n - 1) / _median(decode), e2e_tokens_per_s=batch * n * 1e3 / _median(whole),
                cpu_median_ms=_median(cwhole), cpu_tokens_per_s=batch * (n - 1) / _median(cdecode),
                cpu_e2e_tokens_per_s=batch * n * 1e3 / _median(cwhole))
-    med = _quantile(steps, QUANTILES[0])
-    step = dict(common, median_ms=med, p20_ms=_quantile(steps, QUANTILES[1]), p80_ms=_quantile(steps, QUANTILES[2]),
-                reps=len(steps), tokens_per_s=batch * 1e3 / med, cpu_median_ms=_quantile(csteps, QUANTILES[0]),
-                cpu_p20_ms=_quantile(csteps, QUANTILES[1]), cpu_p80_ms=_quantile(csteps, QUANTILES[2]),
-                cpu_tokens_per_s=batch * 1e3 / _quantile(csteps, QUANTILES[0]))
+    med = quantile(steps, QUANTILES[0])
+    step = dict(common, median_ms=med, p20_ms=quantile(steps, QUANTILES[1]), p80_ms=quantile(steps, QUANTILES[2]),
+                reps=len(steps), tokens_per_s=batch * 1e3 / med, cpu_median_ms=quantile(csteps, QUANTILES[0]),
+                cpu_p20_ms=quantile(csteps, QUANTILES[1]), cpu_p80_ms=quantile(csteps, QUANTILES[2]),
+                cpu_tokens_per_s=batch * 1e3 / quantile(csteps, QUANTILES[0]))
     return {"gen": gen, "decode-step": step}
 
 

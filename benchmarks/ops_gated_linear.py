@@ -1,4 +1,4 @@
-"""Op ``gated_linear`` (alias ``gate``): the tanh-gated out-projection ``y = x + tanh(alpha) * (a @ W^T)`` (docs/performance.md, "Benchmark matrix", row C).
+"""Op ``gated_linear``: the tanh-gated out-projection ``y = x + tanh(alpha) * (a @ W^T)`` (docs/performance.md, "Benchmark matrix", row C).
 
 Providers: ``upstream`` (OpenFlamingo's eager ``attn(x) * attn_gate.tanh() + x``), ``fastflamingo``
 (``functional.gated_linear``: the gate fused into the projection's epilogue on Triton), ``compile`` / ``compile-max-autotune``

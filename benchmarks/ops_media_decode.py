@@ -1,4 +1,4 @@
-"""Op ``media_decode`` (alias ``decode``): one decode step of ONE gated cross-attention layer (docs/performance.md,
+"""Op ``media_decode``: one decode step of ONE gated cross-attention layer (docs/performance.md,
 matrix rows D/E): one new token per sample after an (shots + 1)-image prompt, OpenFlamingo
 ``GatedCrossAttentionBlock`` (``use_cached_media=True``) and transformers' ``IdeficsGatedCrossAttentionLayer`` (the
 repeated last row of the image mask), eval mode, ``no_grad``, the SAME media tensor on every call as in a real
@@ -19,9 +19,9 @@ import torch
 import fastflamingo
 from fastflamingo import masks as ff_masks
 
-from . import shapes
-from .ops_modules import _reference_mca, _upstream_unavailable, helpers
+from . import references, shapes
 from .registry import Case, Op, Provider, Runner, register_op, register_provider
+from .upstream import openflamingo_helpers, openflamingo_unavailable
 
 DECODE = "media_decode"
 
@@ -96,7 +96,7 @@ def _idefics_image_mask(batch: int, num_media: int, latents: int, immediate: boo
 def _decode_modules(p: dict, immediate: bool):
     """The upstream layer and the fastflamingo drop-in with the same state_dict."""
     if p["family"] == "of":
-        H = helpers()
+        H = openflamingo_helpers()
         kw = dict(dim=p["dim"], dim_visual=p["dim_visual"], dim_head=p["head_dim"], heads=p["heads"],
                   ff_mult=p["ff_mult"], only_attend_immediate_media=immediate)
         up = H.GatedCrossAttentionBlock(**kw)
@@ -106,7 +106,7 @@ def _decode_modules(p: dict, immediate: bool):
         ff = fastflamingo.GatedCrossAttentionBlock(**kw)
     else:
         from transformers.models.idefics.modeling_idefics import IdeficsGatedCrossAttentionLayer
-        from fastflamingo.idefics import IdeficsGatedCrossAttentionLayer as FFLayer
+        from fastflamingo.models.idefics import IdeficsGatedCrossAttentionLayer as FFLayer
 
         config = _idefics_config(p)
         up = IdeficsGatedCrossAttentionLayer(config, layer_idx=0)
@@ -168,8 +168,7 @@ def _decode_reference(inputs, case):
     x, media = inputs.x.float(), inputs.media.float()
     with torch.no_grad():
         if p["family"] == "of":
-            x = _reference_mca(m.attn, x, media, inputs.mask, p) * m.attn_gate.tanh() + x
-            return m.ff(x) * m.ff_gate.tanh() + x
+            return references.gated_block(m, x, media, inputs.mask, p)
         # every decode token sees an image: upstream semantics = fastflamingo semantics; the fp32 mask is rebuilt
         mask = _idefics_image_mask(p["batch"], p["shots"] + 1, p["latents"], inputs.immediate, torch.float32,
                                    x.device)
@@ -251,7 +250,7 @@ register_op(Op(DECODE, "one gated cross-attention layer (OpenFlamingo / IDEFICS)
                _decode_cases, _decode_make_inputs, _decode_reference, _decode_work, _decode_tiny,
                default_devices=("cuda",)))
 register_provider(DECODE, Provider(
-    "upstream", "upstream", _decode_provider("upstream"), _upstream_unavailable,
+    "upstream", "upstream", _decode_provider("upstream"), openflamingo_unavailable,
     description="open_flamingo GatedCrossAttentionBlock / transformers IdeficsGatedCrossAttentionLayer"))
 register_provider(DECODE, Provider("fastflamingo", "fastflamingo", _decode_provider("fastflamingo"),
                                    description="fastflamingo drop-in (same state_dict), media K/V cache"))

@@ -1,4 +1,4 @@
-"""Op ``media_xattn`` (alias ``xattn``): the masked media cross-attention core (docs/performance.md, "Benchmark matrix", rows A and A').
+"""Op ``media_xattn``: the masked media cross-attention core (docs/performance.md, "Benchmark matrix", rows A and A').
 
 Inputs are q (B, T, H, d) and media K/V (B, n_img * latents, H, d), as ``fastflamingo.functional`` takes them;
 every provider gets the same tensors. Providers:
@@ -29,9 +29,8 @@ import torch.nn.functional as F
 
 import fastflamingo
 from fastflamingo import masks as ff_masks
-from fastflamingo import reference as ff_reference
 
-from . import shapes
+from . import flex, references, shapes
 from .registry import Case, Op, Provider, Runner, register_op, register_provider
 
 OP = "media_xattn"
@@ -130,23 +129,8 @@ def dense_key_mask(mask, latents: int):
     return visible.repeat_interleave(latents, dim=-1), visible.any(-1)
 
 
-# above this many score elements the fp32 dense reference would not fit comfortably: use the run-based PyTorch
-# path of fastflamingo in fp32 instead (independent of the Triton kernel it checks)
-_DENSE_REFERENCE_MAX = 1 << 28
-
-
-def reference_core(q, k, v, mask, latents, scale):
-    """fp32 output with fastflamingo semantics (a token that sees no media gets 0). q/k/v: (B, T|keys, H, d)."""
-    q, k, v = (t.detach().float() for t in (q, k, v))
-    batch, text, heads, _ = q.shape
-    if batch * heads * text * k.shape[1] > _DENSE_REFERENCE_MAX:
-        with fastflamingo.backend("torch"):
-            return fastflamingo.functional.media_xattn(q, k, v, mask, scale=scale)
-    return ff_reference.media_xattn(q, k, v, mask.text_time, mask.num_media, mask.immediate, scale)
-
-
 def reference(inputs, case):
-    return reference_core(inputs.q, inputs.k, inputs.v, inputs.mask, inputs.latents, inputs.scale)
+    return references.media_xattn(inputs.q, inputs.k, inputs.v, inputs.mask, inputs.scale)
 
 
 def keys_seen(mask, latents: int) -> int:
@@ -260,21 +244,9 @@ for _name, _backend in (("sdpa-efficient", "EFFICIENT_ATTENTION"), ("sdpa-cudnn"
 # FlexAttention
 # ------------------------------------------------------------------------------------------------------------
 
-_FLEX_COMPILED = None
-
-
-def _flex_unavailable(device, dtype):
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
-    except ImportError as exc:
-        return f"FlexAttention unavailable in torch {torch.__version__}: {exc}"
-    return None
-
-
 def _flex_builder(block_size):
     def build(inputs, case, device, dtype) -> Runner:
-        global _FLEX_COMPILED
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import create_block_mask
 
         text_time = inputs.mask.text_time.to(device)
         kv_media = (torch.arange(inputs.num_media * inputs.latents, device=device) // inputs.latents + 1).int()
@@ -292,12 +264,7 @@ def _flex_builder(block_size):
         if device == "cuda":
             torch.cuda.synchronize()
         prep_ms = (time.perf_counter() - start) * 1e3
-        if device == "cuda":
-            if _FLEX_COMPILED is None:
-                _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
-            attend, note = _FLEX_COMPILED, "compiled"
-        else:
-            attend, note = flex_attention, "eager (unfused; no backward on CPU)"
+        attend, note = flex.attention(device)
         q, k, v, scale = inputs.q, inputs.k, inputs.v, inputs.scale
         if device != "cuda":
             # CPU flex raises on inputs that require grad (it has no backward there): time the forward on detached
@@ -305,9 +272,7 @@ def _flex_builder(block_size):
             q, k, v = q.detach(), k.detach(), v.detach()
 
         def forward():
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-                out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale)
+            out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale)
             return out.transpose(1, 2)
 
         sparsity = getattr(block_mask, "sparsity", None)
@@ -318,9 +283,9 @@ def _flex_builder(block_size):
     return build
 
 
-register_provider(OP, Provider("flex", "baseline", _flex_builder(None), _flex_unavailable,
+register_provider(OP, Provider("flex", "baseline", _flex_builder(None), flex.unavailable,
                                description="FlexAttention, BlockMask 128x128"))
-register_provider(OP, Provider("flex-128x64", "baseline", _flex_builder((128, 64)), _flex_unavailable,
+register_provider(OP, Provider("flex-128x64", "baseline", _flex_builder((128, 64)), flex.unavailable,
                                devices=("cuda",), description="FlexAttention, BlockMask (128, 64)"))
 
 

@@ -7,8 +7,8 @@ loaded with the same state_dict.
 
 The decode step of a gated layer is in ``ops_media_decode.py``.
 
-The fp32 reference recomputes the module with the upstream weights in fp32 around the core reference of
-``ops_media_xattn`` (fastflamingo semantics: a token that sees no media gets 0).
+The fp32 references (benchmarks/references.py) recompute the module with the upstream weights in fp32 around the
+core reference of ``media_xattn`` (fastflamingo semantics: a token that sees no media gets 0).
 """
 from __future__ import annotations
 
@@ -21,29 +21,9 @@ import torch
 import fastflamingo
 from fastflamingo import masks as ff_masks
 
-from . import shapes
-from .ops_media_xattn import reference_core
+from . import references, shapes
 from .registry import Case, Op, Provider, Runner, register_op, register_provider
-
-_HELPERS = None
-
-
-def helpers():
-    """open_flamingo/src/helpers.py, loaded without open_clip (fastflamingo.testing)."""
-    global _HELPERS
-    if _HELPERS is None:
-        from fastflamingo.testing import load_open_flamingo
-
-        _HELPERS = load_open_flamingo().helpers
-    return _HELPERS
-
-
-def _upstream_unavailable(device, dtype):
-    try:
-        helpers()
-    except Exception as exc:
-        return f"OpenFlamingo helpers do not load ({type(exc).__name__}: {exc})"
-    return None
+from .upstream import openflamingo_helpers, openflamingo_unavailable
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -102,7 +82,7 @@ def tiny(case: Case) -> Case:
 
 
 def _make_modules(op: str, p: dict):
-    H = helpers()
+    H = openflamingo_helpers()
     immediate = p["mode"] == "immediate"
     common = dict(dim_head=p["head_dim"], heads=p["heads"])
     if op == "mca":
@@ -162,17 +142,6 @@ def _make_inputs_for(op: str):
     return make_inputs
 
 
-def _reference_mca(m, x, media, mask, p):
-    """fp32 MaskedCrossAttention with fastflamingo semantics, from an fp32 copy of the upstream weights."""
-    batch, text = x.shape[:2]
-    q = m.to_q(m.norm(x)).view(batch, text, p["heads"], p["head_dim"])
-    kv = m.to_kv(media.reshape(batch, -1, media.shape[-1]))
-    k, v = kv.chunk(2, dim=-1)
-    shape = (batch, kv.shape[1], p["heads"], p["head_dim"])
-    out = reference_core(q, k.reshape(shape), v.reshape(shape), mask, p["latents"], p["head_dim"] ** -0.5)
-    return m.to_out(out.reshape(batch, text, -1))
-
-
 def _reference_for(op: str):
     def reference(inputs, case):
         p = case.params
@@ -182,9 +151,8 @@ def _reference_for(op: str):
                 return m(inputs.x.detach().float(), inputs.latents.detach().float())
             x, media = inputs.x.detach().float(), inputs.media.detach().float()
             if op == "mca":
-                return _reference_mca(m, x, media, inputs.mask, p)
-            x = _reference_mca(m.attn, x, media, inputs.mask, p) * m.attn_gate.tanh() + x
-            return m.ff(x) * m.ff_gate.tanh() + x
+                return references.masked_cross_attention(m, x, media, inputs.mask, p)
+            return references.gated_block(m, x, media, inputs.mask, p)
 
     return reference
 
@@ -241,7 +209,7 @@ _DESCRIPTIONS = {
 for _op in ("mca", "block", "perceiver"):
     register_op(Op(_op, _DESCRIPTIONS[_op], _cases_for(_op), _make_inputs_for(_op), _reference_for(_op),
                    _work_for(_op), tiny, default_devices=("cpu", "cuda") if _op == "mca" else ("cuda",)))
-    register_provider(_op, Provider("upstream", "upstream", _provider(_op, "upstream"), _upstream_unavailable,
+    register_provider(_op, Provider("upstream", "upstream", _provider(_op, "upstream"), openflamingo_unavailable,
                                     description=f"open_flamingo helpers.{_DESCRIPTIONS[_op].split()[1]}"))
     register_provider(_op, Provider("fastflamingo", "fastflamingo", _provider(_op, "fastflamingo"),
                                     description="fastflamingo drop-in (same state_dict)"))

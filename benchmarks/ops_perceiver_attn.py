@@ -1,4 +1,4 @@
-"""Op ``perceiver_attn`` (alias ``perceiver_core``; docs/performance.md, matrix row B): latent queries attend to
+"""Op ``perceiver_attn`` (docs/performance.md, matrix row B): latent queries attend to
 ``[media tokens; latents]``. Providers ``upstream`` (OpenFlamingo's einsum on the concatenated keys with the amax
 shift), ``sdpa`` (SDPA on the concatenated keys), ``flex`` (FlexAttention, no mask; CUDA) and ``fastflamingo`` (two
 key sources, no concat). The whole resamplers are in ``ops_resampler.py``.
@@ -13,18 +13,32 @@ import torch.nn.functional as F
 
 from fastflamingo import reference as ref
 
-from .ops_resampler import _case, _tiny
+from . import flex, shapes
 from .registry import Case, Op, Provider, Runner, register_op, register_provider
 
 OP = "perceiver_attn"
 
 
+def _label(p: dict) -> str:
+    return f"{p['model']} B{p['batch']} S{p['shots']} P{p['tokens']} L{p['latents']}"
+
+
+def _case(model: str, batch: int, shots: int) -> Case:
+    p = shapes.perceiver_params(model, batch, shots)
+    return Case(OP, p, _label(p), shots)
+
+
+def _tiny(case: Case) -> Case:
+    p = shapes.tiny_perceiver_params(case.params)
+    return Case(case.op, p, _label(p), min(case.shots, 2), case.passes, case.providers)
+
+
 def _core_cases(profile: str, shots: Optional[List[int]] = None) -> List[Case]:
     if profile in ("cpu", "quick"):
-        return [_case(OP, "of", 1, s) for s in (shots or (4, 32))]
+        return [_case("of", 1, s) for s in (shots or (4, 32))]
     if profile == "priority":
-        return [_case(OP, m, 16, 32) for m in ("of", "idefics")]
-    return [_case(OP, m, b, s) for m in ("of", "idefics") for b, s in ((1, 4), (4, 8), (16, 32))]
+        return [_case(m, 16, 32) for m in ("of", "idefics")]
+    return [_case(m, b, s) for m in ("of", "idefics") for b, s in ((1, 4), (4, 8), (16, 32))]
 
 
 def _core_inputs(case: Case, device: str, dtype: torch.dtype):
@@ -80,16 +94,14 @@ def _sdpa_core(inputs, case, device, dtype) -> Runner:
 
 
 def _flex_core(inputs, case, device, dtype) -> Runner:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    compiled = torch.compile(flex_attention, dynamic=False)
+    attend, note = flex.attention(device)
 
     def run():
         k = torch.cat((inputs.k_media, inputs.k_latents), 1).transpose(1, 2)
         v = torch.cat((inputs.v_media, inputs.v_latents), 1).transpose(1, 2)
-        return compiled(inputs.q.transpose(1, 2), k, v, scale=inputs.scale).transpose(1, 2)
+        return attend(inputs.q.transpose(1, 2), k, v, scale=inputs.scale).transpose(1, 2)
 
-    return Runner(run, note="cat + compiled flex_attention")
+    return Runner(run, note=f"cat + {note} flex_attention")
 
 
 def _ff_core(inputs, case, device, dtype) -> Runner:
@@ -102,11 +114,7 @@ def _ff_core(inputs, case, device, dtype) -> Runner:
 def _flex_unavailable(device, dtype):
     if device != "cuda":
         return "FlexAttention is compiled for CUDA here (no backward on CPU)"
-    try:
-        import torch.nn.attention.flex_attention  # noqa: F401
-    except ImportError as exc:
-        return f"flex_attention unavailable ({exc})"
-    return None
+    return flex.unavailable(device, dtype)
 
 
 register_provider(OP, Provider("upstream", "upstream", _upstream_core,

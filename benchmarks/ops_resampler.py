@@ -18,10 +18,9 @@ import torch
 import fastflamingo
 from fastflamingo import reference as ref
 
+from . import shapes
 from .registry import Case, Op, Provider, Runner, register_op, register_provider
-
-# (model, heads, head_dim, media tokens per image, latents, width)
-_PERCEIVER = {"of": (8, 64, 256, 64, 1024), "idefics": (16, 96, 257, 64, 1280)}
+from .upstream import openflamingo_helpers
 
 
 def _label(op, p):
@@ -30,15 +29,12 @@ def _label(op, p):
 
 
 def _case(op, model, batch, shots, **extra) -> Case:
-    heads, head_dim, tokens, latents, width = _PERCEIVER[model]
-    p = dict(model=model, batch=batch, shots=shots, heads=heads, head_dim=head_dim, tokens=tokens, latents=latents,
-             width=width, depth=6, **extra)
+    p = shapes.perceiver_params(model, batch, shots, **extra)
     return Case(op, p, _label(op, p), shots)
 
 
 def _tiny(case: Case) -> Case:
-    p = dict(case.params, model="tiny-" + case.params["model"].replace("tiny-", ""), batch=1, heads=2, head_dim=16,
-             tokens=9, latents=5, width=32, depth=2)
+    p = shapes.tiny_perceiver_params(case.params)
     if "text" in p:
         p.update(text=24, hidden=64, lm_heads=4)
     return Case(case.op, p, _label(case.op, p), min(case.shots, 2), case.passes, case.providers)
@@ -89,11 +85,8 @@ def _module_inputs(op):
         num_images = p["batch"] * (p["shots"] + 1)
         ns = SimpleNamespace()
         if op == "resampler" and p["model"].endswith("of"):
-            from fastflamingo.testing import load_open_flamingo
-
-            up = load_open_flamingo().helpers.PerceiverResampler(dim=p["width"], depth=p["depth"],
-                                                                 dim_head=p["head_dim"], heads=p["heads"],
-                                                                 num_latents=p["latents"])
+            up = openflamingo_helpers().PerceiverResampler(dim=p["width"], depth=p["depth"], dim_head=p["head_dim"],
+                                                           heads=p["heads"], num_latents=p["latents"])
             ours = fastflamingo.PerceiverResampler(dim=p["width"], depth=p["depth"], dim_head=p["head_dim"],
                                                    heads=p["heads"], num_latents=p["latents"])
             ns.x = torch.randn(p["batch"], p["shots"] + 1, 1, p["tokens"], p["width"], generator=g)

@@ -239,14 +239,14 @@ def _interleaved(inputs, case):
 
 
 def _rows(inputs, case, which) -> dict:
-    from .timing import _quantile
+    from .timing import quantile
 
     if not inputs.shared:
         inputs.shared.update(zip(("gate", "times", "peaks"), _interleaved(inputs, case)))
     gate, times, peak = inputs.shared["gate"], sorted(inputs.shared["times"][which]), inputs.shared["peaks"][which]
-    med = _quantile(times, 0.5)
+    med = quantile(times, 0.5)
     grads_mb = sum(t.numel() * t.element_size() for t in inputs.trainable) / 2**20
-    row = dict(median_ms=med, p20_ms=_quantile(times, 0.2), p80_ms=_quantile(times, 0.8), reps=len(times),
+    row = dict(median_ms=med, p20_ms=quantile(times, 0.2), p80_ms=quantile(times, 0.8), reps=len(times),
                samples_per_s=case.params["batch"] * 1e3 / med, peak_mb=None if peak is None else peak / 2**20,
                grads_mb=grads_mb, trainable_params=sum(t.numel() for t in inputs.trainable),
                params_count=sum(t.numel() for t in inputs.model.parameters()), steps_ms_all=times,

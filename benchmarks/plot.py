@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Dict, List
 
 from . import results as R
-from .registry import canonical
 
 
 def _family(row: Dict) -> str:
@@ -19,7 +18,7 @@ def _family(row: Dict) -> str:
     parts = [str(p.get("model", ""))]
     if "batch" in p:
         parts.append(f"B{p['batch']}")
-    if canonical(row["op"]) == "gated_linear":
+    if row["op"] == "gated_linear":
         parts.append(f"M{p.get('m')}")
     if p.get("mode"):
         parts.append(p["mode"])
@@ -45,7 +44,7 @@ def plot_file(path) -> List[Path]:
     written = []
     for (op, family), rows in sorted(groups.items()):
         shots = sorted({r["shots"] for r in rows})
-        if len(shots) < 2 and canonical(op) != "gated_linear":
+        if len(shots) < 2 and op != "gated_linear":
             continue  # a single point per line says nothing a table does not
         passes = [p for p in ("fwd", "bwd", "fwd+bwd", "gen") if any(r["pass"] == p for r in rows)]
         providers = sorted({r["provider"] for r in rows})

@@ -1,8 +1,9 @@
 """What can be benchmarked: ops, the shape cases of each op, and the providers that implement it.
 
-An op module (``ops_*.py``) calls :func:`register_op` with an :class:`Op` and :func:`register_provider` for each
-implementation. A new kernel or baseline plugs in with one more ``register_provider`` call; the harness, the
-result files, the plots and the report pick it up by name.
+An op module (``ops_*.py``, listed in :mod:`benchmarks.catalog`, which imports them) calls :func:`register_op` with
+an :class:`Op` and :func:`register_provider` for each implementation. A new kernel or baseline plugs in with one more
+``register_provider`` call; the harness, the result files, the plots and the report pick it up by name. An op is
+named by its stem where it has a kernel (``media_xattn``, ``mllama_decode``, ...), and by nothing else.
 
 Provider kinds, used for speedups:
 
@@ -99,16 +100,8 @@ class Op:
     providers: Dict[str, Provider] = dataclasses.field(default_factory=dict)
 
 
+# op name -> Op, filled by the op modules as they are imported (benchmarks.catalog.load_all imports them all)
 OPS: Dict[str, Op] = {}
-_LOADED = False
-LOAD_ERRORS: Dict[str, str] = {}
-# Op names before the one-stem-per-op rename: accepted by --ops and read from older result files.
-ALIASES = {"xattn": "media_xattn", "decode": "media_decode", "gate": "gated_linear", "perceiver_core": "perceiver_attn"}
-
-
-def canonical(name: str) -> str:
-    """The current name of an op (``xattn`` -> ``media_xattn``); other names unchanged."""
-    return ALIASES.get(name, name)
 
 
 def register_op(op: Op) -> Op:
@@ -124,52 +117,3 @@ def register_provider(op_name: str, provider: Provider) -> Provider:
         raise ValueError(f"provider {provider.name} registered twice for op {op_name}")
     op.providers[provider.name] = provider
     return provider
-
-
-def _op_modules():
-    """The op modules, each imported on first use; a module that fails to import is reported, not fatal."""
-
-    def ops_media_xattn():
-        from . import ops_media_xattn  # noqa: F401
-
-    def ops_media_decode():
-        from . import ops_media_decode  # noqa: F401
-
-    def ops_perceiver_attn():
-        from . import ops_perceiver_attn  # noqa: F401
-
-    def ops_gated_linear():
-        from . import ops_gated_linear  # noqa: F401
-
-    def ops_modules():
-        from . import ops_modules  # noqa: F401
-
-    def ops_resampler():
-        from . import ops_resampler  # noqa: F401
-
-    def ops_e2e():
-        from . import ops_e2e  # noqa: F401
-
-    def ops_mllama_xattn():
-        from . import ops_mllama_xattn  # noqa: F401
-
-    def ops_mllama_decode():
-        from . import ops_mllama_decode  # noqa: F401
-
-    def ops_train():
-        from . import ops_train  # noqa: F401
-
-    return (ops_media_xattn, ops_media_decode, ops_perceiver_attn, ops_gated_linear, ops_modules, ops_resampler,
-            ops_e2e, ops_mllama_xattn, ops_mllama_decode, ops_train)
-
-
-def load_all() -> Dict[str, Op]:
-    global _LOADED
-    if not _LOADED:
-        _LOADED = True
-        for load in _op_modules():
-            try:
-                load()
-            except Exception as exc:  # keep the other ops usable
-                LOAD_ERRORS[load.__name__] = f"{type(exc).__name__}: {exc}"
-    return OPS

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 from . import results as R
-from .registry import canonical
 
 COLUMNS = [
     ("op", "op"), ("case", "shape"), ("dtype", "dtype"), ("pass", "pass"), ("provider", "provider"),
@@ -59,7 +58,7 @@ def select(rows: Iterable[Dict], shots: Optional[List[int]] = None, passes: Opti
     return [
         r for r in rows
         if (not shots or r.get("shots") in shots) and (not passes or r["pass"] in passes)
-        and (not ops or canonical(r["op"]) in {canonical(o) for o in ops})
+        and (not ops or r["op"] in ops)
     ]
 
 

@@ -34,6 +34,11 @@ def _git(*args) -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def git_commit() -> Optional[str]:
+    """The checkout's commit; a tree copied without .git (a lent GPU machine) names it in FASTFLAMINGO_GIT_COMMIT."""
+    return _git("rev-parse", "HEAD") or os.environ.get("FASTFLAMINGO_GIT_COMMIT")
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -63,8 +68,7 @@ def _version(module: str) -> Optional[str]:
 def metadata(device: str, argv: List[str]) -> Dict:
     import fastflamingo
 
-    # a tree copied without .git (a lent GPU machine) names its commit through the environment
-    commit = _git("rev-parse", "HEAD") or os.environ.get("FASTFLAMINGO_GIT_COMMIT")
+    commit = git_commit()
     status = _git("status", "--porcelain", "--untracked-files=no")
     now = _dt.datetime.now().astimezone()
     name = device_name(device)

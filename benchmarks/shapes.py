@@ -6,6 +6,9 @@ Presets (heads x head_dim of the cross-attention, latents per image, LM width, v
 - ``of``: OpenFlamingo-9B (MPT-7B + ViT-L/14): 8 x 64, dim 4096, visual 1024, 256 patches per image;
 - ``idefics``: IDEFICS-80B (LLaMA-65B + ViT-H/14): 64 x 128, dim 8192, visual 1280, 257 patches per image;
 - ``tiny``: toy sizes for ``--dry-run`` (same code paths, seconds on a laptop CPU).
+
+The Perceiver resamplers (``PERCEIVERS``), the gated layers of the decode op (``DECODE_LAYERS``) and the axes of each
+follow below.
 """
 from __future__ import annotations
 
@@ -49,6 +52,25 @@ def tiny_params(params: dict) -> dict:
     out.setdefault("first_frac", 0.1)
     out["first_frac"] = 0.1  # exercise the rows that see no media
     return out
+
+
+# The Perceiver resamplers (docs/performance.md, matrix row B) of the perceiver_attn, resampler and idefics_block
+# ops: heads x head_dim of its attention, media tokens per image, latents, vision width, layers; ``tiny``: --dry-run.
+PERCEIVERS = {
+    "of": dict(heads=8, head_dim=64, tokens=256, latents=64, width=1024, depth=6),
+    "idefics": dict(heads=16, head_dim=96, tokens=257, latents=64, width=1280, depth=6),
+    "tiny": dict(heads=2, head_dim=16, tokens=9, latents=5, width=32, depth=2),
+}
+
+
+def perceiver_params(model: str, batch: int, shots: int, **extra) -> dict:
+    """A case's params: ``model``'s resampler (``PERCEIVERS``), ``batch`` samples of ``shots + 1`` images each."""
+    return dict(model=model, batch=batch, shots=shots, **PERCEIVERS[model], **extra)
+
+
+def tiny_perceiver_params(params: dict) -> dict:
+    """The same case with the ``tiny`` resampler and one sample, named ``tiny-<model>``."""
+    return dict(params, model="tiny-" + params["model"].replace("tiny-", ""), batch=1, **PERCEIVERS["tiny"])
 
 
 # One gated cross-attention layer for the decode op (issue 6): the layer's own sizes beside the attention shape.

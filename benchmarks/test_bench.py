@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks import registry
+from benchmarks import catalog
 from benchmarks.harness import TOLERANCE, rel_error
 from benchmarks.timing import peak_bytes
 
@@ -22,7 +22,7 @@ SHOTS = (4, 32)
 TEXT = 1024  # half the suite's 2048 text tokens: the same structure, a quarter of the upstream cost
 CELLS = [
     (op, provider, shots, pass_)
-    for op, providers in (("xattn", ("upstream", "sdpa", "fastflamingo")), ("mca", ("upstream", "fastflamingo")))
+    for op, providers in (("media_xattn", ("upstream", "sdpa", "fastflamingo")), ("mca", ("upstream", "fastflamingo")))
     for provider in providers
     for shots in SHOTS
     for pass_ in ("fwd", "fwd+bwd")
@@ -30,7 +30,7 @@ CELLS = [
 
 
 def _case(op_name, shots):
-    op = registry.load_all()[registry.canonical(op_name)]
+    op = catalog.load_all()[op_name]
     case = op.cases("cpu", [shots])[0]
     case.params = dict(case.params, text=TEXT)
     case.label = case.label.replace("T2048", f"T{TEXT}")

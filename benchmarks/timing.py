@@ -35,7 +35,7 @@ class Timing:
     warmup_ms: float  # the first call alone (compile / autotune / lazy init)
 
 
-def _quantile(sorted_values: List[float], q: float) -> float:
+def quantile(sorted_values: List[float], q: float) -> float:
     # linear interpolation, as torch.quantile / numpy default (do_bench uses torch.quantile)
     if len(sorted_values) == 1:
         return sorted_values[0]
@@ -78,7 +78,7 @@ def time_call(fn: Callable[[], object], device: str, budget_s: float, grad_to_no
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
-    med, p20, p80 = (_quantile(times, q) for q in QUANTILES)
+    med, p20, p80 = (quantile(times, q) for q in QUANTILES)
     return Timing(med, p20, p80, len(times), warmup_ms)
 
 
@@ -107,7 +107,7 @@ def _time_cuda(fn, budget_s, grad_to_none, warmup_ms) -> Timing:
         torch.cuda.synchronize()
         times.append(s.elapsed_time(e))
     times.sort()
-    med, p20, p80 = (_quantile(times, q) for q in QUANTILES)
+    med, p20, p80 = (quantile(times, q) for q in QUANTILES)
     return Timing(med, p20, p80, len(times), warmup_ms)
 
 

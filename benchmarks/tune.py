@@ -29,10 +29,10 @@ from typing import Dict, List, Optional, Sequence
 
 
 def _plans(args, device: str):
-    from . import registry
+    from . import catalog
     from .__main__ import build_plans, parse_args
 
-    ops = registry.load_all()
+    ops = catalog.load_all()
     bench_args = parse_args(["--priority", "--providers", "fastflamingo", "--dtype", args.dtype]
                             + (["--ops", args.ops] if args.ops else []) + (["--dry-run"] if args.dry_run else []))
     _, plans = build_plans(bench_args, ops, device)
@@ -180,12 +180,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with fastflamingo.backend(backend):
         entries += tune_forms(device)
     identity = _identity(device)
-    from .results import _git
+    from .results import git_commit
 
     generated = {
         "tool": "python -m benchmarks.tune" + (" --dry-run" if args.dry_run else ""),
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "commit": os.environ.get("FASTFLAMINGO_GIT_COMMIT") or _git("rev-parse", "HEAD"),
+        "commit": git_commit(),
         "torch": torch.__version__,
         "triton": configs.triton_major_minor(),
         "fastflamingo": fastflamingo.__version__,

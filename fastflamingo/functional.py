@@ -6,13 +6,14 @@ otherwise. For masked media cross-attention the Triton side is split once more: 
 ``DECODE_MAX_TOKENS`` query tokens per sample, no gradient) take the split-key decode kernels, everything else the
 prefill kernels. ``docs/design.md`` shows the layers.
 
-Ops (old names, kept as aliases, in parentheses): :func:`media_xattn` (``media_cross_attention``),
-:func:`perceiver_attn` (``perceiver_attention``), :func:`gated_linear` (``tanh_gated_linear``) and
-:func:`gated_residual` (``tanh_gated_residual``).
+Ops, one name each (the stem of its kernel, launcher, test and benchmark where it has a kernel): :func:`media_xattn`,
+:func:`perceiver_attn`, :func:`gated_linear` and :func:`gated_residual`; :func:`gelu_linear` is the feed-forward's
+memory-saving matmul.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+import operator
+from typing import List, Optional, Union
 
 import torch
 from torch import nn
@@ -26,17 +27,18 @@ def _records_graph(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _kv_group(kv_group: int, kv_repeat: Optional[int]) -> Tuple[int, str]:
-    """The K/V group size and the name the caller gave it (``kv_repeat`` is its older alias), for messages."""
-    name = "kv_group"
-    if kv_repeat is not None:
-        if kv_group != 1 and int(kv_repeat) != int(kv_group):
-            raise ValueError(f"kv_group={kv_group} and its alias kv_repeat={kv_repeat} disagree")
-        kv_group, name = kv_repeat, "kv_repeat"
-    kv_group = int(kv_group)
+def _kv_group(kv_group: int) -> int:
+    """``kv_group`` as a Python int >= 1 (an integer-like such as a numpy int passes; a float or a bool does not:
+    2.5 must not quietly become 2)."""
+    if isinstance(kv_group, bool):
+        raise TypeError(f"kv_group must be an int >= 1, got {kv_group!r}")
+    try:
+        kv_group = operator.index(kv_group)
+    except TypeError:
+        raise TypeError(f"kv_group must be an int >= 1, got {type(kv_group).__name__} {kv_group!r}") from None
     if kv_group < 1:
-        raise ValueError(f"{name} must be >= 1, got {kv_group}")
-    return kv_group, name
+        raise ValueError(f"kv_group must be >= 1, got {kv_group}")
+    return kv_group
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -44,8 +46,7 @@ def _kv_group(kv_group: int, kv_repeat: Optional[int]) -> Tuple[int, str]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_group: int = 1,
-                            group_name: str = "kv_group") -> None:
+def _check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_group: int = 1) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -58,7 +59,7 @@ def _check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     if k.shape != v.shape[:3] + (k.shape[3],) or k.shape[:3] != v.shape[:3]:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree on (batch, keys, heads)")
     if q.shape[0] != k.shape[0] * kv_group or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
-        batch = "batch" if kv_group == 1 else f"batch (q's = k's * {group_name} {kv_group})"
+        batch = "batch" if kv_group == 1 else f"batch (q's = k's * kv_group {kv_group})"
         raise ValueError(
             f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on {batch}, heads and head_dim "
             "(layout: (batch, tokens, heads, head_dim))"
@@ -74,7 +75,6 @@ def media_xattn(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     kv_group: int = 1,
-    kv_repeat: Optional[int] = None,
 ) -> torch.Tensor:
     """Masked media cross-attention core: each text token attends only to the latents of the media it may see.
 
@@ -91,8 +91,7 @@ def media_xattn(
         kv_group: r >= 1; k and v hold batch ``batch // r`` and query row ``b`` attends K/V row ``b // r``. Beam
             search repeats every sample's media r times, so the media projection cache keeps one K/V row per
             sample instead of r identical copies (see cache.py). Inference only: with r > 1 nothing may require
-            grad. Every path reads the shared rows in place; K/V is never repeated. (``kv_repeat`` is accepted
-            as an alias.)
+            grad. Every path reads the shared rows in place; K/V is never repeated.
 
     Returns:
         (batch, text, heads, head_dim) in the dtype of ``q``. A token that sees no media gets exactly 0.
@@ -109,12 +108,12 @@ def media_xattn(
 
     Dtypes: fp32, fp16, bf16; the softmax is computed in fp32 on every path.
     """
-    kv_group, group_name = _kv_group(kv_group, kv_repeat)
-    _check_attention_inputs(q, k, v, kv_group, group_name)
+    kv_group = _kv_group(kv_group)
+    _check_attention_inputs(q, k, v, kv_group)
     if kv_group > 1 and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         # the grouped paths (and the Triton backward) have no gradient for K/V shared among rows; the media cache
         # that produces grouped K/V never runs while a graph is recorded
-        raise ValueError(f"{group_name} > 1 is inference only: call it under torch.no_grad() or without inputs "
+        raise ValueError("kv_group > 1 is inference only: call it under torch.no_grad() or without inputs "
                          "that require grad")
     batch, num_text = q.shape[:2]
     if isinstance(mask, MediaMask):
@@ -346,20 +345,11 @@ def gelu_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return nn.functional.linear(nn.functional.gelu(h), weight)
 
 
-# Names before the one-stem-per-op rename (kept: user code and earlier notes use them).
-media_cross_attention = media_xattn
-perceiver_attention = perceiver_attn
-tanh_gated_residual = gated_residual
-tanh_gated_linear = gated_linear
-
 __all__ = [
     "media_xattn",
+    "media_xattn_backend",
     "gelu_linear",
     "perceiver_attn",
     "gated_residual",
     "gated_linear",
-    "media_cross_attention",
-    "perceiver_attention",
-    "tanh_gated_residual",
-    "tanh_gated_linear",
 ]

@@ -50,7 +50,7 @@ def test_auto_uses_torch_on_cpu(monkeypatch):
     monkeypatch.setattr(torch_path, "_runs_path", lambda *a: calls.append(1) or a[0].new_zeros(a[0].shape))
     q, k, v, mask = _attention_inputs()
     with ff.backend("auto"):
-        F.media_cross_attention(q, k, v, mask)
+        F.media_xattn(q, k, v, mask)
     assert calls == [1]
 
 
@@ -59,10 +59,10 @@ def test_explicit_triton_never_falls_back(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v, mask = _attention_inputs()
     with ff.backend("triton"), pytest.raises(ff.BackendError, match="tensors are on cpu"):
-        F.media_cross_attention(q, k, v, mask)
+        F.media_xattn(q, k, v, mask)
     dense = mask.visible()
     with ff.backend("triton"), pytest.raises(ff.BackendError, match="no closed form"):
-        F.media_cross_attention(q, k, v, dense)
+        F.media_xattn(q, k, v, dense)
 
 
 # ---------------------------------------------------------------------------------------------- the closed form
@@ -159,7 +159,7 @@ def test_torch_path_matches_dense_fp64(seed, immediate, few_runs, monkeypatch):
     mask = masks.from_media_locations(ml, num_media, only_attend_immediate_media=immediate)
     allowed = mask.visible().repeat_interleave(latents, -1)
     with ff.backend("torch"):
-        out = F.media_cross_attention(q, k, v, mask)
+        out = F.media_xattn(q, k, v, mask)
     ref = dense_reference(q, k, v, allowed, head_dim**-0.5)
     assert_close(out, ref, 1e-5, "output")
     grad = torch.randn(out.shape, generator=g).expand_as(out)  # stride-0 style gradients
@@ -177,7 +177,7 @@ def test_general_idefics_mask_on_torch_path():
     allowed[:, 2:, 0] = True
     allowed[:, 5:, 2] = True  # {0, 2}: no closed form
     allowed[1, 7] = False
-    out = F.media_cross_attention(q, k, v, allowed)
+    out = F.media_xattn(q, k, v, allowed)
     ref = dense_reference(q, k, v, allowed.repeat_interleave(3, -1), 8**-0.5)
     assert_close(out, ref, 1e-5, "general mask")
     assert (out[:, :2] == 0).all() and (out[1, 7] == 0).all()
@@ -187,13 +187,24 @@ def test_gated_residual_dtype_and_row_gate():
     x = torch.randn(2, 3, 4, dtype=torch.bfloat16)
     h = torch.randn(2, 3, 4, dtype=torch.bfloat16)
     alpha = torch.tensor([0.3])
-    assert F.tanh_gated_residual(x, h, alpha).dtype == torch.float32  # as upstream's (1,)-shaped fp32 gate
+    assert F.gated_residual(x, h, alpha).dtype == torch.float32  # as upstream's (1,)-shaped fp32 gate
     gate = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
-    out = F.tanh_gated_residual(x.float(), h.float(), torch.randn(1, 1, 4), row_gate=gate)
+    out = F.gated_residual(x.float(), h.float(), torch.randn(1, 1, 4), row_gate=gate)
     assert torch.equal(out[gate == 0], x.float()[gate == 0])
 
 
 # ---------------------------------------------------------------------------------------------- bad input
+
+def test_one_public_name_per_op():
+    """No aliases: every public function of fastflamingo.functional is bound to one name, and __all__ lists them."""
+    public = {name: obj for name, obj in vars(F).items()
+              if not name.startswith("_") and callable(obj) and getattr(obj, "__module__", None) == F.__name__}
+    assert sorted(public) == sorted(F.__all__)
+    names_of = {}
+    for name, obj in public.items():
+        names_of.setdefault(id(obj), []).append(name)
+    assert all(len(names) == 1 for names in names_of.values()), [n for n in names_of.values() if len(n) > 1]
+
 
 
 def test_bad_inputs_get_clear_errors():
@@ -227,11 +238,11 @@ def test_bad_inputs_get_clear_errors():
         resampler(torch.randn(1, 2, 5, 8))
     q, k, v, mask = _attention_inputs()
     with pytest.raises(TypeError, match="q, k and v must share a dtype"):
-        F.media_cross_attention(q.double(), k, v, mask)
+        F.media_xattn(q.double(), k, v, mask)
     with pytest.raises(ValueError, match="not a multiple of the 2 media"):
-        F.media_cross_attention(q, k[:, :5], v[:, :5], mask)
+        F.media_xattn(q, k[:, :5], v[:, :5], mask)
     with pytest.raises(ValueError, match=r"mask covers \(batch, text\) = \(2, 9\) but q has"):
-        F.media_cross_attention(q[:, :4], k, v, mask)
+        F.media_xattn(q[:, :4], k, v, mask)
 
 
 # ---------------------------------------------------------------------------------------------- import hygiene
@@ -262,7 +273,7 @@ def test_import_without_triton_or_transformers():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
-# ---------------------------------------------------------------------------------------------- kv_repeat (beams)
+# ---------------------------------------------------------------------------------------------- kv_group (beams)
 
 
 def _grouped_inputs(groups, r, num_text, num_media, latents=3, heads=2, head_dim=8, seed=0):
@@ -282,7 +293,7 @@ def _shared_text_time(groups, r, num_text, num_media, immediate, seed=0):
 
 
 def _check_grouped(q, k, v, mask, r, path, monkeypatch):
-    """kv_repeat=r equals attention against explicitly repeat_interleaved K/V, and takes the expected path."""
+    """kv_group=r equals attention against explicitly repeat_interleaved K/V, and takes the expected path."""
     calls = []
     original = getattr(torch_path, path)
 
@@ -292,16 +303,16 @@ def _check_grouped(q, k, v, mask, r, path, monkeypatch):
 
     monkeypatch.setattr(torch_path, path, spy)
     with ff.backend("torch"), torch.no_grad():
-        got = F.media_cross_attention(q, k, v, mask, kv_repeat=r)
+        got = F.media_xattn(q, k, v, mask, kv_group=r)
         monkeypatch.setattr(torch_path, path, original)
-        ref = F.media_cross_attention(q, k.repeat_interleave(r, 0), v.repeat_interleave(r, 0), mask)
+        ref = F.media_xattn(q, k.repeat_interleave(r, 0), v.repeat_interleave(r, 0), mask)
     assert calls, f"{path} did not serve the grouped call"
     assert got.shape == ref.shape
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("r", [2, 3])
-def test_kv_repeat_chunks_path(r, monkeypatch):
+def test_kv_group_chunks_path(r, monkeypatch):
     num_media = 3
     q, k, v = _grouped_inputs(2, r, 20, num_media)
     tt = torch.zeros(2 * r, 20, dtype=torch.int32)
@@ -314,7 +325,7 @@ def test_kv_repeat_chunks_path(r, monkeypatch):
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared_runs", "per_sample_runs"])
 @pytest.mark.parametrize("immediate", [True, False], ids=["immediate", "all_previous"])
-def test_kv_repeat_runs_path(shared, immediate, monkeypatch):
+def test_kv_group_runs_path(shared, immediate, monkeypatch):
     num_media, num_text = 2, 12
     if shared:  # same text_time in every sample: runs shared by the batch (b is None)
         r, groups = 3, 2
@@ -332,21 +343,21 @@ def test_kv_repeat_runs_path(shared, immediate, monkeypatch):
 
 
 @pytest.mark.parametrize("num_text", [1, 4])
-def test_kv_repeat_prefix_path(num_text, monkeypatch):
+def test_kv_group_prefix_path(num_text, monkeypatch):
     r = 2
     q, k, v = _grouped_inputs(3, r, num_text, 3, seed=2)
     mask = _shared_text_time(3, r, num_text, 3, immediate=False, seed=2)
     mask.text_time[0] = 0  # a sample that sees nothing stays exactly 0
     _check_grouped(q, k, v, mask, r, "_prefix_path", monkeypatch)
     with ff.backend("torch"), torch.no_grad():
-        assert torch.equal(F.media_cross_attention(q, k, v, mask, kv_repeat=r)[0], torch.zeros_like(q[0]))
+        assert torch.equal(F.media_xattn(q, k, v, mask, kv_group=r)[0], torch.zeros_like(q[0]))
 
 
 @pytest.mark.parametrize("num_text", [1, 3])
 def test_window_path_decode_immediate(num_text, monkeypatch):
     """Immediate-mode decode on the PyTorch path gathers each token's own latents on the device (no host
     schedule): forward and gradients match the fp64 reference, tokens that see nothing (0, or past the last
-    media) are exactly 0, and grouped K/V (kv_repeat) equals repeated K/V."""
+    media) are exactly 0, and grouped K/V (kv_group) equals repeated K/V."""
     from fastflamingo import reference
 
     num_media, latents, heads, head_dim = 3, 5, 2, 8
@@ -377,7 +388,7 @@ def test_window_path_decode_immediate(num_text, monkeypatch):
     _check_grouped(qg, kg, vg, masks.MediaMask(tt, num_media, masks.IMMEDIATE), r, "_window_path", monkeypatch)
 
 
-def test_kv_repeat_dense_path(monkeypatch):
+def test_kv_group_dense_path(monkeypatch):
     r, num_media, num_text = 2, 3, 7
     q, k, v = _grouped_inputs(2, r, num_text, num_media, seed=3)
     allowed = torch.rand(2 * r, num_text, num_media, generator=torch.Generator().manual_seed(3)) > 0.5
@@ -385,20 +396,23 @@ def test_kv_repeat_dense_path(monkeypatch):
     _check_grouped(q, k, v, allowed, r, "_dense_path", monkeypatch)
 
 
-def test_kv_repeat_no_media_and_validation():
+def test_kv_group_no_media_and_validation():
     q = torch.randn(4, 5, 2, 8)
     k = v = torch.zeros(2, 0, 2, 8)
     mask = masks.MediaMask(torch.zeros(4, 5, dtype=torch.int32), 0, masks.IMMEDIATE)
     with ff.backend("torch"), torch.no_grad():
-        out = F.media_cross_attention(q, k, v, mask, kv_repeat=2)
+        out = F.media_xattn(q, k, v, mask, kv_group=2)
     assert out.shape == q.shape and not out.any()
     q, k, v = _grouped_inputs(2, 2, 6, 2)
     mask = masks.MediaMask(torch.ones(4, 6, dtype=torch.int32), 2, masks.IMMEDIATE)
-    with pytest.raises(ValueError, match="kv_repeat 3"):
-        F.media_cross_attention(q, k, v, mask, kv_repeat=3)
-    with pytest.raises(ValueError, match="kv_repeat must be >= 1"):
-        F.media_cross_attention(q, k, v, mask, kv_repeat=0)
+    with pytest.raises(ValueError, match="kv_group 3"):
+        F.media_xattn(q, k, v, mask, kv_group=3)
+    with pytest.raises(ValueError, match="kv_group must be >= 1"):
+        F.media_xattn(q, k, v, mask, kv_group=0)
+    for not_an_int in (2.0, True):
+        with pytest.raises(TypeError, match="kv_group must be an int >= 1"):
+            F.media_xattn(q, k, v, mask, kv_group=not_an_int)
     with pytest.raises(ValueError, match="inference only"):
-        F.media_cross_attention(q.requires_grad_(True), k, v, mask, kv_repeat=2)
+        F.media_xattn(q.requires_grad_(True), k, v, mask, kv_group=2)
     with torch.no_grad():  # no graph recorded: allowed even though q requires grad
-        F.media_cross_attention(q, k, v, mask, kv_repeat=2)
+        F.media_xattn(q, k, v, mask, kv_group=2)

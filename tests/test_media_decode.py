@@ -568,8 +568,8 @@ def test_kv_group_matches_repeated_kv(decode, device, dtype, immediate, num_spli
 
 
 @pytest.mark.triton
-def test_functional_kv_repeat_decode_dispatch(decode, device):
-    """backend("triton"), a decode step with kv_repeat: the decode kernel serves it, matching the PyTorch path."""
+def test_functional_kv_group_decode_dispatch(decode, device):
+    """backend("triton"), a decode step with kv_group: the decode kernel serves it, matching the PyTorch path."""
     import fastflamingo
     from fastflamingo import functional
 
@@ -579,7 +579,7 @@ def test_functional_kv_repeat_decode_dispatch(decode, device):
     mask = MediaMask(torch.tensor([[1], [2], [2], [0], [1], [2]], dtype=torch.int32), num_media, IMMEDIATE)
     with torch.no_grad():
         with fastflamingo.backend("triton"):
-            got = functional.media_xattn(q, k, v, mask, kv_repeat=r)
+            got = functional.media_xattn(q, k, v, mask, kv_group=r)
         with fastflamingo.backend("torch"):
-            want = functional.media_xattn(q, k, v, mask, kv_repeat=r)
+            want = functional.media_xattn(q, k, v, mask, kv_group=r)
     assert_close(got, want.double().cpu(), TOLERANCE[torch.float32], "o")

@@ -583,8 +583,8 @@ def test_forward_kv_group_matches_repeated_kv(kernels, device, dtype, immediate)
         xattn_ops.launch_bwd(got, q, k, v, got, lse, text_time, num_media, latents, immediate, scale)
 
 
-def test_functional_kv_repeat_triton_prefill_and_grad(kernels, device):
-    """backend("triton") with kv_repeat and more tokens than a decode step: the prefill kernel serves it with no
+def test_functional_kv_group_triton_prefill_and_grad(kernels, device):
+    """backend("triton") with kv_group and more tokens than a decode step: the prefill kernel serves it with no
     K/V copy, matching the PyTorch path; with a gradient required it raises."""
     import fastflamingo
     from fastflamingo import functional
@@ -595,9 +595,9 @@ def test_functional_kv_repeat_triton_prefill_and_grad(kernels, device):
     mask = MediaMask(cumsum_time(2 * r, 20, [0, 9]), num_media, ALL_PREVIOUS)
     with torch.no_grad():
         with fastflamingo.backend("triton"):
-            got = functional.media_xattn(q, k, v, mask, kv_repeat=r)
+            got = functional.media_xattn(q, k, v, mask, kv_group=r)
         with fastflamingo.backend("torch"):
-            want = functional.media_xattn(q, k, v, mask, kv_repeat=r)
+            want = functional.media_xattn(q, k, v, mask, kv_group=r)
     assert_close(got, want.double().cpu(), TOLERANCE[torch.float32][0], "o")
     with fastflamingo.backend("triton"), pytest.raises(ValueError, match="inference only"):
-        functional.media_xattn(q.requires_grad_(True), k, v, mask, kv_repeat=r)
+        functional.media_xattn(q.requires_grad_(True), k, v, mask, kv_group=r)
