@@ -39,15 +39,8 @@ def _imports(name):
 
 
 def _graph():
-    graph = {name: set() for name in MODULES}
-    for name in MODULES:
-        graph[name] = {target for target, _ in _imports(name)[1] if target in graph and target != name}
-    # the catalog imports the op modules by name (importlib): those edges count too
-    tree = ast.parse((BENCH / "catalog.py").read_text())
-    listed = next(node.value for node in tree.body if isinstance(node, ast.Assign)
-                  and any(getattr(t, "id", None) == "OP_MODULES" for t in node.targets))
-    graph["catalog"] |= {ast.literal_eval(e) for e in listed.elts}
-    return graph
+    return {name: {target for target, _ in _imports(name)[1] if target in MODULES and target != name}
+            for name in MODULES}
 
 
 def _cycle(graph):
