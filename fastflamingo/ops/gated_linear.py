@@ -11,15 +11,18 @@ Backward (``fastflamingo::gated_linear_bwd``), with ``t = tanh(alpha)``, ``g = r
 
     dx      = dy
     dinp    = rowmask((t * g) @ W)         t scales the smallest of g, the result, or (per channel) W
-    dW      = t * G                        G computed in the weight's dtype, scaled in place
+    dW      = t * G                        G in fp32 blocks of rows, each scaled and rounded once into dW
     dbias   = t * colsum(g)
     d alpha = (1 - t^2) * sum_m g[m, n] h[m, n] = (1 - t^2) * (sum_k W[n, k] G[n, k] + bias[n] colsum(g)[n])
 
 summed over n as well for a scalar alpha. ``sum_m g h`` equals ``sum_k W * G`` exactly (``h = inp @ W^T``), so
 d alpha costs N row dot products (fp32 accumulation) instead of a pass over two (M, N) tensors. The two GEMMs are
 cuBLAS (torch.mm, fp32 accumulation): they have no epilogue worth fusing, and a plain GEMM is what cuBLAS is tuned
-for (docs/performance.md uses it as the speed-of-light bound). Nothing weight-sized is ever fp32 (an fp32 copy of
-IDEFICS-80B's ``down_proj`` weight alone is ~720 MB): G is produced in the weight's dtype and becomes dW in place.
+for (docs/performance.md uses it as the speed-of-light bound). The row dots read G before any rounding: G rounded
+to a half-precision weight's dtype puts an error into d alpha as large as the PyTorch path's own, so FlashAttention's
+bound (at most twice that error) failed for about one random small shape in fifteen. So cuBLAS writes G in fp32, in
+blocks of rows of at most 32 MiB, each scaled and rounded once into dW: nothing weight-sized is ever fp32 (an fp32
+copy of IDEFICS-80B's ``down_proj`` weight alone is ~720 MB). ``1 - t^2`` comes from tanh in fp32 likewise.
 
 The ops are opaque to torch.compile (an ``autograd.Function`` launching the kernel would be traced into by Dynamo:
 docs/testing.md, "torch.compile"). Importing this module needs torch only: triton and the kernels are imported
@@ -69,19 +72,55 @@ def _(x, inp, weight, bias, alpha, row_gate):
 # Backward
 # ----------------------------------------------------------------------------------------------------------------
 
-_BMM_F32_OUT = {"cuda": True}  # flips to False if this torch's CUDA bmm has no fp16/bf16 -> fp32 overload
+# G = g^T inp is produced in fp32 blocks of rows of at most this many bytes (32 MiB): d alpha needs G before any
+# rounding (G rounded to a half-precision weight's dtype puts an error into d alpha as large as the PyTorch path's
+# own, so often more than twice it), while a whole fp32 G of IDEFICS-80B's ``down_proj`` would be ~720 MB.
+FP32_BLOCK_BYTES = 32 << 20
+
+# cuBLAS GEMMs of fp16/bf16 inputs with an fp32 result (torch.mm's out_dtype, CUDA only) exist in this torch
+_MM_FP32_OUT = "dtype" in torch.ops.aten.mm.overloads()
 
 
-def _row_dots(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """fp32 (N,): ``sum_k w[n, k] g[n, k]`` with fp32 accumulation, as N batched (1, K) x (K, 1) products: no
-    (N, K) temporary (an elementwise product would be one more weight-sized tensor)."""
-    lhs, rhs = w.unsqueeze(1), g.unsqueeze(2)
-    if w.dtype != torch.float32 and w.device.type == "cuda" and _BMM_F32_OUT["cuda"]:
-        try:
-            return torch.bmm(lhs, rhs, out_dtype=torch.float32).view(-1)  # cuBLAS writes fp32 directly
-        except (TypeError, RuntimeError, NotImplementedError):
-            _BMM_F32_OUT["cuda"] = False
-    return torch.bmm(lhs, rhs).view(-1).float()
+def _mm_fp32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x @ y`` as an fp32 tensor: fp32 accumulation of the exact products of the inputs, which cuBLAS writes
+    without rounding them to half-precision inputs' dtype. A torch without that GEMM rounds the product first, and
+    d alpha then carries that rounding."""
+    if x.dtype == torch.float32:
+        return torch.mm(x, y)
+    if _MM_FP32_OUT:
+        return torch.mm(x, y, out_dtype=torch.float32)
+    return torch.mm(x, y).float()
+
+
+def _weight_grad(g: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
+                 t_col: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dW = t * G in the weight's dtype, fp32 ``sum_k W[n, k] G[n, k]`` per output channel) for ``G = g^T a``.
+
+    G is computed in fp32 blocks of rows of at most :data:`FP32_BLOCK_BYTES` (an fp32 weight's G is dW itself: one
+    block): each block gives its row dots from unrounded values, then is scaled and rounded once into dW.
+    ``t_col``: tanh(alpha) as (N, 1) or (1, 1)."""
+    n_out, k_in = weight.shape
+    if weight.dtype == torch.float32:
+        grad = torch.mm(g.t(), a)
+        # N batched (1, K) x (K, 1) products: no weight-sized temporary; TF32 where the matmul precision allows it,
+        # as in upstream's own fp32 branch
+        per_row = torch.bmm(weight.unsqueeze(1), grad.unsqueeze(2)).view(-1)
+        return grad.mul_(t_col), per_row
+    if weight.device.type == "cuda":
+        g_t, a = g.t().to(weight.dtype), a.to(weight.dtype)
+    else:  # CPU, i.e. the interpreter's tests: fp32 copies, whose products are those of cuBLAS's fp32-output GEMM
+        g_t, a = g.t().float(), a.float()
+    block = max(1, FP32_BLOCK_BYTES // (4 * max(k_in, 1)))
+    dweight = torch.empty((n_out, k_in), dtype=weight.dtype, device=weight.device)
+    per_row = torch.empty(n_out, dtype=torch.float32, device=weight.device)
+    for start in range(0, n_out, block):
+        rows = slice(start, start + block)
+        grad = _mm_fp32(g_t[rows], a)
+        # elementwise fp32 products (one block-sized temporary): a bmm of fp32 blocks could run in TF32, whose
+        # 10-bit mantissa would round G as coarsely as fp16 does
+        per_row[rows] = grad.mul(weight[rows]).sum(dim=1)
+        dweight[rows] = grad.mul_(t_col[rows] if t_col.shape[0] > 1 else t_col)  # the one rounding to dW's dtype
+    return dweight, per_row
 
 
 def backward(
@@ -91,8 +130,8 @@ def backward(
     """(dinp, dweight, dbias, dalpha) of the gated linear; dbias is empty when there is no bias. See the module
     docstring for the arrangement. dx (= dy) is not computed here: it is the incoming gradient itself.
 
-    Everything weight-sized stays in the weight's dtype (G is computed by cuBLAS with fp32 accumulation and becomes
-    dW in place); only (N,)-sized reductions are fp32."""
+    Everything weight-sized stays in the weight's dtype: G is computed by cuBLAS with an fp32 result in blocks of
+    rows (:func:`_weight_grad`), each block rounded once into dW; only (N,)-sized reductions are fp32."""
     n_out, k_in = weight.shape
     compute = inp.dtype  # upstream's gradient of h is in h's dtype
     g = dy.reshape(-1, n_out).to(compute)
@@ -117,16 +156,17 @@ def backward(
         dinp = torch.mm((g * t_row).to(compute), weight.to(compute))
     if keep is not None:
         dinp = torch.where(keep, dinp, dinp.new_zeros(()))
-    grad_w = torch.mm(g.t().to(weight.dtype), a.to(weight.dtype))  # G = g^T inp, (N, K), fp32 accumulation
-    per_row = _row_dots(weight, grad_w)  # sum_m g[m, n] (inp @ W^T)[m, n]
-    dweight = grad_w.mul_(t.reshape(n_out, 1) if per_channel else t)  # fp32 product, stored in the weight dtype
+    # per_row[n] = sum_m g[m, n] (inp @ W^T)[m, n]
+    dweight, per_row = _weight_grad(g, a, weight, t.reshape(n_out, 1) if per_channel else t.reshape(1, 1))
     if bias is not None:
         colsum = g.sum(dim=0, dtype=torch.float32)
         dbias = (colsum * t_row.reshape(-1)).to(bias.dtype)
         per_row = per_row + bias.float() * colsum
     else:
         dbias = weight.new_empty((0,))
-    sech2 = 1.0 - t * t
+    # from tanh in fp32, not from t: t rounded to a half-precision alpha's dtype moves 1 - t^2 by up to
+    # 2 t^2 / (1 - t^2) units in its last place, several units of d alpha's for |alpha| near 1
+    sech2 = 1.0 - torch.tanh(alpha.float()).square()
     dalpha = per_row.reshape(alpha.shape) * sech2 if per_channel else per_row.sum().reshape(alpha.shape) * sech2
     return dinp.reshape(inp.shape), dweight, dbias, dalpha.to(alpha.dtype)
 
