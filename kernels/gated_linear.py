@@ -56,6 +56,7 @@ from ._utils import (
     per_arch,
     size_class,
 )
+from ._launch import SPLIT_K, split_count
 
 GROUP_M = 8  # output tiles are visited in groups of GROUP_M tile rows, so a weight tile is reused from L2
 
@@ -247,11 +248,6 @@ _INTERPRETER_SPLITK_CONFIG = _cfg(16, 64, 64, 4, 1)
 EPILOGUE_CONFIGS = (triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4, num_stages=1),
                     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=1))
 _INTERPRETER_EPILOGUE_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)
-# Split-K: aim at SPLIT_WAVES programs per SM, give every slice at least MIN_K_BLOCKS_PER_SPLIT K blocks, and
-# keep the fp32 workspace to MAX_SPLITS slices.
-SPLIT_WAVES = 2
-MIN_K_BLOCKS_PER_SPLIT = 4
-MAX_SPLITS = 16
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -274,11 +270,11 @@ def epilogue_config(rows: int) -> triton.Config:
 
 
 def split_k(rows: int, n: int, k: int, config: triton.Config, sms: int) -> Tuple[int, int]:
-    """(number of K slices, K per slice, a multiple of BLOCK_K) for a split-K launch, from shapes only."""
+    """(number of K slices, K per slice, a multiple of BLOCK_K) for a split-K launch, by ``_launch``'s rule."""
     block_k = config.kwargs["BLOCK_K"]
     tiles = cdiv(rows, config.kwargs["BLOCK_M"]) * cdiv(n, config.kwargs["BLOCK_N"])
     k_blocks = cdiv(max(k, 1), block_k)
-    splits = max(1, min(cdiv(SPLIT_WAVES * sms, tiles), cdiv(k_blocks, MIN_K_BLOCKS_PER_SPLIT), MAX_SPLITS))
+    splits = split_count(tiles, k_blocks, sms, SPLIT_K)
     k_split = cdiv(k_blocks, splits) * block_k
     return cdiv(max(k, 1), k_split), k_split
 

@@ -58,6 +58,7 @@ from ._utils import (  # noqa: F401  (sm_count: part of this module's interface 
     per_arch,
     sm_count,
 )
+from ._launch import DECODE_SPLITS, split_count
 from .media_xattn import _NO_KEY, _online_softmax, _visible_keys
 
 # Rows of the query tile: every token of a decode step sits in one tile, and tl.dot needs at least 16 rows.
@@ -219,13 +220,6 @@ _GPU_CONFIG_TABLE = {
 _GPU_CONFIGS = per_arch(_GPU_CONFIG_TABLE, lambda n, w, s: triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s))
 COMBINE_CONFIG = triton.Config({}, num_warps=4, num_stages=1)
 
-# Split count: aim at SPLIT_WAVES programs per SM (enough loads in flight to cover HBM latency), give every split
-# at least MIN_TILES_PER_SPLIT key tiles (a split costs a partial write and its share of the combine), and cap the
-# workspace at MAX_SPLITS partials per token.
-SPLIT_WAVES = 2
-MIN_TILES_PER_SPLIT = 2
-MAX_SPLITS = 64
-
 
 def shipped_config(dtype: torch.dtype, head_dim: int, arch: Optional[int] = None) -> triton.Config:
     """The GPU config of the split kernel for this dtype and head size on ``arch`` (default: this device's)."""
@@ -238,17 +232,13 @@ def default_config(dtype: torch.dtype, head_dim: int, device: Optional[torch.dev
 
 
 def choose_splits(batch: int, heads: int, visible_keys: int, block_n: int, sms: int) -> int:
-    """Splits of the key axis for a launch, from shapes only.
+    """Splits of the key axis for a launch, by ``_launch``'s rule for decode.
 
     ``visible_keys`` is the most keys one token can see (``latents`` in immediate mode, ``num_media * latents`` in
     all-previous mode). One split when a token's keys fit one tile (immediate mode with 64 latents) or when the
-    (sample, head) programs alone already fill ``SPLIT_WAVES`` programs per SM.
+    (sample, head) programs alone already fill the GPU.
     """
-    tiles = cdiv(max(visible_keys, 0), block_n)
-    if tiles <= 1:
-        return 1
-    wanted = cdiv(SPLIT_WAVES * sms, max(batch * heads, 1))
-    return max(1, min(wanted, cdiv(tiles, MIN_TILES_PER_SPLIT), MAX_SPLITS))
+    return split_count(batch * heads, cdiv(max(visible_keys, 0), block_n), sms, DECODE_SPLITS)
 
 
 # ================================================================================================================

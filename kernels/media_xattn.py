@@ -68,6 +68,7 @@ from ._utils import (
     per_arch,
     size_class,
 )
+from ._launch import DKDV_SPLITS, split_count
 from ._schedules import media_token_ranges, query_tile_schedule, query_tile_slots  # noqa: F401  (launchers)
 
 _NO_KEY = tl.constexpr(2147483647)  # larger than any key index: the identity of the min over visible key starts
@@ -393,20 +394,12 @@ def _media_xattn_bwd_dq_kernel(
     tl.store(p_dq + rows[:, None] * stride_dqt + offs_d[None, :], b_dq.to(DQ.dtype.element_ty), mask=md_ok)
 
 
-# dK/dV token splits: under DKDV_SPLIT_WAVES programs per SM, the token loop is cut into splits (grid axis 2) of at
-# least DKDV_MIN_BLOCKS token blocks, at most DKDV_MAX_SPLITS (fp32 partials summed in split order).
-DKDV_SPLIT_WAVES, DKDV_MIN_BLOCKS, DKDV_MAX_SPLITS = 2, 2, 16
-
-
 def dkdv_splits(programs: int, num_tokens: int, num_media: int, immediate: bool, block_m: int, sms: int) -> int:
-    """Token splits of the dK/dV kernel, from shapes only (no tensor read): ``programs`` is its grid without
-    splits; the tokens that see one media are estimated as ``T / M`` (immediate) or ``T`` (all previous)."""
-    if programs >= DKDV_SPLIT_WAVES * sms:
-        return 1
+    """Token splits (grid axis 2; fp32 partials summed in split order) of the dK/dV kernel, by ``_launch``'s rule:
+    ``programs`` is its grid without splits; the tokens that see one media are estimated as ``T / M`` (immediate)
+    or ``T`` (all previous)."""
     tokens = cdiv(num_tokens, max(num_media, 1)) if immediate else num_tokens
-    blocks = cdiv(max(tokens, 1), block_m)
-    return max(1, min(cdiv(DKDV_SPLIT_WAVES * sms, max(programs, 1)), cdiv(blocks, DKDV_MIN_BLOCKS),
-                      DKDV_MAX_SPLITS))
+    return split_count(programs, cdiv(max(tokens, 1), block_m), sms, DKDV_SPLITS)
 
 
 # ================================================================================================================

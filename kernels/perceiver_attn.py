@@ -56,6 +56,7 @@ from ._utils import (
     per_arch,
     size_class,
 )
+from ._launch import PERCEIVER_SPLITS, split_count
 
 
 # ================================================================================================================
@@ -344,23 +345,12 @@ def gpu_candidates(kind: str, key: tuple) -> List[triton.Config]:
     return [c for c in shipped if c.kwargs["BLOCK_M"] == wanted] or shipped
 
 
-# Key splits: when the (media x head, query tile) programs are fewer than SPLIT_WAVES per SM (a few images at
-# batch 1), the key tiles of each are cut into splits (grid axis 2) of at least MIN_TILES_PER_SPLIT tiles: the
-# forward's normalised partials are merged with their LSEs and the backward's dQ partials summed, both in split
-# order by the launcher (deterministic two-pass reductions); dK/dV need no reduction (each key tile belongs to
-# one split).
-SPLIT_WAVES = 2
-MIN_TILES_PER_SPLIT = 2
-MAX_SPLITS = 8
-
-
 def key_splits(programs: int, media_tokens: int, latents: int, block_n: int, sms: int) -> int:
-    """Key splits of a launch with ``programs`` programs per split, from shapes only; never more than the key
-    tiles (every split owns at least one tile)."""
-    if programs >= SPLIT_WAVES * sms:
-        return 1
-    tiles = cdiv(media_tokens, block_n) + cdiv(latents, block_n)
-    return max(1, min(cdiv(SPLIT_WAVES * sms, max(programs, 1)), cdiv(tiles, MIN_TILES_PER_SPLIT), MAX_SPLITS))
+    """Key splits (grid axis 2) of a launch with ``programs`` programs per split (a few images at batch 1), by
+    ``_launch``'s rule; never more than the key tiles (every split owns at least one tile). The forward's normalised
+    partials are merged with their LSEs and the backward's dQ partials summed, both in split order by the launcher
+    (deterministic two-pass reductions); dK/dV need no reduction (each key tile belongs to one split)."""
+    return split_count(programs, cdiv(media_tokens, block_n) + cdiv(latents, block_n), sms, PERCEIVER_SPLITS)
 
 
 def _pruner(kind: str):

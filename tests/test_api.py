@@ -348,7 +348,7 @@ def test_kv_group_prefix_path(num_text, monkeypatch):
     q, k, v = _grouped_inputs(3, r, num_text, 3, seed=2)
     mask = _shared_text_time(3, r, num_text, 3, immediate=False, seed=2)
     mask.text_time[0] = 0  # a sample that sees nothing stays exactly 0
-    _check_grouped(q, k, v, mask, r, "_prefix_path", monkeypatch)
+    _check_grouped(q, k, v, mask, r, "_key_mask_path", monkeypatch)
     with ff.backend("torch"), torch.no_grad():
         assert torch.equal(F.media_xattn(q, k, v, mask, kv_group=r)[0], torch.zeros_like(q[0]))
 

@@ -1,5 +1,6 @@
-"""The tree keeps its shape: one stem per op across kernels/, fastflamingo/ops/, tests/ and benchmarks/; small
-modules; no project module loaded through importlib; no reference to a file outside the repository."""
+"""The tree keeps its shape: one stem per op across kernels/, fastflamingo/ops/, fastflamingo/selftest/, tests/ and
+benchmarks/; small modules; no project module loaded through importlib; no import circle, and an ops layer that
+reaches no higher; no reference to a file outside the repository."""
 import re
 import subprocess
 from pathlib import Path
@@ -20,12 +21,12 @@ def _tracked(*patterns):
     return [ROOT / line for line in out.stdout.split()]
 
 
-def test_every_kernel_family_has_its_four_files():
+def test_every_kernel_family_has_its_five_files():
     from fastflamingo.ops import KERNEL_FAMILIES
 
     for stem in KERNEL_FAMILIES:
-        for path in (f"kernels/{stem}.py", f"fastflamingo/ops/{stem}.py", f"tests/test_{stem}.py",
-                     f"benchmarks/ops_{stem}.py"):
+        for path in (f"kernels/{stem}.py", f"fastflamingo/ops/{stem}.py", f"fastflamingo/selftest/{stem}.py",
+                     f"tests/test_{stem}.py", f"benchmarks/ops_{stem}.py"):
             assert (ROOT / path).is_file(), f"kernel family {stem!r} has no {path}"
 
 
@@ -75,3 +76,99 @@ def test_tests_named_by_the_readme_exist():
             if not source.is_file() or not re.search(rf"def {match.group(2)}\b", source.read_text()):
                 missing.append(f"{current}::{match.group(2)}")
     assert not missing, missing
+
+
+# What the ops layer (launchers and custom ops) must never import: the model families, the patching rules, the
+# selftest, the test kit and the oracles sit above it (docs/design.md, "Layout").
+ABOVE_OPS = ("fastflamingo.models", "fastflamingo.patching", "fastflamingo.selftest", "fastflamingo.testing",
+             "fastflamingo.reference")
+
+
+def _module_files():
+    """{module name: path} for every module of the library (kernels/ as fastflamingo.kernels, its symbolic link)."""
+    files = {}
+    paths = [p for p in (ROOT / "fastflamingo").rglob("*.py") if "kernels" not in p.relative_to(ROOT).parts]
+    for path in paths + sorted((ROOT / "kernels").glob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[0] == "kernels":
+            parts = ["fastflamingo"] + parts
+        if parts[-1] == "__init__":
+            parts.pop()
+        files[".".join(parts)] = path
+    return files
+
+
+def _import_graph():
+    """{module: {modules it imports}} from every import statement, at module level or inside a function: an import
+    inside a function closes a circle as surely as one at the top, only later."""
+    import ast
+
+    files = _module_files()
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1] if node.level else []
+                source = ".".join(base + ([node.module] if node.module else []))
+                # ``from pkg import name``: the submodule pkg.name when there is one, else pkg itself
+                for alias in node.names:
+                    submodule = f"{source}.{alias.name}"
+                    targets.add(submodule if submodule in files else source)
+        graph[name] = {t for t in targets if t in files and t != name}
+    return graph
+
+
+def _circles(graph):
+    """The strongly connected components of more than one module (Tarjan's algorithm, iterative)."""
+    index, low, on_stack, stack, found, counter = {}, {}, set(), [], [], [0]
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter[0]
+        counter[0] += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter[0]
+                    counter[0] += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_no_import_circles():
+    """The library's import graph (function-level imports included) has no circle, and the ops layer imports
+    nothing above it: no model family, patching rule, selftest, test kit or oracle."""
+    graph = _import_graph()
+    assert not _circles(graph), _circles(graph)
+    reaching_up = sorted(f"{name} imports {target}" for name, targets in graph.items()
+                         if name.startswith("fastflamingo.ops") for target in targets
+                         if any(target == above or target.startswith(above + ".") for above in ABOVE_OPS))
+    assert not reaching_up, reaching_up

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fastflamingo import reference as oracle
+from fastflamingo.kernels._launch import DECODE_SPLITS
 from fastflamingo.ops import media_decode as decode_ops
 from fastflamingo.ops import media_xattn as xattn_ops
 from helpers import assert_close
@@ -246,7 +247,7 @@ def test_choose_splits(decode):
     # enough (sample, head) programs already: no split
     assert choose(16, 64, 33 * 64, 64, 132) == 1
     # many SMs, one program, huge cache: capped
-    assert choose(1, 1, 260 * 64, 64, 132) == decode.MAX_SPLITS
+    assert choose(1, 1, 260 * 64, 64, 132) == DECODE_SPLITS.max_splits
     # partial fill: B*H = 64 programs on 132 SMs want 5 programs each
     assert choose(8, 8, 10 * 64, 64, 132) == 5
     assert choose(1, 1, 0, 64, 132) == 1

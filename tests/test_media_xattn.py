@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fastflamingo import reference as oracle
+from fastflamingo.kernels._launch import DKDV_SPLITS
 from fastflamingo.masks import ALL_PREVIOUS, IMMEDIATE, MediaMask, visible_media
 from fastflamingo.ops import media_xattn as xattn_ops
 from helpers import assert_close
@@ -188,7 +189,7 @@ def test_dkdv_split_count_fills_the_gpu(kernels):
     """Shapes only: split when the grid is under two waves of SMs, never more than the token blocks allow."""
     assert kernels.dkdv_splits(programs=1000, num_tokens=4096, num_media=1, immediate=True, block_m=32, sms=132) == 1
     one_image = kernels.dkdv_splits(programs=8, num_tokens=2048, num_media=1, immediate=True, block_m=32, sms=132)
-    assert one_image == kernels.DKDV_MAX_SPLITS  # batch 1, one image, 8 heads: 8 programs for 264 SM slots
+    assert one_image == DKDV_SPLITS.max_splits  # batch 1, one image, 8 heads: 8 programs for 264 SM slots
     assert kernels.dkdv_splits(programs=8, num_tokens=40, num_media=1, immediate=True, block_m=32, sms=132) == 1
     assert kernels.dkdv_splits(programs=64, num_tokens=1024, num_media=32, immediate=True, block_m=16, sms=132) == 1
 
@@ -513,6 +514,19 @@ def test_launcher_validates_outputs(kernels, device):
         xattn_ops.launch_fwd(q, k, v, text_time, 2, 32, True, 0.1, out=torch.empty(3, device=device))
     with pytest.raises(ValueError, match="k, v must be"):
         xattn_ops.launch_fwd(q, k, v, text_time, 3, 32, True, 0.1)
+
+
+def test_functional_entry_validates_once(kernels, device, monkeypatch):
+    """Through fastflamingo.functional the arguments are checked once, at the entry: the custom ops launch the
+    forward and the backward without the launchers' own checks (which serve direct calls)."""
+    import fastflamingo
+    from fastflamingo import functional
+
+    q, k, v, text_time = small_problem(device)
+    monkeypatch.setattr(xattn_ops, "_check_inputs", lambda *args: pytest.fail("validated a second time"))
+    with fastflamingo.backend("triton"):
+        functional.media_xattn(q, k, v, MediaMask(text_time, 2, IMMEDIATE)).sum().backward()
+    assert q.grad is not None and k.grad is not None
 
 
 @pytest.mark.gpu

@@ -11,6 +11,7 @@ import torch
 import fastflamingo
 from fastflamingo import functional
 from fastflamingo import reference as oracle
+from fastflamingo.kernels._launch import PERCEIVER_SPLITS
 from fastflamingo.ops import perceiver_attn as tp
 from helpers import assert_close
 
@@ -182,7 +183,7 @@ def test_key_split_count(kernels):
     """Shapes only: split a grid under two waves of SMs, at most one split per two key tiles."""
     assert kernels.key_splits(programs=2048, media_tokens=257, latents=64, block_n=64, sms=132) == 1
     assert kernels.key_splits(programs=16, media_tokens=257, latents=64, block_n=64, sms=132) == 3  # 6 tiles
-    assert kernels.key_splits(programs=16, media_tokens=4096, latents=64, block_n=64, sms=132) == kernels.MAX_SPLITS
+    assert kernels.key_splits(programs=16, media_tokens=4096, latents=64, block_n=64, sms=132) == PERCEIVER_SPLITS.max_splits
     with pytest.raises(ValueError, match="splits must be in"):
         q = torch.zeros(1, 8, 1, 16)
         tp.launch_fwd(q, q, q, q, q, 0.25, splits=3)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastflamingo import selftest
+from fastflamingo.selftest.case import HEAD_DIMS
 
 pytestmark = pytest.mark.triton
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +61,7 @@ def test_every_family_declares_every_shipped_config():
     seen = {(c.kernel, c.config, c.detail.split()[0], c.detail.split()[1]) for c in cases}
     from fastflamingo.kernels._utils import config_label
 
-    for head_dim in selftest.HEAD_DIMS:
+    for head_dim in HEAD_DIMS:
         for kind, name in (("fwd", "media_xattn_fwd"), ("dkdv", "media_xattn_bwd_dkdv"), ("dq", "media_xattn_bwd_dq")):
             for config in media_xattn.shipped_configs(kind, torch.bfloat16, head_dim):
                 assert (name, config_label(config), "bf16", f"d{head_dim}") in seen

@@ -38,7 +38,7 @@ import torch
 
 from .. import _backend
 from .._checks import SUPPORTED_DTYPES
-from ._launch import ConfigLike
+from ..kernels._launch import ConfigLike, unit_last_stride
 
 
 def _kernels():
@@ -60,7 +60,9 @@ def fwd_op(
     x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: torch.Tensor,
     row_gate: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    return launch_fwd(x, inp, weight, bias, alpha, row_gate)
+    # called by fastflamingo.functional.gated_linear once unsupported_reasons found nothing: the launcher checks
+    # nothing again
+    return launch_fwd(x, inp, weight, bias, alpha, row_gate, validated=True)
 
 
 @fwd_op.register_fake
@@ -250,7 +252,7 @@ def _row_views(tensors: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], boo
     as (B, R)), whether R < M is needed (``BATCHED``; False when every tensor flattens to one row stride), R and
     each tensor's (stride_b, stride_t).
     """
-    tensors = [t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous() for t in tensors]
+    tensors = [unit_last_stride(t) for t in tensors]
     lead = tuple(tensors[0].shape[:-1])
     rows = math.prod(lead)
     try:  # every tensor flattens to (M, D) with one row stride
@@ -297,7 +299,7 @@ def _check_inputs(x, inp, weight, bias, alpha, row_gate) -> None:
 def launch_fwd(
     x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], alpha: torch.Tensor,
     row_gate: Optional[torch.Tensor] = None, config: Optional[ConfigLike] = None, *,
-    out: Optional[torch.Tensor] = None, form: Optional[str] = None,
+    out: Optional[torch.Tensor] = None, form: Optional[str] = None, validated: bool = False,
 ) -> torch.Tensor:
     """``y = x + tanh(alpha) * (inp @ weight^T + bias)``, rows with ``row_gate == 0`` exactly ``x``.
 
@@ -310,6 +312,8 @@ def launch_fwd(
         out: optional preallocated output (x's shape, the dtype of :func:`result_dtype`, unit last stride).
         form: force ``"fused"``, ``"splitk"`` or ``"cublas"`` (``kernels/gated_linear.py``); default: the form the
             shape table picks (``FASTFLAMINGO_GATED_LINEAR_FORM`` forces one everywhere).
+        validated: the caller checked the arguments (the custom op, after :func:`unsupported_reasons`); a direct
+            call is checked here.
 
     Returns:
         y with x's shape and the dtype of :func:`result_dtype` (upstream's promotion).
@@ -318,7 +322,8 @@ def launch_fwd(
     step never times anything and, once compiled, can be captured in a CUDA graph.
     """
     K, U = _kernels()
-    _check_inputs(x, inp, weight, bias, alpha, row_gate)
+    if not validated:
+        _check_inputs(x, inp, weight, bias, alpha, row_gate)
     out_dtype = result_dtype(x, inp, alpha)
     n_out, k_in = weight.shape
     if out is None:
@@ -410,63 +415,3 @@ def _form(form: Optional[str], rows: int, n_out: int, k_in: int, dtype: torch.dt
     if form not in K.FORMS:
         raise ValueError(f"gated_linear form {form!r} is not one of {K.FORMS} (argument or {_FORM_ENV})")
     return form
-
-
-# ================================================================================================================
-# python -m fastflamingo.selftest
-# ================================================================================================================
-
-# (per-channel alpha, row gate, bias, rows of a (B, R) view that does not flatten), rotated across the configs
-_SELFTEST_EPILOGUES = ((False, False, False, False), (True, True, False, False), (False, True, True, False),
-                       (False, False, False, True))
-
-
-def selftest_cases(toy: bool) -> list:
-    """Every shipped config of this GPU's architecture, forced: bf16 (the epilogue variants rotate across the
-    configs), the first config in fp16, every fp32 config. ``toy``: interpreter-sized shapes (ragged everywhere)."""
-    import functools
-
-    from .. import selftest as S
-
-    K, U = _kernels()
-    shape = (2, 20, 40, 48) if toy else (4, 150, 520, 384)  # batch, rows per batch, K (in), N (out)
-    cases = []
-    for dtype, first_only in ((torch.bfloat16, False), (torch.float16, True), (torch.float32, False)):
-        configs = S.shipped(functools.partial(K.shipped_configs, dtype))
-        for i, config in enumerate(configs[:1] if first_only else configs):
-            epilogue = _SELFTEST_EPILOGUES[i % len(_SELFTEST_EPILOGUES)]
-            run = functools.partial(_selftest_fwd, config=config, dtype=dtype, epilogue=epilogue, shape=shape)
-            flags = "".join(n for n, on in zip(("+vec", "+gate", "+bias", "+3d"), epilogue) if on) or "scalar"
-            detail = f"{S.dtype_name(dtype)} {flags} M{shape[0] * shape[1]} K{shape[2]} N{shape[3]}"
-            cases.append(S.Case("gated_linear_fwd", U.config_label(config), detail, run, S.tolerance(dtype)))
-    # The decode forms at a few rows with a long reduction, forced: split-K (fp32 partials over K slices, then the
-    # epilogue kernel sums them in slice order) and cuBLAS's product + the epilogue kernel. Their configs are fixed.
-    shape = (2, 3, 512, 48) if toy else (2, 4, 4096, 512)
-    for form, dtype, epilogue in ((f, d, e) for f in ("splitk", "cublas") for d in (torch.bfloat16, torch.float32)
-                                  for e in _SELFTEST_EPILOGUES[:2]):
-        run = functools.partial(_selftest_fwd, config=None, dtype=dtype, epilogue=epilogue, shape=shape, form=form)
-        flags = "".join(n for n, on in zip(("+vec", "+gate", "+bias", "+3d"), epilogue) if on) or "scalar"
-        detail = f"{S.dtype_name(dtype)} {flags} M{shape[0] * shape[1]} K{shape[2]} N{shape[3]}"
-        label = U.config_label(K.splitk_config(dtype) if form == "splitk" else K.epilogue_config(shape[0] * shape[1]))
-        cases.append(S.Case(f"gated_linear_{form}", label, detail, run, S.tolerance(dtype)))
-    return cases
-
-
-def _selftest_fwd(device, *, config, dtype, epilogue, shape, form=None):
-    from .. import selftest as S
-    from . import torch_path
-
-    per_channel, has_gate, has_bias, strided = epilogue
-    batch, rows, k_in, n_out = shape
-    x = S.randn(batch, rows, n_out, dtype=dtype, device=device)
-    # strided: rows of a (B, R) view that does not flatten to one row stride (the kernel's BATCHED path)
-    inp = S.randn(batch, rows + 3 if strided else rows, k_in, dtype=dtype, device=device)[:, :rows]
-    weight = S.randn(n_out, k_in, dtype=dtype, device=device, scale=k_in ** -0.5)
-    bias = S.randn(n_out, dtype=dtype, device=device) if has_bias else None
-    alpha = S.randn(n_out if per_channel else 1, dtype=dtype, device=device, scale=0.5)
-    row_gate = (torch.rand(batch, rows, device=device) > 0.3) if has_gate else None
-    out = torch.full(x.shape, float("nan"), dtype=result_dtype(x, inp, alpha), device=device)
-    launch_fwd(x, inp, weight, bias, alpha, row_gate, config, out=out, form=form)
-    ref = torch_path.gated_linear(x.float(), inp.float(), weight.float(), None if bias is None else bias.float(),
-                                  alpha.float(), row_gate)
-    return [("y", out, ref)]

@@ -10,8 +10,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._launch import ConfigLike, check_out
-from .media_xattn import _check_inputs, _text_time_int32, _tile_addressable
+from ..kernels._launch import ConfigLike, addressable, check_out
+from .media_xattn import _check_inputs, _text_time_int32
 
 
 def _kernels():
@@ -26,7 +26,8 @@ def decode_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
     num_media: int, latents: int, immediate: bool, scale: float, kv_group: int = 1,
 ) -> torch.Tensor:
-    return launch(q, k, v, text_time, num_media, latents, immediate, scale, kv_group=kv_group)
+    # called by fastflamingo.functional.media_xattn, which validated the arguments: the launcher checks nothing again
+    return launch(q, k, v, text_time, num_media, latents, immediate, scale, kv_group=kv_group, validated=True)
 
 
 @decode_op.register_fake
@@ -48,7 +49,7 @@ def launch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
     num_media: int, latents: int, immediate: bool, scale: float,
     config: Optional[ConfigLike] = None, num_splits: Optional[int] = None, *, out: Optional[torch.Tensor] = None,
-    kv_group: int = 1,
+    kv_group: int = 1, validated: bool = False,
 ) -> torch.Tensor:
     """Decode-step forward: o (B, Tq, H, D) in q's dtype.
 
@@ -63,18 +64,21 @@ def launch(
         out: optional preallocated output (unit last stride).
         kv_group: k, v have batch ``B // kv_group`` and query sample ``b`` reads K/V row ``b // kv_group`` (beam
             search: the beams of a sample share one cached media projection).
+        validated: the caller checked the arguments (the custom op, after ``fastflamingo.functional``'s checks); a
+            direct call is checked here.
 
     No host synchronisation and no data-dependent host decision: capturable in a CUDA graph after the first call.
     """
     K, U = _kernels()
     kv_group = int(kv_group)
-    _check_inputs(q, k, v, text_time, num_media, latents, kv_group)
+    if not validated:
+        _check_inputs(q, k, v, text_time, num_media, latents, kv_group)
+        if q.shape[1] > K.MAX_TOKENS:
+            raise ValueError(f"decode serves at most {K.MAX_TOKENS} query tokens per sample, got {q.shape[1]}")
     batch, num_tokens, heads, head_dim = q.shape
-    if num_tokens > K.MAX_TOKENS:
-        raise ValueError(f"decode serves at most {K.MAX_TOKENS} query tokens per sample, got {num_tokens}")
-    q, k, v = (_tile_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
+    q, k, v = (addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
     text_time = _text_time_int32(text_time)
-    o = _tile_addressable(check_out("out", out, q.shape, q.dtype, q.device), "out", copy=False)
+    o = addressable(check_out("out", out, q.shape, q.dtype, q.device), "out", copy=False)
     if o.numel() == 0:
         return o
     if num_media * latents == 0:
@@ -150,45 +154,3 @@ def combine(o_part: torch.Tensor, lse_part: torch.Tensor, o: torch.Tensor, num_s
         HEAD_DIM=head_dim, BLOCK_D=U.head_block(head_dim), BLOCK_S=K.COMBINE_BLOCK_S,
         num_warps=K.COMBINE_CONFIG.num_warps, num_stages=K.COMBINE_CONFIG.num_stages,
     )
-
-
-# ================================================================================================================
-# python -m fastflamingo.selftest
-# ================================================================================================================
-
-
-def selftest_cases(toy: bool) -> list:
-    """The split kernel at the shipped config of every dtype and head size (this GPU's; every architecture's under the
-    interpreter), forced, with one split (the direct path) and with several (split kernel + combine), both modes;
-    bf16 at head sizes 64, 96 and 128, fp16 and fp32 once each. ``toy``: interpreter-sized shapes."""
-    import functools
-
-    from .. import selftest as S
-
-    K, _ = _kernels()
-    # batch, new tokens, heads, media, latents (all-previous: 5 media x 32 keys = 3 tiles of 64; 8 splits: some empty)
-    shape = (2, 2, 2, 5, 32) if toy else (3, 2, 4, 9, 64)
-    variants = [(splits, mode, {"immediate": mode == "imm"}) for splits in (1, 8) for mode in ("imm", "prev")]
-    label = f"B{shape[0]} Tq{shape[1]} M{shape[3]}x{shape[4]}"
-    return S.decode_cases("media_decode_split", K.shipped_config, variants,
-                          functools.partial(_selftest_decode, shape=shape), label)
-
-
-def _selftest_decode(device, *, config, splits, dtype, head_dim, immediate, shape):
-    from .. import selftest as S
-    from ..masks import MediaMask
-    from . import torch_path
-
-    batch, tokens, heads, media, latents = shape
-    q = S.randn(batch, tokens, heads, head_dim, dtype=dtype, device=device)
-    kv = S.randn(batch, media * latents, 2, heads, head_dim, dtype=dtype, device=device)
-    k, v = kv[:, :, 0], kv[:, :, 1]
-    # per sample: the last image, an earlier one, and (sample 0) a token past every image (sees nothing, immediate)
-    text_time = torch.randint(1, media + 1, (batch, tokens), device=device, dtype=torch.int32)
-    text_time[:, -1] = media
-    text_time[0, 0] = media + 1 if immediate else 0
-    scale = head_dim ** -0.5
-    out = S.nan_like(q)
-    launch(q, k, v, text_time, media, latents, immediate, scale, config, splits, out=out)
-    mask = MediaMask(text_time, media, "immediate" if immediate else "all_previous")
-    return [("o", out, torch_path.media_xattn(q.float(), k.float(), v.float(), mask, latents, scale))]

@@ -20,9 +20,9 @@ import torch
 from .. import _backend
 from .._checks import SUPPORTED_DTYPES, unsupported_dtype_reasons
 from ..masks import memoised, visible_media
-from ._launch import ConfigLike, check_out, unit_last_stride
+from ..kernels._launch import MAX_GRID_Y, MAX_HEAD_DIM, ConfigLike, addressable, check_out
 
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
+MIN_HEAD_DIM = 16
 
 
 def _kernels():
@@ -37,7 +37,8 @@ def fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
     num_media: int, latents: int, immediate: bool, scale: float, kv_group: int = 1,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return launch_fwd(q, k, v, text_time, num_media, latents, immediate, scale, kv_group=kv_group)
+    # called by fastflamingo.functional.media_xattn, which validated the arguments: the launcher checks nothing again
+    return launch_fwd(q, k, v, text_time, num_media, latents, immediate, scale, kv_group=kv_group, validated=True)
 
 
 @fwd_op.register_fake
@@ -51,7 +52,7 @@ def bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     text_time: torch.Tensor, num_media: int, latents: int, immediate: bool, scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return launch_bwd(do, q, k, v, o, lse, text_time, num_media, latents, immediate, scale)
+    return launch_bwd(do, q, k, v, o, lse, text_time, num_media, latents, immediate, scale, validated=True)
 
 
 @bwd_op.register_fake
@@ -96,23 +97,23 @@ def media_xattn(
 
 
 def unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> List[str]:
-    """What the kernels cannot serve about these inputs (devices are checked by ``_backend``); empty: supported."""
+    """What the kernels cannot serve about these inputs, which ``fastflamingo.functional.media_xattn`` validated
+    (4-D, one dtype, matching shapes; devices are checked by ``_backend``); empty: supported."""
     reasons = unsupported_dtype_reasons((("q", q), ("k", k), ("v", v)))
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            reasons.append(f"{name} must be 4-D (batch, tokens, heads, head_dim), got shape {tuple(t.shape)}")
-    if all(t.dim() == 4 for t in (q, k, v)):
-        head_dims = {q.shape[-1], k.shape[-1], v.shape[-1]}
-        if len(head_dims) > 1:
-            reasons.append(f"q, k, v head_dims differ: {sorted(head_dims)}")
-        for head_dim in sorted(head_dims):
-            if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-                reasons.append(f"head_dim {head_dim} is outside the supported {MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
+    head_dims = {q.shape[-1], k.shape[-1], v.shape[-1]}
+    if len(head_dims) > 1:
+        reasons.append(f"q, k, v head_dims differ: {sorted(head_dims)}")
+    for head_dim in sorted(head_dims):
+        if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+            reasons.append(f"head_dim {head_dim} is outside the supported {MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
+    if q.shape[0] * q.shape[2] > MAX_GRID_Y:  # the grid's second axis carries (sample, head)
+        reasons.append(f"batch * heads = {q.shape[0] * q.shape[2]} > {MAX_GRID_Y} (the CUDA grid's limit)")
     reasons += _backend.interpreter_bf16_reasons((q, k, v))
     return reasons
 
 
 def _check_inputs(q, k, v, text_time, num_media, latents, kv_group=1):
+    """What memory safety needs of a direct launcher call (ValueError / TypeError otherwise)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be (batch, tokens, heads, head_dim)")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
@@ -125,26 +126,10 @@ def _check_inputs(q, k, v, text_time, num_media, latents, kv_group=1):
         raise ValueError(f"k, v must be {kv_shape}, got {tuple(k.shape)} and {tuple(v.shape)}")
     if tuple(text_time.shape) != (batch, q.shape[1]):
         raise ValueError(f"text_time must be {(batch, q.shape[1])}, got {tuple(text_time.shape)}")
-    if head_dim > 128:
-        raise ValueError(f"head_dim {head_dim} > 128 is not supported")
-    if batch * heads > 65535:  # the grid's second axis carries (sample, head); CUDA caps it at 65535
-        raise ValueError(f"batch * heads = {batch * heads} > 65535 is not supported")
-
-
-# In-tile offsets are int32: (rows per tile <= 128) * token stride + head_dim must stay below 2**31.
-_MAX_TOKEN_STRIDE = 2 ** 31 // 256
-
-
-def _tile_addressable(t: torch.Tensor, name: str, copy: bool = True) -> torch.Tensor:
-    """``t`` as the kernels can address it: unit stride along head_dim (vectorised loads; any other stride is
-    explicit) and in-tile offsets that fit int32."""
-    t = unit_last_stride(t)
-    if t.dim() > 1 and t.stride(1) >= _MAX_TOKEN_STRIDE:
-        if copy:
-            t = t.contiguous()
-        if t.stride(1) >= _MAX_TOKEN_STRIDE:
-            raise ValueError(f"{name} has token stride {t.stride(1)} >= {_MAX_TOKEN_STRIDE} elements: not supported")
-    return t
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {head_dim} > {MAX_HEAD_DIM} is not supported")
+    if batch * heads > MAX_GRID_Y:  # the grid's second axis carries (sample, head)
+        raise ValueError(f"batch * heads = {batch * heads} > {MAX_GRID_Y} is not supported")
 
 
 def _text_time_int32(text_time: torch.Tensor) -> torch.Tensor:
@@ -182,7 +167,7 @@ def launch_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
     num_media: int, latents: int, immediate: bool, scale: float,
     config: Optional[ConfigLike] = None, *, out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
-    kv_group: int = 1,
+    kv_group: int = 1, validated: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward pass.
 
@@ -195,6 +180,8 @@ def launch_fwd(
             autotuner. out, lse: optional preallocated outputs (unit last stride).
         kv_group: k, v have batch ``B // kv_group`` and query sample ``b`` reads K/V row ``b // kv_group`` (beams
             sharing one media projection). Forward only: :func:`launch_bwd` needs one K/V row per sample.
+        validated: the caller checked the arguments (the custom ops, after ``fastflamingo.functional``'s checks);
+            a direct call is checked here.
 
     Returns:
         o (B, T, H, D) in q's dtype, and lse (B, H, T) fp32 natural-log sum-exp of the scaled visible scores
@@ -202,11 +189,12 @@ def launch_fwd(
     """
     K, U = _kernels()
     kv_group = int(kv_group)
-    _check_inputs(q, k, v, text_time, num_media, latents, kv_group)
-    q, k, v = (_tile_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
+    if not validated:
+        _check_inputs(q, k, v, text_time, num_media, latents, kv_group)
+    q, k, v = (addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
     text_time = _text_time_int32(text_time)
     batch, num_tokens, heads, head_dim = q.shape
-    o = _tile_addressable(check_out("out", out, q.shape, q.dtype, q.device), "out", copy=False)
+    o = addressable(check_out("out", out, q.shape, q.dtype, q.device), "out", copy=False)
     lse = check_out("lse", lse, (batch, heads, num_tokens), torch.float32, q.device)
     if o.numel() == 0:
         return o, lse
@@ -249,6 +237,7 @@ def launch_bwd(
     text_time: torch.Tensor, num_media: int, latents: int, immediate: bool, scale: float,
     config: Optional[ConfigLike] = None, *, dq_config: Optional[ConfigLike] = None, dq: Optional[torch.Tensor] = None,
     dk: Optional[torch.Tensor] = None, dv: Optional[torch.Tensor] = None, dkdv_splits: Optional[int] = None,
+    validated: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward pass: (dq, dk, dv) with the shapes and dtypes of (q, k, v).
 
@@ -256,22 +245,23 @@ def launch_bwd(
     dK/dV kernel and, unless ``dq_config`` forces another, of the dQ kernel; dq/dk/dv are optional preallocated
     outputs. ``dkdv_splits`` forces the number of token splits of the dK/dV kernel (default: from the shapes and the
     SM count, so that a small grid still fills the GPU). Deterministic: no atomics; split partials are summed in a
-    fixed order.
+    fixed order. ``validated``: as for :func:`launch_fwd`.
     """
     K, U = _kernels()
-    _check_inputs(q, k, v, text_time, num_media, latents)
-    if do.shape != q.shape or o.shape != q.shape:
-        raise ValueError(f"do {tuple(do.shape)} and o {tuple(o.shape)} must have q's shape {tuple(q.shape)}")
-    if tuple(lse.shape) != (q.shape[0], q.shape[2], q.shape[1]) or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be fp32 (batch, heads, text) = {(q.shape[0], q.shape[2], q.shape[1])}, "
-                         f"got {lse.dtype} {tuple(lse.shape)}")
-    q, k, v, o = (_tile_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v"), (o, "o")))
-    do = _tile_addressable(do.to(q.dtype), "do")
+    if not validated:
+        _check_inputs(q, k, v, text_time, num_media, latents)
+        if do.shape != q.shape or o.shape != q.shape:
+            raise ValueError(f"do {tuple(do.shape)} and o {tuple(o.shape)} must have q's shape {tuple(q.shape)}")
+        if tuple(lse.shape) != (q.shape[0], q.shape[2], q.shape[1]) or lse.dtype != torch.float32:
+            raise ValueError(f"lse must be fp32 (batch, heads, text) = {(q.shape[0], q.shape[2], q.shape[1])}, "
+                             f"got {lse.dtype} {tuple(lse.shape)}")
+    q, k, v, o = (addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v"), (o, "o")))
+    do = addressable(do.to(q.dtype), "do")
     text_time = _text_time_int32(text_time)
     batch, num_tokens, heads, head_dim = q.shape
-    dq = _tile_addressable(check_out("dq", dq, q.shape, q.dtype, q.device), "dq", copy=False)
-    dk = _tile_addressable(check_out("dk", dk, k.shape, k.dtype, k.device), "dk", copy=False)
-    dv = _tile_addressable(check_out("dv", dv, v.shape, v.dtype, v.device), "dv", copy=False)
+    dq = addressable(check_out("dq", dq, q.shape, q.dtype, q.device), "dq", copy=False)
+    dk = addressable(check_out("dk", dk, k.shape, k.dtype, k.device), "dk", copy=False)
+    dv = addressable(check_out("dv", dv, v.shape, v.dtype, v.device), "dv", copy=False)
     if num_tokens == 0 or num_media * latents == 0 or batch * heads * head_dim == 0:
         dq.zero_()
         dk.zero_()
@@ -354,91 +344,3 @@ def launch_bwd(
     dq_cfg = U.as_config(dq_config) if dq_config is not None else K.DQ_CHOOSER.choose(key, run_dq, q.device)
     run_dq(dq_cfg)
     return dq, dk, dv
-
-
-# ================================================================================================================
-# python -m fastflamingo.selftest
-# ================================================================================================================
-
-
-def selftest_cases(toy: bool) -> list:
-    """Every shipped config of the forward, dK/dV and dQ kernels (this GPU's list; every list under the
-    interpreter), forced: head sizes 64, 96 and 128 in bf16, the first config of each in fp16, every fp32 config;
-    the two modes alternate across configs, and the dK/dV kernel alternates one token split (it writes the gradients)
-    and three (fp32 partials summed by the launcher). A dK/dV case forces dQ to its first config and vice versa.
-    ``toy``: interpreter-sized shapes."""
-    import functools
-
-    from .. import selftest as S
-
-    K, U = _kernels()
-    # batch, text, heads, media, latents: ragged text, a prefix that sees no media, several tiles per run
-    shape = (2, 40, 2, 3, 16) if toy else (2, 400, 4, 5, 64)
-    cases = []
-    for dtype, head_dims, first_only in ((torch.bfloat16, S.HEAD_DIMS, False), (torch.float16, (64,), True),
-                                         (torch.float32, (64, 128), False)):
-        for head_dim in head_dims:
-            fwd, dkdv, dq = (S.shipped(functools.partial(K.shipped_configs, kind, dtype, head_dim))
-                             for kind in ("fwd", "dkdv", "dq"))
-            for kind, configs in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq)):
-                for i, config in enumerate(configs[:1] if first_only else configs):
-                    immediate, splits = (i + head_dim // 32) % 2 == 0, 1 + 2 * (i % 2) if kind == "dkdv" else None
-                    forced = {"dkdv": (fwd[0], config, dq[0]), "dq": (fwd[0], dkdv[0], config)}.get(kind)
-                    run = functools.partial(_selftest_bwd, configs=forced, dkdv_splits=splits) if forced else \
-                        functools.partial(_selftest_fwd, config=config)
-                    run = functools.partial(run, dtype=dtype, head_dim=head_dim, immediate=immediate, shape=shape)
-                    name = "media_xattn_fwd" if kind == "fwd" else f"media_xattn_bwd_{kind}"
-                    detail = (f"{S.dtype_name(dtype)} d{head_dim} {'imm' if immediate else 'prev'} "
-                              f"B{shape[0]} T{shape[1]} H{shape[2]} M{shape[3]}x{shape[4]}"
-                              f"{f' splits{splits}' if splits else ''}")
-                    cases.append(S.Case(name, U.config_label(config), detail, run,
-                                        S.tolerance(dtype, grad=kind != "fwd")))
-    return cases
-
-
-def _selftest_inputs(device, dtype, head_dim, immediate, shape):
-    from .. import selftest as S
-    from ..masks import MediaMask
-    from ..testing import evenly_spaced_media_locations
-
-    batch, text, heads, media, latents = shape
-    q = S.randn(batch, text, heads, head_dim, dtype=dtype, device=device)
-    kv = S.randn(batch, media * latents, 2, heads, head_dim, dtype=dtype, device=device)  # a fused K/V projection
-    k, v = kv[:, :, 0], kv[:, :, 1]
-    locations = evenly_spaced_media_locations(batch, text, media, first=text // 10, device=device)
-    text_time = locations.cumsum(-1).to(torch.int32)
-    mask = MediaMask(text_time, media, "immediate" if immediate else "all_previous")
-    return q, k, v, text_time, mask, head_dim ** -0.5
-
-
-def _selftest_fwd(device, *, config, dtype, head_dim, immediate, shape):
-    from ..reference import media_xattn_lse
-    from . import torch_path
-
-    q, k, v, text_time, mask, scale = _selftest_inputs(device, dtype, head_dim, immediate, shape)
-    media, latents = shape[3], shape[4]
-    out = torch.full_like(q, float("nan"))
-    lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("nan"), device=device)
-    launch_fwd(q, k, v, text_time, media, latents, immediate, scale, config, out=out, lse=lse)
-    ref = torch_path.media_xattn(q.float(), k.float(), v.float(), mask, latents, scale)
-    # a token that sees nothing: +inf from the kernel, -inf from the reference; both compared as 0
-    lse, lse_ref = (torch.where(torch.isinf(t), 0.0, t)
-                    for t in (lse, media_xattn_lse(q, k, text_time, media, immediate, scale)))
-    return [("o", out, ref), ("lse", lse, lse_ref)]
-
-
-def _selftest_bwd(device, *, configs, dtype, head_dim, immediate, shape, dkdv_splits=None):
-    from .. import selftest as S
-    from . import torch_path
-
-    q, k, v, text_time, mask, scale = _selftest_inputs(device, dtype, head_dim, immediate, shape)
-    media, latents = shape[3], shape[4]
-    fwd_config, dkdv_config, dq_config = configs
-    o, lse = launch_fwd(q, k, v, text_time, media, latents, immediate, scale, fwd_config)
-    do = S.randn(*q.shape, dtype=dtype, device=device)
-    dq, dk, dv = (S.nan_like(t) for t in (q, k, v))
-    launch_bwd(do, q, k, v, o, lse, text_time, media, latents, immediate, scale, dkdv_config, dq_config=dq_config,
-               dq=dq, dk=dk, dv=dv, dkdv_splits=dkdv_splits)
-    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    torch_path.media_xattn(*leaves, mask, latents, scale).backward(do.float())
-    return [(name, got, ref.grad) for name, got, ref in zip(("dq", "dk", "dv"), (dq, dk, dv), leaves)]

@@ -1,7 +1,7 @@
 """mllama (Llama 3.2 Vision) cross-attention for decode steps on the kernel of ``kernels/mllama_decode.py``: the
 launcher and the ``fastflamingo::mllama_xattn_decode`` custom op (inference only: no autograd). It reads the cache
 layer's K/V and the additive mask in place, visits only the tiles some token can see (the unit list of
-:func:`fastflamingo.mllama.mask.decode_units`) and merges the key splits with media_decode's combine kernel.
+:func:`fastflamingo.models.mllama.mask.decode_units`) and merges the key splits with media_decode's combine kernel.
 
 No host synchronisation and no data-dependent host decision: capturable in a CUDA graph after the first call.
 Importing this module needs torch only: triton and the kernels are imported on the first launch.
@@ -14,8 +14,8 @@ import torch
 
 from .._checks import SUPPORTED_DTYPES
 from . import media_decode as media_decode_ops
-from ._launch import ConfigLike, check_out
-from .mllama_xattn import _addressable
+from ..kernels._launch import MAX_HEAD_DIM, ConfigLike, addressable, check_out
+from .mllama_xattn import KEY_TILE_DIMS, QUERY_TILE_DIMS
 
 MAX_ROWS = 128  # query tokens x group heads in one tile
 
@@ -33,7 +33,9 @@ def decode_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], units: torch.Tensor,
     unit_count: torch.Tensor, unit_len: int, scale: float,
 ) -> torch.Tensor:
-    return launch(q, k, v, mask, units, unit_count, unit_len, scale)
+    # called by fastflamingo.models.mllama.mllama_xattn, which validated the arguments and built the unit list: the
+    # launcher checks nothing again
+    return launch(q, k, v, mask, units, unit_count, unit_len, scale, validated=True)
 
 
 @decode_op.register_fake
@@ -47,22 +49,8 @@ def mllama_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
     return decode_op(q, k, v, mask, units, unit_count, int(unit_len), float(scale))
 
 
-def launch(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], units: torch.Tensor,
-    unit_count: torch.Tensor, unit_len: int, scale: float, config: Optional[ConfigLike] = None,
-    num_splits: Optional[int] = None, *, out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Decode-step forward: o (B, Tq, H, D) in q's dtype.
-
-    Args:
-        q: (B, Tq, H, D), Tq * (H / Hkv) <= 128. k, v: (B, Hkv, K, D), the cache layer's tensors (any strides with
-            unit last stride: read in place). fp32/fp16/bf16, D <= 128.
-        mask: additive float mask (B or 1, Tq, K) (any strides, 0 strides included), or None (every key).
-        units, unit_count: int32 (B, U) unit indices (visited first) and (B,) how many to visit; ``unit_len`` keys
-            per unit (the last unit may be shorter).
-        config: force ``{"BLOCK_N": 16}``. num_splits: force the split count.
-    """
-    K, D, U = _kernels()
+def _check_inputs(q, k, v, mask, units, unit_count) -> None:
+    """What memory safety needs of a direct launcher call (ValueError / TypeError otherwise)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"q must be (B, Tq, H, D) and k, v (B, Hkv, K, D), got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -73,21 +61,48 @@ def launch(
     if k.shape[0] != batch or k.shape[3] != head_dim or kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)} (B, Hkv | H, K, D)")
     group = heads // kv_heads
-    if num_tokens * group > MAX_ROWS or head_dim > 128:
-        raise ValueError(f"decode serves tokens x group <= {MAX_ROWS} and head_dim <= 128, got {num_tokens} x "
-                         f"{group}, {head_dim}")
+    if num_tokens * group > MAX_ROWS or head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"decode serves tokens x group <= {MAX_ROWS} and head_dim <= {MAX_HEAD_DIM}, got "
+                         f"{num_tokens} x {group}, {head_dim}")
     if units.dim() != 2 or units.shape[0] != batch or units.dtype != torch.int32 \
             or tuple(unit_count.shape) != (batch,) or unit_count.dtype != torch.int32:
         raise ValueError("units must be int32 (B, U) and unit_count int32 (B,)")
-    o = _addressable(check_out("out", out, q.shape, q.dtype, q.device), "out", copy=False)
+    if mask is not None and (mask.dim() != 3 or mask.shape[1:] != (num_tokens, num_keys)
+                             or mask.shape[0] not in (1, batch)):
+        raise ValueError(f"mask must be (B, Tq, K) = {(batch, num_tokens, num_keys)}, got {tuple(mask.shape)}")
+
+
+def launch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], units: torch.Tensor,
+    unit_count: torch.Tensor, unit_len: int, scale: float, config: Optional[ConfigLike] = None,
+    num_splits: Optional[int] = None, *, out: Optional[torch.Tensor] = None, validated: bool = False,
+) -> torch.Tensor:
+    """Decode-step forward: o (B, Tq, H, D) in q's dtype.
+
+    Args:
+        q: (B, Tq, H, D), Tq * (H / Hkv) <= 128. k, v: (B, Hkv, K, D), the cache layer's tensors (any strides with
+            unit last stride: read in place). fp32/fp16/bf16, D <= 128.
+        mask: additive float mask (B or 1, Tq, K) (any strides, 0 strides included), or None (every key).
+        units, unit_count: int32 (B, U) unit indices (visited first) and (B,) how many to visit; ``unit_len`` keys
+            per unit (the last unit may be shorter).
+        config: force ``{"BLOCK_N": 16}``. num_splits: force the split count.
+        validated: the caller checked the arguments (the custom op, after the mllama entry's checks); a direct call
+            is checked here.
+    """
+    K, D, U = _kernels()
+    if not validated:
+        _check_inputs(q, k, v, mask, units, unit_count)
+    batch, num_tokens, heads, head_dim = q.shape
+    kv_heads, num_keys = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    o = addressable(check_out("out", out, q.shape, q.dtype, q.device), "out", dims=QUERY_TILE_DIMS, copy=False)
     if o.numel() == 0:
         return o
     if num_keys == 0:
         return o.zero_()
-    q, k, v = (_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
+    q = addressable(q, "q", dims=QUERY_TILE_DIMS)
+    k, v = (addressable(t, name, dims=KEY_TILE_DIMS) for t, name in ((k, "k"), (v, "v")))
     if mask is not None:
-        if mask.dim() != 3 or mask.shape[1:] != (num_tokens, num_keys) or mask.shape[0] not in (1, batch):
-            raise ValueError(f"mask must be (B, Tq, K) = {(batch, num_tokens, num_keys)}, got {tuple(mask.shape)}")
         if mask.dtype == torch.bool:  # True = attend
             mask = torch.where(mask, 0.0, float("-inf")).to(q.dtype)
         mask = mask.expand(batch, -1, -1)
@@ -96,7 +111,7 @@ def launch(
     cfg = U.as_config(config) if config is not None else K.default_config(q.dtype, head_dim, q.device)
     block_n = cfg.kwargs["BLOCK_N"]
     if num_splits is None:
-        num_splits = D.choose_splits(batch, kv_heads, num_keys, block_n, D.sm_count(q.device))
+        num_splits = D.choose_splits(batch, kv_heads, num_keys, block_n, U.sm_count(q.device))
     num_splits = int(num_splits)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
@@ -121,51 +136,6 @@ def launch(
         units.stride(0), kv_heads, num_tokens, num_keys, unit_len, num_splits, float(scale), DIRECT=False, **common)
     media_decode_ops.combine(o_part, lse_part, o, num_splits)
     return o
-
-
-# ================================================================================================================
-# python -m fastflamingo.selftest
-# ================================================================================================================
-
-
-def selftest_cases(toy: bool) -> list:
-    """The split kernel at the config of every dtype and head size (this GPU's; every architecture's under the
-    interpreter), forced, with one split and several, with the additive mask and without: bf16 at head sizes 64, 96
-    and 128 (4 query heads per K/V head, 2 new tokens), fp16 and fp32 once each. ``toy``: interpreter-sized shapes."""
-    import functools
-
-    from .. import selftest as S
-
-    K, _, _ = _kernels()
-    shape = (2, 2, 1, 4, 8, 4) if toy else (2, 2, 2, 4, 40, 4)  # batch, tokens, K/V heads, group, keys/tile, tiles
-    variants = [(splits, label, {"has_mask": label == "mask"}) for splits in (1, 5) for label in ("mask", "nomask")]
-    return S.decode_cases("mllama_decode_split", K.shipped_config, variants,
-                          functools.partial(_selftest_run, shape=shape), f"g{shape[3]} Tq{shape[1]}")
-
-
-def _selftest_run(device, *, config, splits, has_mask, dtype, head_dim, shape):
-    from .. import selftest as S
-    from ..mllama import mask as M
-    from ..mllama import reference, torch_path
-    from .mllama_xattn import selftest_mask
-
-    batch, tokens, kv_heads, group, per_tile, tiles = shape
-    cam = selftest_mask(batch, 16, tiles, device)[:, -tokens:]
-    keys = cam.shape[2] * tiles * per_tile
-    additive = None
-    if has_mask:  # the layer's additive mask: 0 on visible keys, finfo.min elsewhere, (B, 1, Tq, K)
-        visible = reference.visible_keys(cam, per_tile, "hf")
-        additive = torch.where(visible, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
-    q = S.randn(batch, tokens, kv_heads * group, head_dim, dtype=dtype, device=device)
-    kv = S.randn(batch, keys, 2, kv_heads, head_dim, dtype=dtype, device=device)
-    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-    units, count, unit_len = M.decode_units(additive, keys, per_tile, batch, device)
-    scale = head_dim ** -0.5
-    out = S.nan_like(q)
-    launch(q, k, v, None if additive is None else additive[:, 0], units, count, unit_len, scale, config, splits,
-           out=out)
-    ref = torch_path.dense(q.float(), k.float(), v.float(), None if additive is None else additive.float(), scale)
-    return [("o", out, ref)]
 
 
 __all__ = ["mllama_decode", "launch", "decode_op"]

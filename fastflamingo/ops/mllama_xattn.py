@@ -1,7 +1,7 @@
 """mllama (Llama 3.2 Vision) cross-attention on the Triton kernels of ``kernels/mllama_xattn.py``: the launchers and
 the ``fastflamingo::mllama_xattn_fwd`` / ``fastflamingo::mllama_xattn_bwd`` custom ops (closed-form, interval-masked
 GQA prefill; fake implementations and an autograd registration). Decode steps that carry the additive mask take
-``fastflamingo.ops.mllama_decode``; :func:`fastflamingo.mllama.mllama_xattn` decides.
+``fastflamingo.ops.mllama_decode``; :func:`fastflamingo.models.mllama.mllama_xattn` decides.
 
 Custom ops are opaque to torch.compile, so a compiled model calls the kernels as they are. Importing this module
 needs torch only: triton and the kernels are imported on the first launch.
@@ -16,9 +16,9 @@ from .. import _backend
 from .._checks import SUPPORTED_DTYPES, unsupported_dtype_reasons
 from ..cache import tensor_version
 from ..masks import memoised
-from ._launch import ConfigLike, check_out, unit_last_stride
+from ..kernels._launch import MAX_GRID_Y, MAX_HEAD_DIM, ConfigLike, addressable, check_out
 
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
+MIN_HEAD_DIM = 16
 MAX_GROUP = 16  # query heads per K/V head a program tile holds (a power of two)
 
 
@@ -34,7 +34,9 @@ def fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, img_start: torch.Tensor, img_end: torch.Tensor,
     image_keys: torch.Tensor, image_stride: int, max_runs: int, scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return launch_fwd(q, k, v, img_start, img_end, image_keys, image_stride, max_runs, scale)
+    # called by fastflamingo.models.mllama.mllama_xattn, which validated the arguments and built the closed mask:
+    # the launcher checks nothing again
+    return launch_fwd(q, k, v, img_start, img_end, image_keys, image_stride, max_runs, scale, validated=True)
 
 
 @fwd_op.register_fake
@@ -49,7 +51,8 @@ def bwd_op(
     img_start: torch.Tensor, img_end: torch.Tensor, image_keys: torch.Tensor, image_stride: int, max_runs: int,
     scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return launch_bwd(do, q, k, v, o, lse, img_start, img_end, image_keys, image_stride, max_runs, scale)
+    return launch_bwd(do, q, k, v, o, lse, img_start, img_end, image_keys, image_stride, max_runs, scale,
+                      validated=True)
 
 
 @bwd_op.register_fake
@@ -78,15 +81,16 @@ fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def mllama_xattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) -> torch.Tensor:
-    """Closed-form attention (``mask`` a :class:`~fastflamingo.mllama.mask.MllamaMask`); differentiable w.r.t.
-    q, k and v. Shapes: :func:`fastflamingo.mllama.mllama_xattn`."""
+    """Closed-form attention (``mask`` a :class:`~fastflamingo.models.mllama.mask.MllamaMask`); differentiable w.r.t.
+    q, k and v. Shapes: :func:`fastflamingo.models.mllama.mllama_xattn`."""
     o, _ = fwd_op(q, k, v, mask.img_start, mask.img_end, mask.image_keys, mask.image_stride, mask.max_runs,
                   float(scale))
     return o
 
 
 def unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> List[str]:
-    """What the kernels cannot serve about these inputs (devices are checked by ``_backend``); empty: supported."""
+    """What the kernels cannot serve about these inputs, which :func:`fastflamingo.models.mllama.mllama_xattn`
+    validated (devices are checked by ``_backend``); empty: supported."""
     reasons = unsupported_dtype_reasons((("q", q), ("k", k), ("v", v)))
     head_dim = q.shape[-1]
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
@@ -94,15 +98,20 @@ def unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Li
     group = q.shape[2] // max(k.shape[1], 1)
     if group > MAX_GROUP or group & (group - 1):
         reasons.append(f"{group} query heads per K/V head: the kernels take a power of two <= {MAX_GROUP}")
+    if q.shape[0] * k.shape[1] > MAX_GRID_Y:  # the grid's second axis carries (sample, K/V head)
+        reasons.append(f"batch * kv_heads = {q.shape[0] * k.shape[1]} > {MAX_GRID_Y} (the CUDA grid's limit)")
     reasons += _backend.interpreter_bf16_reasons((q, k, v))
     return reasons
 
 
-# In-tile offsets are int32: (rows per tile <= 128) * token stride + head_dim must stay below 2**31.
-_MAX_STRIDE = 2 ** 31 // 256
+# The dims a tile spans, whose strides the kernels' int32 in-tile offsets multiply (``_launch.addressable``): a
+# query tile holds tokens x the query heads of a group (q, o, do, dq: (B, S, H, D)), a key tile keys of one K/V head
+# (k, v, dk, dv: (B, Hkv, K, D)).
+QUERY_TILE_DIMS, KEY_TILE_DIMS = (1, 2), (2,)
 
 
 def _check_inputs(q, k, v, img_start, img_end, image_keys, image_stride):
+    """What memory safety needs of a direct launcher call (ValueError / TypeError otherwise)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q must be (batch, text, heads, head_dim) and k, v (batch, kv_heads, keys, head_dim)")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
@@ -120,20 +129,10 @@ def _check_inputs(q, k, v, img_start, img_end, image_keys, image_stride):
             raise ValueError(f"{name} must be int32 {(batch, num_tokens)}, got {t.dtype} {tuple(t.shape)}")
     if image_keys.dim() != 2 or image_keys.shape[0] != batch or image_keys.dtype != torch.int32:
         raise ValueError(f"image_keys must be int32 (batch, images), got {image_keys.dtype} {tuple(image_keys.shape)}")
-    if head_dim > 128:
-        raise ValueError(f"head_dim {head_dim} > 128 is not supported")
-    if batch * kv_heads > 65535:
-        raise ValueError(f"batch * kv_heads = {batch * kv_heads} > 65535 is not supported")
-
-
-def _addressable(t: torch.Tensor, name: str, copy: bool = True) -> torch.Tensor:
-    t = unit_last_stride(t)
-    if max(t.stride()[:-1], default=0) >= _MAX_STRIDE:
-        if copy:
-            t = t.contiguous()
-        if max(t.stride()[1:-1], default=0) >= _MAX_STRIDE:
-            raise ValueError(f"{name} has a stride >= {_MAX_STRIDE} elements inside a sample: not supported")
-    return t
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {head_dim} > {MAX_HEAD_DIM} is not supported")
+    if batch * kv_heads > MAX_GRID_Y:
+        raise ValueError(f"batch * kv_heads = {batch * kv_heads} > {MAX_GRID_Y} is not supported")
 
 
 def _common_constexprs(K, U, q: torch.Tensor, group: int, config) -> dict:
@@ -173,6 +172,7 @@ def launch_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, img_start: torch.Tensor, img_end: torch.Tensor,
     image_keys: torch.Tensor, image_stride: int, max_runs: int, scale: float,
     config: Optional[ConfigLike] = None, *, out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
+    validated: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward pass.
 
@@ -184,17 +184,21 @@ def launch_fwd(
         image_stride: keys per image slot (``max_tiles * tokens_per_tile``). max_runs: the most runs of tokens
             seeing the same images in any sample (sizes the query-tile grid).
         config: force a launch config (``{"ROWS": 32, "BLOCK_N": 16}``). out, lse: optional preallocated outputs.
+        validated: the caller checked the arguments (the custom ops, after the mllama entry's checks); a direct
+            call is checked here.
 
     Returns:
         o (B, S, H, D) in q's dtype and lse (B, H, S) fp32 (``+inf`` for tokens that see nothing).
     """
     K, U = _kernels()
-    _check_inputs(q, k, v, img_start, img_end, image_keys, image_stride)
-    q, k, v = (_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
+    if not validated:
+        _check_inputs(q, k, v, img_start, img_end, image_keys, image_stride)
+    q = addressable(q, "q", dims=QUERY_TILE_DIMS)
+    k, v = (addressable(t, name, dims=KEY_TILE_DIMS) for t, name in ((k, "k"), (v, "v")))
     batch, num_tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
-    o = _addressable(check_out("out", out, q.shape, q.dtype, q.device), "out", copy=False)
+    o = addressable(check_out("out", out, q.shape, q.dtype, q.device), "out", dims=QUERY_TILE_DIMS, copy=False)
     lse = check_out("lse", lse, (batch, heads, num_tokens), torch.float32, q.device)
     if o.numel() == 0:
         return o, lse
@@ -232,26 +236,29 @@ def launch_bwd(
     img_start: torch.Tensor, img_end: torch.Tensor, image_keys: torch.Tensor, image_stride: int, max_runs: int,
     scale: float, config: Optional[ConfigLike] = None, *, dq_config: Optional[ConfigLike] = None,
     dq: Optional[torch.Tensor] = None, dk: Optional[torch.Tensor] = None, dv: Optional[torch.Tensor] = None,
+    validated: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward pass: (dq, dk, dv) with the shapes and dtypes of (q, k, v); dk/dv are exactly 0 on keys no row
     sees. ``do`` may have any strides, including 0. Deterministic: every output element is written by exactly one
     program, with no atomics. ``config`` forces the launch config of the dK/dV kernel and, unless ``dq_config``
-    forces another, of the dQ kernel."""
+    forces another, of the dQ kernel. ``validated``: as for :func:`launch_fwd`."""
     K, U = _kernels()
-    _check_inputs(q, k, v, img_start, img_end, image_keys, image_stride)
-    if do.shape != q.shape or o.shape != q.shape:
-        raise ValueError(f"do {tuple(do.shape)} and o {tuple(o.shape)} must have q's shape {tuple(q.shape)}")
+    if not validated:
+        _check_inputs(q, k, v, img_start, img_end, image_keys, image_stride)
+        if do.shape != q.shape or o.shape != q.shape:
+            raise ValueError(f"do {tuple(do.shape)} and o {tuple(o.shape)} must have q's shape {tuple(q.shape)}")
+        expected = (q.shape[0], q.shape[2], q.shape[1])
+        if tuple(lse.shape) != expected or lse.dtype != torch.float32:
+            raise ValueError(f"lse must be fp32 {expected}, got {lse.dtype} {tuple(lse.shape)}")
     batch, num_tokens, heads, head_dim = q.shape
-    if tuple(lse.shape) != (batch, heads, num_tokens) or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be fp32 {(batch, heads, num_tokens)}, got {lse.dtype} {tuple(lse.shape)}")
-    q, k, v, o = (_addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v"), (o, "o")))
-    do = _addressable(do.to(q.dtype), "do")
+    q, o, do = (addressable(t, name, dims=QUERY_TILE_DIMS) for t, name in ((q, "q"), (o, "o"), (do.to(q.dtype), "do")))
+    k, v = (addressable(t, name, dims=KEY_TILE_DIMS) for t, name in ((k, "k"), (v, "v")))
     kv_heads = k.shape[1]
     group = heads // kv_heads
     num_images = image_keys.shape[1]
-    dq = _addressable(check_out("dq", dq, q.shape, q.dtype, q.device), "dq", copy=False)
-    dk = _addressable(check_out("dk", dk, k.shape, k.dtype, k.device), "dk", copy=False)
-    dv = _addressable(check_out("dv", dv, v.shape, v.dtype, v.device), "dv", copy=False)
+    dq = addressable(check_out("dq", dq, q.shape, q.dtype, q.device), "dq", dims=QUERY_TILE_DIMS, copy=False)
+    dk, dv = (addressable(check_out(name, buf, t.shape, t.dtype, t.device), name, dims=KEY_TILE_DIMS, copy=False)
+              for name, buf, t in (("dk", dk, k), ("dv", dv, v)))
     if num_tokens == 0 or k.shape[2] == 0 or batch * heads * head_dim == 0:
         for t in (dq, dk, dv):
             t.zero_()
@@ -315,82 +322,6 @@ def launch_bwd(
     dq_cfg = U.as_config(dq_config) if dq_config is not None else K.DQ_CHOOSER.choose(key, run_dq, q.device)
     run_dq(dq_cfg)
     return dq, dk, dv
-
-
-# ================================================================================================================
-# python -m fastflamingo.selftest
-# ================================================================================================================
-
-
-def selftest_cases(toy: bool) -> list:
-    """Every shipped config of the forward, dK/dV and dQ kernels (this GPU's list; every list under the interpreter),
-    forced: 4 query heads per K/V head (Llama 3.2 11B) at head sizes 64, 96 and 128 in bf16, the first config of each
-    in fp16, every fp32 config; "hf" and "zero" empty rows alternate. ``toy``: interpreter-sized shapes."""
-    import functools
-
-    from .. import selftest as S
-
-    K, U = _kernels()
-    # batch, text, K/V heads, group, keys per tile, tiles per image: text before the images, a 1-tile image then a
-    # 3-tile one in sample 0, two consecutive images in sample 1, partial key tiles at every image end
-    shape = (2, 24, 1, 4, 8, 4) if toy else (2, 160, 2, 4, 40, 4)
-    cases = []
-    for dtype, head_dims, first_only in ((torch.bfloat16, S.HEAD_DIMS, False), (torch.float16, (64,), True),
-                                         (torch.float32, (64, 128), False)):
-        for head_dim in head_dims:
-            fwd, dkdv, dq = (S.shipped(lambda arch, kind=kind: [
-                c for c in K.shipped_configs(kind, dtype, head_dim, arch) if c.kwargs["ROWS"] >= shape[3]])
-                for kind in ("fwd", "dkdv", "dq"))
-            for kind, configs in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq)):
-                for i, config in enumerate(configs[:1] if first_only else configs):
-                    forced = (fwd[0], config, dq[0]) if kind == "dkdv" else (fwd[0], dkdv[0], config)
-                    empty_rows = ("hf", "zero")[(i + head_dim // 32) % 2]
-                    run = functools.partial(_selftest_run, configs=(config,) if kind == "fwd" else forced,
-                                            dtype=dtype, head_dim=head_dim, empty_rows=empty_rows, shape=shape)
-                    detail = (f"{S.dtype_name(dtype)} d{head_dim} g{shape[3]} {empty_rows} B{shape[0]} S{shape[1]} "
-                              f"I2x{shape[5]}x{shape[4]}")
-                    name = "mllama_xattn_fwd" if kind == "fwd" else f"mllama_xattn_bwd_{kind}"
-                    cases.append(S.Case(name, U.config_label(config), detail, run, S.tolerance(dtype, kind != "fwd")))
-    return cases
-
-
-def selftest_mask(batch: int, text: int, tiles: int, device) -> torch.Tensor:
-    """A processor-style (batch, text, 2 images, tiles) 0/1 mask: sample 0 has text before its first image, a 1-tile
-    image, then a 3-tile one; sample 1 two consecutive images (2 and 3 tiles) after two padding tokens."""
-    cam = torch.zeros(batch, text, 2, tiles, dtype=torch.long, device=device)
-    cam[0, text // 8: text // 2, 0, :1] = 1
-    cam[0, text // 2:, 1, :3] = 1
-    cam[1:, 2:, 0, :2] = 1
-    cam[1:, 2:, 1, :3] = 1
-    return cam
-
-
-def _selftest_run(device, *, configs, dtype, head_dim, empty_rows, shape):
-    from .. import selftest as S
-    from ..mllama import mask as M
-    from ..mllama import torch_path
-
-    batch, text, kv_heads, group, per_tile, tiles = shape
-    closed = M.from_cross_attention_mask(selftest_mask(batch, text, tiles, device), per_tile, empty_rows)
-    keys = 2 * closed.image_stride
-    q = S.randn(batch, text, kv_heads * group, head_dim, dtype=dtype, device=device)
-    kv = S.randn(batch, keys, 2, kv_heads, head_dim, dtype=dtype, device=device)
-    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, Hkv, K, D) views, as a cache holds them
-    ranges = (closed.img_start, closed.img_end, closed.image_keys, closed.image_stride, closed.max_runs)
-    scale = head_dim ** -0.5
-    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    ref = torch_path.runs(*leaves, closed, scale)
-    if len(configs) == 1:
-        out = S.nan_like(q)
-        launch_fwd(q, k, v, *ranges, scale, configs[0], out=out)
-        return [("o", out, ref)]
-    o, lse = launch_fwd(q, k, v, *ranges, scale, configs[0])
-    do = S.randn(*q.shape, dtype=dtype, device=device)
-    grads = [S.nan_like(t) for t in (q, k, v)]
-    launch_bwd(do, q, k, v, o, lse, *ranges, scale, configs[1], dq_config=configs[2], dq=grads[0], dk=grads[1],
-               dv=grads[2])
-    ref.backward(do.float())
-    return [(name, got, leaf.grad) for name, got, leaf in zip(("dq", "dk", "dv"), grads, leaves)]
 
 
 __all__ = ["mllama_xattn", "unsupported_reasons", "launch_fwd", "launch_bwd", "fwd_op", "bwd_op"]

@@ -17,9 +17,9 @@ import torch
 
 from .. import _backend
 from .._checks import SUPPORTED_DTYPES, unsupported_dtype_reasons
-from ._launch import ConfigLike, check_out, check_row_strides, unit_last_stride
+from ..kernels._launch import MAX_HEAD_DIM, ConfigLike, addressable, check_out
 
-MAX_HEAD_DIM = 128
+_INPUTS = ("q", "k_media", "v_media", "k_latents", "v_latents")
 
 
 def _kernels():
@@ -34,7 +34,9 @@ def fwd_op(
     q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor, k_latents: torch.Tensor, v_latents: torch.Tensor,
     scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return launch_fwd(q, k_media, v_media, k_latents, v_latents, scale)
+    # called by fastflamingo.functional.perceiver_attn, which validated the arguments: the launcher checks nothing
+    # again
+    return launch_fwd(q, k_media, v_media, k_latents, v_latents, scale, validated=True)
 
 
 @fwd_op.register_fake
@@ -48,7 +50,7 @@ def bwd_op(
     do: torch.Tensor, q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor, k_latents: torch.Tensor,
     v_latents: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return launch_bwd(do, q, k_media, v_media, k_latents, v_latents, o, lse, scale)
+    return launch_bwd(do, q, k_media, v_media, k_latents, v_latents, o, lse, scale, validated=True)
 
 
 @bwd_op.register_fake
@@ -107,10 +109,6 @@ def unsupported_reasons(q: torch.Tensor, k_media: torch.Tensor, v_media: torch.T
     if tuple(k_latents.shape) != tuple(q.shape) or tuple(v_latents.shape) != tuple(q.shape):
         reasons.append(f"k_latents {tuple(k_latents.shape)} and v_latents {tuple(v_latents.shape)} must have q's "
                        f"shape {tuple(q.shape)}")
-    # offsets inside a tile are int32 (kernels/perceiver_attn.py): 128 rows of any input must fit
-    for name, t in named:
-        if t.numel() and abs(t.stride(1)) * 128 >= 2**31:
-            reasons.append(f"{name} has token stride {t.stride(1)}, too large for the kernels' int32 tile offsets")
     reasons += _backend.interpreter_bf16_reasons(t for _, t in named)
     return reasons
 
@@ -138,7 +136,7 @@ def _check_inputs(q, k_media, v_media, k_latents, v_latents) -> None:
 def launch_fwd(
     q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor, k_latents: torch.Tensor, v_latents: torch.Tensor,
     scale: float, config: Optional[ConfigLike] = None, *, out: Optional[torch.Tensor] = None,
-    lse: Optional[torch.Tensor] = None, splits: Optional[int] = None,
+    lse: Optional[torch.Tensor] = None, splits: Optional[int] = None, validated: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward pass.
 
@@ -148,18 +146,21 @@ def launch_fwd(
         scale: softmax scale. config: force a launch config (``{"BLOCK_M": 64, "BLOCK_N": 32}``), bypassing the
             autotuner. out, lse: optional preallocated outputs (unit last stride). splits: force the number of key
             splits (default: from the shapes and the SM count, so that a small grid still fills the GPU).
+        validated: the caller checked the arguments (the custom ops, after ``fastflamingo.functional``'s checks);
+            a direct call is checked here.
 
     Returns:
         o (N, L, H, D) in q's dtype, and lse (N, H, L) fp32: natural-log sum-exp of the scaled scores over all
         P + L keys.
     """
     K, U = _kernels()
-    _check_inputs(q, k_media, v_media, k_latents, v_latents)
+    if not validated:
+        _check_inputs(q, k_media, v_media, k_latents, v_latents)
     q, k_media, v_media, k_latents, v_latents = (
-        unit_last_stride(t) for t in (q, k_media, v_media, k_latents, v_latents))
+        addressable(t, name) for t, name in zip((q, k_media, v_media, k_latents, v_latents), _INPUTS))
     num, latents, heads, head_dim = q.shape
     media_tokens = k_media.shape[1]
-    o = check_out("out", out, q.shape, q.dtype, q.device)
+    o = addressable(check_out("out", out, q.shape, q.dtype, q.device), "out", copy=False)
     lse = check_out("lse", lse, (num, heads, latents), torch.float32, q.device)
     if o.numel() == 0:
         return o, lse
@@ -170,8 +171,6 @@ def launch_fwd(
 
     def run(cfg) -> None:
         block_m, block_n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-        check_row_strides((q, o), block_m)
-        check_row_strides((k_media, v_media, k_latents, v_latents), block_n)
         grid = (num * heads, U.cdiv(latents, block_m))
         count = _splits(K, U, splits, grid, media_tokens, latents, block_n, q.device)
         if count == 1:  # the results themselves (split strides unused)
@@ -225,28 +224,30 @@ def launch_bwd(
     config: Optional[ConfigLike] = None, *, dq: Optional[torch.Tensor] = None,
     dk_media: Optional[torch.Tensor] = None, dv_media: Optional[torch.Tensor] = None,
     dk_latents: Optional[torch.Tensor] = None, dv_latents: Optional[torch.Tensor] = None,
-    splits: Optional[int] = None,
+    splits: Optional[int] = None, validated: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward pass: (dq, dk_media, dv_media, dk_latents, dv_latents), shapes and dtypes of the inputs.
 
     ``do`` may have any strides, including 0 (an expanded gradient). ``config`` forces a launch config; the d*
-    arguments are optional preallocated outputs (unit last stride); ``splits`` forces the number of key splits.
+    arguments are optional preallocated outputs (unit last stride); ``splits`` forces the number of key splits;
+    ``validated``: as for :func:`launch_fwd`.
     Deterministic: no atomics; with several query tiles (L > BLOCK_M) the per-tile fp32 dK/dV partials, and with
     several key splits the per-split fp32 dQ partials, are summed in a fixed order.
     """
     K, U = _kernels()
-    _check_inputs(q, k_media, v_media, k_latents, v_latents)
-    if do.shape != q.shape or o.shape != q.shape:
-        raise ValueError(f"do {tuple(do.shape)} and o {tuple(o.shape)} must have q's shape {tuple(q.shape)}")
-    q, k_media, v_media, k_latents, v_latents, o = (
-        unit_last_stride(t) for t in (q, k_media, v_media, k_latents, v_latents, o))
-    do = unit_last_stride(do.to(q.dtype))
+    if not validated:
+        _check_inputs(q, k_media, v_media, k_latents, v_latents)
+        if do.shape != q.shape or o.shape != q.shape:
+            raise ValueError(f"do {tuple(do.shape)} and o {tuple(o.shape)} must have q's shape {tuple(q.shape)}")
+    q, k_media, v_media, k_latents, v_latents, o, do = (addressable(t, name) for t, name in zip(
+        (q, k_media, v_media, k_latents, v_latents, o, do.to(q.dtype)), _INPUTS + ("o", "do")))
     if lse.stride(-1) != 1:
         lse = lse.contiguous()
     num, latents, heads, head_dim = q.shape
     media_tokens = k_media.shape[1]
-    dq = check_out("dq", dq, q.shape, q.dtype, q.device)
-    grads = [check_out(name, buf, t.shape, t.dtype, t.device) for name, buf, t in (
+    # the fp32 partials below are contiguous with these shapes: addressable whenever the outputs are
+    dq = addressable(check_out("dq", dq, q.shape, q.dtype, q.device), "dq", copy=False)
+    grads = [addressable(check_out(name, buf, t.shape, t.dtype, t.device), name, copy=False) for name, buf, t in (
         ("dk_media", dk_media, k_media), ("dv_media", dv_media, v_media),
         ("dk_latents", dk_latents, k_latents), ("dv_latents", dv_latents, v_latents))]
     if latents == 0 or num * heads * head_dim == 0:  # no queries: nothing depends on the keys
@@ -269,9 +270,6 @@ def launch_bwd(
         # dQ: the gradient itself with one key split, else per-split fp32 partials summed below in split order
         dq_part = dq.unsqueeze(0) if count == 1 else torch.empty((count,) + tuple(dq.shape), dtype=torch.float32,
                                                                   device=dq.device)
-        check_row_strides((q, o, do, dq), block_m)
-        check_row_strides((k_media, v_media, k_latents, v_latents), block_n)
-        check_row_strides([t[0] for t in targets], block_n)
         dkm, dvm, dkl, dvl = targets
         K._perceiver_bwd_kernel[(num * heads, tiles, count)](
             q, k_media, v_media, k_latents, v_latents, o, do, lse, dq_part, dkm, dvm, dkl, dvl,
@@ -298,80 +296,3 @@ def launch_bwd(
     cfg = U.as_config(config) if config is not None else K.BWD_CHOOSER.choose(K.autotune_key(q, media_tokens), run, q.device)
     run(cfg)
     return (dq, *grads)
-
-
-# ================================================================================================================
-# python -m fastflamingo.selftest
-# ================================================================================================================
-
-
-def selftest_cases(toy: bool) -> list:
-    """Every shipped forward and backward config of this GPU's architecture, forced: head sizes 64, 96 and 128 in
-    bf16, the first config of each kernel in fp16, every fp32 config. Configs with BLOCK_M below the latent count run
-    several query tiles (the backward's dK/dV partials). ``toy``: interpreter-sized shapes."""
-    import functools
-
-    from .. import selftest as S
-
-    K, U = _kernels()
-    shape = (2, 24, 2, 20) if toy else (6, 64, 4, 257)  # (samples x media, latents, heads, media tokens)
-    cases = []
-    for dtype, head_dims, first_only in ((torch.bfloat16, S.HEAD_DIMS, False), (torch.float16, (64,), True),
-                                         (torch.float32, (64, 128), False)):
-        for head_dim in head_dims:
-            fwd, bwd = (S.shipped(functools.partial(K.shipped_configs, kind, dtype, head_dim))
-                        for kind in ("fwd", "bwd"))
-            for kind, configs in (("fwd", fwd), ("bwd", bwd)):
-                for i, config in enumerate(configs[:1] if first_only else configs):
-                    # one key split and two (media keys | latent keys: fp32 partials merged by the launcher)
-                    # alternate, whatever the SM count would choose
-                    splits = 1 + i % 2
-                    run = functools.partial(_selftest_fwd if kind == "fwd" else _selftest_bwd, configs=(fwd[0], config),
-                                            dtype=dtype, head_dim=head_dim, shape=shape, splits=splits)
-                    detail = (f"{S.dtype_name(dtype)} d{head_dim} N{shape[0]} L{shape[1]} H{shape[2]} P{shape[3]} "
-                              f"splits{splits}")
-                    cases.append(S.Case(f"perceiver_{kind}", U.config_label(config), detail, run,
-                                        S.tolerance(dtype, grad=kind == "bwd")))
-    return cases
-
-
-def _selftest_inputs(device, dtype, head_dim, shape):
-    from .. import selftest as S
-
-    num, latents, heads, tokens = shape
-    q = S.randn(num, latents, heads, head_dim, dtype=dtype, device=device)
-    kv_media = S.randn(num, tokens, 2, heads, head_dim, dtype=dtype, device=device)  # fused K/V projections
-    kv_latents = S.randn(num, latents, 2, heads, head_dim, dtype=dtype, device=device)
-    return q, kv_media[:, :, 0], kv_media[:, :, 1], kv_latents[:, :, 0], kv_latents[:, :, 1], head_dim ** -0.5
-
-
-def _selftest_fwd(device, *, configs, dtype, head_dim, shape, splits):
-    from .. import selftest as S
-    from . import torch_path
-
-    q, km, vm, kl, vl, scale = _selftest_inputs(device, dtype, head_dim, shape)
-    out = S.nan_like(q)
-    lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("nan"), device=device)
-    launch_fwd(q, km, vm, kl, vl, scale, configs[1], out=out, lse=lse, splits=splits)
-    ref = torch_path.perceiver_attn(*(t.float() for t in (q, km, vm, kl, vl)), scale)
-    k = torch.cat((km, kl), dim=1).float()
-    lse_ref = (torch.einsum("nlhd,nkhd->nhlk", q.float(), k) * scale).logsumexp(-1)
-    return [("o", out, ref), ("lse", lse, lse_ref)]
-
-
-def _selftest_bwd(device, *, configs, dtype, head_dim, shape, splits):
-    from .. import selftest as S
-    from . import torch_path
-
-    inputs = _selftest_inputs(device, dtype, head_dim, shape)
-    scale = inputs[-1]
-    q, km, vm, kl, vl = inputs[:-1]
-    o, lse = launch_fwd(q, km, vm, kl, vl, scale, configs[0])
-    do = S.randn(*q.shape, dtype=dtype, device=device)
-    grads = [S.nan_like(t) for t in (q, km, vm, kl, vl)]
-    launch_bwd(do, q, km, vm, kl, vl, o, lse, scale, configs[1], dq=grads[0], dk_media=grads[1], dv_media=grads[2],
-               dk_latents=grads[3], dv_latents=grads[4], splits=splits)
-    leaves = [t.detach().float().requires_grad_() for t in (q, km, vm, kl, vl)]
-    torch_path.perceiver_attn(*leaves, scale).backward(do.float())
-    names = ("dq", "dk_media", "dv_media", "dk_latents", "dv_latents")
-    return [(name, got, ref.grad) for name, got, ref in zip(names, grads, leaves)]

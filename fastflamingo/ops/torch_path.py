@@ -113,7 +113,9 @@ def media_xattn(q, k, v, mask, latents: int, scale: float, dropout_p: float = 0.
         # decode steps: no host-side schedule, so no host read of the mask (a decode step stays sync-free)
         if mask.immediate:
             return _window_path(q, k, v, mask, latents, scale, dropout_p, kv_group)
-        return _prefix_path(q, k, v, mask, latents, scale, dropout_p, kv_group)
+        # all previous: every token sees a key prefix, so one SDPA call with a tokens x keys mask per sample replaces
+        # the run loop; its new tokens come after every media of the prompt, so they see (nearly) all keys anyway
+        return _key_mask_path(q, k, v, mask, latents, scale, dropout_p, kv_group)
     if mask.immediate and len(runs(mask)) > _FEW_RUNS:
         return _chunks_path(q, k, v, mask, latents, scale, dropout_p, kv_group)
     if kv_group > 1:
@@ -246,15 +248,6 @@ def _runs_path(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: 
         # slice backward's full-size zero tensors cost less than recomputing the forward: plain autograd
         return _runs_forward(q, k, v, mask_runs, latents, scale, dropout_p)
     return _RunsAttention.apply(q, k, v, mask_runs, latents, scale)
-
-
-def _prefix_path(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float,
-                 kv_group: int = 1):
-    """All-previous decode: every token sees a key prefix ``[0, hi * latents)``, so one SDPA call with a boolean key
-    mask of only tokens x keys per sample replaces the per-sample run loop (and its host-side run list). Every key
-    is visited and nothing is read on the host, on CPU as on CUDA: a decode step stays sync-free (and capturable in
-    a CUDA graph), and its new tokens come after every media of the prompt, so they see (nearly) all keys anyway."""
-    return _key_mask_path(q, k, v, mask, latents, scale, dropout_p, kv_group)
 
 
 def _key_mask_path(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float, kv_group: int = 1):

@@ -10,17 +10,17 @@ config) with the largest relative error and ``ok`` or ``FAIL``; the exit status 
     python -m fastflamingo.selftest --dry-run        # the same list at toy sizes under the Triton interpreter (CPU)
     python -m fastflamingo.selftest --family media_decode --list
 
-Where the cases come from: each kernel family named in ``fastflamingo.ops.KERNEL_FAMILIES`` declares its
-checks in its own ops module, ``fastflamingo/ops/<family>.py`` (listed in ``fastflamingo.ops.families()``), as
-``selftest_cases(toy: bool) -> list[Case]`` beside its launchers; ``toy`` asks for interpreter-sized shapes. A new
-family plugs in by writing that function; nothing here changes. The helpers below (:func:`shipped`, :func:`randn`,
-:func:`nan_like`, :func:`tolerance`) keep the families' declarations short and alike.
+Where the cases come from: each kernel family named in ``fastflamingo.ops.KERNEL_FAMILIES`` declares its checks
+in the module of this package with its stem, ``fastflamingo/selftest/<stem>.py``, as ``cases(toy: bool) ->
+list[Case]``; ``toy`` asks for interpreter-sized shapes. The selftest sits above everything it checks: the launchers
+of ``fastflamingo.ops`` know nothing of it, of the references it compares with or of the model families whose masks
+it borrows. A new family adds its module and its line in :func:`family_modules`; ``case.py`` holds :class:`Case`
+and the helpers that keep the declarations short and alike.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import subprocess
@@ -30,99 +30,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-# (name, kernel output, PyTorch-path reference) triples returned by a case.
-Checks = List[Tuple[str, torch.Tensor, torch.Tensor]]
-
-
-@dataclasses.dataclass
-class Case:
-    """One forced launch of one kernel at one config, and what its outputs must equal.
-
-    ``kernel``: the kernel under test (the name ``fastflamingo.aot`` reports, e.g. ``media_xattn_bwd_dq``).
-    ``config``: the config label (``M64xN64-w4-s3``). ``detail``: dtype, head size, mode, shape.
-    ``run(device)``: builds fresh random inputs on ``device``, launches with the forced config into NaN-filled
-    outputs and returns ``(name, output, reference)`` triples; the reference is the PyTorch path in fp32.
-    ``tol``: the largest relative error (max |out - ref| / max |ref|) accepted.
-    """
-
-    kernel: str
-    config: str
-    detail: str
-    run: Callable[[torch.device], Checks]
-    tol: float
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Helpers for the families' declarations
-# ----------------------------------------------------------------------------------------------------------------
-
-_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-SELFTEST_DTYPES = (torch.bfloat16,)  # every config; plus one case each in EXTRA_DTYPES
-EXTRA_DTYPES = (torch.float16, torch.float32)
-HEAD_DIMS = (64, 96, 128)
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def tolerance(dtype: torch.dtype, grad: bool = False) -> float:
-    """Relative error allowed against an fp32 reference: fp32 1e-4 (IEEE products in the kernels), fp16 5e-3,
-    bf16 3e-2; twice that for gradients (one more rounding of the incoming gradient)."""
-    return _TOLERANCE[dtype] * (2 if grad else 1)
-
-
-def one_config_plan(config_of: Callable[[torch.dtype, int, int], object]) -> Iterable[tuple]:
-    """``(dtype, head_dim, config)`` for a family that ships one config per (dtype, head tile, architecture), given
-    ``config_of(dtype, head_dim, arch)``: bf16 at every head size of :data:`HEAD_DIMS`, fp16 at 64, fp32 at 128."""
-    for dtype, head_dims in ((torch.bfloat16, HEAD_DIMS), (torch.float16, (64,)), (torch.float32, (128,))):
-        for head_dim in head_dims:
-            for config in shipped(lambda arch: [config_of(dtype, head_dim, arch)]):
-                yield dtype, head_dim, config
-
-
-def decode_cases(kernel: str, config_of: Callable[[torch.dtype, int, int], object], variants: Sequence[tuple],
-                 run: Callable[..., Checks], shape_label: str) -> List[Case]:
-    """The cases of a split-key decode family: every ``(dtype, head_dim, config)`` of :func:`one_config_plan` x
-    ``variants`` ``(splits, label, run keywords)``; ``run(device, config=, splits=, dtype=, head_dim=, **keywords)``.
-    Several splits also exercise the combine kernel."""
-    from .kernels._utils import config_label
-
-    cases = []
-    for dtype, head_dim, config in one_config_plan(config_of):
-        for splits, label, keywords in variants:
-            cases.append(Case(kernel + ("" if splits == 1 else "+combine"), config_label(config),
-                              f"{dtype_name(dtype)} d{head_dim} {label} splits {splits} {shape_label}",
-                              functools.partial(run, config=config, splits=splits, dtype=dtype, head_dim=head_dim,
-                                                **keywords), tolerance(dtype)))
-    return cases
-
-
-def randn(*shape, dtype: torch.dtype, device, scale: float = 1.0) -> torch.Tensor:
-    """Random normal values, drawn in fp32 then rounded to ``dtype``; the reference sees the rounded values."""
-    return (torch.randn(*shape, device=device) * scale).to(dtype)
-
-
-def nan_like(t: torch.Tensor) -> torch.Tensor:
-    """An output buffer full of NaN (unit last stride): an element the kernel does not write stays NaN."""
-    return torch.full_like(t, float("nan"), memory_format=torch.contiguous_format)
-
-
-def shipped(configs_of: Callable[[int], Sequence]) -> list:
-    """The configs a family forces, given ``configs_of(arch)`` (its shipped list for an architecture): this GPU's
-    list on a GPU; under the interpreter (``--dry-run``) every architecture's list, each config once, in order."""
-    from .kernels import _utils
-
-    archs = _utils.ARCHS if _utils.INTERPRET else (_utils.device_arch(),)
-    out, seen = [], set()
-    for arch in archs:
-        for config in configs_of(arch):
-            label = _utils.config_label(config)
-            if label not in seen:
-                seen.add(label)
-                out.append(config)
-    return out
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return DTYPE_NAMES[dtype]
+from .case import Case
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -145,17 +53,24 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def families() -> Tuple[str, ...]:
-    from .ops import KERNEL_FAMILIES  # torch only: no triton import
+    from ..ops import KERNEL_FAMILIES  # torch only: no triton import
 
     return tuple(KERNEL_FAMILIES)
 
 
-def family_cases(family: str, toy: bool) -> List[Case]:
-    """The family's ``selftest_cases(toy)`` from ``fastflamingo.ops.<family>``; [] when it declares none."""
-    from . import ops
+def family_modules() -> dict:
+    """``{stem: module declaring its cases}`` for every kernel family that has one."""
+    from . import gated_linear, media_decode, media_xattn, mllama_decode, mllama_xattn, perceiver_attn
 
-    declare = getattr(ops.families().get(family), "selftest_cases", None)
-    return list(declare(toy)) if declare is not None else []
+    modules = {"media_xattn": media_xattn, "perceiver_attn": perceiver_attn, "gated_linear": gated_linear,
+               "media_decode": media_decode, "mllama_xattn": mllama_xattn, "mllama_decode": mllama_decode}
+    return {name: modules[name] for name in families() if name in modules}
+
+
+def family_cases(family: str, toy: bool) -> List[Case]:
+    """The family's ``cases(toy)`` from ``fastflamingo.selftest.<family>``; [] when it declares none."""
+    module = family_modules().get(family)
+    return list(module.cases(toy)) if module is not None else []
 
 
 def collect(selected: Sequence[str], toy: bool) -> Tuple[List[Case], List[str]]:
@@ -225,7 +140,7 @@ def run_case(index: int, case: Case, device: torch.device) -> Outcome:
 def _prepare_dry_run() -> None:
     """The interpreter has to be on before any kernel module is imported (``@triton.jit`` decides then)."""
     os.environ["TRITON_INTERPRET"] = "1"
-    from .kernels import _interpreter
+    from ..kernels import _interpreter
 
     _interpreter.make_strict_and_bf16_exact()
 
@@ -326,7 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(_header(device, args.dry_run), flush=True)
     for family in missing:
         print(f"warning: kernel family {family} declares no selftest cases "
-              f"(fastflamingo/ops/{family}.py: selftest_cases)")
+              f"(fastflamingo/selftest/{family}.py: cases)")
     if args.list:
         for case in cases:
             print(f"{case.kernel:<26} {case.config:<20} {case.detail}")
@@ -353,6 +268,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           + ("all ok" if not failed and not lost else f"{len(failed)} FAILED" + (f", {lost} not run" if lost else "")))
     return 1 if failed or lost or not cases else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Selftest cases of the media_xattn prefill kernels (``kernels/media_xattn.py``): forward, dK/dV and dQ, against
+the PyTorch path and the LSE of the reference."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..masks import MediaMask
+from ..ops import torch_path
+from ..ops.media_xattn import launch_bwd, launch_fwd
+from ..reference import media_xattn_lse
+from ..testing import evenly_spaced_media_locations
+from . import case as S
+
+
+def cases(toy: bool) -> list:
+    """Every shipped config of the forward, dK/dV and dQ kernels (this GPU's list; every list under the
+    interpreter), forced: head sizes 64, 96 and 128 in bf16, the first config of each in fp16, every fp32 config;
+    the two modes alternate across configs, and the dK/dV kernel alternates one token split (it writes the gradients)
+    and three (fp32 partials summed by the launcher). A dK/dV case forces dQ to its first config and vice versa.
+    ``toy``: interpreter-sized shapes."""
+    from ..kernels import _utils as U
+    from ..kernels import media_xattn as K
+
+    # batch, text, heads, media, latents: ragged text, a prefix that sees no media, several tiles per run
+    shape = (2, 40, 2, 3, 16) if toy else (2, 400, 4, 5, 64)
+    out = []
+    for dtype, head_dims, first_only in ((torch.bfloat16, S.HEAD_DIMS, False), (torch.float16, (64,), True),
+                                         (torch.float32, (64, 128), False)):
+        for head_dim in head_dims:
+            fwd, dkdv, dq = (S.shipped(functools.partial(K.shipped_configs, kind, dtype, head_dim))
+                             for kind in ("fwd", "dkdv", "dq"))
+            for kind, configs in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq)):
+                for i, config in enumerate(configs[:1] if first_only else configs):
+                    immediate, splits = (i + head_dim // 32) % 2 == 0, 1 + 2 * (i % 2) if kind == "dkdv" else None
+                    forced = {"dkdv": (fwd[0], config, dq[0]), "dq": (fwd[0], dkdv[0], config)}.get(kind)
+                    run = functools.partial(_bwd, configs=forced, dkdv_splits=splits) if forced else \
+                        functools.partial(_fwd, config=config)
+                    run = functools.partial(run, dtype=dtype, head_dim=head_dim, immediate=immediate, shape=shape)
+                    name = "media_xattn_fwd" if kind == "fwd" else f"media_xattn_bwd_{kind}"
+                    detail = (f"{S.dtype_name(dtype)} d{head_dim} {'imm' if immediate else 'prev'} "
+                              f"B{shape[0]} T{shape[1]} H{shape[2]} M{shape[3]}x{shape[4]}"
+                              f"{f' splits{splits}' if splits else ''}")
+                    out.append(S.Case(name, U.config_label(config), detail, run,
+                                      S.tolerance(dtype, grad=kind != "fwd")))
+    return out
+
+
+def _inputs(device, dtype, head_dim, immediate, shape):
+    batch, text, heads, media, latents = shape
+    q = S.randn(batch, text, heads, head_dim, dtype=dtype, device=device)
+    kv = S.randn(batch, media * latents, 2, heads, head_dim, dtype=dtype, device=device)  # a fused K/V projection
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    locations = evenly_spaced_media_locations(batch, text, media, first=text // 10, device=device)
+    text_time = locations.cumsum(-1).to(torch.int32)
+    mask = MediaMask(text_time, media, "immediate" if immediate else "all_previous")
+    return q, k, v, text_time, mask, head_dim ** -0.5
+
+
+def _fwd(device, *, config, dtype, head_dim, immediate, shape):
+    q, k, v, text_time, mask, scale = _inputs(device, dtype, head_dim, immediate, shape)
+    media, latents = shape[3], shape[4]
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("nan"), device=device)
+    launch_fwd(q, k, v, text_time, media, latents, immediate, scale, config, out=out, lse=lse)
+    ref = torch_path.media_xattn(q.float(), k.float(), v.float(), mask, latents, scale)
+    # a token that sees nothing: +inf from the kernel, -inf from the reference; both compared as 0
+    lse, lse_ref = (torch.where(torch.isinf(t), 0.0, t)
+                    for t in (lse, media_xattn_lse(q, k, text_time, media, immediate, scale)))
+    return [("o", out, ref), ("lse", lse, lse_ref)]
+
+
+def _bwd(device, *, configs, dtype, head_dim, immediate, shape, dkdv_splits=None):
+    q, k, v, text_time, mask, scale = _inputs(device, dtype, head_dim, immediate, shape)
+    media, latents = shape[3], shape[4]
+    fwd_config, dkdv_config, dq_config = configs
+    o, lse = launch_fwd(q, k, v, text_time, media, latents, immediate, scale, fwd_config)
+    do = S.randn(*q.shape, dtype=dtype, device=device)
+    dq, dk, dv = (S.nan_like(t) for t in (q, k, v))
+    launch_bwd(do, q, k, v, o, lse, text_time, media, latents, immediate, scale, dkdv_config, dq_config=dq_config,
+               dq=dq, dk=dk, dv=dv, dkdv_splits=dkdv_splits)
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    torch_path.media_xattn(*leaves, mask, latents, scale).backward(do.float())
+    return [(name, got, ref.grad) for name, got, ref in zip(("dq", "dk", "dv"), (dq, dk, dv), leaves)]
