@@ -3,13 +3,14 @@
 ``import fastflamingo`` needs only torch: triton, transformers and the upstream packages are imported lazily, when
 a Triton kernel runs or a model is patched.
 """
-from . import flamingo_pytorch, functional, idefics, masks
+from . import functional, masks, models
 from ._backend import BACKENDS, BackendError, backend, requested_backend
 from ._version import __version__
 from ._warmup import WarmupReport, warmup
 from .cache import cache_disabled, clear_media_cache
-from .idefics import IdeficsGatedCrossAttentionLayer, IdeficsPerceiverAttention, IdeficsPerceiverResampler
-from .modules import FeedForward, GatedCrossAttentionBlock, MaskedCrossAttention, PerceiverAttention, PerceiverResampler
+from .models.idefics import IdeficsGatedCrossAttentionLayer, IdeficsPerceiverAttention, IdeficsPerceiverResampler
+from .models.openflamingo import (FeedForward, GatedCrossAttentionBlock, MaskedCrossAttention, PerceiverAttention,
+                                  PerceiverResampler)
 from .patching import PatchReport, patch, unpatch
 
 __all__ = [
@@ -20,10 +21,9 @@ __all__ = [
     "requested_backend",
     "cache_disabled",
     "clear_media_cache",
-    "flamingo_pytorch",
     "functional",
-    "idefics",
     "masks",
+    "models",
     "FeedForward",
     "GatedCrossAttentionBlock",
     "MaskedCrossAttention",

@@ -1,7 +1,8 @@
 """``python -m fastflamingo.info``: what this installation can do on this machine.
 
 Prints the versions that matter (fastflamingo, Python, torch and its CUDA, triton, numpy, transformers), the device,
-which backends can serve CUDA tensors and why not, the kernel families, and which tuned config table
+which backends can serve CUDA tensors and why not, the kernel families, the model families ``fastflamingo.patch``
+serves (the registry, ``fastflamingo.models.FAMILIES``), and which tuned config table
 (``fastflamingo/configs/``) a launch on this device would use. Works without a GPU and without triton.
 """
 from __future__ import annotations
@@ -75,6 +76,13 @@ def kernel_families() -> str:
     return ", ".join(KERNEL_FAMILIES)
 
 
+def model_families() -> List[str]:
+    """One line per registered model family: what it patches, the ops it launches, where its mask comes from."""
+    from .models import FAMILIES  # torch only: the families import transformers lazily
+
+    return [family.info_line() for family in FAMILIES]
+
+
 def tuned_table(device: Optional[torch.device] = None) -> List[str]:
     """Which table a launch on ``device`` (default: the current CUDA device) would use, and what is shipped."""
     lines = []
@@ -108,6 +116,8 @@ def report() -> str:
     out.append("backends")
     out += [f"  {name:<{width}} {status}" for name, status in backends()]
     out.append(f"kernel families\n  {kernel_families()}")
+    out.append("model families")
+    out += [f"  {line}" for line in model_families()]
     out.append("tuned configs")
     out += [f"  {line}" for line in tuned_table()]
     return "\n".join(out)

@@ -207,11 +207,17 @@ def media_xattn(q, k, v, text_time, num_media: int, immediate: bool, scale: Opti
     lo, hi = visible_media(text_time.to(q.device), num_media, immediate)
     key = torch.arange(k.shape[1], device=q.device)
     allowed = (key >= lo[..., None] * latents) & (key < hi[..., None] * latents)  # (B, T, keys)
-    seen = allowed.any(-1)[:, None, :, None]  # (B, 1, T, 1)
-    scores = torch.einsum("bthd,bkhd->bhtk", q, k) * scale
-    scores = scores.masked_fill(~allowed[:, None], float("-inf")).masked_fill(~seen, 0.0)  # no all -inf rows
-    probs = torch.softmax(scores, dim=-1).masked_fill(~seen, 0.0)
+    probs = visible_softmax(torch.einsum("bthd,bkhd->bhtk", q, k) * scale, allowed[:, None])
     return torch.einsum("bhtk,bkhd->bthd", probs, v)
+
+
+def visible_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Softmax of ``scores`` over the keys ``allowed`` (broadcast to ``scores``, keys last); a row that sees no key
+    gets all-zero probabilities, so its attention output is exactly 0 (fastflamingo semantics), with no NaN in the
+    forward or backward pass (its scores are never all ``-inf``)."""
+    seen = allowed.any(-1, keepdim=True)
+    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~seen, 0.0)
+    return torch.softmax(scores, dim=-1).masked_fill(~seen, 0.0)
 
 
 def media_xattn_lse(q, k, text_time, num_media: int, immediate: bool, scale: Optional[float] = None):

@@ -1,6 +1,8 @@
 """Upstream loaders and tiny random-weight models shared by the tests and the benchmarks.
 
 Nothing here is imported by ``import fastflamingo``; each helper imports what it needs when called.
+:func:`tiny_model` builds a tiny upstream model of every family of the registry (``fastflamingo.models.FAMILIES``);
+tests/test_registry.py fails when a registered family has none here.
 
 OpenFlamingo: ``open_flamingo/__init__`` imports its factory, which imports open_clip, which needs a torchvision
 that does not exist beside the CPU torch wheel. :func:`load_open_flamingo` loads the real ``open_flamingo.src``
@@ -150,6 +152,77 @@ def tiny_open_flamingo(
     return model, media_token_id, eoc_token_id
 
 
+class TinyImageEncoder(nn.Module):
+    """Stands in for flamingo-pytorch's image encoder: (images, 3, H, W) -> (images, patches, dim)."""
+
+    def __init__(self, dim: int, patch_size: int = 8):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch_size, patch_size)
+
+    def forward(self, images):
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+def tiny_flamingo_palm(*, immediate: bool = True, gate_values=(0.6, -0.4), seed: int = 0):
+    """A random-weight flamingo-pytorch 0.1.2 ``FlamingoPaLM`` (real class) at toy sizes: width 32, 4 layers with a
+    gated cross-attention block every 2, 16 x 16 images of 4 patches, 6 latents, up to 3 video frames. Token 3 is
+    the media token. ``gate_values``: the (attention, feed-forward) tanh gates (upstream initialises them to 0)."""
+    from flamingo_pytorch import FlamingoPaLM
+
+    torch.manual_seed(seed)
+    model = FlamingoPaLM(
+        dim=32, num_tokens=50, depth=4, dim_head=8, heads=4, cross_attn_every=2, media_token_id=3,
+        img_encoder=TinyImageEncoder(32), perceiver_num_latents=6, perceiver_depth=2, max_video_frames=3,
+        only_attend_immediate_media=immediate,
+    )
+    with torch.no_grad():
+        for _, block in model.layers:
+            if block is not None:
+                block.attn_gate.fill_(gate_values[0])
+                block.ff_gate.fill_(gate_values[1])
+    return model.eval()
+
+
+def idefics_config(hidden=64, heads=4, vision=32, alpha_type="vector", qk=True, qk_perceiver=True, attn="eager",
+                   **kw):
+    """A transformers ``IdeficsConfig`` at toy sizes: 4 layers with a gated cross-attention layer every 2, 32 x 32
+    images of 16 patches, a resampler of 8 latents; further ``IdeficsConfig`` fields through ``kw``."""
+    from transformers import IdeficsConfig
+
+    kw.setdefault("alpha_initializer", "normal" if alpha_type == "vector" else "ones")
+    cfg = IdeficsConfig(
+        vocab_size=100,
+        additional_vocab_size=2,
+        hidden_size=hidden,
+        intermediate_size=kw.pop("intermediate_size", 96),
+        num_hidden_layers=kw.pop("num_hidden_layers", 4),
+        num_attention_heads=heads,
+        cross_layer_interval=2,
+        qk_layer_norms=qk,
+        alpha_type=alpha_type,
+        alphas_initializer_range=1.0,
+        use_resampler=kw.pop("use_resampler", True),
+        vision_config=dict(embed_dim=vision, image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64),
+        perceiver_config=dict(use_resampler=True, resampler_n_latents=8, resampler_depth=2, resampler_n_heads=2,
+                              resampler_head_dim=16, qk_layer_norms_perceiver=qk_perceiver),
+        **kw,
+    )
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def tiny_idefics(cls=None, *, seed: int = 0, **config):
+    """A random-weight transformers IDEFICS model (``cls``: ``IdeficsForVisionText2Text``, the default, or
+    ``IdeficsModel``) of :func:`idefics_config` (SDPA attention unless ``attn`` says otherwise), in eval mode."""
+    if cls is None:
+        from transformers import IdeficsForVisionText2Text as cls
+
+    config.setdefault("attn", "sdpa")
+    torch.manual_seed(seed)
+    return cls(idefics_config(**config)).eval()
+
+
 def evenly_spaced_media_locations(batch: int, num_text: int, num_media: int, first: int = 0, device="cpu"):
     """Boolean (batch, text) with ``num_media`` ``<image>`` positions spread evenly from ``first``."""
     locations = torch.zeros(batch, num_text, dtype=torch.bool, device=device)
@@ -203,3 +276,24 @@ def tiny_mllama(attn_implementation: str = "eager", *, image_size: int = 28, pat
                 if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
                     param.fill_(gate)
     return model
+
+
+# one builder per registered family (fastflamingo.models.FAMILIES): each returns a tiny upstream model in eval mode
+TINY_MODELS = {
+    "openflamingo": lambda: tiny_open_flamingo()[0],
+    "flamingo_pytorch": tiny_flamingo_palm,
+    "idefics": tiny_idefics,
+    "mllama": tiny_mllama,
+}
+
+
+def tiny_model(family: str) -> nn.Module:
+    """A tiny random-weight upstream model of the registered family ``family`` (``fastflamingo.models.names()``),
+    in eval mode: what ``fastflamingo.patch`` and ``fastflamingo.warmup`` are tried on for every family."""
+    from .models import names
+
+    if family not in names():
+        raise ValueError(f"family={family!r}; expected one of {names()}")
+    if family not in TINY_MODELS:
+        raise NotImplementedError(f"fastflamingo.testing has no tiny model of the family {family!r} (TINY_MODELS)")
+    return TINY_MODELS[family]()

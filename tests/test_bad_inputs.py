@@ -8,7 +8,7 @@ import torch
 
 import fastflamingo as ff
 from fastflamingo import functional, masks
-from fastflamingo.idefics import IdeficsCrossAttention, IdeficsGatedCrossAttentionLayer
+from fastflamingo.models.idefics import IdeficsCrossAttention, IdeficsGatedCrossAttentionLayer
 
 BLOCK = dict(dim=16, dim_visual=12, dim_head=4, heads=2)
 IDEFICS = dict(hidden_size=16, num_attention_heads=2, intermediate_size=24, qk_layer_norms=False,

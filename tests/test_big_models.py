@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import fastflamingo
-from fastflamingo.patching._common import ORIGINAL_ATTR
+from fastflamingo.models._patching import ORIGINAL_ATTR
 from fastflamingo.testing import tiny_open_flamingo
 
 transformers = pytest.importorskip("transformers")
-from test_idefics import make_config, model_inputs  # noqa: E402
+from fastflamingo.testing import idefics_config  # noqa: E402
+from test_idefics import model_inputs  # noqa: E402
 from transformers import IdeficsForVisionText2Text  # noqa: E402
 
 REPLACED = ("IdeficsGatedCrossAttentionLayer", "IdeficsPerceiverResampler", "GatedCrossAttentionBlock",
@@ -39,7 +40,7 @@ def _flamingo_inputs(media_token, batch=2, num_text=16):
 def _idefics_on_meta(alpha_initializer="normal"):
     # (upstream draws "normal" alphas with torch.normal(size=...), which ignores the device context: CPU tensors)
     with torch.device("meta"):
-        return IdeficsForVisionText2Text(make_config(alpha_type="vector", alpha_initializer=alpha_initializer))
+        return IdeficsForVisionText2Text(idefics_config(alpha_type="vector", alpha_initializer=alpha_initializer))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -48,7 +49,7 @@ def _idefics_on_meta(alpha_initializer="normal"):
 
 
 def test_patch_meta_idefics_then_to_empty_and_load():
-    reference = IdeficsForVisionText2Text(make_config()).eval()
+    reference = IdeficsForVisionText2Text(idefics_config()).eval()
     model = _idefics_on_meta("zeros")
     report = fastflamingo.patch(model)  # used to raise "drop-in ... has tensors the upstream module lacks"
     assert report.counts() == {"IdeficsGatedCrossAttentionLayer": 2, "IdeficsPerceiverResampler": 1}
@@ -107,7 +108,7 @@ def test_init_weights_reaches_the_dropins_as_the_originals():
 
 
 def test_init_weights_is_a_noop_on_an_initialised_patched_model():
-    model = IdeficsForVisionText2Text(make_config())
+    model = IdeficsForVisionText2Text(idefics_config())
     fastflamingo.patch(model)
     before = {n: p.clone() for n, p in model.named_parameters()}
     model.init_weights()  # every module is flagged initialised, upstream's and the drop-ins alike
@@ -135,7 +136,7 @@ def _assert_hooks_carried(model, before):
 
 def test_patch_idefics_dispatched_with_cpu_and_disk_offload(tmp_path):
     pytest.importorskip("accelerate")
-    reference = IdeficsForVisionText2Text(make_config()).eval()
+    reference = IdeficsForVisionText2Text(idefics_config()).eval()
     reference.save_pretrained(tmp_path / "model")
     device_map = {
         "model.embed_tokens": "cpu", "model.vision_model": "cpu", "model.perceiver_resampler": "disk",

@@ -17,8 +17,8 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastflamingo as ff
-from fastflamingo import flamingo_pytorch as ffp
 from fastflamingo import functional, masks
+from fastflamingo.models import flamingo_pytorch as ffp
 from fastflamingo.ops import media_decode as decode_ops
 from fastflamingo.ops import media_xattn as xattn_ops
 from helpers import assert_close
@@ -124,16 +124,16 @@ def test_backend_block_is_per_thread():
 
 def _idefics_config():
     pytest.importorskip("transformers")
-    from test_idefics import make_config
+    from fastflamingo.testing import idefics_config
 
-    return make_config(hidden=32, heads=2, vision=16, alpha_type="vector", qk=True)
+    return idefics_config(hidden=32, heads=2, vision=16, alpha_type="vector", qk=True)
 
 
 def _idefics_layer_case():
     from test_idefics import layer_inputs
 
     cfg = _idefics_config()
-    layer = _nontrivial(ff.idefics.IdeficsGatedCrossAttentionLayer(cfg, layer_idx=0))
+    layer = _nontrivial(ff.models.idefics.IdeficsGatedCrossAttentionLayer(cfg, layer_idx=0))
     x, img, mask, gate, _ = layer_inputs(cfg, 2, 11, 2, cfg.perceiver_config.resampler_n_latents)
     return layer, (x, None, img), dict(image_attention_mask=mask, cross_attention_gate=gate)
 
@@ -165,7 +165,7 @@ def _dropin_case(name):
         return _idefics_layer_case()
     if name == "idefics_resampler":
         cfg = _idefics_config()
-        module = ff.idefics.IdeficsPerceiverResampler(cfg, 16, 2, 2, 16, 3)
+        module = ff.models.idefics.IdeficsPerceiverResampler(cfg, 16, 2, 2, 16, 3)
         return module, (torch.randn(3, 5, 16),), {}
     raise KeyError(name)
 
@@ -283,9 +283,10 @@ class _Logits(torch.nn.Module):
 def test_patched_idefics_exports_and_compiles_fullgraph(backend, kernel_launches):
     """Both used to fail on a data-dependent guard in the IDEFICS mask recovery (issue 13, item 8)."""
     pytest.importorskip("transformers")
-    from test_idefics import model_inputs, tiny_model
+    from fastflamingo.testing import tiny_idefics
+    from test_idefics import model_inputs
 
-    model = _Logits(tiny_model())
+    model = _Logits(tiny_idefics())
     inputs = model_inputs()
     with torch.no_grad():
         expected = model(**inputs)

@@ -256,20 +256,21 @@ def idefics_cases(draw):
 
 def check_idefics(case):
     pytest.importorskip("transformers")
-    from test_idefics import expand_like_idefics_model, make_config
+    from fastflamingo.testing import idefics_config
+    from test_idefics import expand_like_idefics_model
     from transformers.models.idefics import modeling_idefics as hf
 
     g = torch.Generator().manual_seed(case["seed"])
     torch.manual_seed(case["seed"])
     hidden = case["heads"] * case["head_dim"]
-    config = make_config(hidden=hidden, heads=case["heads"], vision=case["vision"], alpha_type=case["alpha_type"],
+    config = idefics_config(hidden=hidden, heads=case["heads"], vision=case["vision"], alpha_type=case["alpha_type"],
                          qk=case["qk"], intermediate_size=case["intermediate"], attn="eager")
     up = hf.IdeficsGatedCrossAttentionLayer(config, layer_idx=0)
     with torch.no_grad():
         for name, p in up.named_parameters():
             if "alpha" in name or "layernorm" in name or "layer_norm" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (0 if "alpha" in name else 1))
-    mine = fastflamingo.idefics.IdeficsGatedCrossAttentionLayer(config, layer_idx=0)
+    mine = fastflamingo.models.idefics.IdeficsGatedCrossAttentionLayer(config, layer_idx=0)
     mine.load_state_dict(up.state_dict(), strict=True)
     batch, num_text, num_images, latents = case["batch"], case["num_text"], case["num_images"], case["latents"]
     image_mask = torch.zeros(batch, num_text, num_images)

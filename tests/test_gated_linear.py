@@ -469,9 +469,10 @@ def test_openflamingo_gated_cross_attention_block(device):
 @pytest.mark.parametrize("alpha_type", ["float", "vector"])
 def test_idefics_gated_cross_attention_layer(device, alpha_type):
     pytest.importorskip("transformers")
-    from test_idefics import assert_grads_close, layer_inputs, make_config, pair, run_layer
+    from fastflamingo.testing import idefics_config
+    from test_idefics import assert_grads_close, layer_inputs, pair, run_layer
 
-    cfg = make_config(alpha_type=alpha_type, qk=alpha_type == "vector")
+    cfg = idefics_config(alpha_type=alpha_type, qk=alpha_type == "vector")
     up, mine = pair(cfg)
     up, mine = up.to(device), mine.to(device)
     x, img, mask, gate, w = (t.to(device) for t in layer_inputs(cfg, 2, 31, 3, 8))

@@ -28,8 +28,9 @@ if tuple(int(p) for p in transformers.__version__.split(".")[:2]) < (5, 25):
     pytest.skip("from_pretrained kernelizes by default from transformers 5.25", allow_module_level=True)
 import kernels  # noqa: E402
 
+from fastflamingo import testing  # noqa: E402
 from mllama_cases import CASES, model_inputs as mllama_inputs  # noqa: E402
-from test_idefics import make_config, model_inputs as idefics_inputs  # noqa: E402
+from test_idefics import model_inputs as idefics_inputs  # noqa: E402
 
 SILU_LAYER = '''import torch
 from torch import nn
@@ -67,16 +68,11 @@ def local_silu_repo(root):
 
 
 def tiny_idefics():
-    from transformers import IdeficsForVisionText2Text
-
-    torch.manual_seed(0)
-    return IdeficsForVisionText2Text(make_config(attn="sdpa", hidden_act="silu")).eval(), idefics_inputs()
+    return testing.tiny_idefics(hidden_act="silu"), idefics_inputs()
 
 
 def tiny_mllama():
-    from fastflamingo.testing import tiny_mllama as build
-
-    return build("sdpa"), mllama_inputs(*CASES["interleaved"])
+    return testing.tiny_mllama("sdpa"), mllama_inputs(*CASES["interleaved"])
 
 
 FAMILIES = {"idefics": tiny_idefics, "mllama": tiny_mllama}

@@ -8,41 +8,18 @@ import pytest
 import torch
 
 import fastflamingo
-from fastflamingo import idefics as ff
 from fastflamingo.masks import MediaMask
+from fastflamingo.models import idefics as ff
+from fastflamingo.testing import idefics_config, tiny_idefics
 
 transformers = pytest.importorskip("transformers")
-from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsModel  # noqa: E402
+from transformers import IdeficsForVisionText2Text, IdeficsModel  # noqa: E402
 from transformers.models.idefics import modeling_idefics as hf  # noqa: E402
 from transformers.models.idefics import perceiver as hf_perceiver  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------------------
-
-
-def make_config(hidden=64, heads=4, vision=32, alpha_type="vector", qk=True, qk_perceiver=True, attn="eager", **kw):
-    kw.setdefault("alpha_initializer", "normal" if alpha_type == "vector" else "ones")
-    cfg = IdeficsConfig(
-        vocab_size=100,
-        additional_vocab_size=2,
-        hidden_size=hidden,
-        intermediate_size=kw.pop("intermediate_size", 96),
-        num_hidden_layers=kw.pop("num_hidden_layers", 4),
-        num_attention_heads=heads,
-        cross_layer_interval=2,
-        qk_layer_norms=qk,
-        alpha_type=alpha_type,
-        alphas_initializer_range=1.0,
-        use_resampler=kw.pop("use_resampler", True),
-        vision_config=dict(embed_dim=vision, image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64),
-        perceiver_config=dict(use_resampler=True, resampler_n_latents=8, resampler_depth=2, resampler_n_heads=2,
-                              resampler_head_dim=16, qk_layer_norms_perceiver=qk_perceiver),
-        **kw,
-    )
-    cfg._attn_implementation = attn
-    return cfg
 
 
 def rel_err(a, b):
@@ -141,7 +118,7 @@ LAYER_CASES = {
 @pytest.mark.parametrize("case", list(LAYER_CASES))
 def test_gated_layer_matches_upstream_fp32(case):
     kw, batch, num_text, num_images, latents = LAYER_CASES[case]
-    cfg = make_config(**kw)
+    cfg = idefics_config(**kw)
     up, ours = pair(cfg)
     x, img, mask, gate, w = layer_inputs(cfg, batch, num_text, num_images, latents)
     ref, ref_grads = run_layer(up, x, img, mask, gate, w)
@@ -161,7 +138,7 @@ def test_gated_layer_other_masks(kind):
     """Masks the processor does not produce still give upstream's result: prefix rows (closed form, all
     previous), arbitrary 0/1 rows (dense boolean fallback), a soft additive bias (dense, bias as is), and no
     mask (every key visible, as upstream's eager attention)."""
-    cfg = make_config(qk=True)
+    cfg = idefics_config(qk=True)
     up, ours = pair(cfg)
     batch, num_text, num_images, latents = 2, 30, 4, 6
     g = torch.Generator().manual_seed(1)
@@ -210,7 +187,7 @@ def test_mask_latents_recovered_exactly(num_images, latents):
 @pytest.mark.parametrize("alpha_type,qk", [("vector", True), ("float", False)])
 def test_gated_layer_low_precision(dtype, alpha_type, qk):
     """Against an fp32 reference, our low-precision error is at most twice upstream's own, plus a small atol."""
-    cfg = make_config(alpha_type=alpha_type, qk=qk)
+    cfg = idefics_config(alpha_type=alpha_type, qk=qk)
     up32, _ = pair(cfg)
     up_lp = copy.deepcopy(up32).to(dtype)
     ours_lp = ff.IdeficsGatedCrossAttentionLayer(cfg, layer_idx=0).to(dtype)
@@ -238,7 +215,7 @@ def test_fp16_fully_masked_rows_no_nan():
     """Pinned divergence (SEMANTICS 3.3): when every score of a fully-masked row is below about -16, fp16 eager
     upstream adds finfo.min, overflows to -inf and its softmax is NaN; masked_fill rescues the forward but the
     backward carries NaN. Here such rows get exactly zero attention and finite gradients equal to fp32's."""
-    cfg = make_config(alpha_type="vector", qk=False)
+    cfg = idefics_config(alpha_type="vector", qk=False)
     up32, _ = pair(cfg)
     hd = cfg.hidden_size // cfg.num_attention_heads
     with torch.no_grad():  # queries and keys aligned against each other: every score is about -50
@@ -275,7 +252,7 @@ def test_fp16_fully_masked_rows_no_nan():
 def test_autocast_bf16_dtype_promotion():
     """fp32 weights under bf16 autocast: the fp32 alphas promote the result to fp32 exactly as upstream, and the
     fp32 qk-norm weights (q/k fp32, v bf16) do not trip the attention."""
-    cfg = make_config(alpha_type="float", qk=True)
+    cfg = idefics_config(alpha_type="float", qk=True)
     up, ours = pair(cfg)
     x, img, mask, gate, w = layer_inputs(cfg, 2, 21, 2, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -290,7 +267,7 @@ def test_autocast_bf16_dtype_promotion():
 def test_dropout_training_and_eval():
     """config.dropout is applied to attention probabilities and both branches in training only (as upstream):
     eval matches upstream exactly; training is stochastic and unbiased."""
-    cfg = make_config(dropout=0.3)
+    cfg = idefics_config(dropout=0.3)
     up, ours = pair(cfg)
     x, img, mask, gate, _ = layer_inputs(cfg, 2, 16, 2, 8)
     up.eval(), ours.eval()
@@ -308,7 +285,7 @@ def test_dropout_training_and_eval():
 def test_cross_attn_submodule_call_convention():
     """``layer.cross_attn`` is called like upstream's IdeficsAttention and returns ``(output, weights)``. Rows
     that see no image are 0 here where upstream averages all keys; the layer's gate zeroes them on both sides."""
-    cfg = make_config(qk=True)
+    cfg = idefics_config(qk=True)
     up, ours = pair(cfg)
     x, img, mask, gate, _ = layer_inputs(cfg, 2, 9, 2, 4)
     with torch.no_grad():
@@ -323,7 +300,7 @@ def test_cross_attn_submodule_call_convention():
 def test_state_dict_roundtrip_both_ways_and_alpha_shapes():
     for alpha_type, shape in (("float", (1,)), ("vector", (1, 1, 64))):
         for init in ("zeros", "ones"):
-            cfg = make_config(alpha_type=alpha_type, alpha_initializer=init, qk=True)
+            cfg = idefics_config(alpha_type=alpha_type, alpha_initializer=init, qk=True)
             up = hf.IdeficsGatedCrossAttentionLayer(cfg, layer_idx=3)
             ours = ff.IdeficsGatedCrossAttentionLayer(cfg, layer_idx=3)
             assert list(ours.state_dict()) == list(up.state_dict())
@@ -333,7 +310,7 @@ def test_state_dict_roundtrip_both_ways_and_alpha_shapes():
             assert torch.equal(ours.alpha_dense, up.alpha_dense)
             ours.load_state_dict(up.state_dict(), strict=True)
             up.load_state_dict(ours.state_dict(), strict=True)
-    cfg = make_config(qk=False)
+    cfg = idefics_config(qk=False)
     keys = list(ff.IdeficsGatedCrossAttentionLayer(cfg).state_dict())
     assert keys == list(hf.IdeficsGatedCrossAttentionLayer(cfg, 0).state_dict())
     assert not any("layer_norm" in k for k in keys if k.startswith("cross_attn"))
@@ -342,7 +319,7 @@ def test_state_dict_roundtrip_both_ways_and_alpha_shapes():
 def test_float_normal_alpha_divergence():
     """Upstream crashes for alpha_type="float" with a normal initializer (size=(1) is an int); the drop-in draws
     a (1,) normal sample with std alphas_initializer_range."""
-    cfg = make_config(alpha_type="float", alpha_initializer="normal")
+    cfg = idefics_config(alpha_type="float", alpha_initializer="normal")
     with pytest.raises(TypeError):
         hf.IdeficsGatedCrossAttentionLayer(cfg, layer_idx=0)
     layers = [ff.IdeficsGatedCrossAttentionLayer(cfg) for _ in range(50)]
@@ -352,7 +329,7 @@ def test_float_normal_alpha_divergence():
 
 
 def test_gated_layer_errors_match_upstream():
-    cfg = make_config()
+    cfg = idefics_config()
     up, ours = pair(cfg)
     x, img, mask, gate, _ = layer_inputs(cfg, 2, 8, 2, 4)
     calls = [
@@ -391,7 +368,7 @@ def test_gated_layer_errors_match_upstream():
 
 
 def perceiver_pair(qk, head_dim=16, dtype=torch.float32):
-    cfg = make_config(qk_perceiver=qk)
+    cfg = idefics_config(qk_perceiver=qk)
     args = (cfg, 32, 2, 2, head_dim, 8)
     up = hf_perceiver.IdeficsPerceiverResampler(*args)
     ours = ff.IdeficsPerceiverResampler(*args)
@@ -427,7 +404,7 @@ def test_perceiver_matches_upstream_fp32(qk, head_dim):
 def test_perceiver_low_precision(dtype):
     up32, _ = perceiver_pair(True)
     up_lp = copy.deepcopy(up32).to(dtype)
-    ours_lp = ff.IdeficsPerceiverResampler(make_config(qk_perceiver=True), 32, 2, 2, 16, 8).to(dtype)
+    ours_lp = ff.IdeficsPerceiverResampler(idefics_config(qk_perceiver=True), 32, 2, 2, 16, 8).to(dtype)
     ours_lp.load_state_dict(up_lp.state_dict(), strict=True)
     context = torch.randn(6, 17, 32).to(dtype)
     w = torch.randn(6, 8, 32)
@@ -457,12 +434,6 @@ def test_perceiver_input_errors():
 # --------------------------------------------------------------------------------------------------------------
 
 
-def tiny_model(cls=IdeficsForVisionText2Text, seed=0, **kw):
-    torch.manual_seed(seed)
-    kw.setdefault("attn", "sdpa")
-    return cls(make_config(**kw)).eval()
-
-
 def model_inputs(batch=2, num_text=14, num_images=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 100, (batch, num_text), generator=g)
@@ -476,7 +447,7 @@ def model_inputs(batch=2, num_text=14, num_images=3, seed=0):
 
 @pytest.mark.parametrize("use_resampler,act", [(True, "silu"), (False, "gelu")])
 def test_patch_model_logits_generate_and_unpatch(use_resampler, act):
-    model = tiny_model(use_resampler=use_resampler, hidden_act=act)
+    model = tiny_idefics(use_resampler=use_resampler, hidden_act=act)
     inputs = model_inputs()
     params_before = dict(model.named_parameters())
     keys_before = list(model.state_dict())
@@ -527,7 +498,7 @@ def test_patch_model_logits_generate_and_unpatch(use_resampler, act):
 
 
 def test_patch_idefics_model_and_backward():
-    base = tiny_model(IdeficsModel, attn="eager")
+    base = tiny_idefics(IdeficsModel, attn="eager")
     base.train()  # dropout is 0: training mode only turns the gradient machinery on
     inputs = model_inputs(seed=3)
     w = torch.randn(2, 14, 64)
@@ -549,7 +520,7 @@ def test_patch_idefics_model_and_backward():
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_gradient_checkpointing_with_patch(when):
     """transformers' activation checkpointing reaches the drop-in whether it was enabled before or after patch."""
-    model = tiny_model()
+    model = tiny_idefics()
     model.train()
     inputs = model_inputs(seed=5)
 
@@ -579,7 +550,7 @@ def test_gradient_checkpointing_with_patch(when):
 
 def test_patched_model_moves_with_to_and_unpatches():
     """The unused rotary buffers of upstream's cross attention follow .to() while patched and come back."""
-    model = tiny_model()
+    model = tiny_idefics()
     fastflamingo.patch(model)
     model.to(torch.float64)
     fastflamingo.unpatch(model)
@@ -600,7 +571,7 @@ def test_patched_model_moves_with_to_and_unpatches():
 
 
 def test_backend_torch_explicit():
-    cfg = make_config()
+    cfg = idefics_config()
     up, ours = pair(cfg)
     x, img, mask, gate, w = layer_inputs(cfg, 2, 33, 3, 8)
     ref, ref_grads = run_layer(up, x, img, mask, gate, w)
@@ -613,7 +584,7 @@ def test_backend_torch_explicit():
 
 @pytest.mark.triton
 def test_backend_triton_matches_upstream(device):
-    cfg = make_config(qk=True)
+    cfg = idefics_config(qk=True)
     up, ours = pair(cfg)
     up, ours = up.to(device), ours.to(device)
     x, img, mask, gate, w = (t.to(device) for t in layer_inputs(cfg, 2, 24, 2, 8))

@@ -168,9 +168,10 @@ def test_cache_does_not_keep_media_alive():
 @pytest.mark.parametrize("beams", [1, 2], ids=["greedy", "beam2"])
 def test_idefics_generate_runs_resampler_and_projections_once(beams):
     pytest.importorskip("transformers")
-    from test_idefics import model_inputs, tiny_model
+    from fastflamingo.testing import tiny_idefics
+    from test_idefics import model_inputs
 
-    model = tiny_model()
+    model = tiny_idefics()
     inputs = model_inputs()
     steps = 5
     with torch.no_grad():
@@ -252,9 +253,9 @@ def test_idefics_layer_with_beam_repeated_images_matches_uncached(mask_kind):
     """IdeficsCrossAttention with images repeated per beam: the cached K/V has one row per sample on every mask
     path (soft additive bias, dense boolean, all media), and the output equals the uncached per-row projection."""
     pytest.importorskip("transformers")
-    from test_idefics import tiny_model
+    from fastflamingo.testing import tiny_idefics
 
-    model = tiny_model()
+    model = tiny_idefics()
     ff.patch(model)
     attn = model.model.gated_cross_attn_layers[0].cross_attn
     g = torch.Generator().manual_seed(7)

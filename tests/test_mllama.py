@@ -1,6 +1,6 @@
-"""fastflamingo.mllama drop-ins and ``fastflamingo.patch`` against the real transformers mllama classes, built from
-tiny configs here (fastflamingo.testing.tiny_mllama: no hub, no downloads), with masks made by transformers' own
-processor code (mllama_cases)."""
+"""fastflamingo.models.mllama drop-ins and ``fastflamingo.patch`` against the real transformers mllama classes,
+built from tiny configs here (fastflamingo.testing.tiny_mllama: no hub, no downloads), with masks made by
+transformers' own processor code (mllama_cases)."""
 import copy
 import inspect
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import fastflamingo as ff
-from fastflamingo.mllama import MllamaCrossAttentionDecoderLayer, MllamaTextCrossAttention
-from fastflamingo.mllama import torch_path
+from fastflamingo.models.mllama import MllamaCrossAttentionDecoderLayer, MllamaTextCrossAttention
+from fastflamingo.models.mllama import torch_path
 from fastflamingo.testing import tiny_mllama
 from helpers import assert_close, assert_lowp_close
 from mllama_cases import CASES, model_inputs

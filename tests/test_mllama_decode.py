@@ -1,4 +1,4 @@
-"""mllama decode steps: the unit list of the tiles a step can see (fastflamingo.mllama.mask.decode_units) and the
+"""mllama decode steps: the unit list of the tiles a step can see (fastflamingo.models.mllama.mask.decode_units) and the
 decode kernel (kernels/mllama_decode.py through fastflamingo/ops/mllama_decode.py; interpreted on CPU, native on
 CUDA), which reads the additive mask and the cache layout in place. Compared with transformers' attention in
 float64 (softmax(scale q k^T + mask) v); outputs launched into NaN-filled buffers."""
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fastflamingo
-from fastflamingo.mllama import mask as M
-from fastflamingo.mllama import mllama_xattn
+from fastflamingo.models.mllama import mask as M
+from fastflamingo.models.mllama import mllama_xattn
 from mllama_cases import P, TOLERANCE, T, additive_reference, assert_close, make_qkv, mixed_layout, nan_like, prepare
 
 

@@ -2,7 +2,7 @@
 fastflamingo/ops/mllama_xattn.py; interpreted on CPU, native on CUDA), the PyTorch path and the dispatch (the
 decode kernel: test_mllama_decode.py).
 
-Every result is compared with a float64 oracle written from the semantics (fastflamingo.mllama.reference: the
+Every result is compared with a float64 oracle written from the semantics (fastflamingo.models.mllama.reference: the
 processor mask's meaning, or the additive mask as transformers adds it), computed from the inputs as rounded to the
 test dtype. Kernel outputs and gradients are launched into NaN-filled buffers, so every element is proven written.
 """
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import fastflamingo
-from fastflamingo.mllama import mask as M
-from fastflamingo.mllama import mllama_xattn, reference, torch_path
+from fastflamingo.models.mllama import mask as M
+from fastflamingo.models.mllama import mllama_xattn, reference, torch_path
 from mllama_cases import (P, TOLERANCE, T, additive_reference, assert_close, make_qkv, mixed_layout, nan_like,
                           prepare, processor_mask, random_rows)
 

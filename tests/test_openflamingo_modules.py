@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastflamingo as ff
-from fastflamingo import flamingo_pytorch as ffp
+from fastflamingo.models import flamingo_pytorch as ffp
 from helpers import assert_close, assert_lowp_close, grads_of
 from upstream import flamingo_pytorch, of  # noqa: F401 (of is a fixture)
 

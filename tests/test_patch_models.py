@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fastflamingo as ff
-from fastflamingo.testing import tiny_open_flamingo
+from fastflamingo.testing import tiny_flamingo_palm, tiny_open_flamingo
 from helpers import assert_close
 from upstream import flamingo_pytorch
 
@@ -103,30 +103,11 @@ def test_patch_survives_optimizer_and_dtype_moves(flamingo):
     assert model.perceiver.latents.dtype == torch.float64
 
 
-class _TinyImageEncoder(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.proj = nn.Conv2d(3, dim, 8, 8)
-
-    def forward(self, images):
-        return self.proj(images).flatten(2).transpose(1, 2)
-
-
 @pytest.mark.parametrize("immediate", [True, False], ids=["immediate", "all-previous"])
 def test_flamingo_palm_patch(immediate):
-    fp = pytest.importorskip("flamingo_pytorch")
+    pytest.importorskip("flamingo_pytorch")
     flamingo_pytorch()
-    torch.manual_seed(0)
-    model = fp.FlamingoPaLM(
-        dim=32, num_tokens=50, depth=4, dim_head=8, heads=4, cross_attn_every=2, media_token_id=3,
-        img_encoder=_TinyImageEncoder(32), perceiver_num_latents=6, perceiver_depth=2, max_video_frames=3,
-        only_attend_immediate_media=immediate,
-    )
-    with torch.no_grad():
-        for _, block in model.layers:
-            if block is not None:
-                block.attn_gate.fill_(0.6)
-                block.ff_gate.fill_(-0.4)
+    model = tiny_flamingo_palm(immediate=immediate)
     text = torch.randint(4, 50, (2, 20))
     text[:, [0, 11]] = 3
     images = torch.randn(2, 2, 3, 16, 16)

@@ -307,7 +307,7 @@ def test_idefics_perceiver_resampler(device, qk):
     from transformers import IdeficsConfig
     from transformers.models.idefics import perceiver as hf_perceiver
 
-    from fastflamingo import idefics as ffi
+    from fastflamingo.models import idefics as ffi
 
     cfg = IdeficsConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
                         vision_config=dict(embed_dim=32, image_size=32, patch_size=8, num_hidden_layers=1,

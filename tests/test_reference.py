@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import fastflamingo as ff
-from fastflamingo import flamingo_pytorch as ffp
 from fastflamingo import reference as ref
+from fastflamingo.models import flamingo_pytorch as ffp
 from fastflamingo.testing import random_media_locations
 from helpers import assert_close
 from upstream import flamingo_pytorch, of  # noqa: F401 (of is a fixture)
@@ -68,9 +68,10 @@ def test_reference_restates_idefics(alpha_type, qk):
     from transformers.models.idefics.modeling_idefics import IdeficsGatedCrossAttentionLayer
     from transformers.models.idefics.perceiver import IdeficsPerceiverResampler
 
-    from test_idefics import expand_like_idefics_model, make_config, processor_mask
+    from fastflamingo.testing import idefics_config
+    from test_idefics import expand_like_idefics_model, processor_mask
 
-    cfg = make_config(alpha_type=alpha_type, qk=qk, qk_perceiver=qk, alpha_initializer="ones")
+    cfg = idefics_config(alpha_type=alpha_type, qk=qk, qk_perceiver=qk, alpha_initializer="ones")
     torch.manual_seed(0)
     up = _randomize(IdeficsGatedCrossAttentionLayer(cfg, layer_idx=0)).eval()
     image_mask = processor_mask(2, 15, 3, seed=1)

@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastflamingo as ff
-from fastflamingo import masks
+from fastflamingo.models.idefics import mask as image_mask
 from test_media_cache import flamingo  # noqa: F401  (the OpenFlamingo model and prompt fixture)
 
 _READ_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::is_nonzero"}
@@ -111,9 +111,10 @@ def test_open_flamingo_decode_steps_read_no_more_than_upstream(flamingo, beams):
 @pytest.mark.parametrize("beams", [1, 2], ids=["greedy", "beam2"])
 def test_idefics_decode_steps_read_no_more_than_upstream(beams, monkeypatch):
     pytest.importorskip("transformers")
-    from test_idefics import model_inputs, tiny_model
+    from fastflamingo.testing import tiny_idefics
+    from test_idefics import model_inputs
 
-    model = tiny_model()
+    model = tiny_idefics()
     inputs = model_inputs()
     steps = 5
     tokens = {}
@@ -128,7 +129,7 @@ def test_idefics_decode_steps_read_no_more_than_upstream(beams, monkeypatch):
     upstream = reads_per_forward(model.model, run("upstream"))
     ff.patch(model)
     # the gated layers take the model's closed-form mask: the expanded bias is never read
-    monkeypatch.setattr(masks, "idefics_media_mask", lambda *a, **k: pytest.fail("read the expanded mask"))
+    monkeypatch.setattr(image_mask, "idefics_media_mask", lambda *a, **k: pytest.fail("read the expanded mask"))
     patched = reads_per_forward(model.model, run("patched"))
     assert torch.equal(tokens["patched"], tokens["upstream"])
     assert_decode_reads_within_upstream(upstream, patched, steps)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastflamingo
-from fastflamingo import modules
+from fastflamingo.models.openflamingo import modules
 
 pytestmark = pytest.mark.triton
 
@@ -38,7 +38,7 @@ def test_warmup_settles_every_bucket_and_leaves_the_model_alone(device, monkeypa
 
 
 def test_class_sizes_reach_every_class_once():
-    from fastflamingo._warmup import class_sizes
+    from fastflamingo.models._warm import class_sizes
     from fastflamingo.kernels._utils import size_class
 
     bounds = (16, 128, 1024)

@@ -11,7 +11,8 @@ import fastflamingo
 from fastflamingo.testing import tiny_open_flamingo
 
 transformers = pytest.importorskip("transformers")
-from test_idefics import model_inputs, tiny_model  # noqa: E402
+from fastflamingo.testing import tiny_idefics  # noqa: E402
+from test_idefics import model_inputs  # noqa: E402
 from upstream import of  # noqa: E402,F401 (a fixture)
 
 
@@ -61,7 +62,7 @@ def test_torch_save_of_a_patched_module_after_an_eval_forward():
 
 
 def test_torch_save_of_a_patched_idefics_model_after_generate():
-    model = tiny_model()
+    model = tiny_idefics()
     inputs = model_inputs()
     fastflamingo.patch(model)
     with torch.no_grad():
@@ -151,7 +152,7 @@ def test_static_cache_generate_open_flamingo():
 
 
 def test_static_cache_generate_idefics():
-    model = tiny_model()
+    model = tiny_idefics()
     inputs = model_inputs()
     with torch.no_grad():
         expected = model.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation="static")
@@ -186,7 +187,7 @@ def test_inference_mode_generate_open_flamingo_and_idefics():
     fastflamingo.patch(model)
     with torch.inference_mode():
         assert torch.equal(model.generate(**inputs, max_new_tokens=4), expected)
-    idefics, idefics_inputs = tiny_model(), model_inputs()
+    idefics, idefics_inputs = tiny_idefics(), model_inputs()
     with torch.no_grad():
         expected = idefics.generate(**idefics_inputs, max_new_tokens=4, do_sample=False)
     fastflamingo.patch(idefics)
@@ -237,9 +238,10 @@ def test_text_only_batch_gives_every_parameter_a_gradient(of, backend, immediate
 
 
 def test_text_only_batch_idefics_layer_gives_every_parameter_a_gradient():
-    from test_idefics import expand_like_idefics_model, make_config, pair
+    from fastflamingo.testing import idefics_config
+    from test_idefics import expand_like_idefics_model, pair
 
-    upstream, mine = pair(make_config())
+    upstream, mine = pair(idefics_config())
     mask, gate = expand_like_idefics_model(torch.zeros(2, 5, 2), latents=3)
     inputs = (torch.randn(2, 5, 64), None, torch.randn(2, 6, 32))
     for layer in (upstream, mine):
@@ -270,14 +272,15 @@ def test_meta_tensors_trace_through_the_open_flamingo_dropins(of):
 
 
 def test_meta_tensors_trace_through_the_idefics_dropins():
-    from test_idefics import expand_like_idefics_model, make_config
+    from fastflamingo.testing import idefics_config
+    from test_idefics import expand_like_idefics_model
     from transformers.models.idefics import modeling_idefics as hf
 
-    config = make_config(alpha_initializer="ones")  # (upstream's "normal" alphas ignore the device context)
+    config = idefics_config(alpha_initializer="ones")  # (upstream's "normal" alphas ignore the device context)
     mask, gate = expand_like_idefics_model(torch.eye(5, 2)[None].expand(2, -1, -1), latents=3)
     with torch.device("meta"):
         upstream = hf.IdeficsGatedCrossAttentionLayer(config, layer_idx=0)
-        mine = fastflamingo.idefics.IdeficsGatedCrossAttentionLayer(config, layer_idx=0)
+        mine = fastflamingo.models.idefics.IdeficsGatedCrossAttentionLayer(config, layer_idx=0)
         inputs = (torch.randn(2, 5, 64), None, torch.randn(2, 6, 32))
         kwargs = dict(image_attention_mask=mask.to("meta"), cross_attention_gate=gate.to("meta"))
         expected, got = upstream(*inputs, **kwargs), mine(*inputs, **kwargs)
@@ -300,7 +303,7 @@ def test_perceivers_accept_half_media_with_fp32_latents_as_upstream(of, media_dt
     x, latents = torch.randn(2, 2, 5, 16).to(media_dtype), torch.randn(2, 2, 3, 16)
     torch.testing.assert_close(mine(x, latents), upstream(x, latents), rtol=1e-5, atol=1e-6)
     upstream = hf_perceiver.IdeficsPerceiverAttention(16, 2, 8, True)
-    mine = fastflamingo.idefics.IdeficsPerceiverAttention(16, 2, 8, True)
+    mine = fastflamingo.models.idefics.IdeficsPerceiverAttention(16, 2, 8, True)
     mine.load_state_dict(upstream.state_dict())
     context, latents = torch.randn(2, 5, 16).to(media_dtype), torch.randn(2, 3, 16)
     torch.testing.assert_close(mine(context, latents), upstream(context, latents), rtol=1e-5, atol=1e-6)

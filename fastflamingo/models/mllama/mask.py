@@ -29,16 +29,14 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .. import masks as _masks
+from ... import masks as _masks
+from ...masks import Run
 
 ALL_KEYS = -1
 EMPTY_ROWS = ("hf", "zero")
 # Llama 3.2 Vision: (560 / 14) ** 2 + 1 tokens per tile, 4 tiles per image.
 TOKENS_PER_TILE = 1601
 MAX_TILES = 4
-
-# (batch index or None for every sample, t0, t1, img_start, img_end)
-Run = Tuple[Optional[int], int, int, int, int]
 
 
 class MllamaMask:

@@ -1,32 +1,25 @@
 """``fastflamingo.patch(model)``: swap fastflamingo's drop-ins into an existing model, in place.
 
-Supported: OpenFlamingo ``Flamingo`` (open-flamingo 2.0.1), Hugging Face ``IdeficsForVisionText2Text`` /
-``IdeficsModel``, ``MllamaForConditionalGeneration`` / ``MllamaModel`` / ``MllamaForCausalLM`` (Llama 3.2 Vision),
-flamingo-pytorch ``FlamingoPaLM``, and any module that contains their gated cross-attention blocks, masked
-cross-attention, perceiver resamplers or perceiver attention layers.
+Supported: every family of the registry (``fastflamingo.models.FAMILIES``: OpenFlamingo, flamingo-pytorch,
+IDEFICS, mllama / Llama 3.2 Vision), and any module that contains their gated cross-attention layers, masked
+cross-attention, perceiver resamplers or perceiver attention layers. Each family brings its rules and model-level
+hooks; the swap itself is the shared engine in ``fastflamingo/models/_patching.py``.
 """
 from __future__ import annotations
 
+from typing import List
+
 from torch import nn
 
-from ._common import ORIGINAL_ATTR, PatchReport, apply_rules, restore, route_init_weights, unroute_init_weights
+from .models import FAMILIES
+from .models._patching import (ORIGINAL_ATTR, PatchReport, Rule, apply_rules, restore, route_init_weights,
+                               unroute_init_weights)
 
-SUPPORTED = (
-    "OpenFlamingo Flamingo (open-flamingo 2.0.1): GatedCrossAttentionBlock, MaskedCrossAttention, "
-    "PerceiverResampler, PerceiverAttention",
-    "Hugging Face transformers IdeficsForVisionText2Text / IdeficsModel: IdeficsGatedCrossAttentionLayer, "
-    "IdeficsPerceiverResampler",
-    "flamingo-pytorch FlamingoPaLM (0.1.2): GatedCrossAttentionBlock, MaskedCrossAttention, PerceiverResampler, "
-    "PerceiverAttention",
-    "Hugging Face transformers MllamaForConditionalGeneration / MllamaModel / MllamaForCausalLM: "
-    "MllamaCrossAttentionDecoderLayer, MllamaTextCrossAttention",
-)
+SUPPORTED = tuple(family.supported() for family in FAMILIES)
 
 
-def _rules(model: nn.Module, empty_rows: str):
-    from . import flamingo, idefics, mllama
-
-    return flamingo.RULES + idefics.RULES + mllama.rules(model, empty_rows)
+def _rules(model: nn.Module, empty_rows: str) -> List[Rule]:
+    return [rule for family in FAMILIES for rule in family.rules(model, empty_rows)]
 
 
 def patch(model: nn.Module, *, empty_rows: str = "hf") -> PatchReport:
@@ -66,19 +59,17 @@ def patch(model: nn.Module, *, empty_rows: str = "hf") -> PatchReport:
 def unpatch(model: nn.Module) -> int:
     """Put back the original upstream modules replaced by :func:`patch` and remove the model-level hooks it added;
     returns how many modules were restored."""
-    from ..idefics import model_mask
-
-    model_mask.uninstall(model)
+    for family in FAMILIES:
+        family.remove_hooks(model)
     unroute_init_weights(model)
     return restore(model)
 
 
 def _install_model_hooks(model: nn.Module) -> None:
-    """Model-level hooks beside the module swaps: an ``IdeficsModel`` hands its gated layers the closed-form image
-    mask (``fastflamingo/idefics/model_mask.py``)."""
-    from ..idefics import model_mask
-
-    model_mask.install(model)
+    """Model-level hooks beside the module swaps (e.g. an ``IdeficsModel`` hands its gated layers the closed-form
+    image mask: ``fastflamingo/models/idefics/model_mask.py``)."""
+    for family in FAMILIES:
+        family.install_hooks(model)
 
 
 __all__ = ["patch", "unpatch", "PatchReport", "SUPPORTED"]

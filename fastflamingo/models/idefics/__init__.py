@@ -1,4 +1,5 @@
-"""Drop-in modules for Hugging Face IDEFICS (transformers ``models/idefics``).
+"""The IDEFICS family: drop-in modules for Hugging Face IDEFICS (transformers ``models/idefics``), its mask
+recovery (``mask.py``, ``model_mask.py``) and its patch rules (``rules.py``).
 
 Constructor arguments, submodule names and state_dict keys are those of upstream's
 ``IdeficsGatedCrossAttentionLayer`` and ``IdeficsPerceiverResampler``, so
@@ -7,7 +8,7 @@ the config is any object (or dict) with IdeficsConfig's attributes, read with up
 
 Inside a patched ``IdeficsModel`` the gated layers take the closed-form mask that the model's forward derives from
 its (batch, text, num_images) argument (``model_mask.py``); called on their own they recover it from the expanded
-mask they receive with :func:`fastflamingo.masks.idefics_media_mask` (see there how).
+mask they receive with :func:`mask.idefics_media_mask` (see there how).
 
 Divergences from upstream, all deliberate:
 
@@ -19,9 +20,10 @@ Divergences from upstream, all deliberate:
 - ``image_attention_mask=None`` means every token sees every key (upstream's eager attention); upstream's sdpa path
   would apply a causal mask over (text, keys) because ``IdeficsAttention.is_causal`` is True.
 """
-from ..masks import idefics_media_mask
 from .attention import IdeficsCrossAttention, IdeficsRMSNorm
+from .family import FAMILY
 from .layer import IdeficsGatedCrossAttentionLayer, IdeficsMLP
+from .mask import idefics_media_mask
 from .perceiver import IdeficsPerceiverAttention, IdeficsPerceiverMLP, IdeficsPerceiverResampler
 
 __all__ = [
@@ -33,4 +35,5 @@ __all__ = [
     "IdeficsPerceiverAttention",
     "IdeficsPerceiverMLP",
     "idefics_media_mask",
+    "FAMILY",
 ]

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import functional
-from .._checks import check_linear_input, check_tensor, promoted_as_concatenated
-from ..cache import ProjectionCache
+from ... import functional
+from ..._checks import check_linear_input, check_tensor, promoted_as_concatenated
+from ...cache import ProjectionCache
 from .config import PERCEIVER_DEFAULTS, get, vision_embed_dim
 
 

@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .. import functional as FF
+from ... import functional as FF
 from ..idefics.attention import _common_dtype
 from ..idefics.config import activation
 from . import mask as mask_mod

@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ...reference import visible_softmax
+
 
 def visible_keys(cross_attention_mask: torch.Tensor, tokens_per_tile: int, empty_rows: str = "hf") -> torch.Tensor:
     """(batch, text, images * tiles * tokens_per_tile) bool visibility of a processor mask."""
@@ -29,11 +31,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.
     qd, kd, vd = (t.detach().to("cpu", torch.float64).requires_grad_() for t in (q, k, v))
     group = q.shape[2] // k.shape[1]
     kr, vr = kd.repeat_interleave(group, dim=1), vd.repeat_interleave(group, dim=1)
-    allowed = visible.to("cpu")[:, None]  # (B, 1, S, K)
-    seen = allowed.any(-1, keepdim=True)
-    scores = torch.einsum("bshd,bhkd->bhsk", qd, kr) * scale
-    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~seen, 0.0)  # no all -inf rows: no NaN
-    probs = torch.softmax(scores, dim=-1).masked_fill(~seen, 0.0)
+    probs = visible_softmax(torch.einsum("bshd,bhkd->bhsk", qd, kr) * scale, visible.to("cpu")[:, None])
     out = torch.einsum("bhsk,bhkd->bshd", probs, vr)
     if grad_out is None:
         return out.detach(), None

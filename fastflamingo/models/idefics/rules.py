@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .. import idefics
-from ._common import Rule, class_named
+from .._patching import Rule, class_named
+from .layer import IdeficsGatedCrossAttentionLayer
+from .perceiver import IdeficsPerceiverAttention, IdeficsPerceiverResampler
 
 
 def _has(m: nn.Module, *names: str) -> bool:
@@ -41,7 +42,7 @@ def _convert_gated_layer(m: nn.Module) -> nn.Module:
         alpha_initializer="zeros",  # values are adopted from the upstream Parameters
         vision_config=dict(embed_dim=attn.k_proj.in_features),
     )
-    new = idefics.IdeficsGatedCrossAttentionLayer(config, layer_idx=getattr(attn, "layer_idx", None))
+    new = IdeficsGatedCrossAttentionLayer(config, layer_idx=getattr(attn, "layer_idx", None))
     if attn.qk_layer_norms:
         new.cross_attn.q_layer_norm.variance_epsilon = attn.q_layer_norm.variance_epsilon
         new.cross_attn.k_layer_norm.variance_epsilon = attn.k_layer_norm.variance_epsilon
@@ -66,7 +67,7 @@ def _is_perceiver_attention(m: nn.Module) -> bool:
 
 
 def _convert_perceiver_attention(m: nn.Module) -> nn.Module:
-    return idefics.IdeficsPerceiverAttention(m.embed_dim, m.n_heads, m.head_dim, bool(m.qk_layer_norms))
+    return IdeficsPerceiverAttention(m.embed_dim, m.n_heads, m.head_dim, bool(m.qk_layer_norms))
 
 
 def _is_resampler(m: nn.Module) -> bool:
@@ -86,7 +87,7 @@ def _convert_resampler(m: nn.Module) -> nn.Module:
         perceiver_config=dict(qk_layer_norms_perceiver=bool(m.qk_layer_norms)),
         vision_config=dict(embed_dim=vision_dim),
     )
-    new = idefics.IdeficsPerceiverResampler(config, m.embed_dim, len(m.blocks), m.n_heads, m.head_dim, m.n_latents)
+    new = IdeficsPerceiverResampler(config, m.embed_dim, len(m.blocks), m.n_heads, m.head_dim, m.n_latents)
     if new.intermediate_dim != m.intermediate_dim:
         raise ValueError(
             f"cannot patch IdeficsPerceiverResampler: MLP width {m.intermediate_dim} is not 4 x {vision_dim}"
@@ -94,8 +95,13 @@ def _convert_resampler(m: nn.Module) -> nn.Module:
     return new
 
 
-RULES = [
+RULES = (
     Rule("IdeficsGatedCrossAttentionLayer", _is_gated_layer, _convert_gated_layer),
     Rule("IdeficsPerceiverResampler", _is_resampler, _convert_resampler),
     Rule("IdeficsPerceiverAttention", _is_perceiver_attention, _convert_perceiver_attention),
-]
+)
+
+
+def rules(model: nn.Module, empty_rows: str) -> tuple:
+    """IDEFICS's rules do not depend on the model or on ``patch``'s options."""
+    return RULES

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import functional
-from .._checks import check_tensor
+from ... import functional
+from ..._checks import check_tensor
 from .attention import IdeficsCrossAttention, IdeficsRMSNorm
 from .config import DEFAULTS, activation, get
 

@@ -3,8 +3,8 @@
 Paths (``FASTFLAMINGO_BACKEND`` / ``fastflamingo.backend(...)`` pick the backend as for every op):
 
 - Triton prefill: the closed-form kernels (interval-masked GQA, forward and backward) whenever the mask has the
-  closed form (:func:`~fastflamingo.mllama.mask.from_additive_mask`: one derivation per mask tensor, shared by every
-  layer, one host synchronisation);
+  closed form (:func:`.mask.from_additive_mask`: one derivation per mask tensor, shared by every layer, one host
+  synchronisation);
 - Triton decode (at most ``DECODE_MAX_TOKENS`` new tokens, no gradient, an additive mask or None): the decode kernel
   reads the mask and the cache tensors in place and skips the tiles no token sees, with no host synchronisation;
 - PyTorch: runs of tokens with the closed form, else transformers' dense attention with the mask as given (no
@@ -16,7 +16,8 @@ from typing import List, Optional, Union
 
 import torch
 
-from .. import _backend
+from ... import _backend
+from ...masks import zero_unseen
 from . import mask as mask_mod
 from . import torch_path
 from .mask import MllamaMask
@@ -89,7 +90,7 @@ def mllama_xattn(
             place; ``heads`` a multiple of ``kv_heads`` (query head h reads K/V head h // group).
         attention_mask: the additive (batch or 1, 1, text, keys) mask transformers gives the layer (0 = attend,
             ``finfo.min`` = blocked; boolean True = attend also accepted), an
-            :class:`~fastflamingo.mllama.mask.MllamaMask`, or None: every key (not causal, unlike transformers'
+            :class:`~fastflamingo.models.mllama.mask.MllamaMask`, or None: every key (not causal, unlike transformers'
             SDPA path without a mask, transformers #48172).
         scale: softmax scale, default ``head_dim ** -0.5``.
         tokens_per_tile, max_tiles: the vision tile size and tiles per image, to recover the closed form
@@ -130,8 +131,8 @@ def mllama_xattn(
     def triton_reasons() -> List[str]:
         if dropout_p:
             return [f"attention dropout (dropout_p={dropout_p}) is not supported by the kernels"]
-        from ..ops import mllama_decode as decode_ops
-        from ..ops import mllama_xattn as ops
+        from ...ops import mllama_decode as decode_ops
+        from ...ops import mllama_xattn as ops
 
         reasons = ops.unsupported_reasons(q, k, v)
         group = q.shape[2] // k.shape[1]
@@ -145,14 +146,14 @@ def mllama_xattn(
 
     if _backend.choose("mllama_xattn", (q, k, v), triton_reasons) == "triton":
         if decode:
-            from ..ops.mllama_decode import mllama_decode
+            from ...ops.mllama_decode import mllama_decode
 
             units, count, unit_len = mask_mod.decode_units(attention_mask, num_keys, tokens_per_tile, batch,
                                                            q.device, flag)
             mask3 = None if attention_mask is None else attention_mask[:, 0]
             out = mllama_decode(q, k, v, mask3, units, count, unit_len, scale)
-            return out if flag is None else torch.where((flag == 0)[:, :, None, None], out.new_zeros(()), out)
-        from ..ops.mllama_xattn import mllama_xattn as kernel_path
+            return out if flag is None else zero_unseen(out, flag != 0)
+        from ...ops.mllama_xattn import mllama_xattn as kernel_path
 
         return kernel_path(q, k, v, closed_form(), scale)
 

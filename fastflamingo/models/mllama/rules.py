@@ -15,11 +15,9 @@ from typing import List, Tuple
 
 from torch import nn
 
-from ..mllama import layers as ff
-from ..mllama import mask as mask_mod
-from ._common import Rule, class_named
-
-
+from .._patching import Rule, class_named
+from . import layers as ff
+from . import mask as mask_mod
 
 def _has(m: nn.Module, *names: str) -> bool:
     return all(hasattr(m, n) for n in names)
@@ -51,7 +49,7 @@ def vision_sizes(root: nn.Module) -> Tuple[int, int]:
 def _install_output_hooks(root: nn.Module) -> None:
     """transformers installs its output-recording hooks (``output_hidden_states``) on the first forward, on the
     modules that are instances of its own classes: install them now, on the upstream layers, and the drop-ins take
-    them over (``_common.carry_attachments``)."""
+    them over (``models/_patching.py``, ``carry_attachments``)."""
     for module in root.modules():
         if type(module).__name__ == "MllamaTextModel" and hasattr(module, "_can_record_outputs"):
             try:
@@ -96,11 +94,11 @@ def _decoder_layer(m: nn.Module, sizes: Tuple[int, int], empty_rows: str) -> nn.
     if getattr(m.mlp, "config", None) is not None:
         new.mlp.config = m.mlp.config
     # hooks and markers set on the upstream layers (output recording, gradient checkpointing) are carried over by
-    # patching._common.carry_attachments, as for every drop-in
+    # models/_patching.py (carry_attachments), as for every drop-in
     return new
 
 
-def rules(root: nn.Module, empty_rows: str = "hf") -> List[Rule]:
+def rules(root: nn.Module, empty_rows: str) -> List[Rule]:
     """The mllama rules for patching ``root``: tile sizes from its vision encoder, ``empty_rows`` for every layer."""
     mask_mod._check_empty_rows(empty_rows)
     if not any(_is_decoder_layer(m) or _is_attention(m) for m in root.modules()):

@@ -6,6 +6,10 @@ is built on the meta device and then adopts the upstream module's Parameter obje
 state, ``requires_grad`` flags, parametrizations and wrappers that hold those parameters keep working, and no
 weight is copied. Every alias of a replaced module (OpenFlamingo holds each gated cross-attention block under three
 names) is redirected to the one new module.
+
+The rules are each family's (``models/<family>/rules.py``); ``fastflamingo/patching.py`` (``patch``, ``unpatch``)
+applies every registered family's. This engine sits below the families, which import :class:`Rule` from it, so the
+import graph runs one way: patching -> the registry -> a family's rules -> this module.
 """
 from __future__ import annotations
 

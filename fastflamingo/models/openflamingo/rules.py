@@ -1,22 +1,23 @@
-"""Rules that recognise OpenFlamingo 2.0.1 and flamingo-pytorch 0.1.2 modules and build their drop-ins.
+"""Rules that recognise OpenFlamingo 2.0.1 modules and build their drop-ins.
 
-Both packages define classes of the same names; OpenFlamingo's take ``use_cached_media`` in ``forward`` and its
-resampler has ``media_time_embs`` / ``frame_embs`` where flamingo-pytorch's has ``media_pos_emb``.
+flamingo-pytorch 0.1.2 defines classes of the same names and structure (its rules, ``models/flamingo_pytorch/
+rules.py``, reuse the recognisers below): OpenFlamingo's take ``use_cached_media`` in ``forward`` and its resampler
+has ``media_time_embs`` / ``frame_embs`` where flamingo-pytorch's has ``media_pos_emb``. Both packages' stand-alone
+``PerceiverAttention`` have the same signature and become this family's drop-in.
 """
 from __future__ import annotations
 
 from torch import nn
 
-from .. import flamingo_pytorch as fp
-from .. import modules as of
-from ._common import Rule, class_named, forward_takes
+from .._patching import Rule, class_named, forward_takes
+from . import modules as of
 
 
-def _is_open_flamingo(module: nn.Module) -> bool:
+def is_open_flamingo(module: nn.Module) -> bool:
     return forward_takes(module, "use_cached_media")
 
 
-def _attention_args(attn: nn.Module) -> dict:
+def attention_args(attn: nn.Module) -> dict:
     heads = attn.heads
     return dict(
         dim=attn.norm.normalized_shape[0],
@@ -26,36 +27,30 @@ def _attention_args(attn: nn.Module) -> dict:
     )
 
 
-def _is_masked_cross_attention(m: nn.Module) -> bool:
+def is_masked_cross_attention(m: nn.Module) -> bool:
     return class_named(m, "MaskedCrossAttention") and all(hasattr(m, a) for a in ("to_q", "to_kv", "to_out", "norm"))
 
 
-def _is_gated_block(m: nn.Module) -> bool:
+def is_gated_block(m: nn.Module) -> bool:
     return (
         class_named(m, "GatedCrossAttentionBlock")
         and hasattr(m, "attn_gate")
         and hasattr(m, "ff_gate")
-        and _is_masked_cross_attention(getattr(m, "attn", None) or nn.Module())
+        and is_masked_cross_attention(getattr(m, "attn", None) or nn.Module())
     )
 
 
-def _ff_mult(ff: nn.Module, dim: int) -> float:
+def ff_mult(ff: nn.Module, dim: int) -> float:
     return ff[1].out_features / dim
 
 
 def _convert_masked_cross_attention(m):
-    args = _attention_args(m)
-    if _is_open_flamingo(m):
-        return of.MaskedCrossAttention(dim_visual=m.to_kv.in_features, **args)
-    return fp.MaskedCrossAttention(**args)
+    return of.MaskedCrossAttention(dim_visual=m.to_kv.in_features, **attention_args(m))
 
 
 def _convert_gated_block(m):
-    args = _attention_args(m.attn)
-    ff_mult = _ff_mult(m.ff, args["dim"])
-    if _is_open_flamingo(m):
-        return of.GatedCrossAttentionBlock(dim_visual=m.attn.to_kv.in_features, ff_mult=ff_mult, **args)
-    return fp.GatedCrossAttentionBlock(ff_mult=ff_mult, **args)
+    args = attention_args(m.attn)
+    return of.GatedCrossAttentionBlock(dim_visual=m.attn.to_kv.in_features, ff_mult=ff_mult(m.ff, args["dim"]), **args)
 
 
 def _is_perceiver_attention(m):
@@ -70,7 +65,7 @@ def _convert_perceiver_attention(m):
     )
 
 
-def _is_resampler(m):
+def is_resampler(m):
     return (
         class_named(m, "PerceiverResampler")
         and isinstance(getattr(m, "layers", None), nn.ModuleList)
@@ -79,19 +74,21 @@ def _is_resampler(m):
     )
 
 
-def _convert_resampler(m):
+def resampler_args(m) -> dict:
     num_latents, dim = m.latents.shape
     attn, ff = m.layers[0]
-    args = dict(
+    return dict(
         dim=dim,
         depth=len(m.layers),
         dim_head=attn.to_q.out_features // attn.heads,
         heads=attn.heads,
         num_latents=num_latents,
-        ff_mult=_ff_mult(ff, dim),
+        ff_mult=ff_mult(ff, dim),
     )
-    if hasattr(m, "media_pos_emb"):
-        return fp.PerceiverResampler(num_media_embeds=m.media_pos_emb.shape[0], **args)
+
+
+def _convert_resampler(m):
+    args = resampler_args(m)
     return of.PerceiverResampler(
         max_num_media=None if m.media_time_embs is None else m.media_time_embs.shape[0],
         max_num_frames=None if m.frame_embs is None else m.frame_embs.shape[0],
@@ -99,9 +96,15 @@ def _convert_resampler(m):
     )
 
 
-RULES = [
-    Rule("GatedCrossAttentionBlock", _is_gated_block, _convert_gated_block),
-    Rule("MaskedCrossAttention", _is_masked_cross_attention, _convert_masked_cross_attention),
-    Rule("PerceiverResampler", _is_resampler, _convert_resampler),
+RULES = (
+    Rule("GatedCrossAttentionBlock", lambda m: is_gated_block(m) and is_open_flamingo(m), _convert_gated_block),
+    Rule("MaskedCrossAttention", lambda m: is_masked_cross_attention(m) and is_open_flamingo(m),
+         _convert_masked_cross_attention),
+    Rule("PerceiverResampler", lambda m: is_resampler(m) and not hasattr(m, "media_pos_emb"), _convert_resampler),
     Rule("PerceiverAttention", _is_perceiver_attention, _convert_perceiver_attention),
-]
+)
+
+
+def rules(model: nn.Module, empty_rows: str) -> tuple:
+    """OpenFlamingo's rules do not depend on the model or on ``patch``'s options."""
+    return RULES

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import functional, masks
-from .._checks import check_linear_input, check_tensor
-from ..cache import ProjectionCache
-from ..ops.torch_path import fold_groups, unfold_groups
+from ... import functional, masks
+from ..._checks import check_linear_input, check_tensor
+from ...cache import ProjectionCache
+from ...ops.torch_path import fold_groups, unfold_groups
+from . import mask as image_mask
 from .config import DEFAULTS, get, latents_per_image, vision_embed_dim
 from .model_mask import model_mask
 
@@ -155,13 +156,14 @@ class IdeficsCrossAttention(nn.Module):
         num_keys = key_value_states.shape[1]
         traced = torch.compiler.is_compiling() and attention_mask is not None
         if traced:  # the closed form is found on device, below (the host-side recovery cannot be traced)
-            mask = masks.checked_idefics_mask(attention_mask, batch, num_text, num_keys)
+            mask = image_mask.checked_idefics_mask(attention_mask, batch, num_text, num_keys)
         else:
             # the closed form published by the enclosing IdeficsModel forward (no read of the expanded bias), else
             # recovered from the bias itself
             mask = model_mask(batch, num_text, num_keys)
             if mask is None:
-                mask = masks.idefics_media_mask(attention_mask, batch, num_text, num_keys, hidden_states.device)
+                mask = image_mask.idefics_media_mask(attention_mask, batch, num_text, num_keys,
+                                                     hidden_states.device)
         heads = (self.num_heads, self.head_dim)
         q = self.q_proj(hidden_states).view(batch, num_text, *heads)
         if self.qk_layer_norms:
@@ -181,8 +183,8 @@ class IdeficsCrossAttention(nn.Module):
         """:meth:`attend` for code being traced (torch.compile / torch.export), same results as eager.
 
         On the Triton backend the closed form is checked on device for the latent count the config implies
-        (:func:`fastflamingo.masks.idefics_closed_form_traced`) and ``torch.cond`` picks the kernel (immediate or
-        all-previous mode) or, for any other mask, the dense computation. On the PyTorch path, which attends
+        (:func:`.mask.idefics_closed_form_traced`) and ``torch.cond`` picks the kernel (immediate or all-previous
+        mode) or, for any other mask, the dense computation. On the PyTorch path, which attends
         densely while traced anyway, the dense computation runs directly.
         """
         # torch.cond takes no symbolic float among the values its branches capture, and floats read from module
@@ -194,7 +196,7 @@ class IdeficsCrossAttention(nn.Module):
         latents = latents_per_image(self.config)
         if not latents or num_keys % latents or functional.media_xattn_backend(q, k, v, dropout_p=dropout_p) != "triton":
             return dense(q, k, v, mask)
-        text_time, immediate, all_previous = masks.idefics_closed_form_traced(mask, latents)
+        text_time, immediate, all_previous = image_mask.idefics_closed_form_traced(mask, latents)
         num_images = num_keys // latents
 
         def closed_form(mode):
@@ -232,14 +234,14 @@ def _dense_traced(q, k, v, mask: torch.Tensor, *, scale: float, dropout_p: float
     """Every key through SDPA with the (checked) layer mask itself, as eager attends with it: a soft bias as is; a
     hard mask with exact zeros for tokens that see no key (eager's closed form and dense paths give those). Rows
     that see nothing attend to every key first, so the softmax stays finite (no NaN forward or backward)."""
-    allowed = masks.allowed_keys(mask)  # (batch, text, keys)
-    keep = allowed.any(-1) | ~masks.hard_mask_flag(mask)  # rows whose dense output is kept
+    allowed = image_mask.allowed_keys(mask)  # (batch, text, keys)
+    keep = allowed.any(-1) | ~image_mask.hard_mask_flag(mask)  # rows whose dense output is kept
     if mask.dtype == torch.bool:
         bias = (allowed | ~keep[..., None])[:, None]
     else:
         bias = torch.where(keep[:, None, :, None], mask, mask.new_zeros(()))
     out = _bias_attention(q, k, v, bias, scale, dropout_p, r)
-    return torch.where(keep[:, :, None, None], out, out.new_zeros(())).contiguous()
+    return masks.zero_unseen(out, keep).contiguous()
 
 
 def _broadcast_batch(mask: torch.Tensor, batch: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ Constructor arguments, parameter names and state_dict keys are those of upstream
 :mod:`fastflamingo.functional`, which picks the Triton kernels or the optimized PyTorch path.
 
 flamingo-pytorch's variants (no ``dim_visual``, ``media_pos_emb``, no ``use_cached_media``) are in
-:mod:`fastflamingo.flamingo_pytorch`.
+:mod:`fastflamingo.models.flamingo_pytorch`.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import functional, masks
-from ._checks import check_linear_input, check_tensor, promoted_as_concatenated
-from .cache import ProjectionCache
+from ... import functional, masks
+from ..._checks import check_linear_input, check_tensor, promoted_as_concatenated
+from ...cache import ProjectionCache
 
 
 class FeedForward(nn.Sequential):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import modules
-from ._checks import check_tensor
-from .modules import FeedForward, PerceiverAttention
+from ..openflamingo import modules
+from ..._checks import check_tensor
+from ..openflamingo.modules import FeedForward, PerceiverAttention
 
 __all__ = ["FeedForward", "PerceiverAttention", "MaskedCrossAttention", "GatedCrossAttentionBlock", "PerceiverResampler"]
 

@@ -5,7 +5,7 @@ Layouts: q (B, S, H, D); k, v (B, Hkv, K, D) (the transformers cache layout); ou
 GQA without repeating K/V: ``scaled_dot_product_attention(..., enable_gqa=True)`` reads each K/V head for its
 ``G = H / Hkv`` query heads in place (transformers' SDPA path repeats K/V G times when there is a mask).
 
-With the closed form (:class:`~fastflamingo.mllama.mask.MllamaMask`) the text is cut into runs of tokens that see
+With the closed form (:class:`~fastflamingo.models.mllama.mask.MllamaMask`) the text is cut into runs of tokens that see
 the same images; each run attends to exactly its keys, with no mask when it sees one image (its real tiles are one
 contiguous slice) or every key, and a small key mask when it sees a run of consecutive images (the padded tiles
 between them). Nothing of size text x keys is built. Without it, :func:`dense` is transformers' computation with
@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ...masks import zero_unseen
 from .mask import ALL_KEYS, MllamaMask
 
 
@@ -67,9 +68,7 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: Opt
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
                                          enable_gqa=k.shape[1] != q.shape[2])
     out = out.transpose(1, 2)
-    if zero_rows is not None:
-        out = torch.where(zero_rows[:, :, None, None], out.new_zeros(()), out)
-    return out
+    return out if zero_rows is None else zero_unseen(out, ~zero_rows)
 
 
 __all__ = ["runs", "dense"]

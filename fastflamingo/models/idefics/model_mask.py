@@ -2,9 +2,9 @@
 
 ``IdeficsModel.forward`` receives the image mask as (batch, text, num_images) and expands it, before calling the
 gated layers, to an additive (batch, 1, text, images * latents) bias. Recovering the closed form from that expanded
-bias costs host reads in every step (``fastflamingo.masks.idefics_media_mask``). ``fastflamingo.patch`` therefore
+bias costs host reads in every step (``mask.idefics_media_mask``). ``fastflamingo.patch`` therefore
 installs a forward pre-hook on every ``IdeficsModel``: it derives the :class:`~fastflamingo.masks.MediaMask` from the
-(batch, text, num_images) argument itself (:func:`fastflamingo.masks.from_image_attention_mask`: the mode is decided
+(batch, text, num_images) argument itself (:func:`mask.from_image_attention_mask`: the mode is decided
 once per prompt mask, and a decode step, whose mask is a view of the prompt's, computes ``text_time`` on the device
 only) and publishes it for the duration of the forward; the gated layers read it from there
 (:func:`model_mask`) and never read the expanded bias. A forward hook (``always_call``: also when the forward
@@ -22,7 +22,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .. import masks
+from ... import masks
+from . import mask as idefics_mask
 
 # (mask, num_images) per active IdeficsModel forward, innermost last
 _ACTIVE: contextvars.ContextVar[Tuple[tuple, ...]] = contextvars.ContextVar("fastflamingo_idefics_mask", default=())
@@ -47,7 +48,7 @@ def _publish(module: nn.Module, args: tuple, kwargs: Dict[str, Any]):
     entry = None
     image_mask = _mask_argument(module, args, kwargs)
     if isinstance(image_mask, torch.Tensor) and image_mask.dim() == 3:
-        entry = (masks.from_image_attention_mask(image_mask), image_mask.shape[-1])
+        entry = (idefics_mask.from_image_attention_mask(image_mask), image_mask.shape[-1])
     _ACTIVE.set(_ACTIVE.get() + (entry,))  # None keeps the stack balanced: the layers then fall back
     return None
 
