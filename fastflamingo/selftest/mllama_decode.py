@@ -24,8 +24,8 @@ def cases(toy: bool) -> list:
 
 
 def _run(device, *, config, splits, has_mask, dtype, head_dim, shape):
-    from ..mllama import mask as M
-    from ..mllama import reference, torch_path
+    from ..models.mllama import mask as M
+    from ..models.mllama import reference, torch_path
 
     batch, tokens, kv_heads, group, per_tile, tiles = shape
     cam = image_mask(batch, 16, tiles, device)[:, -tokens:]

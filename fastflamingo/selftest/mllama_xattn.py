@@ -52,8 +52,8 @@ def image_mask(batch: int, text: int, tiles: int, device) -> torch.Tensor:
 
 
 def _run(device, *, configs, dtype, head_dim, empty_rows, shape):
-    from ..mllama import mask as M
-    from ..mllama import torch_path
+    from ..models.mllama import mask as M
+    from ..models.mllama import torch_path
 
     batch, text, kv_heads, group, per_tile, tiles = shape
     closed = M.from_cross_attention_mask(image_mask(batch, text, tiles, device), per_tile, empty_rows)
