@@ -1,6 +1,6 @@
 """Compile every Triton kernel of fastflamingo for the GPU, ahead of time and without a GPU.
 
-    python -m fastflamingo.aot [--quick] [--arch 80 90] [--jobs N] [--family NAME]
+    python -m fastflamingo.aot [--quick] [--arch 80 90] [--jobs N] [--family NAME] [--save FILE] [--compare FILE]
 
 For each kernel family listed in ``fastflamingo.ops.KERNEL_FAMILIES``, its ``aot_variants()`` describe the
 launches its launcher makes at representative shapes (every argument, as passed) for every shipped launch config of
@@ -8,11 +8,21 @@ each architecture, dtype and representative constexpr combination. The specializ
 by Triton's own rules (integers that are multiples of 16 or equal to 1, aligned pointers), so what is compiled is
 the kernel a GPU launch compiles; ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` compiles it
 for each architecture whose list ships the config (ptxas and cuobjdump ship inside the triton wheel). The report
-lists registers per thread, local memory (stack bytes: register spills) and shared memory per kernel/config/arch.
+lists registers per thread, local memory (stack bytes: register spills), shared memory and the compiled instruction
+mix (from the SASS: tensor-core MMA instructions, global loads and stores, atomics, all instructions but NOPs) per
+kernel/config/arch.
 Exit status 1 on a compile error, a spill, more than ``MAX_REGISTERS`` (240) registers (a config that needs more is
 one compiler release away from spilling), or shared memory over the architecture's per-block limit; 2 when the
 environment cannot compile (triton missing, kernels already imported under the interpreter). CI runs it under the
-pinned Triton and under the newest release (``PYTHONPATH=.triton-newest``, see tools/bootstrap.sh).
+pinned Triton and under the newest release (``PYTHONPATH=.triton-newest``, see tools/bootstrap.sh). A 16-bit
+``tl.dot`` that compiles without tensor-core MMA instructions (HMMA on sm_80, HGMMA or HMMA on sm_90) fails too.
+
+``--save FILE`` writes the report as JSON; ``--compare FILE`` checks this compile against a saved one, entry by entry
+(kernel x variant x architecture): every measure (registers, spills, shared memory, MMA, global loads, stores and
+atomics, total instructions) must be equal or lower, or at most 2% higher (listed, so a note can give the reason);
+an entry may not lose its Hopper warpgroup MMA (HGMMA) nor disappear. The saved file names the Triton release; a
+compare under another release exits 2, since the compiler, not the kernel, would explain the difference. The
+baselines CI compares against live in ``benchmarks/results/aot/`` (one per Triton release it compiles with).
 
 The interpreter has to be off while the kernel modules are imported (``@triton.jit`` picks interpreted or compiled
 at decoration time), so this module removes ``TRITON_INTERPRET`` from its environment before importing them. Run
@@ -97,6 +107,35 @@ def _cubin_resources(cubin: bytes) -> Dict[str, int]:
     return {"regs": regs, "spill": stack + local}
 
 
+_SASS_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
+# SASS opcodes per measure. LDGSTS is cp.async (global -> shared), UTMALDG / UTMASTG the Hopper tensor-memory copies
+MIX = {
+    "mma": ("HMMA", "HGMMA"),
+    "ldg": ("LDG", "LDGSTS", "UTMALDG"),
+    "stg": ("STG", "UTMASTG"),
+    "atom": ("RED", "ATOM", "ATOMG", "REDG"),
+}
+MEASURES = ("regs", "spill", "shared", "mma", "ldg", "stg", "atom", "instr")
+TOLERANCE = 0.02  # a measure may grow by this fraction (reported) before --compare calls it a regression
+_DOT_16BIT = re.compile(r"tt\.dot\b[^\n]*?:\s*tensor<[0-9x]+x(?:bf16|f16)\b")
+
+
+def _sass_mix(cubin: bytes) -> Dict[str, int]:
+    """Instruction counts of the compiled kernel, from cuobjdump's SASS listing."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        text = subprocess.run([tool, "-sass", handle.name], check=True, capture_output=True, text=True).stdout
+    opcodes = [op for op in _SASS_OPCODE.findall(text) if op != "NOP"]
+    mix = {name: sum(1 for op in opcodes if op in names) for name, names in MIX.items()}
+    mix["hgmma"] = sum(1 for op in opcodes if op == "HGMMA")
+    mix["instr"] = len(opcodes)
+    return mix
+
+
 def _compile_one(job) -> dict:
     index, arch = job
     variant = _VARIANTS[index]
@@ -112,6 +151,7 @@ def _compile_one(job) -> dict:
         source = triton.compiler.ASTSource(fn=variant.fn, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(source, target=target, options=options)
         row.update(_cubin_resources(compiled.asm["cubin"]), shared=int(compiled.metadata.shared))
+        row.update(_sass_mix(compiled.asm["cubin"]), dots16=len(_DOT_16BIT.findall(compiled.asm["ttir"])))
     except Exception as exc:  # reported in the table; the exit status says it failed
         message = str(exc).strip().splitlines()
         row["error"] = f"{type(exc).__name__}: {message[-1] if message else ''}"[:300]
@@ -131,20 +171,83 @@ def _verdict(row: dict) -> str:
         problems.append("REGS")
     if row["shared"] > SHARED_MEMORY_LIMIT.get(row["arch"], min(SHARED_MEMORY_LIMIT.values())):
         problems.append("SMEM")
+    if row["dots16"] and not row["mma"]:
+        problems.append("NO-MMA")  # a 16-bit tl.dot the compiler lowered to FMAs
     return "+".join(problems) or "ok"
 
 
 def _print_table(rows: List[dict], out=sys.stdout) -> None:
-    header = f"{'kernel':<28} {'variant':<36} {'sm':>3} {'regs':>4} {'spill':>5} {'shared':>7} {'sec':>5}  status"
+    header = (f"{'kernel':<28} {'variant':<36} {'sm':>3} {'regs':>4} {'spill':>5} {'shared':>7} {'mma':>4} {'ldg':>4} "
+              f"{'stg':>4} {'atom':>4} {'instr':>6} {'sec':>5}  status")
     print(header, file=out)
     print("-" * len(header), file=out)
     for row in rows:
         if row["error"]:
-            print(f"{row['kernel']:<28} {row['label']:<36} {row['arch']:>3} {'':>4} {'':>5} {'':>7} "
-                  f"{row['seconds']:5.1f}  ERROR {row['error']}", file=out)
+            print(f"{row['kernel']:<28} {row['label']:<36} {row['arch']:>3} {'':>4} {'':>5} {'':>7} {'':>4} {'':>4} "
+                  f"{'':>4} {'':>4} {'':>6} {row['seconds']:5.1f}  ERROR {row['error']}", file=out)
         else:
             print(f"{row['kernel']:<28} {row['label']:<36} {row['arch']:>3} {row['regs']:>4} {row['spill']:>5} "
-                  f"{row['shared']:>7} {row['seconds']:5.1f}  {_verdict(row)}", file=out)
+                  f"{row['shared']:>7} {row['mma']:>4} {row['ldg']:>4} {row['stg']:>4} {row['atom']:>4} "
+                  f"{row['instr']:>6} {row['seconds']:5.1f}  {_verdict(row)}", file=out)
+
+
+def _key(row: dict) -> str:
+    return f"{row['kernel']} | {row['label']} | sm_{row['arch']}"
+
+
+def _save(path: str, rows: List[dict], args) -> None:
+    import json
+
+    import triton
+
+    entries = {_key(r): {m: r[m] for m in (*MEASURES, "hgmma", "dots16")} for r in rows if not r["error"]}
+    report = {"triton": triton.__version__, "archs": sorted(args.arch), "quick": args.quick,
+              "families": args.family or "all", "entries": dict(sorted(entries.items()))}
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(report, handle, indent=1)
+        handle.write("\n")
+    print(f"saved {len(entries)} entries to {path}")
+
+
+def compare(baseline: dict, rows: List[dict]) -> Dict[str, List[str]]:
+    """Entry-by-entry verdicts of this compile against a saved one: regressions, within-tolerance growth, gains."""
+    current = {_key(r): r for r in rows if not r["error"]}
+    found: Dict[str, List[str]] = {"regressed": [], "within": [], "better": [], "missing": [], "new": []}
+    for key, old in baseline["entries"].items():
+        new = current.get(key)
+        if new is None:
+            found["missing"].append(key)
+            continue
+        worse, within, better = [], [], []
+        for measure in MEASURES:
+            before, after = old[measure], new[measure]
+            if after < before:
+                better.append(f"{measure} {before}->{after}")
+            elif after > before:
+                limit = before * (1 + TOLERANCE)
+                (within if after <= limit and measure != "spill" else worse).append(f"{measure} {before}->{after}")
+        if old.get("hgmma") and not new["hgmma"]:
+            worse.append("lost HGMMA (Hopper warpgroup MMA)")
+        for name, items in (("regressed", worse), ("within", within), ("better", better)):
+            if items:
+                found[name].append(f"{key}: {', '.join(items)}")
+    found["new"] = sorted(set(current) - set(baseline["entries"]))
+    return found
+
+
+def _print_compare(path: str, found: Dict[str, List[str]]) -> bool:
+    titles = {"regressed": "REGRESSED (more than 2% worse, a new spill, or HGMMA lost)",
+              "missing": "MISSING (in the saved report, not compiled now)",
+              "within": "within 2% (give the reason in the change's note)",
+              "better": "better", "new": "new (not in the saved report)"}
+    print(f"\ncompare with {path}:")
+    for name, title in titles.items():
+        print(f"  {title}: {len(found[name])}")
+        for line in found[name]:
+            print(f"    {line}")
+    return not (found["regressed"] or found["missing"])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -153,12 +256,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), help="compute capabilities")
     parser.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--family", nargs="*", default=[], help="only these kernel families")
+    parser.add_argument("--save", metavar="FILE", help="write the report (JSON) to FILE")
+    parser.add_argument("--compare", metavar="FILE", help="fail on any regression against the report saved in FILE")
     args = parser.parse_args(argv)
 
     problem = _prepare_environment()
     if problem:
         print(f"fastflamingo.aot: cannot compile: {problem}", file=sys.stderr)
         return 2
+    baseline = None
+    if args.compare:
+        import json
+
+        import triton
+
+        with open(args.compare) as handle:
+            baseline = json.load(handle)
+        if baseline["triton"] != triton.__version__:
+            print(f"fastflamingo.aot: {args.compare} was saved under triton {baseline['triton']}, this is triton "
+                  f"{triton.__version__}: compare under the same release (or save a report for this one)",
+                  file=sys.stderr)
+            return 2
     _VARIANTS[:] = _collect(_families(args.family), args.quick)
     jobs = [(i, arch) for i, variant in enumerate(_VARIANTS) for arch in args.arch if arch in variant.archs]
     start = time.perf_counter()
@@ -186,7 +304,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for row in failed:
         print(f"FAILED {_verdict(row)}: {row['kernel']} {row['label']} sm_{row['arch']}"
               + (f": {row['error']}" if row["error"] else ""), file=sys.stderr)
-    return 1 if failed else 0
+    if args.save:
+        _save(args.save, rows, args)
+    same = True
+    if baseline is not None:
+        archs = tuple(f"sm_{arch}" for arch in args.arch)
+        entries = {k: v for k, v in baseline["entries"].items() if k.endswith(archs)}
+        if args.family or args.quick:  # a partial compile is compared with the matching part of the saved report
+            compiled = {_key(r) for r in rows}
+            entries = {k: v for k, v in entries.items() if k in compiled}
+        baseline = dict(baseline, entries=entries)
+        same = _print_compare(args.compare, compare(baseline, rows))
+        if not same:
+            print(f"FAILED compare with {args.compare}", file=sys.stderr)
+    return 1 if failed or not same else 0
 
 
 if __name__ == "__main__":

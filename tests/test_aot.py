@@ -22,10 +22,12 @@ def _run(args, interpret=None, code=None, timeout=600):
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+SM = -11  # report rows: ``kernel variant... sm regs spill shared mma ldg stg atom instr sec status``
+
+
 def _table_rows(stdout):
-    """Report rows: ``kernel variant... sm regs spill shared sec status``."""
     return [line.split() for line in stdout.splitlines()
-            if len(line.split()) >= 8 and line.split()[-6] in ("80", "90")]
+            if len(line.split()) >= 13 and line.split()[SM] in ("80", "90")]
 
 
 def test_quick_compile_has_no_spills():
@@ -39,7 +41,10 @@ def test_quick_compile_has_no_spills():
     assert {"media_xattn_fwd", "media_xattn_bwd_dkdv", "media_xattn_bwd_dq", "media_xattn_bwd_preprocess"} <= kernels
     assert {"perceiver_fwd", "perceiver_bwd", "gated_linear_fwd"} <= kernels  # every family is compiled
     assert {"media_decode_split", "media_decode_combine"} <= kernels
-    assert {row[-6] for row in rows} == {"80", "90"}
+    assert {row[SM] for row in rows} == {"80", "90"}
+    # every 16-bit tl.dot runs on tensor cores: the report's MMA column is never 0 for a bf16 kernel with a dot
+    assert all(int(row[SM + 4]) > 0 for row in rows if "bf16" in row[1] and "preprocess" not in row[0]
+               and "combine" not in row[0] and "epilogue" not in row[0]), result.stdout
 
 
 def test_aot_unsets_the_interpreter():
@@ -96,7 +101,7 @@ _CAPTURE = r"""
 import json, sys, torch
 from fastflamingo.kernels import _utils as U, gated_linear as G, media_decode as D, media_xattn as X
 from fastflamingo.kernels import mllama_decode as LD, mllama_xattn as LX, perceiver_attn as P
-from fastflamingo.mllama import mask as M
+from fastflamingo.models.mllama import mask as M
 from fastflamingo.ops import gated_linear as og, media_decode as od, media_xattn as ox, mllama_decode as old
 from fastflamingo.ops import mllama_xattn as olx, perceiver_attn as op
 
@@ -189,3 +194,62 @@ def test_aot_compiles_the_specialization_a_launch_makes():
 
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["launches"] >= 10 and not report["problems"], report
+
+
+def test_save_and_compare(tmp_path):
+    """--save writes the compiled-code report; --compare passes against itself, fails on a regression (a measure
+    more than 2% worse, here registers) and names it, and refuses a report saved under another Triton release
+    (exit 2)."""
+    pytest.importorskip("triton")
+    import json
+
+    saved = tmp_path / "aot.json"
+    args = ["--quick", "--arch", "90", "--family", "perceiver_attn"]
+    result = _run(args + ["--save", str(saved)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(saved.read_text())
+    entries = report["entries"]
+    assert entries and all(set(e) >= {"regs", "spill", "shared", "mma", "ldg", "stg", "instr", "hgmma"}
+                           for e in entries.values())
+    assert all(e["mma"] > 0 and e["hgmma"] > 0 for e in entries.values())  # bf16 on sm_90: warpgroup MMA
+    result = _run(args + ["--compare", str(saved)])
+    assert result.returncode == 0 and "REGRESSED (more than 2% worse, a new spill, or HGMMA lost): 0" in result.stdout
+
+    key = next(iter(entries))
+    worse = json.loads(saved.read_text())
+    worse["entries"][key]["regs"] = int(entries[key]["regs"] * 0.9)  # today's compile looks 10% worse than this
+    tampered = tmp_path / "worse.json"
+    tampered.write_text(json.dumps(worse))
+    result = _run(args + ["--compare", str(tampered)])
+    assert result.returncode == 1 and f"{key}: regs" in result.stdout, result.stdout + result.stderr
+
+    other = dict(report, triton="0.0.1")
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    result = _run(args + ["--compare", str(tmp_path / "other.json")])
+    assert result.returncode == 2 and "saved under triton 0.0.1" in result.stderr
+
+
+def test_compare_verdicts():
+    """The comparison itself, on made-up reports: growth within 2% is listed but passes, more fails, a new spill
+    fails however small, a kernel that loses its warpgroup MMA fails, a missing entry fails, gains are listed."""
+    from fastflamingo import aot
+
+    def entry(**changes):
+        base = dict(regs=200, spill=0, shared=65536, mma=36, ldg=60, stg=8, atom=0, instr=1300, hgmma=36, dots16=4)
+        return dict(base, **changes)
+
+    def row(key, **changes):
+        kernel, label, arch = key.split(" | ")
+        return dict(entry(**changes), kernel=kernel, label=label, arch=int(arch[3:]), error=None)
+
+    keys = [f"k{i} | bf16 d128 | sm_90" for i in range(6)]
+    baseline = {"entries": {key: entry() for key in keys}}
+    rows = [row(keys[0]), row(keys[1], instr=1320), row(keys[2], regs=210), row(keys[3], spill=8),
+            row(keys[4], hgmma=0, mma=64), row("new | bf16 d64 | sm_80", regs=100)]
+    found = aot.compare(baseline, rows)
+    assert [line.split(":")[0] for line in found["within"]] == [keys[1]]
+    assert sorted(line.split(":")[0] for line in found["regressed"]) == [keys[2], keys[3], keys[4]]
+    assert "lost HGMMA" in next(line for line in found["regressed"] if line.startswith(keys[4]))
+    assert found["missing"] == [keys[5]] and found["new"] == ["new | bf16 d64 | sm_80"]
+    assert not found["better"]
+    assert aot.compare(baseline, [row(k, regs=150) for k in keys])["better"]

@@ -3,7 +3,8 @@
 #
 #   lock     .venv/ (bash tools/bootstrap.sh: the exact versions of requirements/lock.txt): the test suite (Triton
 #            kernels under the interpreter), the sm_80/sm_90 compile check under the locked Triton and under the newest
-#            release (.triton-newest/), the selftest's dry run
+#            release (.triton-newest/), each compared with the saved report benchmarks/results/aot/triton-<release>.json
+#            (no register, spill, shared-memory or instruction-mix regression), the selftest's dry run
 #   package  tools/check_package.sh: sdist and wheel built without isolation beside transformers and Hugging Face's
 #            `kernels`, the wheel installed into a clean venv, fastflamingo.info and the selftest's dry run from there
 #   newest   .venv-newest/ (bash tools/bootstrap.sh --newest: the newest release of every dependency, resolved now):
@@ -18,6 +19,18 @@ TIERS=("$@")
 [[ ${#TIERS[@]} -gt 0 ]] || TIERS=(lock package newest)
 
 tier() { echo; echo "=== tier $1 ($(date -u +%H:%M:%S))"; }
+
+aot_check() {  # the compile check, compared with the saved report of the same Triton release when one is kept
+  local python=$1 version report
+  version=$($python -c "import triton; print(triton.__version__)")
+  report=benchmarks/results/aot/triton-$version.json
+  if [[ -f $report ]]; then
+    $python -m fastflamingo.aot --compare "$report"
+  else
+    echo "no saved compile report for triton $version ($report): compile check without comparison"
+    $python -m fastflamingo.aot
+  fi
+}
 
 newest_triton() {  # the folder .triton-newest/, checked to hold the release requirements/triton-newest.txt names
   local want have
@@ -36,9 +49,9 @@ for name in "${TIERS[@]}"; do
       [[ -x .venv/bin/python ]] || { echo "no .venv: run bash tools/bootstrap.sh first" >&2; exit 2; }
       .venv/bin/python tools/lock_check.py check .venv/bin/python requirements/lock.txt
       .venv/bin/python -m pytest -n 2
-      .venv/bin/python -m fastflamingo.aot
+      aot_check .venv/bin/python
       newest_triton
-      PYTHONPATH=.triton-newest .venv/bin/python -m fastflamingo.aot
+      PYTHONPATH=.triton-newest aot_check .venv/bin/python
       .venv/bin/python -m fastflamingo.selftest --dry-run
       ;;
     package)
@@ -49,7 +62,7 @@ for name in "${TIERS[@]}"; do
       tier newest
       bash tools/bootstrap.sh --newest
       .venv-newest/bin/python -m pytest -n 2
-      .venv-newest/bin/python -m fastflamingo.aot  # seconds when the lock tier compiled under the same release
+      aot_check .venv-newest/bin/python  # seconds when the lock tier compiled under the same release
       .venv-newest/bin/python -m fastflamingo.selftest --dry-run
       ;;
     *) echo "unknown tier '$name'; tiers: lock package newest" >&2; exit 2 ;;
