@@ -117,17 +117,19 @@ def test_mask_is_shared_across_layers_and_invalidated_on_change():
 
 
 def test_idefics_masks_to_closed_form():
+    from fastflamingo.models.idefics import mask as image_mask
+
     one_hot = torch.tensor([[[0, 0], [1, 0], [1, 0], [0, 0], [0, 1]]])  # a reset after an end-of-sequence token
-    mask = masks.from_image_attention_mask(one_hot)
+    mask = image_mask.from_image_attention_mask(one_hot)
     assert mask.mode == "immediate" and mask.text_time.tolist() == [[0, 1, 1, 0, 2]]
     prefix = torch.tensor([[[0, 0], [1, 0], [1, 1]]])
-    mask = masks.from_image_attention_mask(prefix)
+    mask = image_mask.from_image_attention_mask(prefix)
     assert mask.mode == "all_previous" and mask.text_time.tolist() == [[0, 1, 2]]
     general = torch.tensor([[[0, 1, 0], [1, 0, 1]]])
-    assert isinstance(masks.from_image_attention_mask(general), torch.Tensor)
+    assert isinstance(image_mask.from_image_attention_mask(general), torch.Tensor)
     additive = torch.where(one_hot.bool(), 0.0, torch.finfo(torch.float32).min)
     additive = additive.repeat_interleave(4, -1)[:, None]
-    mask = masks.from_idefics_additive_mask(additive, 2, 4)
+    mask = image_mask.from_idefics_additive_mask(additive, 2, 4)
     assert mask.text_time.tolist() == [[0, 1, 1, 0, 2]]
 
 
@@ -193,8 +195,6 @@ def test_gated_residual_dtype_and_row_gate():
     assert torch.equal(out[gate == 0], x.float()[gate == 0])
 
 
-# ---------------------------------------------------------------------------------------------- bad input
-
 def test_one_public_name_per_op():
     """No aliases: every public function of fastflamingo.functional is bound to one name, and __all__ lists them."""
     public = {name: obj for name, obj in vars(F).items()
@@ -205,6 +205,8 @@ def test_one_public_name_per_op():
         names_of.setdefault(id(obj), []).append(name)
     assert all(len(names) == 1 for names in names_of.values()), [n for n in names_of.values() if len(n) > 1]
 
+
+# ---------------------------------------------------------------------------------------------- bad input
 
 
 def test_bad_inputs_get_clear_errors():
