@@ -49,7 +49,7 @@ def zero_unseen(out: torch.Tensor, sees: torch.Tensor) -> torch.Tensor:
 def visible_media(text_time: torch.Tensor, num_media: int, immediate: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """The visibility rule: per-token visible media ``[lo, hi)`` (int32, same shape as ``text_time``), ``(0, 0)``
     for a token that sees nothing. Keys are ``latents *`` these. Every backend, the schedules and the reference use
-    this one definition (the kernels evaluate the same rule on device: ``_visible_keys`` in kernels/media_xattn.py).
+    this one definition (the kernels evaluate the same rule on device: ``text_time_keys`` in kernels/_attention.py).
     """
     tt = text_time
     if immediate:

@@ -26,7 +26,8 @@ from triton.runtime.errors import OutOfResources
 # traces breaks the graph).
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 
-LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): the kernels' softmax runs in the exp2 domain
+LN2 = 0.6931471805599453  # log(x) = log2(x) * LN2
 
 TORCH_TO_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -42,6 +43,12 @@ def next_power_of_2(x: int) -> int:
 def head_block(head_dim: int) -> int:
     """Tile width for a head dimension: the next power of two, at least 16 (``tl.dot`` needs K >= 16)."""
     return max(16, next_power_of_2(head_dim))
+
+
+def table_key(dtype: torch.dtype, head_dim: int) -> Tuple[str, int]:
+    """How the families' shipped config tables are keyed: the input precision ("fp32", or "lowp" for 16-bit inputs,
+    which run on tensor cores) and the head tile (64 or 128: BLOCK_D sizes the registers)."""
+    return ("fp32" if dtype == torch.float32 else "lowp"), (64 if head_block(head_dim) <= 64 else 128)
 
 
 def dot_precision(dtype: torch.dtype, allow_tf32: Optional[bool] = None) -> str:
@@ -75,6 +82,15 @@ def size_class(n: int, bounds: Sequence[int]) -> int:
         if n <= bound:
             return int(bound)
     return 2 * int(bounds[-1])
+
+
+# Classes of the text length in the attention families' autotune keys (up to 64 tokens, up to 1024, longer): one
+# scheme for every family, so a new prompt length reuses its class's config and warm-up runs one length per class.
+TEXT_CLASSES = (64, 1024)
+
+
+def text_class(num_tokens: int) -> int:
+    return size_class(num_tokens, TEXT_CLASSES)
 
 
 # SM count assumed under the interpreter (no device to ask): small, so default launches stay cheap on CPU.

@@ -39,27 +39,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (  # noqa: F401  (sm_count: part of this module's interface for the launcher)
-    ARCHS,
-    INTERPRET,
-    LOG2E,
-    SM80,
-    SM90,
-    TORCH_TO_TRITON_DTYPE,
-    AotVariant,
-    aot_dot_precisions,
-    aot_launch,
-    cdiv,
-    config_label,
-    device_arch,
-    head_block,
-    meta_tensor,
-    named_strides,
-    per_arch,
-    sm_count,
-)
+# sm_count is part of this module's interface for the launcher
+from ._utils import (ARCHS, INTERPRET, LOG2E, SM80, SM90, TORCH_TO_TRITON_DTYPE, AotVariant, aot_dot_precisions,
+                     aot_launch, cdiv, config_label, device_arch, head_block, meta_tensor, named_strides, per_arch,
+                     sm_count, table_key)  # noqa: F401
 from ._launch import DECODE_SPLITS, split_count
-from .media_xattn import _NO_KEY, _online_softmax, _visible_keys
+from ._attention import (attend_keys, key_span, sample_and_head, softmax_lse, softmax_output, softmax_state,
+                         text_time_keys)
 
 # Rows of the query tile: every token of a decode step sits in one tile, and tl.dot needs at least 16 rows.
 BLOCK_M = 16
@@ -81,13 +67,8 @@ COMBINE_BLOCK_S = 16
             do_not_specialize_on_alignment=("TEXT_TIME",))
 def _media_decode_split_kernel(
     Q, K, V, O, O_PART, LSE_PART, TEXT_TIME,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kl, stride_kh,
-    stride_vb, stride_vl, stride_vh,
-    stride_ob, stride_ot, stride_oh,
-    stride_wbh, stride_wt, stride_ws,
-    stride_lbh, stride_lt,
-    stride_tb, stride_tt,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+    stride_ob, stride_ot, stride_oh, stride_wbh, stride_wt, stride_ws, stride_lbh, stride_lt, stride_tb, stride_tt,
     num_heads, num_tokens, num_media, latents, num_splits, kv_group, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IMMEDIATE: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -104,8 +85,7 @@ def _media_decode_split_kernel(
     """
     pid_split = tl.program_id(0)
     pid_gh = tl.program_id(1)
-    b_kv = (pid_gh // num_heads).to(tl.int64)  # the K/V row (shared by the kv_group samples of a beam group)
-    h = (pid_gh % num_heads).to(tl.int64)
+    b_kv, h = sample_and_head(pid_gh, num_heads)  # the K/V row (shared by the kv_group samples of a beam group)
     b = b_kv * kv_group + tl.program_id(2)  # the query sample
 
     rows = tl.arange(0, BLOCK_M)
@@ -116,9 +96,8 @@ def _media_decode_split_kernel(
     md_ok = m_ok[:, None] & d_ok[None, :]
 
     b_tt = tl.load(TEXT_TIME + b * stride_tb + rows * stride_tt, mask=m_ok, other=0)
-    b_lo, b_hi = _visible_keys(b_tt, num_media, latents, IMMEDIATE)  # rows past num_tokens see nothing
-    key_hi = tl.max(b_hi, axis=0)
-    key_lo = tl.minimum(tl.min(tl.where(b_hi > b_lo, b_lo, _NO_KEY), axis=0), key_hi)  # (0, 0): nothing seen
+    b_lo, b_hi = text_time_keys(b_tt, num_media, latents, IMMEDIATE)  # rows past num_tokens see nothing
+    key_lo, key_hi = key_span(b_lo, b_hi, True)  # (0, 0) when no row sees a key: no tiles to split
 
     # This split's share of the visible key tiles (int64: tiles * splits may pass 2**31 for huge key counts).
     num_tiles = tl.cdiv(key_hi - key_lo, BLOCK_N).to(tl.int64)
@@ -135,12 +114,10 @@ def _media_decode_split_kernel(
     kt_offs = offs_d[:, None] + cols[None, :] * stride_kl  # [BLOCK_D, BLOCK_N]
     v_offs = cols[:, None] * stride_vl + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
 
-    b_m, b_l, b_acc = _online_softmax(b_q, p_k, p_v, kt_offs, v_offs, start, stop, b_lo, b_hi, cols, d_ok,
-                                      qk_scale, stride_kl, stride_vl, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
-
-    m_seen = b_l > 0.0  # a row that saw at least one key has l >= 1
-    b_l_safe = tl.where(m_seen, b_l, 1.0)
-    b_o = b_acc / b_l_safe[:, None]  # exactly 0 for rows that saw nothing here (acc is 0)
+    b_m, b_l, b_acc = softmax_state(BLOCK_M, BLOCK_D)
+    b_m, b_l, b_acc = attend_keys(b_q, p_k, p_v, b_m, b_l, b_acc, kt_offs, v_offs, start, stop, b_lo, b_hi, d_ok,
+                                  qk_scale, stride_kl, stride_vl, BLOCK_N, DOT_PRECISION, "range", False)
+    b_o = softmax_output(b_l, b_acc, True)  # exactly 0 for rows that saw nothing here
     if DIRECT:
         p_o = O + b * stride_ob + h * stride_oh
         tl.store(p_o + rows[:, None] * stride_ot + offs_d[None, :], b_o.to(O.dtype.element_ty), mask=md_ok)
@@ -149,16 +126,14 @@ def _media_decode_split_kernel(
         bh = b * num_heads + h  # the combine kernel's (sample, head) row
         p_w = O_PART + bh * stride_wbh + split * stride_ws
         tl.store(p_w + rows[:, None] * stride_wt + offs_d[None, :], b_o, mask=md_ok)
-        b_lse = tl.where(m_seen, b_m + tl.log2(b_l_safe), float("-inf"))
+        b_lse = softmax_lse(b_m, b_l, True, False)  # -inf for rows that saw nothing: they weigh 0 in the combine
         tl.store(LSE_PART + bh * stride_lbh + split + rows * stride_lt, b_lse, mask=m_ok)
 
 
 @triton.jit(do_not_specialize=("num_splits",))
 def _media_decode_combine_kernel(
     O_PART, LSE_PART, O,
-    stride_wbh, stride_wt, stride_ws,
-    stride_lbh, stride_lt,
-    stride_ob, stride_ot, stride_oh,
+    stride_wbh, stride_wt, stride_ws, stride_lbh, stride_lt, stride_ob, stride_ot, stride_oh,
     num_heads, num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -166,8 +141,7 @@ def _media_decode_combine_kernel(
     splits, merged ``BLOCK_S`` at a time with a running max; 0 when every split saw nothing."""
     t = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
+    b, h = sample_and_head(pid_bh, num_heads)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -223,8 +197,7 @@ COMBINE_CONFIG = triton.Config({}, num_warps=4, num_stages=1)
 
 def shipped_config(dtype: torch.dtype, head_dim: int, arch: Optional[int] = None) -> triton.Config:
     """The GPU config of the split kernel for this dtype and head size on ``arch`` (default: this device's)."""
-    precision = "fp32" if dtype == torch.float32 else "lowp"
-    return _GPU_CONFIGS[((precision, 64 if head_block(head_dim) <= 64 else 128), arch or device_arch())][0]
+    return _GPU_CONFIGS[(table_key(dtype, head_dim), arch or device_arch())][0]
 
 
 def default_config(dtype: torch.dtype, head_dim: int, device: Optional[torch.device] = None) -> triton.Config:

@@ -48,80 +48,36 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (
-    ARCHS,
-    INTERPRET,
-    LOG2E,
-    SM80,
-    SM90,
-    TORCH_TO_TRITON_DTYPE,
-    AotVariant,
-    ConfigChooser,
-    aot_launch,
-    config_label,
-    aot_dot_precisions,
-    cdiv,
-    device_arch,
-    head_block,
-    meta_tensor,
-    named_strides,
-    per_arch,
-    size_class,
-)
+from ._utils import (ARCHS, INTERPRET, LOG2E, SM80, SM90, TORCH_TO_TRITON_DTYPE, AotVariant, ConfigChooser,
+                     aot_dot_precisions, aot_launch, cdiv, config_label, device_arch, head_block, meta_tensor,
+                     named_strides, per_arch, size_class, table_key, text_class)
+from ._attention import LOG2E as _LOG2E
+from ._attention import (attend_keys, dkdv_step, dq_keys, key_span, row_deltas_aot_variant, sample_and_head,
+                         scheduled_tile, softmax_lse, softmax_output, softmax_state, text_time_keys)
 from ._launch import DKDV_SPLITS, split_count
 from ._schedules import media_token_ranges, query_tile_schedule, query_tile_slots  # noqa: F401  (launchers)
 
-_NO_KEY = tl.constexpr(2147483647)  # larger than any key index: the identity of the min over visible key starts
-
 # ================================================================================================================
-# Kernels
+# Kernels (the attention skeleton is kernels/_attention.py; here: the text_time rule's tiles and the addressing)
 # ================================================================================================================
 
 
 @triton.jit
-def _visible_keys(text_time, num_media, latents, IMMEDIATE: tl.constexpr):
-    """Key range [lo, hi) seen by tokens with these text_time values; (0, 0) for a token that sees nothing."""
-    if IMMEDIATE:
-        seen = (text_time >= 1) & (text_time <= num_media)
-        lo = tl.where(seen, (text_time - 1) * latents, 0)
-        hi = tl.where(seen, text_time * latents, 0)
-    else:
-        hi = tl.minimum(tl.maximum(text_time, 0), num_media) * latents
-        lo = tl.zeros_like(hi)
-    return lo, hi
-
-
-@triton.jit
-def _online_softmax(b_q, p_k, p_v, kt_offs, v_offs, start, stop, b_lo, b_hi, cols, d_ok, qk_scale,
-                    stride_kl, stride_vl, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
-    """FlashAttention's online softmax over the keys ``[start, stop)`` (``p_k`` / ``p_v`` point at key ``start``),
-    each query row keeping only its own keys ``[b_lo, b_hi)``. Returns the running max (log2 domain), the sum of
-    exp2 and the unnormalised output accumulator, all fp32. Shared by the prefill forward and the decode split."""
-    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 domain
-    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2
-    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(start, stop, BLOCK_N):
-        offs_n = start_n + cols
-        n_ok = offs_n < stop
-        b_kt = tl.load(p_k + kt_offs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        # the tile range is the union of the rows' ranges: each row keeps only its own keys
-        m_vis = (offs_n[None, :] >= b_lo[:, None]) & (offs_n[None, :] < b_hi[:, None])
-        b_s = tl.where(m_vis, b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-        # Rows that have seen no key yet keep a finite pivot, so exp2(-inf - pivot) is 0 rather than NaN.
-        b_pivot = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_p = tl.exp2(b_s - b_pivot[:, None])
-        b_alpha = tl.exp2(b_m - b_pivot)
-        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-        b_v = tl.load(p_v + v_offs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        # P is rounded to the input dtype before the product, as every fp16/bf16 FlashAttention does.
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
-        b_m = b_m_new
-        p_k += BLOCK_N * stride_kl
-        p_v += BLOCK_N * stride_vl
-    return b_m, b_l, b_acc
+def _query_tile_rows(TEXT_TIME, b, t0, t_start, t_end, stride_tb, stride_tt, num_media, latents,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     IMMEDIATE: tl.constexpr):
+    """The prologue of a run-aligned query tile (forward and dQ): row, key and feature offsets and masks, each
+    row's keys ``[lo, hi)`` and the keys the tile loops over."""
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = t_start + rows < t_end
+    d_ok = offs_d < HEAD_DIM
+    md_ok = m_ok[:, None] & d_ok[None, :]
+    b_tt = tl.load(TEXT_TIME + b * stride_tb + t0 * stride_tt + rows * stride_tt, mask=m_ok, other=0)
+    b_lo, b_hi = text_time_keys(b_tt, num_media, latents, IMMEDIATE)  # [BLOCK_M] each
+    key_lo, key_hi = key_span(b_lo, b_hi, False)
+    return rows, cols, offs_d, m_ok, d_ok, md_ok, b_lo, b_hi, key_lo, key_hi
 
 
 # Arguments that only feed masks and offsets and change with the prompt (text length, media count, schedule size,
@@ -138,13 +94,8 @@ _ANY_ALIGNMENT = ("TEXT_TIME",)
 @triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_pb", "kv_group"), do_not_specialize_on_alignment=_ANY_ALIGNMENT)
 def _media_xattn_fwd_kernel(
     Q, K, V, O, LSE, TEXT_TIME, TILE_START, TILE_END,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kl, stride_kh,
-    stride_vb, stride_vl, stride_vh,
-    stride_ob, stride_ot, stride_oh,
-    stride_lb, stride_lh,
-    stride_tb, stride_tt,
-    stride_pb,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+    stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_tb, stride_tt, stride_pb,
     num_heads, num_media, latents, kv_group, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IMMEDIATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -161,87 +112,42 @@ def _media_xattn_fwd_kernel(
     """
     pid_tile = tl.program_id(0)
     pid_gh = tl.program_id(1)
-    b_kv = (pid_gh // num_heads).to(tl.int64)  # the K/V row (shared by the kv_group samples of a beam group)
-    h = (pid_gh % num_heads).to(tl.int64)
+    b_kv, h = sample_and_head(pid_gh, num_heads)  # the K/V row (shared by the kv_group samples of a beam group)
     b = b_kv * kv_group + tl.program_id(2)  # the query sample
-    t_start = tl.load(TILE_START + b * stride_pb + pid_tile)
-    t_end = tl.load(TILE_END + b * stride_pb + pid_tile)
+    t_start, t_end = scheduled_tile(TILE_START, TILE_END, b * stride_pb, pid_tile)
     if t_start >= t_end:  # surplus slot of the upper-bound grid
         return
     t0 = t_start.to(tl.int64)
-
-    rows = tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = t_start + rows < t_end
-    d_ok = offs_d < HEAD_DIM
-    md_ok = m_ok[:, None] & d_ok[None, :]
-
-    b_tt = tl.load(TEXT_TIME + b * stride_tb + t0 * stride_tt + rows * stride_tt, mask=m_ok, other=0)
-    b_lo, b_hi = _visible_keys(b_tt, num_media, latents, IMMEDIATE)  # [BLOCK_M] each
-    key_lo = tl.min(tl.where(b_hi > b_lo, b_lo, _NO_KEY), axis=0)
-    key_hi = tl.max(b_hi, axis=0)
+    rows, cols, offs_d, m_ok, d_ok, md_ok, b_lo, b_hi, key_lo, key_hi = _query_tile_rows(
+        TEXT_TIME, b, t0, t_start, t_end, stride_tb, stride_tt, num_media, latents, HEAD_DIM, BLOCK_D, BLOCK_M,
+        BLOCK_N, IMMEDIATE)
 
     p_q = Q + b * stride_qb + h * stride_qh + t0 * stride_qt
     b_q = tl.load(p_q + rows[:, None] * stride_qt + offs_d[None, :], mask=md_ok, other=0.0)  # [BLOCK_M, BLOCK_D]
-    # scalar base pointers of the current key tile, advanced by BLOCK_N rows per step
+    # scalar base pointers of the first key tile, advanced by BLOCK_N rows per step
     p_k = K + b_kv * stride_kb + h * stride_kh + key_lo.to(tl.int64) * stride_kl
     p_v = V + b_kv * stride_vb + h * stride_vh + key_lo.to(tl.int64) * stride_vl
     kt_offs = offs_d[:, None] + cols[None, :] * stride_kl  # [BLOCK_D, BLOCK_N]
     v_offs = cols[:, None] * stride_vl + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
 
-    b_m, b_l, b_acc = _online_softmax(b_q, p_k, p_v, kt_offs, v_offs, key_lo, key_hi, b_lo, b_hi, cols, d_ok,
-                                      qk_scale, stride_kl, stride_vl, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
-
-    m_seen = b_l > 0.0  # a row that saw at least one key has l >= 1
-    b_l_safe = tl.where(m_seen, b_l, 1.0)
-    b_o = b_acc / b_l_safe[:, None]  # exactly 0 for rows that see nothing (acc is 0)
-    b_lse = tl.where(m_seen, (b_m + tl.log2(b_l_safe)) * 0.6931471805599453, float("inf"))
+    b_m, b_l, b_acc = softmax_state(BLOCK_M, BLOCK_D)
+    b_m, b_l, b_acc = attend_keys(b_q, p_k, p_v, b_m, b_l, b_acc, kt_offs, v_offs, key_lo, key_hi, b_lo, b_hi,
+                                  d_ok, qk_scale, stride_kl, stride_vl, BLOCK_N, DOT_PRECISION, "range", False)
+    b_o = softmax_output(b_l, b_acc, True)  # exactly 0 for rows that see nothing
+    b_lse = softmax_lse(b_m, b_l, True, True)
 
     p_o = O + b * stride_ob + h * stride_oh + t0 * stride_ot
     tl.store(p_o + rows[:, None] * stride_ot + offs_d[None, :], b_o.to(O.dtype.element_ty), mask=md_ok)
     tl.store(LSE + b * stride_lb + h * stride_lh + t0 + rows, b_lse, mask=m_ok)
 
 
-@triton.jit(do_not_specialize=("stride_db", "stride_dh", "num_tokens"))
-def _media_xattn_bwd_preprocess_kernel(
-    O, DO, DELTA,
-    stride_ob, stride_ot, stride_oh,
-    stride_gb, stride_gt, stride_gh,
-    stride_db, stride_dh,
-    num_tokens, num_heads,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """delta[b, h, t] = sum_d o * do (fp32): the softmax-Jacobian term shared by the dK/dV and dQ kernels."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    t0 = pid_m.to(tl.int64) * BLOCK_M
-    rows = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = pid_m * BLOCK_M + rows < num_tokens
-    mask = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    p_o = O + b * stride_ob + h * stride_oh + t0 * stride_ot
-    p_do = DO + b * stride_gb + h * stride_gh + t0 * stride_gt
-    b_o = tl.load(p_o + rows[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    b_do = tl.load(p_do + rows[:, None] * stride_gt + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + b * stride_db + h * stride_dh + t0 + rows, tl.sum(b_o * b_do, axis=1), mask=m_ok)
-
-
 @triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_rb", "num_splits"),
             do_not_specialize_on_alignment=_ANY_ALIGNMENT)
 def _media_xattn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, TEXT_TIME, TOKEN_FIRST, TOKEN_END, DK, DV,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kl, stride_kh,
-    stride_vb, stride_vl, stride_vh,
-    stride_gb, stride_gt, stride_gh,
-    stride_lb, stride_lh,
-    stride_tb, stride_tt,
-    stride_rb,
-    stride_dks, stride_dkb, stride_dkl, stride_dkh,
-    stride_dvs, stride_dvb, stride_dvl, stride_dvh,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+    stride_gb, stride_gt, stride_gh, stride_lb, stride_lh, stride_tb, stride_tt, stride_rb,
+    stride_dks, stride_dkb, stride_dkl, stride_dkh, stride_dvs, stride_dvb, stride_dvl, stride_dvh,
     num_heads, num_media, latents, num_splits, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IMMEDIATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -257,8 +163,7 @@ def _media_xattn_bwd_dkdv_kernel(
     pid_tile = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_split = tl.program_id(2)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
+    b, h = sample_and_head(pid_bh, num_heads)
     tiles_per_media = tl.cdiv(latents, BLOCK_N)
     media = pid_tile // tiles_per_media
     key_start = media * latents + (pid_tile % tiles_per_media) * BLOCK_N
@@ -298,19 +203,13 @@ def _media_xattn_bwd_dkdv_kernel(
         m_ok = start_m + rows < tok_end
         md_ok = m_ok[:, None] & d_ok[None, :]
         b_tt = tl.load(p_tt + rows * stride_tt, mask=m_ok, other=0)
-        b_lo, b_hi = _visible_keys(b_tt, num_media, latents, IMMEDIATE)
+        b_lo, b_hi = text_time_keys(b_tt, num_media, latents, IMMEDIATE)
         b_q = tl.load(p_q + q_offs, mask=md_ok, other=0.0)
         b_do = tl.load(p_do + do_offs, mask=md_ok, other=0.0)
-        b_lse2 = tl.load(p_lse + rows, mask=m_ok, other=0.0) * 1.4426950408889634
+        b_lse2 = tl.load(p_lse + rows, mask=m_ok, other=0.0) * _LOG2E
         b_delta = tl.load(p_delta + rows, mask=m_ok, other=0.0)
-
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
-        m_vis = (offs_n[:, None] >= b_lo[None, :]) & (offs_n[:, None] < b_hi[None, :])
-        b_pt = tl.where(m_vis, tl.exp2(b_st - b_lse2[None, :]), 0.0)
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
-        b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+        b_dk, b_dv = dkdv_step(b_k, b_v, b_q, b_do, b_lse2, b_delta, offs_n, b_lo, b_hi, b_dk, b_dv, qk_scale,
+                               DOT_PRECISION, "range", False)
         p_q += BLOCK_M * stride_qt
         p_do += BLOCK_M * stride_gt
         p_tt += BLOCK_M * stride_tt
@@ -328,13 +227,8 @@ def _media_xattn_bwd_dkdv_kernel(
 @triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_pb",), do_not_specialize_on_alignment=_ANY_ALIGNMENT)
 def _media_xattn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, TEXT_TIME, TILE_START, TILE_END, DQ,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kl, stride_kh,
-    stride_vb, stride_vl, stride_vh,
-    stride_gb, stride_gt, stride_gh,
-    stride_lb, stride_lh,
-    stride_tb, stride_tt,
-    stride_pb,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+    stride_gb, stride_gt, stride_gh, stride_lb, stride_lh, stride_tb, stride_tt, stride_pb,
     stride_dqb, stride_dqt, stride_dqh,
     num_heads, num_media, latents, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -343,31 +237,20 @@ def _media_xattn_bwd_dq_kernel(
     """One program: one run-aligned query tile; ``dq = scale * sum over visible keys of ds k``."""
     pid_tile = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    t_start = tl.load(TILE_START + b * stride_pb + pid_tile)
-    t_end = tl.load(TILE_END + b * stride_pb + pid_tile)
+    b, h = sample_and_head(pid_bh, num_heads)
+    t_start, t_end = scheduled_tile(TILE_START, TILE_END, b * stride_pb, pid_tile)
     if t_start >= t_end:  # surplus slot of the upper-bound grid
         return
     t0 = t_start.to(tl.int64)
-
-    rows = tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = t_start + rows < t_end
-    d_ok = offs_d < HEAD_DIM
-    md_ok = m_ok[:, None] & d_ok[None, :]
-
-    b_tt = tl.load(TEXT_TIME + b * stride_tb + t0 * stride_tt + rows * stride_tt, mask=m_ok, other=0)
-    b_lo, b_hi = _visible_keys(b_tt, num_media, latents, IMMEDIATE)
-    key_lo = tl.min(tl.where(b_hi > b_lo, b_lo, _NO_KEY), axis=0)
-    key_hi = tl.max(b_hi, axis=0)
+    rows, cols, offs_d, m_ok, d_ok, md_ok, b_lo, b_hi, key_lo, key_hi = _query_tile_rows(
+        TEXT_TIME, b, t0, t_start, t_end, stride_tb, stride_tt, num_media, latents, HEAD_DIM, BLOCK_D, BLOCK_M,
+        BLOCK_N, IMMEDIATE)
 
     p_q = Q + b * stride_qb + h * stride_qh + t0 * stride_qt
     p_do = DO + b * stride_gb + h * stride_gh + t0 * stride_gt
     b_q = tl.load(p_q + rows[:, None] * stride_qt + offs_d[None, :], mask=md_ok, other=0.0)
     b_do = tl.load(p_do + rows[:, None] * stride_gt + offs_d[None, :], mask=md_ok, other=0.0)
-    b_lse2 = tl.load(LSE + b * stride_lb + h * stride_lh + t0 + rows, mask=m_ok, other=0.0) * 1.4426950408889634
+    b_lse2 = tl.load(LSE + b * stride_lb + h * stride_lh + t0 + rows, mask=m_ok, other=0.0) * _LOG2E
     b_delta = tl.load(DELTA + b * stride_lb + h * stride_lh + t0 + rows, mask=m_ok, other=0.0)
     p_k = K + b * stride_kb + h * stride_kh + key_lo.to(tl.int64) * stride_kl
     p_v = V + b * stride_vb + h * stride_vh + key_lo.to(tl.int64) * stride_vl
@@ -375,20 +258,8 @@ def _media_xattn_bwd_dq_kernel(
     vt_offs = offs_d[:, None] + cols[None, :] * stride_vl
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(key_lo, key_hi, BLOCK_N):
-        offs_n = start_n + cols
-        dn_ok = d_ok[:, None] & (offs_n < key_hi)[None, :]
-        b_kt = tl.load(p_k + kt_offs, mask=dn_ok, other=0.0)
-        b_vt = tl.load(p_v + vt_offs, mask=dn_ok, other=0.0)
-        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        m_vis = (offs_n[None, :] >= b_lo[:, None]) & (offs_n[None, :] < b_hi[:, None])
-        b_p = tl.where(m_vis, tl.exp2(b_s - b_lse2[:, None]), 0.0)
-        b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), input_precision=DOT_PRECISION)
-        p_k += BLOCK_N * stride_kl
-        p_v += BLOCK_N * stride_vl
-
+    b_dq = dq_keys(b_q, b_do, b_lse2, b_delta, p_k, p_v, b_dq, kt_offs, vt_offs, key_lo, key_hi, b_lo, b_hi, d_ok,
+                   qk_scale, stride_kl, stride_vl, BLOCK_N, DOT_PRECISION, "range")
     b_dq = b_dq * sm_scale
     p_dq = DQ + b * stride_dqb + h * stride_dqh + t0 * stride_dqt
     tl.store(p_dq + rows[:, None] * stride_dqt + offs_d[None, :], b_dq.to(DQ.dtype.element_ty), mask=md_ok)
@@ -436,14 +307,11 @@ _GPU_CONFIG_TABLE = {
     ("dq", "fp32", 128): [(16, 64, 8, 2)],  # 4 warps: 250+ registers with TF32 products on sm_80
 }
 _GPU_CONFIGS = per_arch(_GPU_CONFIG_TABLE, _cfg)
-PREPROCESS_BLOCK_M = 64
-PREPROCESS_CONFIG = triton.Config({}, num_warps=4, num_stages=1)  # no loop: nothing to pipeline
 
 
 def shipped_configs(kind: str, dtype: torch.dtype, head_dim: int, arch: Optional[int] = None) -> List[triton.Config]:
     """The GPU configs a launch of ``kind`` ("fwd", "dkdv", "dq") may use on ``arch`` (default: this device's)."""
-    precision = "fp32" if dtype == torch.float32 else "lowp"
-    return _GPU_CONFIGS[((kind, precision, 64 if head_block(head_dim) <= 64 else 128), arch or device_arch())]
+    return _GPU_CONFIGS[((kind, *table_key(dtype, head_dim)), arch or device_arch())]
 
 
 # The autotune key, by the names tuned tables use (fastflamingo/configs/).
@@ -454,11 +322,10 @@ def autotune_key(q: torch.Tensor, num_media: int, latents: int, immediate: bool)
     """head_dim, latents per media, mode, dtype and the classes of the lengths that change with every prompt (text
     per sample: up to 64, up to 1024, longer; media per sample: 1, up to 8, more), so that generate times the
     candidates for a handful of keys in a process, not for every new prompt length or image count."""
-    return (q.shape[-1], latents, bool(immediate), q.dtype, size_class(q.shape[1], TEXT_CLASSES),
+    return (q.shape[-1], latents, bool(immediate), q.dtype, text_class(q.shape[1]),
             size_class(num_media, MEDIA_CLASSES))
 
 
-TEXT_CLASSES = (64, 1024)
 MEDIA_CLASSES = (1, 8)
 
 
@@ -560,13 +427,5 @@ def aot_variants(quick: bool = False) -> List[AotVariant]:
                         _aot_args(kind, dtype, shape, config.kwargs["BLOCK_M"], precision, partial), config, label,
                         archs=(arch,)))
         for head_dim, _, batch, text, heads, _ in [s for s in _AOT_SHAPES[:3] if not quick or s[0] == 128]:
-            o = meta_tensor((batch, text, heads, head_dim), dtype)
-            delta = meta_tensor((batch, heads, text), torch.float32)
-            args = dict(O=o, DO=o, DELTA=delta, num_tokens=text, num_heads=heads, HEAD_DIM=head_dim,
-                        BLOCK_D=head_block(head_dim), BLOCK_M=PREPROCESS_BLOCK_M,
-                        **named_strides(("stride_ob", "stride_ot", "stride_oh"), o),
-                        **named_strides(("stride_gb", "stride_gt", "stride_gh"), o),
-                        **named_strides(("stride_db", "stride_dh"), delta))
-            variants.append(aot_launch("media_xattn_bwd_preprocess", _media_xattn_bwd_preprocess_kernel, args,
-                                       PREPROCESS_CONFIG, f"{io} d{head_dim} {config_label(PREPROCESS_CONFIG)}"))
+            variants.append(row_deltas_aot_variant(dtype, (batch, text, heads, head_dim), f"{io} d{head_dim}"))
     return variants

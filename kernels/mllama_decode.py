@@ -9,7 +9,7 @@ Skipping padded tiles. The keys are cut into *units* of ``unit_len`` keys (one v
 the launcher uses one unit of all keys when the key count is not a multiple). A unit whose mask entries are all
 ``<= finfo.min`` for every token of the sample adds nothing to any row's softmax, so it is never read: the caller
 passes, per sample, the visited unit indices (``UNITS``, visited first) and their count (``UNIT_COUNT``), computed
-on the device from the mask (``fastflamingo.mllama.mask.decode_units``). A padded tile of a 1-tile image is 3/4 of
+on the device from the mask (``fastflamingo.models.mllama.mask.decode_units``). A padded tile of a 1-tile image is 3/4 of
 the cache that upstream reads.
 
 Rows that see nothing. Upstream adds ``finfo.min`` and takes an ordinary softmax, so a row whose every key is masked
@@ -33,26 +33,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (
-    ARCHS,
-    INTERPRET,
-    SM80,
-    SM90,
-    TORCH_TO_TRITON_DTYPE,
-    AotVariant,
-    aot_launch,
-    cdiv,
-    config_label,
-    device_arch,
-    dot_precision,
-    aot_dot_precisions,
-    head_block,
-    meta_tensor,
-    named_strides,
-    next_power_of_2,
-    per_arch,
-)
-from .mllama_xattn import online_softmax_step
+from ._utils import (ARCHS, INTERPRET, SM80, SM90, TORCH_TO_TRITON_DTYPE, AotVariant, aot_dot_precisions, aot_launch,
+                     cdiv, config_label, device_arch, dot_precision, head_block, meta_tensor, named_strides,
+                     next_power_of_2, per_arch)
+from ._attention import LOG2E as _LOG2E
+from ._attention import online_softmax_step, sample_and_head, softmax_lse, softmax_output, softmax_state
 
 # Scores are clamped here (natural-log units) before the exp2 domain: finfo.min + score would overflow to -inf.
 _SCORE_FLOOR = tl.constexpr(-1.0e38)
@@ -64,14 +49,9 @@ _SCORE_FLOOR = tl.constexpr(-1.0e38)
                                "stride_ub", "num_tokens", "num_keys", "num_splits"))
 def _mllama_decode_split_kernel(
     Q, K, V, MASK, O, O_PART, LSE_PART, UNITS, UNIT_COUNT,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kh, stride_kl,
-    stride_vb, stride_vh, stride_vl,
-    stride_mb, stride_mt, stride_mk,
-    stride_ob, stride_ot, stride_oh,
-    stride_wbh, stride_wt, stride_ws,
-    stride_lbh, stride_lt,
-    stride_ub,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+    stride_mb, stride_mt, stride_mk, stride_ob, stride_ot, stride_oh, stride_wbh, stride_wt, stride_ws,
+    stride_lbh, stride_lt, stride_ub,
     num_kv_heads, num_tokens, num_keys, unit_len, num_splits, sm_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -83,8 +63,7 @@ def _mllama_decode_split_kernel(
     """
     pid_split = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // num_kv_heads).to(tl.int64)
-    kvh = (pid_bh % num_kv_heads).to(tl.int64)
+    b, kvh = sample_and_head(pid_bh, num_kv_heads)
 
     rows = tl.arange(0, ROWS)
     tok = rows // GROUP  # row r = token r // GROUP, query head kvh * GROUP + r % GROUP
@@ -108,9 +87,7 @@ def _mllama_decode_split_kernel(
     p_v0 = V + b * stride_vb + kvh * stride_vh
     p_m0 = MASK + b * stride_mb
 
-    b_m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([ROWS], dtype=tl.float32)
-    b_acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    b_m, b_l, b_acc = softmax_state(ROWS, BLOCK_D)
     # one flat loop over (unit, key tile) pairs: tile t of the split is tile t % tiles_per_unit of unit t // ...
     tiles_per_unit = tl.cdiv(unit_len, BLOCK_N)
     for t in range(unit_first * tiles_per_unit, unit_end * tiles_per_unit):
@@ -124,13 +101,11 @@ def _mllama_decode_split_kernel(
             b_s += tl.load(p_m0 + key0 * stride_mk + m_offs, mask=m_ok[:, None] & n_ok[None, :],
                            other=0.0).to(tl.float32)
             b_s = tl.maximum(b_s, _SCORE_FLOOR)
-        b_s2 = tl.where(m_ok[:, None] & n_ok[None, :], b_s * 1.4426950408889634, float("-inf"))
+        b_s2 = tl.where(m_ok[:, None] & n_ok[None, :], b_s * _LOG2E, float("-inf"))
         b_v = tl.load(p_v0 + key0 * stride_vl + v_offs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        b_m, b_l, b_acc = online_softmax_step(b_s2, b_v, b_m, b_l, b_acc, DOT_PRECISION)
+        b_m, b_l, b_acc = online_softmax_step(b_s2, b_v, b_m, b_l, b_acc, DOT_PRECISION, True)
 
-    m_seen = b_l > 0.0
-    b_l_safe = tl.where(m_seen, b_l, 1.0)
-    b_o = b_acc / b_l_safe[:, None]  # exactly 0 for rows that saw nothing here
+    b_o = softmax_output(b_l, b_acc, True)  # exactly 0 for rows that saw nothing here
     if DIRECT:
         o_offs = tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
         tl.store(O + b * stride_ob + kvh * GROUP * stride_oh + o_offs, b_o.to(O.dtype.element_ty), mask=md_ok)
@@ -139,7 +114,7 @@ def _mllama_decode_split_kernel(
         bh = b * (num_kv_heads * GROUP) + kvh * GROUP + head  # the combine kernel's (sample, query head) row
         w_offs = bh[:, None] * stride_wbh + tok[:, None] * stride_wt + offs_d[None, :]
         tl.store(O_PART + split * stride_ws + w_offs, b_o, mask=md_ok)
-        b_lse = tl.where(m_seen, b_m + tl.log2(b_l_safe), float("-inf"))
+        b_lse = softmax_lse(b_m, b_l, True, False)  # -inf for rows that saw nothing: they weigh 0 in the combine
         tl.store(LSE_PART + split + bh * stride_lbh + tok * stride_lt, b_lse, mask=m_ok)
 
 

@@ -45,48 +45,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (
-    ARCHS,
-    INTERPRET,
-    LOG2E,
-    SM80,
-    SM90,
-    TORCH_TO_TRITON_DTYPE,
-    AotVariant,
-    ConfigChooser,
-    aot_launch,
-    config_label,
-    device_arch,
-    aot_dot_precisions,
-    head_block,
-    length_bucket,
-    meta_tensor,
-    named_strides,
-    per_arch,
-)
+from ._utils import (ARCHS, INTERPRET, LOG2E, SM80, SM90, TORCH_TO_TRITON_DTYPE, AotVariant, ConfigChooser,
+                     aot_dot_precisions, aot_launch, config_label, device_arch, head_block,
+                     meta_tensor, named_strides, per_arch, table_key, text_class)
+from ._attention import LOG2E as _LOG2E
+from ._attention import (attend_keys, dkdv_step, dq_keys, sample_and_head, scheduled_tile, softmax_lse,
+                         softmax_output, softmax_state)
 from ._schedules import query_tile_schedule, query_tile_slots
 
 _NO_IMAGE = tl.constexpr(2147483647)  # identity of the min over the rows' first images
-ALL_KEYS = -1  # img_start of a row that sees every key (padding included)
 
 # ================================================================================================================
 # Kernels
 # ================================================================================================================
-
-
-@triton.jit
-def online_softmax_step(b_s2, b_v, b_m, b_l, b_acc, DOT_PRECISION: tl.constexpr):
-    """One key tile of FlashAttention's online softmax: ``b_s2`` are the tile's scores in the log2 domain
-    (``-inf`` where a row may not look), ``b_v`` its values. Returns the updated running max, sum and output
-    accumulator (fp32). Rows that have seen no key keep a finite pivot, so exp2(-inf - pivot) is 0, not NaN."""
-    b_m_new = tl.maximum(b_m, tl.max(b_s2, axis=1))
-    b_pivot = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-    b_p = tl.exp2(b_s2 - b_pivot[:, None])
-    b_alpha = tl.exp2(b_m - b_pivot)
-    b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-    # P is rounded to the value dtype before the product, as every fp16/bf16 FlashAttention does.
-    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
-    return b_m_new, b_l, b_acc
 
 
 @triton.jit
@@ -121,6 +92,23 @@ def _image_span(j, b_s, b_e, b_all, any_all, n_real, image_stride):
     return limit, row_end
 
 
+@triton.jit
+def _query_tile_rows(IMG_START, IMG_END, b, t0, t_start, t_end, stride_sb, stride_st, num_images,
+                     GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The prologue of a run-aligned query tile (forward and dQ): row ``r`` is token ``r // GROUP`` and query head
+    ``r % GROUP`` of the K/V head's group; row/feature masks and the images the tile visits (:func:`_tile_images`)."""
+    rows = tl.arange(0, ROWS)
+    tok = rows // GROUP
+    head = rows % GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = t_start + tok < t_end
+    d_ok = offs_d < HEAD_DIM
+    b_s, b_e, b_all, img_lo, img_hi, any_all = _tile_images(
+        IMG_START + b * stride_sb + t0 * stride_st, IMG_END + b * stride_sb + t0 * stride_st, tok, m_ok, stride_st,
+        num_images)
+    return tok, head, offs_d, m_ok, d_ok, b_s, b_e, b_all, img_lo, img_hi, any_all
+
+
 # Arguments that change with the prompt (the strides of the (B, H, T) statistics, of the per-token image ranges and
 # the per-image key counts, the schedule size, the image count) are not specialized: a new prompt length or image
 # count compiles nothing new (docs/steady_state.md, "Specializations").
@@ -130,14 +118,8 @@ _PROMPT_ARGS = ("stride_lb", "stride_lh", "stride_sb", "stride_st", "stride_nb",
 @triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_pb",))
 def _mllama_xattn_fwd_kernel(
     Q, K, V, O, LSE, IMG_START, IMG_END, IMG_KEYS, TILE_START, TILE_END,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kh, stride_kl,
-    stride_vb, stride_vh, stride_vl,
-    stride_ob, stride_ot, stride_oh,
-    stride_lb, stride_lh,
-    stride_sb, stride_st,
-    stride_nb,
-    stride_pb,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+    stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_sb, stride_st, stride_nb, stride_pb,
     num_kv_heads, num_images, image_stride, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -146,26 +128,16 @@ def _mllama_xattn_fwd_kernel(
     ROWS: tl.constexpr = BLOCK_M * GROUP
     pid_tile = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // num_kv_heads).to(tl.int64)
-    kvh = (pid_bh % num_kv_heads).to(tl.int64)
-    t_start = tl.load(TILE_START + b * stride_pb + pid_tile)
-    t_end = tl.load(TILE_END + b * stride_pb + pid_tile)
+    b, kvh = sample_and_head(pid_bh, num_kv_heads)
+    t_start, t_end = scheduled_tile(TILE_START, TILE_END, b * stride_pb, pid_tile)
     if t_start >= t_end:  # surplus slot of the upper-bound grid
         return
     t0 = t_start.to(tl.int64)
 
-    rows = tl.arange(0, ROWS)
-    tok = rows // GROUP  # row r = token r // GROUP, query head kvh * GROUP + r % GROUP
-    head = rows % GROUP
-    cols = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = t_start + tok < t_end
-    d_ok = offs_d < HEAD_DIM
+    tok, head, offs_d, m_ok, d_ok, b_s, b_e, b_all, img_lo, img_hi, any_all = _query_tile_rows(
+        IMG_START, IMG_END, b, t0, t_start, t_end, stride_sb, stride_st, num_images, GROUP, ROWS, HEAD_DIM, BLOCK_D)
     md_ok = m_ok[:, None] & d_ok[None, :]
-
-    b_s, b_e, b_all, img_lo, img_hi, any_all = _tile_images(
-        IMG_START + b * stride_sb + t0 * stride_st, IMG_END + b * stride_sb + t0 * stride_st, tok, m_ok, stride_st,
-        num_images)
+    cols = tl.arange(0, BLOCK_N)
 
     q_offs = tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
     p_q = Q + b * stride_qb + t0 * stride_qt + kvh * GROUP * stride_qh
@@ -173,30 +145,17 @@ def _mllama_xattn_fwd_kernel(
     kt_offs = offs_d[:, None] + cols[None, :] * stride_kl  # [BLOCK_D, BLOCK_N]
     v_offs = cols[:, None] * stride_vl + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
 
-    b_m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([ROWS], dtype=tl.float32)
-    b_acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    b_m, b_l, b_acc = softmax_state(ROWS, BLOCK_D)
     for j in range(img_lo, img_hi):
         n_real = tl.load(IMG_KEYS + b * stride_nb + j)
         limit, row_end = _image_span(j, b_s, b_e, b_all, any_all, n_real, image_stride)
         key0 = (j * image_stride).to(tl.int64)  # < 2**31: a key index
         p_k = K + b * stride_kb + kvh * stride_kh + key0 * stride_kl
         p_v = V + b * stride_vb + kvh * stride_vh + key0 * stride_vl
-        for start in range(0, limit, BLOCK_N):
-            offs_n = start + cols
-            n_ok = offs_n < limit
-            b_kt = tl.load(p_k + kt_offs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-            b_s2 = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale
-            b_s2 = tl.where(offs_n[None, :] < row_end[:, None], b_s2, float("-inf"))
-            b_v = tl.load(p_v + v_offs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            b_m, b_l, b_acc = online_softmax_step(b_s2, b_v, b_m, b_l, b_acc, DOT_PRECISION)
-            p_k += BLOCK_N * stride_kl
-            p_v += BLOCK_N * stride_vl
-
-    m_seen = b_l > 0.0  # a row that saw at least one key has l >= 1
-    b_l_safe = tl.where(m_seen, b_l, 1.0)
-    b_o = b_acc / b_l_safe[:, None]  # exactly 0 for rows that see nothing (acc is 0)
-    b_lse = tl.where(m_seen, (b_m + tl.log2(b_l_safe)) * 0.6931471805599453, float("inf"))
+        b_m, b_l, b_acc = attend_keys(b_q, p_k, p_v, b_m, b_l, b_acc, kt_offs, v_offs, 0, limit, row_end, row_end,
+                                      d_ok, qk_scale, stride_kl, stride_vl, BLOCK_N, DOT_PRECISION, "end", True)
+    b_o = softmax_output(b_l, b_acc, True)  # exactly 0 for rows that see nothing
+    b_lse = softmax_lse(b_m, b_l, True, True)
     o_offs = tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     p_o = O + b * stride_ob + t0 * stride_ot + kvh * GROUP * stride_oh
     tl.store(p_o + o_offs, b_o.to(O.dtype.element_ty), mask=md_ok)
@@ -207,15 +166,9 @@ def _mllama_xattn_fwd_kernel(
 @triton.jit(do_not_specialize=_PROMPT_ARGS)
 def _mllama_xattn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, IMG_START, IMG_END, IMG_KEYS, HAS_ALL, TOKEN_FIRST, TOKEN_END, DK, DV,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kh, stride_kl,
-    stride_vb, stride_vh, stride_vl,
-    stride_gb, stride_gt, stride_gh,
-    stride_lb, stride_lh,
-    stride_sb, stride_st,
-    stride_nb,
-    stride_dkb, stride_dkh, stride_dkl,
-    stride_dvb, stride_dvh, stride_dvl,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+    stride_gb, stride_gt, stride_gh, stride_lb, stride_lh, stride_sb, stride_st, stride_nb,
+    stride_dkb, stride_dkh, stride_dkl, stride_dvb, stride_dvh, stride_dvl,
     num_kv_heads, num_images, image_stride, qk_scale, sm_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -226,8 +179,7 @@ def _mllama_xattn_bwd_dkdv_kernel(
     ROWS: tl.constexpr = BLOCK_M * GROUP
     pid_tile = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // num_kv_heads).to(tl.int64)
-    kvh = (pid_bh % num_kv_heads).to(tl.int64)
+    b, kvh = sample_and_head(pid_bh, num_kv_heads)
     tiles_per_image = tl.cdiv(image_stride, BLOCK_N)
     j = pid_tile // tiles_per_image
     start = (pid_tile % tiles_per_image) * BLOCK_N
@@ -273,18 +225,12 @@ def _mllama_xattn_bwd_dkdv_kernel(
             md_ok = m_ok[:, None] & d_ok[None, :]
             b_s, b_e, b_all = _rows_images(p_start, p_end, tok, m_ok, stride_st, num_images)
             row_end = tl.where((j >= b_s) & (j < b_e), tl.where(b_all, image_stride, n_real), 0)
-            vis_t = offs_n[:, None] < row_end[None, :]  # [BLOCK_N, ROWS]
             b_q = tl.load(p_q + q_offs, mask=md_ok, other=0.0)
             b_do = tl.load(p_do + do_offs, mask=md_ok, other=0.0)
-            b_lse2 = tl.load(p_lse + l_offs, mask=m_ok, other=0.0) * 1.4426950408889634
+            b_lse2 = tl.load(p_lse + l_offs, mask=m_ok, other=0.0) * _LOG2E
             b_delta = tl.load(p_delta + l_offs, mask=m_ok, other=0.0)
-
-            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, ROWS]
-            b_pt = tl.where(vis_t, tl.exp2(b_st - b_lse2[None, :]), 0.0)
-            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
-            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BLOCK_N, ROWS]
-            b_dst = b_pt * (b_dpt - b_delta[None, :])
-            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+            b_dk, b_dv = dkdv_step(b_k, b_v, b_q, b_do, b_lse2, b_delta, offs_n, row_end, row_end, b_dk, b_dv,
+                                   qk_scale, DOT_PRECISION, "end", True)
             p_q += BLOCK_M * stride_qt
             p_do += BLOCK_M * stride_gt
             p_lse += BLOCK_M
@@ -299,14 +245,8 @@ def _mllama_xattn_bwd_dkdv_kernel(
 @triton.jit(do_not_specialize=_PROMPT_ARGS + ("stride_pb",))
 def _mllama_xattn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, IMG_START, IMG_END, IMG_KEYS, TILE_START, TILE_END, DQ,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kh, stride_kl,
-    stride_vb, stride_vh, stride_vl,
-    stride_gb, stride_gt, stride_gh,
-    stride_lb, stride_lh,
-    stride_sb, stride_st,
-    stride_nb,
-    stride_pb,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+    stride_gb, stride_gt, stride_gh, stride_lb, stride_lh, stride_sb, stride_st, stride_nb, stride_pb,
     stride_dqb, stride_dqt, stride_dqh,
     num_kv_heads, num_images, image_stride, qk_scale, sm_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -317,26 +257,16 @@ def _mllama_xattn_bwd_dq_kernel(
     ROWS: tl.constexpr = BLOCK_M * GROUP
     pid_tile = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // num_kv_heads).to(tl.int64)
-    kvh = (pid_bh % num_kv_heads).to(tl.int64)
-    t_start = tl.load(TILE_START + b * stride_pb + pid_tile)
-    t_end = tl.load(TILE_END + b * stride_pb + pid_tile)
+    b, kvh = sample_and_head(pid_bh, num_kv_heads)
+    t_start, t_end = scheduled_tile(TILE_START, TILE_END, b * stride_pb, pid_tile)
     if t_start >= t_end:
         return
     t0 = t_start.to(tl.int64)
 
-    rows = tl.arange(0, ROWS)
-    tok = rows // GROUP
-    head = rows % GROUP
-    cols = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = t_start + tok < t_end
-    d_ok = offs_d < HEAD_DIM
+    tok, head, offs_d, m_ok, d_ok, b_s, b_e, b_all, img_lo, img_hi, any_all = _query_tile_rows(
+        IMG_START, IMG_END, b, t0, t_start, t_end, stride_sb, stride_st, num_images, GROUP, ROWS, HEAD_DIM, BLOCK_D)
     md_ok = m_ok[:, None] & d_ok[None, :]
-
-    b_s, b_e, b_all, img_lo, img_hi, any_all = _tile_images(
-        IMG_START + b * stride_sb + t0 * stride_st, IMG_END + b * stride_sb + t0 * stride_st, tok, m_ok, stride_st,
-        num_images)
+    cols = tl.arange(0, BLOCK_N)
 
     q_offs = tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
     do_offs = tok[:, None] * stride_gt + head[:, None] * stride_gh + offs_d[None, :]
@@ -344,7 +274,7 @@ def _mllama_xattn_bwd_dq_kernel(
     b_do = tl.load(DO + b * stride_gb + t0 * stride_gt + kvh * GROUP * stride_gh + do_offs, mask=md_ok, other=0.0)
     l_offs = head * stride_lh + tok
     l_base = b * stride_lb + kvh * GROUP * stride_lh + t0
-    b_lse2 = tl.load(LSE + l_base + l_offs, mask=m_ok, other=0.0) * 1.4426950408889634
+    b_lse2 = tl.load(LSE + l_base + l_offs, mask=m_ok, other=0.0) * _LOG2E
     b_delta = tl.load(DELTA + l_base + l_offs, mask=m_ok, other=0.0)
     kt_offs = offs_d[:, None] + cols[None, :] * stride_kl  # [BLOCK_D, BLOCK_N]
     vt_offs = offs_d[:, None] + cols[None, :] * stride_vl
@@ -356,18 +286,8 @@ def _mllama_xattn_bwd_dq_kernel(
         key0 = (j * image_stride).to(tl.int64)  # < 2**31: a key index
         p_k = K + b * stride_kb + kvh * stride_kh + key0 * stride_kl
         p_v = V + b * stride_vb + kvh * stride_vh + key0 * stride_vl
-        for start in range(0, limit, BLOCK_N):
-            offs_n = start + cols
-            dn_ok = d_ok[:, None] & (offs_n < limit)[None, :]
-            b_kt = tl.load(p_k + kt_offs, mask=dn_ok, other=0.0)
-            b_vt = tl.load(p_v + vt_offs, mask=dn_ok, other=0.0)
-            b_s2 = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [ROWS, BLOCK_N]
-            b_p = tl.where(offs_n[None, :] < row_end[:, None], tl.exp2(b_s2 - b_lse2[:, None]), 0.0)
-            b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION)
-            b_ds = b_p * (b_dp - b_delta[:, None])
-            b_dq += tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), input_precision=DOT_PRECISION)
-            p_k += BLOCK_N * stride_kl
-            p_v += BLOCK_N * stride_vl
+        b_dq = dq_keys(b_q, b_do, b_lse2, b_delta, p_k, p_v, b_dq, kt_offs, vt_offs, 0, limit, row_end, row_end,
+                       d_ok, qk_scale, stride_kl, stride_vl, BLOCK_N, DOT_PRECISION, "end")
 
     b_dq = b_dq * sm_scale
     dq_offs = tok[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_d[None, :]
@@ -439,8 +359,7 @@ _GPU_CONFIGS = per_arch(_GPU_CONFIG_TABLE, _cfg)
 
 def shipped_configs(kind: str, dtype: torch.dtype, head_dim: int, arch: Optional[int] = None) -> List[triton.Config]:
     """The GPU candidates of one kernel for this dtype and head size on ``arch`` (default: this device's)."""
-    precision = "fp32" if dtype == torch.float32 else "lowp"
-    return _GPU_CONFIGS[((kind, precision, 64 if head_block(head_dim) <= 64 else 128), arch or device_arch())]
+    return _GPU_CONFIGS[((kind, *table_key(dtype, head_dim)), arch or device_arch())]
 
 
 def block_m_of(config: triton.Config, group: int) -> int:
@@ -453,7 +372,7 @@ AUTOTUNE_KEY = ("head_dim", "group", "image_stride", "dtype", "text_bucket")
 
 
 def autotune_key(q: torch.Tensor, group: int, image_stride: int) -> tuple:
-    return (q.shape[-1], group, image_stride, q.dtype, length_bucket(q.shape[1]))
+    return (q.shape[-1], group, image_stride, q.dtype, text_class(q.shape[1]))
 
 
 def _pruner(kind: str):

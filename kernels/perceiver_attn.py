@@ -35,28 +35,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (
-    ARCHS,
-    INTERPRET,
-    LOG2E,
-    SM80,
-    SM90,
-    TORCH_TO_TRITON_DTYPE,
-    AotVariant,
-    ConfigChooser,
-    aot_dot_precisions,
-    aot_launch,
-    cdiv,
-    config_label,
-    device_arch,
-    head_block,
-    length_bucket,
-    meta_tensor,
-    named_strides,
-    per_arch,
-    size_class,
-)
+from ._utils import (ARCHS, INTERPRET, LOG2E, SM80, SM90, TORCH_TO_TRITON_DTYPE, AotVariant, ConfigChooser,
+                     aot_dot_precisions, aot_launch, cdiv, config_label, device_arch, head_block, length_bucket,
+                     meta_tensor, named_strides, per_arch, size_class, table_key)
 from ._launch import PERCEIVER_SPLITS, split_count
+from ._attention import LOG2E as _LOG2E
+from ._attention import (attend_keys, probabilities, row_delta, sample_and_head, score_grads, softmax_lse,
+                         softmax_output, softmax_state)
 
 
 # ================================================================================================================
@@ -80,40 +65,21 @@ def _key_range(pid_split, num_splits, num_keys, tiles_before, total_tiles, BLOCK
 def _fwd_source(b_q, b_m, b_l, b_acc, p_k, p_v, stride_k, stride_v, start, stop, qk_scale, d_ok,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online-softmax update of (running max, running sum, accumulator) with the keys ``[start, stop)`` of one
-    source (``p_k`` / ``p_v`` point at key ``start``)."""
+    source (``p_k`` / ``p_v`` point at key ``start``); no mask: every latent sees every key."""
     cols = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kt_offs = offs_d[:, None] + cols[None, :] * stride_k  # [BLOCK_D, BLOCK_N]: K loaded transposed
     v_offs = cols[:, None] * stride_v + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-    for start_n in range(start, stop, BLOCK_N):
-        n_ok = start_n + cols < stop
-        b_kt = tl.load(p_k + kt_offs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
-        b_s = tl.where(n_ok[None, :], b_s, float("-inf"))
-        # every tile holds at least one real key, so the new max is finite and exp2(-inf - max) is 0 (no NaN)
-        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-        b_p = tl.exp2(b_s - b_m_new[:, None])
-        b_rescale = tl.exp2(b_m - b_m_new)
-        b_l = b_l * b_rescale + tl.sum(b_p, axis=1)
-        b_v = tl.load(p_v + v_offs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        # P is rounded to the input dtype before the product, as every fp16/bf16 FlashAttention does
-        b_acc = b_acc * b_rescale[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
-        b_m = b_m_new
-        p_k += BLOCK_N * stride_k
-        p_v += BLOCK_N * stride_v
-    return b_m, b_l, b_acc
+    return attend_keys(b_q, p_k, p_v, b_m, b_l, b_acc, kt_offs, v_offs, start, stop, start, stop, d_ok, qk_scale,
+                       stride_k, stride_v, BLOCK_N, DOT_PRECISION, "all", False)
 
 
 @triton.jit(do_not_specialize=("num_splits",))
 def _perceiver_fwd_kernel(
     Q, KM, VM, KL, VL, O, LSE,
-    stride_qn, stride_ql, stride_qh,
-    stride_kmn, stride_kmp, stride_kmh,
-    stride_vmn, stride_vmp, stride_vmh,
-    stride_kln, stride_kll, stride_klh,
-    stride_vln, stride_vll, stride_vlh,
-    stride_os, stride_on, stride_ol, stride_oh,
-    stride_ss, stride_sn, stride_sh,
+    stride_qn, stride_ql, stride_qh, stride_kmn, stride_kmp, stride_kmh, stride_vmn, stride_vmp, stride_vmh,
+    stride_kln, stride_kll, stride_klh, stride_vln, stride_vll, stride_vlh,
+    stride_os, stride_on, stride_ol, stride_oh, stride_ss, stride_sn, stride_sh,
     num_heads, media_tokens, latents, num_splits, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -124,8 +90,7 @@ def _perceiver_fwd_kernel(
     pid_nh = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_split = tl.program_id(2)
-    n = (pid_nh // num_heads).to(tl.int64)
-    h = (pid_nh % num_heads).to(tl.int64)
+    n, h = sample_and_head(pid_nh, num_heads)
     m0 = pid_m.to(tl.int64) * BLOCK_M
 
     rows = tl.arange(0, BLOCK_M)
@@ -136,9 +101,7 @@ def _perceiver_fwd_kernel(
 
     p_q = Q + n * stride_qn + h * stride_qh + m0 * stride_ql
     b_q = tl.load(p_q + rows[:, None] * stride_ql + offs_d[None, :], mask=md_ok, other=0.0)
-    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 domain
-    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2
-    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    b_m, b_l, b_acc = softmax_state(BLOCK_M, BLOCK_D)
     media_tiles = tl.cdiv(media_tokens, BLOCK_N)
     total_tiles = media_tiles + tl.cdiv(latents, BLOCK_N)
     start, stop = _key_range(pid_split, num_splits, media_tokens, 0, total_tiles, BLOCK_N)
@@ -156,8 +119,8 @@ def _perceiver_fwd_kernel(
 
     # every split owns at least one key tile (the launcher keeps splits <= tiles), and every row saw all of its
     # keys (padding rows too, with q = 0), so l >= 1
-    b_o = b_acc / b_l[:, None]
-    b_lse = (b_m + tl.log2(b_l)) * 0.6931471805599453
+    b_o = softmax_output(b_l, b_acc, False)
+    b_lse = softmax_lse(b_m, b_l, False, True)
     split = pid_split.to(tl.int64)
     p_o = O + split * stride_os + n * stride_on + h * stride_oh + m0 * stride_ol
     tl.store(p_o + rows[:, None] * stride_ol + offs_d[None, :], b_o.to(O.dtype.element_ty), mask=md_ok)
@@ -187,10 +150,9 @@ def _bwd_source(b_q, b_do, b_lse2, b_delta, b_dq, p_k, p_v, p_dk, p_dv, stride_k
         b_kt = tl.load(p_k + kt_offs, mask=dn_ok, other=0.0)
         b_vt = tl.load(p_v + vt_offs, mask=dn_ok, other=0.0)
         b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        b_p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp2(b_s - b_lse2[:, None]), 0.0)
+        b_p = probabilities(b_s, b_lse2, m_ok[:, None] & n_ok[None, :])
         b_dv = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_D]
-        b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        b_ds = (b_p * (b_dp - b_delta[:, None])).to(b_q.dtype)
+        b_ds = score_grads(b_p, b_do, b_vt, b_delta, DOT_PRECISION).to(b_q.dtype)
         b_dq += tl.dot(b_ds, tl.trans(b_kt), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_D]
         b_dk = tl.dot(tl.trans(b_ds), b_q, input_precision=DOT_PRECISION) * sm_scale
         tl.store(p_dk + dk_offs, b_dk.to(p_dk.dtype.element_ty), mask=tl.trans(dn_ok))
@@ -205,19 +167,11 @@ def _bwd_source(b_q, b_do, b_lse2, b_delta, b_dq, p_k, p_v, p_dk, p_dv, stride_k
 @triton.jit(do_not_specialize=("num_splits",))
 def _perceiver_bwd_kernel(
     Q, KM, VM, KL, VL, O, DO, LSE, DQ, DKM, DVM, DKL, DVL,
-    stride_qn, stride_ql, stride_qh,
-    stride_kmn, stride_kmp, stride_kmh,
-    stride_vmn, stride_vmp, stride_vmh,
-    stride_kln, stride_kll, stride_klh,
-    stride_vln, stride_vll, stride_vlh,
-    stride_on, stride_ol, stride_oh,
-    stride_gn, stride_gl, stride_gh,
-    stride_sn, stride_sh,
-    stride_dqs, stride_dqn, stride_dql, stride_dqh,
-    stride_dkmt, stride_dkmn, stride_dkmp, stride_dkmh,
-    stride_dvmt, stride_dvmn, stride_dvmp, stride_dvmh,
-    stride_dklt, stride_dkln, stride_dkll, stride_dklh,
-    stride_dvlt, stride_dvln, stride_dvll, stride_dvlh,
+    stride_qn, stride_ql, stride_qh, stride_kmn, stride_kmp, stride_kmh, stride_vmn, stride_vmp, stride_vmh,
+    stride_kln, stride_kll, stride_klh, stride_vln, stride_vll, stride_vlh, stride_on, stride_ol, stride_oh,
+    stride_gn, stride_gl, stride_gh, stride_sn, stride_sh, stride_dqs, stride_dqn, stride_dql, stride_dqh,
+    stride_dkmt, stride_dkmn, stride_dkmp, stride_dkmh, stride_dvmt, stride_dvmn, stride_dvmp, stride_dvmh,
+    stride_dklt, stride_dkln, stride_dkll, stride_dklh, stride_dvlt, stride_dvln, stride_dvll, stride_dvlh,
     num_heads, media_tokens, latents, num_splits, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -230,8 +184,7 @@ def _perceiver_bwd_kernel(
     pid_nh = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_split = tl.program_id(2)
-    n = (pid_nh // num_heads).to(tl.int64)
-    h = (pid_nh % num_heads).to(tl.int64)
+    n, h = sample_and_head(pid_nh, num_heads)
     t = pid_m.to(tl.int64)
     m0 = t * BLOCK_M
 
@@ -247,9 +200,8 @@ def _perceiver_bwd_kernel(
     b_q = tl.load(p_q + rows[:, None] * stride_ql + offs_d[None, :], mask=md_ok, other=0.0)
     b_do = tl.load(p_do + rows[:, None] * stride_gl + offs_d[None, :], mask=md_ok, other=0.0)
     b_o = tl.load(p_o + rows[:, None] * stride_ol + offs_d[None, :], mask=md_ok, other=0.0)
-    # the softmax-Jacobian term, in fp32 (elementwise math never runs in bf16: the interpreter gets it wrong)
-    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), axis=1)
-    b_lse2 = tl.load(LSE + n * stride_sn + h * stride_sh + m0 + rows, mask=m_ok, other=0.0) * 1.4426950408889634
+    b_delta = row_delta(b_o, b_do)  # this program owns all of its rows' keys: no pre-pass
+    b_lse2 = tl.load(LSE + n * stride_sn + h * stride_sh + m0 + rows, mask=m_ok, other=0.0) * _LOG2E
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     media_tiles = tl.cdiv(media_tokens, BLOCK_N)
@@ -317,8 +269,7 @@ _GPU_CONFIGS = per_arch(_GPU_CONFIG_TABLE, _cfg)
 
 def shipped_configs(kind: str, dtype: torch.dtype, head_dim: int, arch: Optional[int] = None) -> List[triton.Config]:
     """The GPU configs a launch of ``kind`` ("fwd", "bwd") may use on ``arch`` (default: this device's)."""
-    precision = "fp32" if dtype == torch.float32 else "lowp"
-    return _GPU_CONFIGS[((kind, precision, 64 if head_block(head_dim) <= 64 else 128), arch or device_arch())]
+    return _GPU_CONFIGS[((kind, *table_key(dtype, head_dim)), arch or device_arch())]
 
 
 # The autotune key, by the names tuned tables use (fastflamingo/configs/).

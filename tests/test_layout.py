@@ -172,3 +172,33 @@ def test_no_import_circles():
                          if name.startswith("fastflamingo.ops") for target in targets
                          if any(target == above or target.startswith(above + ".") for above in ABOVE_OPS))
     assert not reaching_up, reaching_up
+
+
+ATTENTION_FAMILIES = ("media_xattn", "media_decode", "mllama_xattn", "mllama_decode", "perceiver_attn")
+
+
+def _jit_function_bodies(path: Path):
+    """(name, source) of every @triton.jit function of a kernel module."""
+    import ast
+
+    source = path.read_text()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef) and any("triton.jit" in ast.unparse(d) for d in node.decorator_list):
+            yield node.name, ast.get_source_segment(source, node)
+
+
+def test_one_attention_skeleton():
+    """The online softmax, its ending and the backward steps are written once, in kernels/_attention.py: no attention
+    family exponentiates scores or takes the LSE's logarithm itself (media_decode's combine kernel, which merges
+    the splits' LSEs, is the one kernel that is not a softmax over keys), and no family imports another's kernels."""
+    written_again = []
+    for family in ATTENTION_FAMILIES:
+        path = ROOT / "kernels" / f"{family}.py"
+        for name, body in _jit_function_bodies(path):
+            if name == "_media_decode_combine_kernel":
+                continue
+            written_again += [f"{family}.{name}: {op}" for op in ("tl.exp2(", "tl.log2(", "float(\"inf\")")
+                              if op in body]
+        imports = re.findall(r"^from \.(\w+) import", path.read_text(), re.M)
+        written_again += [f"{family} imports .{other}" for other in imports if other in ATTENTION_FAMILIES]
+    assert not written_again, written_again

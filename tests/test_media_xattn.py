@@ -498,7 +498,9 @@ def test_kernels_are_interpreted_under_interpret(kernels):
 
     from conftest import INTERPRET
 
-    jitted = [kernels._media_xattn_fwd_kernel, kernels._media_xattn_bwd_preprocess_kernel,
+    from fastflamingo.kernels import _attention
+
+    jitted = [kernels._media_xattn_fwd_kernel, _attention.attention_bwd_preprocess_kernel,
               kernels._media_xattn_bwd_dkdv_kernel, kernels._media_xattn_bwd_dq_kernel]
     interpreted = triton.runtime.interpreter.InterpretedFunction
     assert all(isinstance(fn, interpreted) == INTERPRET for fn in jitted)

@@ -62,10 +62,10 @@ class Recorder:
 
 @pytest.fixture
 def recorded(monkeypatch):
-    from fastflamingo.kernels import _utils, gated_linear, media_decode, media_xattn, perceiver_attn
+    from fastflamingo.kernels import _attention, _utils, gated_linear, media_decode, media_xattn, perceiver_attn
 
     seen = collections.defaultdict(set)
-    for module in (media_xattn, media_decode, gated_linear, perceiver_attn):
+    for module in (media_xattn, media_decode, gated_linear, perceiver_attn, _attention):
         for name, fn in list(vars(module).items()):
             if name.endswith("_kernel"):
                 monkeypatch.setattr(module, name, Recorder(name.strip("_"), fn, seen))
@@ -158,7 +158,7 @@ def test_generate_sweep_compiles_few_variants(recorded, monkeypatch):
     counts = {key: len(variants) for key, variants in seen.items()}
     launched = {name for name, _ in counts}
     assert {"media_xattn_fwd_kernel", "media_xattn_bwd_dkdv_kernel", "media_xattn_bwd_dq_kernel",
-            "media_xattn_bwd_preprocess_kernel", "media_decode_split_kernel", "media_decode_combine_kernel",
+            "attention_bwd_preprocess_kernel", "media_decode_split_kernel", "media_decode_combine_kernel",
             "gated_linear_fwd_kernel", "gated_linear_epilogue_kernel", "perceiver_fwd_kernel",
             "perceiver_bwd_kernel"} <= launched
     report = "\n".join(f"{n} {dict(c)}: {len(seen[(n, c)])} {_differences(seen[(n, c)])}"

@@ -83,12 +83,13 @@ class MediaXattn:
 
     def warm(self, settings: WarmSettings) -> int:
         from ..kernels import media_xattn as kernels
+        from ..kernels._utils import TEXT_CLASSES
 
         s, calls = settings, 0
         for media in class_sizes(s.max_media, kernels.MEDIA_CLASSES):
             kv = s.rand(s.batch, media * s.latents, 2, self.heads, self.head_dim, grad=s.backward)
             k, v = kv[:, :, 0], kv[:, :, 1]  # views of one fused projection, like the modules' to_kv
-            texts = [t for t in class_sizes(s.max_text, kernels.TEXT_CLASSES) if t >= min(media, s.max_text)]
+            texts = [t for t in class_sizes(s.max_text, TEXT_CLASSES) if t >= min(media, s.max_text)]
             for text in texts + ([1] if s.decode else []):
                 q = s.rand(s.batch, text, self.heads, self.head_dim, grad=s.backward and text > 1)
                 if text == 1:  # a decode step: the token after the whole prompt

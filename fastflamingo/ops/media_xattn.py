@@ -273,16 +273,9 @@ def launch_bwd(
     qk_scale = float(scale) * U.LOG2E
     block_d = U.head_block(head_dim)
     precision = U.dot_precision(q.dtype)
-    delta = torch.empty_like(lse, memory_format=torch.contiguous_format)
-    K._media_xattn_bwd_preprocess_kernel[(U.cdiv(num_tokens, K.PREPROCESS_BLOCK_M), batch * heads)](
-        o, do, delta,
-        o.stride(0), o.stride(1), o.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        delta.stride(0), delta.stride(1),
-        num_tokens, heads,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=K.PREPROCESS_BLOCK_M,
-        num_warps=K.PREPROCESS_CONFIG.num_warps, num_stages=K.PREPROCESS_CONFIG.num_stages,
-    )
+    from ..kernels import _attention  # the delta pre-pass, shared with mllama_xattn
+
+    delta = _attention.row_deltas(o, do, torch.empty_like(lse, memory_format=torch.contiguous_format))
     if lse.stride() != delta.stride():  # the backward kernels share one set of (B, H) strides for lse and delta
         lse = lse.contiguous()
     token_first, token_end = media_tokens(text_time, num_media, immediate)

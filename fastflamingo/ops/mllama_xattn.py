@@ -265,18 +265,9 @@ def launch_bwd(
         return dq, dk, dv
     lse = lse.contiguous()
     qk_scale = float(scale) * U.LOG2E
-    block_d = U.head_block(head_dim)
-    from ..kernels import media_xattn as M  # the delta pre-pass (rowsum(o * do)) is media_xattn's
-    delta = torch.empty_like(lse)
-    M._media_xattn_bwd_preprocess_kernel[(U.cdiv(num_tokens, M.PREPROCESS_BLOCK_M), batch * heads)](
-        o, do, delta,
-        o.stride(0), o.stride(1), o.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        delta.stride(0), delta.stride(1),
-        num_tokens, heads,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=M.PREPROCESS_BLOCK_M,
-        num_warps=M.PREPROCESS_CONFIG.num_warps, num_stages=M.PREPROCESS_CONFIG.num_stages,
-    )
+    from ..kernels import _attention  # the delta pre-pass, shared with media_xattn
+
+    delta = _attention.row_deltas(o, do, torch.empty_like(lse))
     token_first, token_end, has_all = image_tokens(img_start, img_end, num_images)
 
     def run_dkdv(cfg) -> None:

@@ -3,8 +3,8 @@
 The attention core is warmed through the family's front end (:func:`~fastflamingo.models.mllama.functional.
 mllama_xattn`) with the additive mask transformers hands a layer, so the calls take the paths the model's take:
 the prefill kernels (closed form recovered from the mask) for every text-length class of their autotune key
-(``kernels/mllama_xattn.py``: the next power of two), and the decode kernel for one new token, which reads the mask
-row in place.
+(``kernels._utils.TEXT_CLASSES``, one scheme for every attention family), and the decode kernel for one new token,
+which reads the mask row in place.
 """
 from __future__ import annotations
 
@@ -14,10 +14,6 @@ import torch
 
 from .._warm import WarmSettings, backward, class_sizes, evenly_spaced_text_time
 from .functional import mllama_xattn
-
-# the prefill kernels key the text length by its next power of two (kernels._utils.length_bucket, at most 2**16)
-_TEXT_BUCKETS = tuple(1 << i for i in range(17))
-
 
 def additive_mask(text_time: torch.Tensor, num_images: int, max_tiles: int, tokens_per_tile: int,
                   dtype: torch.dtype) -> torch.Tensor:
@@ -41,6 +37,8 @@ class MllamaXattn:
     ops = ("mllama_xattn", "mllama_decode")  # the kernel families warm() reaches
 
     def warm(self, settings: WarmSettings) -> int:
+        from ...kernels._utils import TEXT_CLASSES  # imports triton: only when warming
+
         s, calls = settings, 0
         # the image count is not in the autotune key; one image and several are the two specialisations a count
         # gets (Triton specialises integer arguments equal to 1)
@@ -48,7 +46,7 @@ class MllamaXattn:
             num_keys = images * self.max_tiles * self.tokens_per_tile
             k = s.rand(s.batch, self.kv_heads, num_keys, self.head_dim, grad=s.backward)
             v = s.rand(s.batch, self.kv_heads, num_keys, self.head_dim, grad=s.backward)
-            for text in class_sizes(s.max_text, _TEXT_BUCKETS) + ([1] if s.decode else []):
+            for text in class_sizes(s.max_text, TEXT_CLASSES) + ([1] if s.decode else []):
                 q = s.rand(s.batch, text, self.heads, self.head_dim, grad=s.backward and text > 1)
                 if text == 1:  # a decode step: the token after the whole prompt sees the last image
                     text_time = torch.full((s.batch, 1), images, dtype=torch.int32, device=s.device)
