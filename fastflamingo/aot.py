@@ -91,15 +91,19 @@ def _collect(families: Sequence[str], quick: bool) -> list:
 _RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
-def _cubin_resources(cubin: bytes) -> Dict[str, int]:
+def _cuobjdump(cubin: bytes, option: str) -> str:
+    """cuobjdump's listing of a compiled kernel (the tool ships inside the triton wheel)."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
         handle.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", handle.name], check=True, capture_output=True,
-                              text=True).stdout
+        return subprocess.run([tool, option, handle.name], check=True, capture_output=True, text=True).stdout
+
+
+def _cubin_resources(cubin: bytes) -> Dict[str, int]:
+    text = _cuobjdump(cubin, "--dump-resource-usage")
     match = _RESOURCE.search(text)
     if match is None:
         raise RuntimeError(f"cannot read the resource usage from cuobjdump:\n{text}")
@@ -122,14 +126,7 @@ _DOT_16BIT = re.compile(r"tt\.dot\b[^\n]*?:\s*tensor<[0-9x]+x(?:bf16|f16)\b")
 
 def _sass_mix(cubin: bytes) -> Dict[str, int]:
     """Instruction counts of the compiled kernel, from cuobjdump's SASS listing."""
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
-        handle.write(cubin)
-        handle.flush()
-        text = subprocess.run([tool, "-sass", handle.name], check=True, capture_output=True, text=True).stdout
-    opcodes = [op for op in _SASS_OPCODE.findall(text) if op != "NOP"]
+    opcodes = [op for op in _SASS_OPCODE.findall(_cuobjdump(cubin, "-sass")) if op != "NOP"]
     mix = {name: sum(1 for op in opcodes if op in names) for name, names in MIX.items()}
     mix["hgmma"] = sum(1 for op in opcodes if op == "HGMMA")
     mix["instr"] = len(opcodes)
