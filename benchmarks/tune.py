@@ -1,14 +1,14 @@
 """``python -m benchmarks.tune OUTDIR``: time every candidate launch config at the priority shapes and write a
 tuned table for this GPU (``fastflamingo/configs/`` describes the format; commit the file there).
 
-The priority cells of the benchmark suite (``python -m benchmarks --priority``: decode, gate, xattn, perceiver,
-and any other registered op with priority cells) run once through their ``fastflamingo`` provider, forward and,
-where the cell has one, backward, with tuned tables switched off, so every kernel's config chooser times all the
-candidates it keeps for each autotune key it meets. The table then maps each (kernel, key) to the fastest config
-and keeps every candidate's time; for every gated-projection shape the cells met it also times the projection's
-three forms (fused GEMM, split-K, cuBLAS + epilogue) and stores the fastest as a form entry. It also records how many kernels were compiled and how long that took (what a
-cold process pays before its first step; a tuned table removes the timing, ``fastflamingo.warmup`` moves the rest
-ahead of time).
+The priority cells of the benchmark suite (``python -m benchmarks --priority``: media_decode, gated_linear,
+media_xattn, perceiver_attn and any other registered op with priority cells) run once through their ``fastflamingo``
+provider, forward and, where the cell has one, backward, with tuned tables switched off, so every kernel's config
+chooser times all the candidates it keeps for each autotune key it meets. The table then maps each (kernel, key) to
+the fastest config and keeps every candidate's time; for every gated-projection shape the cells met it also times
+the projection's three forms (fused GEMM, split-K, cuBLAS + epilogue) and stores the fastest as a form entry. It
+also records how many kernels were compiled and how long that took (what a cold process pays before its first step;
+a tuned table removes the timing, ``fastflamingo.warmup`` moves the rest ahead of time).
 
     python -m benchmarks.tune OUTDIR                 # CUDA: writes OUTDIR/<gpu>-sm<cc>-triton<x.y>.json
     python -m benchmarks.tune OUTDIR --dry-run       # CPU, Triton interpreter, toy shapes: the same plumbing

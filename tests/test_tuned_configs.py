@@ -188,8 +188,8 @@ def test_real_launcher_reads_the_table(fake_device, no_timing, monkeypatch, devi
 
 def test_tune_dry_run_writes_a_table(tmp_path):
     """python -m benchmarks.tune --dry-run: the plumbing end to end (interpreter: one candidate, nothing timed)."""
-    result = subprocess.run([sys.executable, "-m", "benchmarks.tune", str(tmp_path), "--dry-run", "--ops", "gate"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "benchmarks.tune", str(tmp_path), "--dry-run", "--ops",
+                             "gated_linear"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     (path,) = tmp_path.glob("dry-run-*.json")
     table = configs.load_table(path)
@@ -198,7 +198,7 @@ def test_tune_dry_run_writes_a_table(tmp_path):
     forms = [e for e in table.entries.values() if e["kernel"] == "gated_linear_form"]
     assert all(e["form"] in ("fused", "splitk", "cublas") and set(e["key"]) == {"rows_bucket", "n", "k", "dtype"}
                for e in forms)
-    assert table.generated["compiles"] == 0 and "gate" in " ".join(table.generated["cells"])
+    assert table.generated["compiles"] == 0 and "gated_linear" in " ".join(table.generated["cells"])
 
 
 @pytest.mark.parametrize("form", ["splitk", "cublas", "fused"])
