@@ -11,17 +11,13 @@ SDPA call with a key mask built on device (:func:`_key_mask_path`, docs/compile.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .._backend import DECODE_MAX_TOKENS
-from ..masks import MediaMask
-
-# A run is a stretch of consecutive text tokens of one sample (or of every sample, when all samples share one
-# mask) that see the same media range: (batch index or None for "all samples", t0, t1, lo, hi).
-Run = Tuple[Optional[int], int, int, int, int]
+from ..masks import MediaMask, Run, zero_unseen
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -273,7 +269,7 @@ def _key_mask_path(q, k, v, mask: MediaMask, latents: int, scale: float, dropout
         out = unfold_groups(out, kv_group)
     else:
         out = _sdpa(q, k[:, :num_keys], v[:, :num_keys], scale, dropout_p, attn_mask=key_mask[:, None])
-    return torch.where(sees[:, :, None, None], out, out.new_zeros(()))
+    return zero_unseen(out, sees)
 
 
 def _window_path(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float, kv_group: int = 1):
@@ -294,7 +290,7 @@ def _window_path(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p
                                                                           head_dim_v)
     out = _sdpa(q.reshape(batch * num_text, 1, heads, head_dim), window_k, window_v, scale, dropout_p)
     out = out.view(batch, num_text, heads, head_dim_v)
-    return torch.where(sees[:, :, None, None], out, out.new_zeros(()))
+    return zero_unseen(out, sees)
 
 
 def _chunks_path(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float,
@@ -334,7 +330,7 @@ def _dense_path(q, k, v, allowed: torch.Tensor, latents: int, scale: float, drop
         out = unfold_groups(out, kv_group)
     else:
         out = _sdpa(q, k, v, scale, dropout_p, attn_mask=key_mask[:, None])
-    return torch.where(sees_any[:, :, None, None], out, out.new_zeros(()))
+    return zero_unseen(out, sees_any)
 
 
 # --------------------------------------------------------------------------------------------------------------
