@@ -9,6 +9,8 @@ Paths (``FASTFLAMINGO_BACKEND`` / ``fastflamingo.backend(...)`` pick the backend
   reads the mask and the cache tensors in place and skips the tiles no token sees, with no host synchronisation;
 - PyTorch: runs of tokens with the closed form, else transformers' dense attention with the mask as given (no
   repeated K/V either way); under ``torch.compile`` always the dense one (no host synchronisation in the graph).
+  A compiled prefill whose tile sizes are to be inferred (``tokens_per_tile=None``: the attention route) takes this
+  path on the ``auto`` backend too (an explicit ``triton`` raises): the inference reads the mask on the host.
 """
 from __future__ import annotations
 
@@ -76,8 +78,8 @@ def mllama_xattn(
     attention_mask: MaskLike = None,
     *,
     scale: Optional[float] = None,
-    tokens_per_tile: int = mask_mod.TOKENS_PER_TILE,
-    max_tiles: int = mask_mod.MAX_TILES,
+    tokens_per_tile: Optional[int] = mask_mod.TOKENS_PER_TILE,
+    max_tiles: Optional[int] = mask_mod.MAX_TILES,
     row_flag: Optional[torch.Tensor] = None,
     empty_rows: str = "hf",
     dropout_p: float = 0.0,
@@ -94,7 +96,9 @@ def mllama_xattn(
             SDPA path without a mask, transformers #48172).
         scale: softmax scale, default ``head_dim ** -0.5``.
         tokens_per_tile, max_tiles: the vision tile size and tiles per image, to recover the closed form
-            (Llama 3.2: 1601 and 4); a key count they do not divide means the dense path.
+            (Llama 3.2: 1601 and 4); a key count they do not divide means the dense path. Both None: inferred
+            from the mask (:func:`.mask.from_additive_mask`; decode steps then visit keys in units of 1601 when
+            that divides the key count, else all of them).
         row_flag, empty_rows: ``empty_rows="zero"`` with transformers' ``full_text_row_masked_out_mask``: rows whose
             flag is 0 get exactly 0 (Meta's reference, vLLM). ``"hf"`` (default): the mask decides alone (such rows'
             masks are all zeros: attention over every key, transformers 5).
@@ -105,6 +109,7 @@ def mllama_xattn(
     """
     _check(q, k, v, attention_mask)
     mask_mod._check_empty_rows(empty_rows)
+    mask_mod.check_tile_sizes(tokens_per_tile, max_tiles)
     batch, num_text, _, head_dim = q.shape
     num_keys = k.shape[2]
     scale = head_dim ** -0.5 if scale is None else float(scale)
@@ -139,6 +144,10 @@ def mllama_xattn(
         if decode:
             if num_text * group > decode_ops.MAX_ROWS:
                 reasons.append(f"decode: {num_text} tokens x {group} heads per K/V head > {decode_ops.MAX_ROWS}")
+        elif not reasons and tokens_per_tile is None and torch.compiler.is_compiling():
+            # the sizes are inferred from the mask on the host, which a graph cannot do (fullgraph would fail)
+            reasons.append("the tile sizes are to be inferred from the mask (tokens_per_tile=None), which needs "
+                           "host reads that a torch.compile graph cannot make: the PyTorch path serves it densely")
         elif not reasons and closed_form() is None:
             reasons.append("the cross-attention mask has no closed form (not runs of images with tile prefixes, "
                            "or a soft bias): the dense PyTorch path serves it")
@@ -148,8 +157,8 @@ def mllama_xattn(
         if decode:
             from ...ops.mllama_decode import mllama_decode
 
-            units, count, unit_len = mask_mod.decode_units(attention_mask, num_keys, tokens_per_tile, batch,
-                                                           q.device, flag)
+            unit = mask_mod.TOKENS_PER_TILE if tokens_per_tile is None else tokens_per_tile
+            units, count, unit_len = mask_mod.decode_units(attention_mask, num_keys, unit, batch, q.device, flag)
             mask3 = None if attention_mask is None else attention_mask[:, 0]
             out = mllama_decode(q, k, v, mask3, units, count, unit_len, scale)
             return out if flag is None else zero_unseen(out, flag != 0)

@@ -18,19 +18,23 @@ The processor's masks have a closed form (every row sees one contiguous run of i
 such form (soft biases, other collators): the caller then runs the dense path, with the same results.
 :func:`from_cross_attention_mask` builds it from the processor's mask. Both read the mask once and synchronise with
 the host once (to learn whether the form holds, and the sizes the kernels' grids need); :func:`cached` memoises the
-result per mask tensor, so every cross-attention layer of a forward pass shares one derivation.
+result per mask tensor, so every cross-attention layer of a forward pass shares one derivation. Without the vision
+sizes (``tokens_per_tile=None, max_tiles=None``: transformers' attention interface, ``fastflamingo.hf``) they are
+inferred from the mask (:func:`_inferred`: one host read at Llama 3.2's sizes, else up to four), as exactly.
 
 Decoding needs none of this: :func:`decode_units` lists, on the device and without any host synchronisation, the
 tiles a sample's tokens can see; the decode kernel reads the mask itself for everything else.
 """
 from __future__ import annotations
 
+import operator
 from typing import List, Optional, Tuple
 
 import torch
 
 from ... import masks as _masks
 from ...masks import Run
+from ..idefics.mask import _block_size, allowed_keys
 
 ALL_KEYS = -1
 EMPTY_ROWS = ("hf", "zero")
@@ -79,6 +83,15 @@ class MllamaMask:
     def __repr__(self) -> str:
         return (f"MllamaMask(shape={self.shape}, images={self.num_images}, image_stride={self.image_stride}, "
                 f"has_all={self.has_all})")
+
+    def to(self, device) -> "MllamaMask":
+        """The same mask on ``device`` (itself when it is there already); what was read to the host is kept."""
+        if self.img_start.device == torch.device(device):
+            return self
+        moved = MllamaMask(self.img_start.to(device), self.img_end.to(device), self.image_keys.to(device),
+                           self.image_stride, self.has_all, self.max_runs)
+        moved._host, moved._runs = self._host, self._runs
+        return moved
 
     def host(self) -> Tuple[List[List[int]], List[List[int]], List[List[int]]]:
         """``img_start``, ``img_end``, ``image_keys`` as Python lists (one transfer, cached)."""
@@ -200,21 +213,57 @@ def from_cross_attention_mask(cross_attention_mask: torch.Tensor, tokens_per_til
     return _closed_form(tile_vis, all_rows, none_rows, tokens_per_tile, valid)
 
 
-def from_additive_mask(mask: torch.Tensor, tokens_per_tile: int = TOKENS_PER_TILE, max_tiles: int = MAX_TILES,
-                       row_flag: Optional[torch.Tensor] = None, empty_rows: str = "hf") -> Optional[MllamaMask]:
+def check_tile_sizes(tokens_per_tile: Optional[int], max_tiles: Optional[int]) -> None:
+    """Both sizes given (positive ints), or both None: infer them from the mask (:func:`from_additive_mask`)."""
+    if (tokens_per_tile is None) != (max_tiles is None):
+        given = "tokens_per_tile" if max_tiles is None else "max_tiles"
+        raise ValueError(f"{given} is given but the other vision size is None: pass tokens_per_tile and max_tiles "
+                         "together, or both None to infer them from the mask")
+    for name, value in (("tokens_per_tile", tokens_per_tile), ("max_tiles", max_tiles)):
+        if value is None:
+            continue
+        try:  # an integer-like (a numpy int) passes, a float or a bool does not
+            valid = not isinstance(value, bool) and operator.index(value) > 0
+        except TypeError:
+            valid = False
+        if not valid:
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+
+def _row_kinds(tile_vis: torch.Tensor, row_flag: Optional[torch.Tensor], empty_rows: str):
+    """``(all_rows, none_rows)`` (batch, text) of a per-tile mask: rows that see every key, rows that see nothing
+    (``"zero"`` mode with a row flag: the rows whose flag is 0)."""
+    batch, num_text = tile_vis.shape[:2]
+    row_all = tile_vis.flatten(2).all(-1)
+    if empty_rows == "zero" and row_flag is not None:
+        flag = row_flag.reshape(row_flag.shape[0], num_text).to(tile_vis.device)
+        none_rows = (flag == 0).expand(batch, num_text)
+        return row_all & ~none_rows, none_rows
+    return row_all, torch.zeros_like(row_all)
+
+
+def from_additive_mask(mask: torch.Tensor, tokens_per_tile: Optional[int] = TOKENS_PER_TILE,
+                       max_tiles: Optional[int] = MAX_TILES, row_flag: Optional[torch.Tensor] = None,
+                       empty_rows: str = "hf") -> Optional[MllamaMask]:
     """The closed form of the (batch, 1, text, keys) mask a cross-attention layer receives (additive: 0 = attend,
     ``<= finfo.min`` = blocked; or boolean, True = attend), or None when it has none (a soft bias, a key count that
     is not ``images * max_tiles * tokens_per_tile``, tiles that are not constant, rows that are not runs of images
     with tile prefixes, a row that sees nothing at all).
+
+    ``tokens_per_tile=None, max_tiles=None``: the vision sizes are unknown (transformers' attention interface hands
+    the layer no vision config) and are inferred from the mask itself (:func:`_inferred`); the result is as exact.
 
     The attention follows the mask exactly (a row whose mask is all zeros sees every key). ``empty_rows="zero"``
     with ``row_flag`` (transformers' ``full_text_row_masked_out_mask``, (batch, 1, text, 1) or (batch, text)):
     rows whose flag is 0 see nothing instead (their attention output is dropped anyway).
     """
     _check_empty_rows(empty_rows)
+    check_tile_sizes(tokens_per_tile, max_tiles)
+    if tokens_per_tile is None:
+        return _inferred(mask, row_flag, empty_rows)
     batch, _, num_text, num_keys = mask.shape
     image_stride = max_tiles * tokens_per_tile
-    if image_stride <= 0 or num_keys % image_stride:
+    if num_keys % image_stride:
         return None
     num_images = num_keys // image_stride
     m = mask[:, 0].unflatten(-1, (num_images, max_tiles, tokens_per_tile))
@@ -227,15 +276,49 @@ def from_additive_mask(mask: torch.Tensor, tokens_per_tile: int = TOKENS_PER_TIL
         blocked = first <= torch.finfo(mask.dtype).min  # finfo.min and -inf
         tile_vis = first == 0
         hard = (tile_vis | blocked).all()
-    row_all = tile_vis.flatten(2).all(-1)
-    if empty_rows == "zero" and row_flag is not None:
-        flag = row_flag.reshape(row_flag.shape[0], num_text)
-        none_rows = (flag == 0).expand(batch, num_text)
-        all_rows = row_all & ~none_rows
-    else:
-        none_rows = torch.zeros_like(row_all)
-        all_rows = row_all
+    all_rows, none_rows = _row_kinds(tile_vis, row_flag, empty_rows)
     return _closed_form(tile_vis, all_rows, none_rows, tokens_per_tile, constant & hard)
+
+
+# Inferring the vision sizes. Llama 3.2's sizes are tried first when the key count allows them (one pass and one
+# host read, as with known sizes; a closed form that holds at any sizes is exact, whatever model made the mask).
+# Otherwise: every processor mask is constant on each tile of P keys, so every column where some row changes value
+# lies on a tile boundary, and the gcd g of those columns and of the key count is a multiple of P: every row is
+# constant on each block of g keys, and one key per block reads the whole mask losslessly (blocks only merge tiles
+# no row tells apart). The image stride is not known either; any split of the blocks into equal image slots whose
+# closed form holds (:func:`_closed_form` checks every row against it) describes the mask exactly, so the candidates
+# are tried from the fewest, widest slots (the true stride when g divides it: each image's real tiles one prefix, a
+# run of consecutive images one slice) to one block per slot. The blocks are read to the host once, the candidates
+# are checked there (a few small tensors each), and the winner goes back to the device: three host reads in all.
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _inferred(mask: torch.Tensor, row_flag: Optional[torch.Tensor], empty_rows: str) -> Optional[MllamaMask]:
+    """:func:`from_additive_mask` with the tile size and the image stride read from the mask (see above)."""
+    num_keys = mask.shape[-1]
+    if num_keys and num_keys % (TOKENS_PER_TILE * MAX_TILES) == 0:
+        closed = from_additive_mask(mask, TOKENS_PER_TILE, MAX_TILES, row_flag, empty_rows)
+        if closed is not None:
+            return closed
+    block = _block_size(mask)  # None: a soft bias; 0: no keys at all
+    if block is None:
+        return None
+    if block == 0:
+        return from_additive_mask(mask, 1, 1, row_flag, empty_rows)
+    blocks = allowed_keys(mask)[..., ::block].cpu()  # (B, S, keys / g), exact (see above)
+    flag = None if row_flag is None else row_flag.detach().cpu()
+    valid = torch.ones((), dtype=torch.bool)
+    num_blocks = num_keys // block
+    for slots in _divisors(num_blocks):
+        tile_vis = blocks.unflatten(-1, (slots, num_blocks // slots))
+        all_rows, none_rows = _row_kinds(tile_vis, flag, empty_rows)
+        closed = _closed_form(tile_vis, all_rows, none_rows, block, valid)
+        if closed is not None:
+            return closed.to(mask.device)
+    return None
 
 
 def full(batch: int, num_text: int, num_keys: int, device) -> MllamaMask:
@@ -260,9 +343,10 @@ class _Same:
     __hash__ = None
 
 
-def cached(mask: torch.Tensor, tokens_per_tile: int, max_tiles: int, row_flag: Optional[torch.Tensor],
-           empty_rows: str) -> Optional[MllamaMask]:
-    """:func:`from_additive_mask`, derived once per mask tensor (and row flag) and shared by every layer."""
+def cached(mask: torch.Tensor, tokens_per_tile: Optional[int], max_tiles: Optional[int],
+           row_flag: Optional[torch.Tensor], empty_rows: str) -> Optional[MllamaMask]:
+    """:func:`from_additive_mask`, derived once per mask tensor (and row flag) and shared by every layer (sizes
+    None: inferred from the mask, once too)."""
     flag = row_flag if empty_rows == "zero" else None
     key = ("mllama", tokens_per_tile, max_tiles, empty_rows, _Same(flag))
     return _masks.memoised(mask, key, lambda: from_additive_mask(mask, tokens_per_tile, max_tiles, flag, empty_rows))
@@ -301,4 +385,4 @@ def decode_units(mask: Optional[torch.Tensor], num_keys: int, unit_len: int, bat
 
 
 __all__ = ["MllamaMask", "ALL_KEYS", "EMPTY_ROWS", "TOKENS_PER_TILE", "MAX_TILES", "from_cross_attention_mask",
-           "from_additive_mask", "full", "cached", "decode_units"]
+           "from_additive_mask", "check_tile_sizes", "full", "cached", "decode_units"]
