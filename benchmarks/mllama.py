@@ -15,7 +15,9 @@ FlexAttention with a ``mask_mod`` from the closed-form mask and ``enable_gqa``; 
 forward-only on CPU), ``fastflamingo`` (the drop-in layer / ``fastflamingo.models.mllama.mllama_xattn``, ``empty_rows="hf"``,
 i.e. transformers' semantics; the closed-form mask is derived once per forward for every cross layer, so its cost is
 ``prep_ms`` and the timed calls reuse it), ``fastflamingo-zero`` (``empty_rows="zero"``, only where some row sees no
-image; compared on the rows that see one).
+image; compared on the rows that see one), ``fastflamingo-attn`` (layer cells: transformers' own layer with
+``attn_implementation="fastflamingo"`` after ``fastflamingo.hf.register()``; the closed form, with the tile sizes
+inferred from the mask, is its ``prep_ms``).
 
 Shapes (``model``): ``cpu`` = hidden 1024, 8 q / 2 kv heads of 128, MLP 3584 (the issue's CPU cell); ``11b`` =
 Llama 3.2 11B Vision (hidden 4096, 32 q / 8 kv heads, MLP 14336); 1601 tokens per tile, 4 tiles per image slot.
@@ -294,6 +296,31 @@ def _upstream(attn: str):
     return build
 
 
+def _closed_form_ms(inputs, case, tokens_per_tile, max_tiles, flag, empty_rows) -> Optional[float]:
+    """Derive (and memoise) the closed form of the prefill mask, as the first cross layer of a forward pass does;
+    its time is the provider's ``prep_ms`` (every later layer of the pass, and the timed calls, reuse it)."""
+    if case.params["what"] == "decode":
+        return None
+    start = time.perf_counter()
+    mask_mod.cached(inputs.mask, tokens_per_tile, max_tiles, flag, empty_rows)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _build_attention_route(inputs, case, device, dtype) -> Runner:
+    """transformers' own layer with ``attn_implementation="fastflamingo"`` (``fastflamingo.hf``): the attention core
+    is mllama_xattn, the tile sizes inferred from the mask (``prep_ms``); projections, norms and gates stay
+    transformers' (no fused gates, K/V projected for the padded tiles too)."""
+    from fastflamingo.hf import register
+
+    if case.params["what"] == "core":
+        raise NotImplementedError("the attention route is a layer provider (its core is the fastflamingo provider's)")
+    layer = _with_attn(inputs.upstream, register())
+    prep_ms = _closed_form_ms(inputs, case, None, None, None, "hf")
+    return Runner(_layer_call(inputs, layer, case), prep_ms=prep_ms,
+                  leaves=list(inputs.leaves) + list(layer.parameters()),
+                  note="transformers MllamaCrossAttentionDecoderLayer (attn_implementation='fastflamingo')")
+
+
 def _fastflamingo(empty_rows: str):
     def build(inputs, case, device, dtype) -> Runner:
         from fastflamingo.models.mllama import MllamaCrossAttentionDecoderLayer, mllama_xattn
@@ -304,11 +331,7 @@ def _fastflamingo(empty_rows: str):
             raise NotImplementedError("every row sees an image: the two empty-row modes are the same here")
         compare = inputs.rows if zero else None
         flag = inputs.flag if zero else None
-        prep_ms = None
-        if p["what"] != "decode":  # the closed form: derived once per forward for every cross layer
-            start = time.perf_counter()
-            mask_mod.cached(inputs.mask, p["tokens_per_tile"], MAX_TILES, flag, empty_rows)
-            prep_ms = (time.perf_counter() - start) * 1e3
+        prep_ms = _closed_form_ms(inputs, case, p["tokens_per_tile"], MAX_TILES, flag, empty_rows)
         if p["what"] == "core":
             def forward():
                 return mllama_xattn(inputs.q, inputs.k, inputs.v, inputs.mask, scale=inputs.scale,
@@ -374,3 +397,5 @@ def register_providers(op: str) -> None:
                                    description="fastflamingo drop-in / mllama_xattn, transformers' semantics"))
     register_provider(op, Provider("fastflamingo-zero", "fastflamingo", _fastflamingo("zero"),
                                    description="the same with empty_rows='zero' (Meta / vLLM), rows with an image"))
+    register_provider(op, Provider("fastflamingo-attn", "fastflamingo", _build_attention_route, _upstream_unavailable,
+                                   description="transformers layer, attn_implementation='fastflamingo' (layers)"))

@@ -1,0 +1,110 @@
+"""The ``"fastflamingo"`` attention function for transformers' attention interface.
+
+transformers 5 attention modules call ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager)``
+with ``(module, query, key, value, attention_mask, dropout=..., scaling=..., **kwargs)``: q/k/v as
+(batch, heads, seq, head_dim), a dense 4D additive mask, and they expect ``(attn_output (batch, seq, heads,
+head_dim), attn_weights or None)``. :func:`attention` is that function. It recognises the Flamingo cross-attention
+calls by the calling module's class name and attributes (as ``fastflamingo/models/*/rules.py`` recognise the
+modules they patch) and runs fastflamingo's op on them:
+
+- mllama's ``MllamaTextCrossAttention``: :func:`fastflamingo.models.mllama.mllama_xattn`, interval-masked GQA that
+  reads every K/V head in place (never repeated), with the closed-form mask recovered from the dense one. The
+  module's config is the *text* config, so the vision tile size is unknown here: it is inferred from the mask itself
+  (``tokens_per_tile=None, max_tiles=None``), once per mask tensor, and every cross layer of the forward pass shares
+  the result (the mask is one tensor for all of them).
+- IDEFICS's ``IdeficsAttention`` with ``is_cross_attention``: :func:`fastflamingo.functional.media_xattn`, the op the
+  IDEFICS drop-in runs, with the closed form recovered from the expanded (batch, 1, text, images * latents) bias
+  (:func:`fastflamingo.models.idefics.mask.idefics_media_mask`, memoised per mask tensor too).
+
+Everything else (self-attention, the vision towers, any other module) goes to transformers' own SDPA function,
+unchanged. When transformers records attention maps (``output_attentions=True``), a cross-attention call returns
+what transformers' eager function returns for it, maps included.
+
+A cross-attention mask of None means every key, as transformers' eager attention does: its SDPA function would make
+such a call causal (it reads ``module.is_causal``, or defaults to True when the module has none), which is a latent
+transformers bug for cross-attention (transformers #48172).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from ..models._outputs import attentions_requested
+from ..models._patching import class_named
+
+NAME = "fastflamingo"
+
+
+def _is_mllama_cross(module) -> bool:
+    return class_named(module, "MllamaTextCrossAttention") and hasattr(module, "num_key_value_groups")
+
+
+def _is_idefics_cross(module) -> bool:
+    return class_named(module, "IdeficsAttention") and bool(getattr(module, "is_cross_attention", False))
+
+
+def _sdpa() -> Callable:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
+def _eager(module) -> Callable:
+    """The eager function of the module's own modeling file (what ``get_interface`` falls back to for it)."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise RuntimeError(f"{type(module).__module__} has no eager_attention_forward: cannot return the attention "
+                           f"maps of {type(module).__name__}")
+    return eager
+
+
+def _mllama(module, query, key, value, attention_mask, dropout: float, scaling: Optional[float]) -> torch.Tensor:
+    from ..models.mllama import mllama_xattn
+
+    # (batch, heads, text, dim) -> the op's (batch, text, heads, dim): a view, the op takes any strides; K/V are
+    # already in the cache layout (batch, kv heads, keys, dim) the op reads in place
+    return mllama_xattn(query.transpose(1, 2), key, value, attention_mask, scale=scaling, tokens_per_tile=None,
+                        max_tiles=None, dropout_p=dropout)
+
+
+def _idefics(module, query, key, value, attention_mask, dropout: float, scaling: Optional[float]) -> torch.Tensor:
+    from ..functional import media_xattn
+    from ..models.idefics import mask as image_mask
+    from ..models.idefics.attention import IdeficsCrossAttention, _bias_attention, _broadcast_batch, _common_dtype
+
+    q, k, v = _common_dtype(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+    batch, num_text = q.shape[:2]
+    num_keys = k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    if torch.compiler.is_compiling() and attention_mask is not None:
+        # the drop-in's traced form (the closed form checked on device, no host read); it reads only the head size,
+        # the scaling and the config, which the upstream module has under the same names
+        mask = image_mask.checked_idefics_mask(attention_mask, batch, num_text, num_keys)
+        return IdeficsCrossAttention._attend_traced(module, q, k, v, mask, 1, dropout)
+    mask = image_mask.idefics_media_mask(attention_mask, batch, num_text, num_keys, q.device)
+    if mask is None:  # a soft bias: transformers' dense computation, bias included
+        return _bias_attention(q, k, v, _broadcast_batch(attention_mask, batch), scale, dropout, 1)
+    return media_xattn(q, k, v, mask, scale=scale, dropout_p=dropout)
+
+
+def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+              **kwargs) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """transformers' attention-function signature (see the module docstring); returns ``(attn_output (batch, seq,
+    heads, head_dim), attn_weights or None)``."""
+    if _is_mllama_cross(module):
+        attend = _mllama
+    elif _is_idefics_cross(module):
+        attend = _idefics
+    else:
+        return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    # Dynamo cannot trace the collector's ContextVar.get (fullgraph fails): compiled code records no maps here
+    if not torch.compiler.is_compiling() and attentions_requested():
+        return _eager(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    dropout = float(dropout) if module.training else 0.0
+    return attend(module, query, key, value, attention_mask, dropout, scaling), None
+
+
+__all__ = ["NAME", "attention"]
