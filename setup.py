@@ -39,6 +39,10 @@ TEST = [
     # the newest releases in the newest tier (tools/test.sh newest)
     "triton>=3.2",
     "numpy",
+    # Liger-Kernel beside fastflamingo on mllama (tests/test_liger.py) and the Trainer recipe's LoRA
+    # (examples/train_mllama.py, tests/test_trainer_recipe.py): docs/training.md
+    "liger-kernel>=0.8",
+    "peft>=0.21",
 ]
 
 setup(
