@@ -12,7 +12,7 @@ from typing import List
 from torch import nn
 
 from .models import FAMILIES
-from .models._patching import (ORIGINAL_ATTR, PatchReport, Rule, apply_rules, restore, route_init_weights,
+from .models._patching import (PatchReport, Rule, apply_rules, in_place, restore, route_init_weights,
                                unroute_init_weights)
 
 SUPPORTED = tuple(family.supported() for family in FAMILIES)
@@ -44,7 +44,7 @@ def patch(model: nn.Module, *, empty_rows: str = "hf") -> PatchReport:
         )
     report = PatchReport(model=type(model).__name__)
     apply_rules(model, rules, report)
-    already = any(getattr(m, ORIGINAL_ATTR, None) is not None for m in model.modules())
+    already = any(in_place(m) for m in model.modules())  # patched, or drop-ins built at load time
     if not report.replaced and not already:
         raise TypeError(
             f"fastflamingo.patch found nothing to patch in {type(model).__name__}. Supported models:\n  - "

@@ -21,6 +21,9 @@ import torch
 from torch import nn
 
 ORIGINAL_ATTR = "_fastflamingo_original"
+# A drop-in transformers built itself at load time (fastflamingo.hf.register_dropins) replaced no module: it holds
+# instead a recipe that builds the upstream module it stands for, adopting its tensors (fastflamingo/hf/load.py).
+RECIPE_ATTR = "_fastflamingo_upstream_recipe"
 
 
 @dataclass(frozen=True)
@@ -211,12 +214,22 @@ def _has_path(root: nn.Module, path: str, kind: str) -> bool:
     return leaf in (owner._parameters if kind == "param" else owner._buffers)
 
 
+def in_place(module: nn.Module) -> bool:
+    """Whether ``module`` is a drop-in that :func:`restore` turns back into an upstream module."""
+    return getattr(module, ORIGINAL_ATTR, None) is not None or RECIPE_ATTR in module.__dict__
+
+
 def restore(root: nn.Module) -> int:
-    """Undo ``apply_rules``: put each original module back, with the drop-in's current tensors and train mode."""
+    """Undo ``apply_rules``: put each original module back, with the drop-in's current tensors and train mode (a
+    load-time drop-in's is built first, from its recipe)."""
     replacements: Dict[int, nn.Module] = {}
     for module in root.modules():
-        if getattr(module, ORIGINAL_ATTR, None) is None or id(module) in replacements:
+        if id(module) in replacements:
             continue
+        if getattr(module, ORIGINAL_ATTR, None) is None:
+            if RECIPE_ATTR not in module.__dict__:
+                continue
+            object.__setattr__(module, ORIGINAL_ATTR, module.__dict__[RECIPE_ATTR](module))
         original = sync_original(module)
         original.train(module.training)
         replacements[id(module)] = original
