@@ -12,9 +12,8 @@ layer with a constructor or members of its own; helpers are module-level functio
   condition), ``IdeficsGatedCrossAttentionLayer``: the closed-form image mask (``media_xattn``), ``gated_linear``;
 - ``IdeficsPerceiverAttention``: the resampler's attention over ``[context; latents]`` without the concatenation.
 
-They know only what the upstream module holds: transformers' semantics (``empty_rows="hf"``), the mllama tile size
-read from the vision states' layout ((batch * images * tiles, tokens per tile, hidden), as ``MllamaModel`` passes
-them; 4 tiles per image as Llama 3.2; a mask without that closed form runs densely, as exactly), no media K/V cache.
+They know only what the upstream module holds: transformers' semantics (``empty_rows="hf"``), no media K/V cache, and
+no vision tile size (the text config has none): the mllama closed form is inferred from the mask itself.
 A call that asks for the attention maps (``output_attentions``) runs upstream's forward.
 
 **Stateful layers** (transformers' ``KernelConfig``): a kernel ``X`` with a companion ``XLayout`` in this module;
@@ -34,7 +33,6 @@ from ..models.idefics import IdeficsPerceiverAttention as _PerceiverAttention
 from ..models.idefics import IdeficsPerceiverResampler as _Resampler
 from ..models.idefics.attention import _bias_attention, _broadcast_batch, _common_dtype
 from ..models.idefics.mask import idefics_media_mask
-from ..models.mllama import mask as mllama_mask
 from ..models.mllama.functional import mllama_xattn
 from ..models.mllama.layers import _pop_past_key_values
 from ._dropins import complete_idefics_layer
@@ -44,20 +42,11 @@ from ._dropins import complete_idefics_layer
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _tile_sizes(states) -> tuple:
-    """(tokens per tile, tiles per image) for the mask's closed form: ``MllamaModel`` hands the layers the vision
-    states as (batch * images * tiles, tokens per tile, hidden); tiles per image are Llama 3.2's."""
-    if isinstance(states, torch.Tensor) and states.dim() == 3:
-        return int(states.shape[1]), mllama_mask.MAX_TILES
-    return mllama_mask.TOKENS_PER_TILE, mllama_mask.MAX_TILES
-
-
-def mllama_attend(attn: nn.Module, hidden_states, states, cache, mask, row_flag=None):
+def mllama_attend(attn: nn.Module, hidden_states, states, cache, mask):
     """transformers' ``MllamaTextCrossAttention`` before ``o_proj``: (batch, text, heads * head_dim)."""
     batch, num_text, _ = hidden_states.shape
     heads, kv_heads, dim = attn.num_heads, attn.num_key_value_heads, attn.head_dim
     q = attn.q_norm(attn.q_proj(hidden_states).view(batch, num_text, heads, dim))
-    tokens_per_tile, max_tiles = _tile_sizes(states)
     if states is None:  # a decode step: K/V from the cache (MllamaTextModel skips the layer when there is none)
         layer = cache.layers[attn.layer_idx]
         k, v = layer.keys, layer.values
@@ -68,8 +57,9 @@ def mllama_attend(attn: nn.Module, hidden_states, states, cache, mask, row_flag=
         if cache is not None:
             k, v = cache.update(k, v, attn.layer_idx)
     q, k, v = _common_dtype(q, k, v)
-    out = mllama_xattn(q, k, v, mask, scale=attn.scaling, tokens_per_tile=tokens_per_tile, max_tiles=max_tiles,
-                       row_flag=row_flag, dropout_p=attn.dropout if attn.training else 0.0)
+    # the text config says nothing of the vision tile size: inferred from the mask (Llama 3.2's sizes tried first)
+    out = mllama_xattn(q, k, v, mask, scale=attn.scaling, tokens_per_tile=None, max_tiles=None,
+                       dropout_p=attn.dropout if attn.training else 0.0)
     return out.reshape(batch, num_text, heads * dim)
 
 
