@@ -11,6 +11,7 @@ from torch import nn
 
 from ... import functional, masks
 from ..._checks import check_linear_input, check_tensor
+from ...attention_maps import CROSS, dense_attention, key_shape, recorder_of
 from ...cache import ProjectionCache
 from ...ops.torch_path import fold_groups, unfold_groups
 from . import mask as image_mask
@@ -61,6 +62,8 @@ class IdeficsCrossAttention(nn.Module):
     no RoPE, as upstream for cross attention."""
 
     _fastflamingo_dropin = True
+    _fastflamingo_attention_site = CROSS  # fastflamingo.attention_maps records it
+    _fastflamingo_attention_maps = None  # the recorder of an attention_maps block, while one records this module
 
     def __init__(self, config: Any, layer_idx: Optional[int] = None):
         super().__init__()
@@ -171,13 +174,27 @@ class IdeficsCrossAttention(nn.Module):
         k, v, r = self.project_media_grouped(key_value_states)
         q, k, v = _common_dtype(q, k, v)
         dropout_p = self.dropout if self.training else 0.0
-        if traced:
+        recorder = recorder_of(self)
+        if recorder is not None:  # an attention_maps block: this call attends densely, as upstream's eager path
+            out, probs = self._dense(q, k, v, attention_mask, batch, r, dropout_p)
+            recorder.record(self, probs, key_shape(num_keys, latents_per_image(self.config) or num_keys))
+        elif traced:
             out = self._attend_traced(q, k, v, mask, r, dropout_p)
         elif mask is None:  # soft additive bias: upstream's dense computation, bias included
             out = _bias_attention(q, k, v, _broadcast_batch(attention_mask, batch), self.scaling, dropout_p, r)
         else:
             out = functional.media_xattn(q, k, v, mask, scale=self.scaling, dropout_p=dropout_p, kv_group=r)
         return out.reshape(batch, num_text, self.num_heads * self.head_dim)
+
+    def _dense(self, q, k, v, attention_mask: Optional[torch.Tensor], batch: int, r: int, dropout_p: float):
+        """Upstream's eager attention with the layer's mask as given (None: every key), ``(out, probs)``; a token
+        that sees no image under a hard mask gets exactly 0, as every other path gives it (:func:`_kept_rows`)."""
+        mask = zero_rows = None
+        if attention_mask is not None:
+            mask = image_mask.checked_idefics_mask(attention_mask, batch, q.shape[1], k.shape[1])
+            zero_rows = ~_kept_rows(mask)
+        return dense_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scaling, mask=mask,
+                               zero_rows=zero_rows, dropout_p=dropout_p, kv_group=r)
 
     def _attend_traced(self, q, k, v, mask: torch.Tensor, r: int, dropout_p: float) -> torch.Tensor:
         """:meth:`attend` for code being traced (torch.compile / torch.export), same results as eager.
@@ -235,13 +252,20 @@ def _dense_traced(q, k, v, mask: torch.Tensor, *, scale: float, dropout_p: float
     hard mask with exact zeros for tokens that see no key (eager's closed form and dense paths give those). Rows
     that see nothing attend to every key first, so the softmax stays finite (no NaN forward or backward)."""
     allowed = image_mask.allowed_keys(mask)  # (batch, text, keys)
-    keep = allowed.any(-1) | ~image_mask.hard_mask_flag(mask)  # rows whose dense output is kept
+    keep = _kept_rows(mask, allowed)
     if mask.dtype == torch.bool:
         bias = (allowed | ~keep[..., None])[:, None]
     else:
         bias = torch.where(keep[:, None, :, None], mask, mask.new_zeros(()))
     out = _bias_attention(q, k, v, bias, scale, dropout_p, r)
     return masks.zero_unseen(out, keep).contiguous()
+
+
+def _kept_rows(mask: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(batch, text) True for the rows whose dense attention output is kept: every row of a soft bias, the rows
+    of a hard mask that see some key (the others are exactly 0)."""
+    allowed = image_mask.allowed_keys(mask) if allowed is None else allowed
+    return allowed.any(-1) | ~image_mask.hard_mask_flag(mask)
 
 
 def _broadcast_batch(mask: torch.Tensor, batch: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from torch import nn
 
 from ... import functional
 from ..._checks import check_tensor
+from ...attention_maps import recorder_of
 from .attention import IdeficsCrossAttention, IdeficsRMSNorm
 from .config import DEFAULTS, activation, get
 
@@ -111,7 +112,9 @@ class IdeficsGatedCrossAttentionLayer(nn.Module):
             )
             if cache is None:
                 cache = old
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        # a call that records its attention map runs unchecked (a recomputation would record it twice)
+        recorded = recorder_of(self.cross_attn) is not None
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and not recorded:
             if cache is not None:
                 cache = None  # as GradientCheckpointingLayer (and upstream raises for a cache anyway)
             inner = partial(self._forward, cross_attention_gate=cross_attention_gate, cache=cache)

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ... import functional
 from ..._checks import check_linear_input, check_tensor, promoted_as_concatenated
+from ...attention_maps import PERCEIVER, perceiver_attention, recorder_of
 from ...cache import ProjectionCache
 from .config import PERCEIVER_DEFAULTS, get, vision_embed_dim
 
@@ -18,6 +18,8 @@ class IdeficsPerceiverAttention(nn.Module):
     projected per source instead of on the concatenated input, and the attention reads both."""
 
     _fastflamingo_dropin = True
+    _fastflamingo_attention_site = PERCEIVER  # fastflamingo.attention_maps(..., perceiver=True) records it
+    _fastflamingo_attention_maps = None
 
     def __init__(self, embed_dim: int, n_heads: int, head_dim: int, qk_layer_norms: bool) -> None:
         super().__init__()
@@ -63,7 +65,7 @@ class IdeficsPerceiverAttention(nn.Module):
         if self.qk_layer_norms:  # LayerNorm over head_dim is per row, so each key source can be normalized alone
             q = self.q_layer_norm(q)
             k_media, k_latents = self.k_layer_norm(k_media), self.k_layer_norm(k_latents)
-        out = functional.perceiver_attn(q, k_media, v_media, k_latents, v_latents, scale=self.qk_scale)
+        out = perceiver_attention(self, q, k_media, v_media, k_latents, v_latents, self.qk_scale)
         return self.output_proj(out.reshape(latents.shape[0], latents.shape[1], self.n_heads * self.head_dim))
 
 
@@ -118,6 +120,8 @@ class IdeficsPerceiverResampler(nn.Module):
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:
         check_tensor("context", context, 3, self.embed_dim, "(batch * images, seq, embed_dim)")
+        if any(recorder_of(attn) is not None for attn, _ in self.blocks):  # recorded: run, never reuse
+            return self._resample(context)
         return self.media_cache.get(self, context, self.parameters(), lambda: self._resample(context))
 
     def _resample(self, context: torch.Tensor) -> torch.Tensor:

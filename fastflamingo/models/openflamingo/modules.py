@@ -16,6 +16,7 @@ from torch import nn
 
 from ... import functional, masks
 from ..._checks import check_linear_input, check_tensor, promoted_as_concatenated
+from ...attention_maps import CROSS, PERCEIVER, dense_attention, key_shape, perceiver_attention, recorder_of
 from ...cache import ProjectionCache
 
 
@@ -73,6 +74,8 @@ class MaskedCrossAttention(nn.Module):
     """
 
     _fastflamingo_dropin = True  # patch() must not mistake a drop-in for the upstream class of the same name
+    _fastflamingo_attention_site = CROSS  # fastflamingo.attention_maps records it
+    _fastflamingo_attention_maps = None  # the recorder of an attention_maps block, while one records this module
 
     def __init__(
         self,
@@ -177,8 +180,19 @@ class MaskedCrossAttention(nn.Module):
         batch, num_text = x.shape[:2]
         q = self.to_q(self.norm(x)).view(batch, num_text, self.heads, self.dim_head)
         k, v, r = self.project_media_grouped(media)
-        out = functional.media_xattn(q, k, v, mask, scale=self.scale, kv_group=r)
+        recorder = recorder_of(self)
+        if recorder is None:
+            out = functional.media_xattn(q, k, v, mask, scale=self.scale, kv_group=r)
+        else:  # an attention_maps block: this call attends densely and hands over its probabilities
+            out, probs = dense_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale,
+                                         visible=visible_keys(mask, media.shape[2]), kv_group=r)
+            recorder.record(self, probs, key_shape(k.shape[1], media.shape[2]))
         return out.reshape(batch, num_text, self.heads * self.dim_head)
+
+
+def visible_keys(mask: masks.MediaMask, latents: int) -> torch.Tensor:
+    """(batch, text, media * latents) boolean: the keys each token sees under ``mask`` (media-major keys)."""
+    return mask.visible().repeat_interleave(latents, dim=-1)
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -228,6 +242,8 @@ class PerceiverAttention(nn.Module):
     normalized inputs: the fused ``to_kv`` runs on each source and the attention reads both."""
 
     _fastflamingo_dropin = True  # patch() must not mistake a drop-in for the upstream class of the same name
+    _fastflamingo_attention_site = PERCEIVER  # fastflamingo.attention_maps(..., perceiver=True) records it
+    _fastflamingo_attention_maps = None
 
     def __init__(self, *, dim: int, dim_head: int = 64, heads: int = 8):
         super().__init__()
@@ -268,13 +284,14 @@ class PerceiverAttention(nn.Module):
         check_linear_input("x", x, self.to_kv, "to_kv")
         kv_media = self.to_kv(x)
         kv_latents = self.to_kv(latents)
-        out = functional.perceiver_attn(
+        out = perceiver_attention(
+            self,
             q,
             self._split_heads(kv_media[..., :inner], rows),
             self._split_heads(kv_media[..., inner:], rows),
             self._split_heads(kv_latents[..., :inner], rows),
             self._split_heads(kv_latents[..., inner:], rows),
-            scale=self.scale,
+            self.scale,
         )
         return self.to_out(out.reshape(latents.shape[:3] + (inner,)))
 
