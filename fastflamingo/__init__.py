@@ -8,6 +8,7 @@ from ._backend import BACKENDS, BackendError, backend, requested_backend
 from ._version import __version__
 from ._warmup import WarmupReport, warmup
 from .cache import cache_disabled, clear_media_cache
+from .hf import dropins, register, register_dropins, unregister_dropins
 from .models.idefics import IdeficsGatedCrossAttentionLayer, IdeficsPerceiverAttention, IdeficsPerceiverResampler
 from .models.openflamingo import (FeedForward, GatedCrossAttentionBlock, MaskedCrossAttention, PerceiverAttention,
                                   PerceiverResampler)
@@ -37,5 +38,9 @@ __all__ = [
     "unpatch",
     "warmup",
     "WarmupReport",
+    "register",
+    "register_dropins",
+    "unregister_dropins",
+    "dropins",
 ]
 

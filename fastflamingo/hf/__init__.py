@@ -1,9 +1,17 @@
-"""fastflamingo as a transformers attention implementation: ``attn_implementation="fastflamingo"``.
+"""The routes by which transformers users reach fastflamingo without calling ``fastflamingo.patch`` after loading.
+
+- ``attn_implementation="fastflamingo"`` (:func:`register`, ``attention.py``): transformers' modules stay, their
+  cross-attention calls run fastflamingo's ops;
+- load-time drop-ins (:func:`register_dropins`, :func:`dropins`, ``load.py``): transformers builds fastflamingo's
+  layers itself while ``from_pretrained`` / ``from_config`` build the model;
+- a Hugging Face kernel repository for ``kernels.kernelize`` (``hub.py``: ``python -m fastflamingo.hf.hub build DIR``).
+
+Importing this package needs only torch; each route imports transformers (and ``kernels``) when it is used.
 
 ::
 
-    import fastflamingo.hf
-    fastflamingo.hf.register()          # once per process; returns "fastflamingo"
+    import fastflamingo
+    fastflamingo.register()             # once per process; returns "fastflamingo"
     model = MllamaForConditionalGeneration.from_pretrained(path, attn_implementation="fastflamingo")
     # or only the text model:  attn_implementation={"text_config": "fastflamingo", "vision_config": "sdpa"}
     # or on a loaded model:    model.set_attn_implementation("fastflamingo")
@@ -18,6 +26,7 @@ registry; :func:`register` imports transformers and adds the name to its two reg
 from __future__ import annotations
 
 from .attention import NAME, attention
+from .load import dropins, register_dropins, registered_options, unregister_dropins
 
 
 def register() -> str:
@@ -33,4 +42,5 @@ def register() -> str:
     return NAME
 
 
-__all__ = ["NAME", "attention", "register"]
+__all__ = ["NAME", "attention", "register", "register_dropins", "unregister_dropins", "dropins",
+           "registered_options"]
