@@ -17,7 +17,9 @@ i.e. transformers' semantics; the closed-form mask is derived once per forward f
 ``prep_ms`` and the timed calls reuse it), ``fastflamingo-zero`` (``empty_rows="zero"``, only where some row sees no
 image; compared on the rows that see one), ``fastflamingo-attn`` (layer cells: transformers' own layer with
 ``attn_implementation="fastflamingo"`` after ``fastflamingo.hf.register()``; the closed form, with the tile sizes
-inferred from the mask, is its ``prep_ms``).
+inferred from the mask, is its ``prep_ms``), ``fastflamingo-loaded`` (layer cells: the layer transformers itself builds
+while ``fastflamingo.dropins()`` is active, i.e. the load-time drop-in: the same class and speed as the
+``fastflamingo`` provider is the claim this cell checks).
 
 Shapes (``model``): ``cpu`` = hidden 1024, 8 q / 2 kv heads of 128, MLP 3584 (the issue's CPU cell); ``11b`` =
 Llama 3.2 11B Vision (hidden 4096, 32 q / 8 kv heads, MLP 14336); 1601 tokens per tile, 4 tiles per image slot.
@@ -321,6 +323,29 @@ def _build_attention_route(inputs, case, device, dtype) -> Runner:
                   note="transformers MllamaCrossAttentionDecoderLayer (attn_implementation='fastflamingo')")
 
 
+def _build_loaded(inputs, case, device, dtype) -> Runner:
+    """The layer transformers builds itself under the load-time drop-ins (``fastflamingo.dropins()`` and
+    transformers' ``apply_patches``, what ``from_pretrained`` / ``from_config`` run), with the upstream weights."""
+    from transformers.models.mllama import modeling_mllama as hf
+    from transformers.monkey_patching import apply_patches
+
+    from fastflamingo import dropins
+
+    p = case.params
+    if p["what"] == "core":
+        raise NotImplementedError("the load-time drop-in is a layer provider (its core is the fastflamingo provider's)")
+    with dropins(), apply_patches(), torch.device("meta"):
+        layer = hf.MllamaCrossAttentionDecoderLayer(inputs.upstream.cross_attn.config, layer_idx=0)
+    layer = layer.to_empty(device=device).to(dtype)
+    layer.load_state_dict(inputs.upstream.state_dict())
+    layer.eval()
+    prep_ms = _closed_form_ms(inputs, case, layer.cross_attn.tokens_per_tile, layer.cross_attn.max_num_tiles, None,
+                              "hf")
+    return Runner(_layer_call(inputs, layer, case), prep_ms=prep_ms,
+                  leaves=list(inputs.leaves) + list(layer.parameters()),
+                  note=f"{type(layer).__module__}.{type(layer).__name__} built by transformers (load-time drop-in)")
+
+
 def _fastflamingo(empty_rows: str):
     def build(inputs, case, device, dtype) -> Runner:
         from fastflamingo.models.mllama import MllamaCrossAttentionDecoderLayer, mllama_xattn
@@ -399,3 +424,5 @@ def register_providers(op: str) -> None:
                                    description="the same with empty_rows='zero' (Meta / vLLM), rows with an image"))
     register_provider(op, Provider("fastflamingo-attn", "fastflamingo", _build_attention_route, _upstream_unavailable,
                                    description="transformers layer, attn_implementation='fastflamingo' (layers)"))
+    register_provider(op, Provider("fastflamingo-loaded", "fastflamingo", _build_loaded, _upstream_unavailable,
+                                   description="the layer transformers builds under fastflamingo.dropins() (layers)"))

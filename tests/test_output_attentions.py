@@ -589,34 +589,3 @@ def test_drop_ins_used_directly_and_bad_arguments():
     assert RECORDER_ATTR not in block.attn.__dict__
     with pytest.raises(KeyError, match="not a recorded layer"):
         maps.by_name("ff")
-
-
-def test_recorded_calls_under_gradient_checkpointing(mllama):
-    """Layers that checkpoint themselves (gradient_checkpointing_enable) run a recorded call unchecked: one map per
-    layer and call, and the backward pass works (IDEFICS maps; mllama output_attentions, equal to upstream's)."""
-    from test_idefics import model_inputs as idefics_inputs
-
-    idefics = tiny_idefics()
-    ff.patch(idefics)
-    idefics.gradient_checkpointing_enable()
-    idefics.train()
-    with attention_maps(idefics) as maps:
-        idefics(**idefics_inputs(seed=11)).logits.sum().backward()
-    assert [m.call for m in maps] == [0, 0] and all(m.probs.grad_fn is None for m in maps)
-
-    upstream, _ = mllama
-    models = [copy.deepcopy(upstream["eager"]) for _ in range(2)]
-    ff.patch(models[1])
-    inputs = mllama_inputs(*CASES["interleaved"], seed=12)
-    grads, maps = [], []
-    for model in models:
-        model.gradient_checkpointing_enable()
-        model.train()
-        out = model(**inputs, output_attentions=True)
-        out.logits.sum().backward()
-        maps.append(out.attentions)
-        grads.append(model.model.language_model.layers[1].cross_attn.k_proj.weight.grad)
-    assert len(maps[1]) == len(maps[0]) == 4
-    for i, (g, w) in enumerate(zip(maps[1], maps[0])):
-        assert_close(g, w, TOL, f"layer {i}")
-    assert_close(grads[1], grads[0], TOL, "d k_proj")
