@@ -320,16 +320,20 @@ def test_mllama_dropout_only_when_training(mllama, monkeypatch):
     assert (first - second).abs().max() > 1e-4  # dropout does act
 
 
-def test_mllama_output_attentions_are_eager_maps(mllama):
-    """output_attentions=True: each cross-attention layer's map is exactly eager's (the call is delegated to
-    transformers' eager function); the self-attention layers run SDPA, which records none (as under "sdpa")."""
-    inputs = model_inputs(*CASES["consecutive"])
+@pytest.mark.parametrize("case", ["consecutive", "left_padding"])
+def test_mllama_output_attentions_are_eager_maps(mllama, case):
+    """output_attentions=True: every layer's map is eager's, as under attn_implementation="eager" (the call is
+    delegated to transformers' eager function; self-attention gets SDPA's mask made additive, or the causal mask SDPA
+    would apply when its mask function hands it none), and the logits are unchanged."""
+    inputs = model_inputs(*CASES[case])
     with torch.no_grad():
-        want = mllama["eager"](**inputs, output_attentions=True).attentions
-        got = routed(mllama["eager"])(**inputs, output_attentions=True).attentions
-    assert len(want) == 4 and len(got) == len(CROSS_LAYERS)
-    for mine, layer in zip(got, CROSS_LAYERS):
-        assert_close(mine, want[layer], 1e-6, f"layer {layer}")
+        want = mllama["eager"](**inputs, output_attentions=True)
+        got = routed(mllama["eager"])(**inputs, output_attentions=True)
+    assert len(want.attentions) == len(got.attentions) == 4
+    for layer, (mine, theirs) in enumerate(zip(got.attentions, want.attentions)):
+        assert_close(mine, theirs, 1e-6, f"layer {layer}")
+    real = inputs["attention_mask"].bool()  # sdpa and eager differ on padding tokens' own rows (fully masked)
+    assert_close(got.logits[real], want.logits[real], 1e-5, "logits")
 
 
 def _cross_call(mllama, mask, implementation=NAME):

@@ -260,8 +260,8 @@ def test_mllama_weights_follow_the_attention_implementation():
 
 def test_patched_model_under_the_fastflamingo_implementation(mllama):
     """attn_implementation="fastflamingo" (fastflamingo's attention function): the patched model returns what the
-    unpatched one returns under it (that function sends self-attention to SDPA, so only the cross layers' maps come
-    back), and the cross maps are eager's."""
+    unpatched one returns under it, which is what eager returns (that function runs eager for every layer while maps
+    are recorded)."""
     import fastflamingo.hf as ffhf
 
     upstream, _ = mllama
@@ -273,10 +273,10 @@ def test_patched_model_under_the_fastflamingo_implementation(mllama):
     _, eager = _attentions(upstream["eager"], inputs, output_attentions=True)
     _, want = _attentions(routed, inputs, output_attentions=True)
     _, got = _attentions(model, inputs, output_attentions=True)
-    assert len(got) == len(want) == 2
-    for i, (g, w, e) in enumerate(zip(got, want, (eager[1], eager[3]))):
-        assert_close(g, w, TOL, f"cross map {i}")
-        assert_close(g, e, TOL, f"cross map {i} vs eager")
+    assert len(got) == len(want) == len(eager) == 4
+    for i, (g, w, e) in enumerate(zip(got, want, eager)):
+        assert_close(g, w, TOL, f"map {i}")
+        assert_close(g, e, TOL, f"map {i} vs eager")
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -589,3 +589,34 @@ def test_drop_ins_used_directly_and_bad_arguments():
     assert RECORDER_ATTR not in block.attn.__dict__
     with pytest.raises(KeyError, match="not a recorded layer"):
         maps.by_name("ff")
+
+
+def test_recorded_calls_under_gradient_checkpointing(mllama):
+    """Layers that checkpoint themselves (gradient_checkpointing_enable) run a recorded call unchecked: one map per
+    layer and call, and the backward pass works (IDEFICS maps; mllama output_attentions, equal to upstream's)."""
+    from test_idefics import model_inputs as idefics_inputs
+
+    idefics = tiny_idefics()
+    ff.patch(idefics)
+    idefics.gradient_checkpointing_enable()
+    idefics.train()
+    with attention_maps(idefics) as maps:
+        idefics(**idefics_inputs(seed=11)).logits.sum().backward()
+    assert [m.call for m in maps] == [0, 0] and all(m.probs.grad_fn is None for m in maps)
+
+    upstream, _ = mllama
+    models = [copy.deepcopy(upstream["eager"]) for _ in range(2)]
+    ff.patch(models[1])
+    inputs = mllama_inputs(*CASES["interleaved"], seed=12)
+    grads, maps = [], []
+    for model in models:
+        model.gradient_checkpointing_enable()
+        model.train()
+        out = model(**inputs, output_attentions=True)
+        out.logits.sum().backward()
+        maps.append(out.attentions)
+        grads.append(model.model.language_model.layers[1].cross_attn.k_proj.weight.grad)
+    assert len(maps[1]) == len(maps[0]) == 4
+    for i, (g, w) in enumerate(zip(maps[1], maps[0])):
+        assert_close(g, w, TOL, f"layer {i}")
+    assert_close(grads[1], grads[0], TOL, "d k_proj")

@@ -17,8 +17,10 @@ modules they patch) and runs fastflamingo's op on them:
   (:func:`fastflamingo.models.idefics.mask.idefics_media_mask`, memoised per mask tensor too).
 
 Everything else (self-attention, the vision towers, any other module) goes to transformers' own SDPA function,
-unchanged. When transformers records attention maps (``output_attentions=True``), a cross-attention call returns
-what transformers' eager function returns for it, maps included.
+unchanged. When transformers records attention maps (``output_attentions=True``), every call returns what
+transformers' eager function returns for it, maps included, as under ``attn_implementation="eager"``: the mask
+function registered beside this one is SDPA's, so a self-attention call may bring a boolean mask, or none where SDPA
+would apply its causal flag; :func:`eager_mask` turns either into the additive mask eager needs for the same result.
 
 A cross-attention mask of None means every key, as transformers' eager attention does: its SDPA function would make
 such a call causal (it reads ``module.is_causal``, or defaults to True when the module has none), which is a latent
@@ -60,6 +62,26 @@ def _eager(module) -> Callable:
     return eager
 
 
+def eager_mask(module, query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor],
+               is_causal: Optional[bool]) -> Optional[torch.Tensor]:
+    """The additive mask under which eager computes what SDPA computes from ``(attention_mask, is_causal)``: a
+    boolean mask (SDPA's mask function: True attends) becomes 0 / the dtype's minimum; no mask where SDPA would set
+    its causal flag (more than one query, the module causal or silent about it) becomes the upper-left causal mask
+    SDPA applies (query i sees keys 0..i, later keys none)."""
+    if attention_mask is not None:
+        if attention_mask.dtype != torch.bool:
+            return attention_mask
+        bias = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
+        return bias.masked_fill_(~attention_mask, torch.finfo(query.dtype).min)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if not (q_len > 1 and causal):
+        return None
+    seen = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()
+    bias = torch.zeros(q_len, kv_len, dtype=query.dtype, device=query.device)
+    return bias.masked_fill_(~seen, torch.finfo(query.dtype).min)[None, None]
+
+
 def _mllama(module, query, key, value, attention_mask, dropout: float, scaling: Optional[float]) -> torch.Tensor:
     from ..models.mllama import mllama_xattn
 
@@ -94,17 +116,17 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
               **kwargs) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """transformers' attention-function signature (see the module docstring); returns ``(attn_output (batch, seq,
     heads, head_dim), attn_weights or None)``."""
-    if _is_mllama_cross(module):
-        attend = _mllama
-    elif _is_idefics_cross(module):
-        attend = _idefics
-    else:
-        return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    cross = _is_mllama_cross(module) or _is_idefics_cross(module)
     # Dynamo cannot trace the collector's ContextVar.get (fullgraph fails): compiled code records no maps here
     if not torch.compiler.is_compiling() and attentions_requested():
+        if not cross:
+            attention_mask = eager_mask(module, query, key, attention_mask, kwargs.pop("is_causal", None))
         return _eager(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if not cross:
+        return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    attend = _mllama if _is_mllama_cross(module) else _idefics
     dropout = float(dropout) if module.training else 0.0
     return attend(module, query, key, value, attention_mask, dropout, scaling), None
 
 
-__all__ = ["NAME", "attention"]
+__all__ = ["NAME", "attention", "eager_mask"]
