@@ -7,6 +7,7 @@ from . import functional, masks, models
 from ._backend import BACKENDS, BackendError, backend, requested_backend
 from ._version import __version__
 from ._warmup import WarmupReport, warmup
+from .attention_recording import AttentionMap, AttentionMaps, attention_maps
 from .cache import cache_disabled, clear_media_cache
 from .hf import dropins, register, register_dropins, unregister_dropins
 from .models.idefics import IdeficsGatedCrossAttentionLayer, IdeficsPerceiverAttention, IdeficsPerceiverResampler
@@ -42,5 +43,8 @@ __all__ = [
     "register_dropins",
     "unregister_dropins",
     "dropins",
+    "attention_maps",
+    "AttentionMap",
+    "AttentionMaps",
 ]
 

@@ -16,7 +16,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import fastflamingo as ff
-from fastflamingo.attention_maps import RECORDER_ATTR, AttentionMaps, attention_maps
+from fastflamingo.attention_recording import RECORDER_ATTR, AttentionMaps, attention_maps
 from fastflamingo.models._outputs import attentions_requested
 from fastflamingo.testing import tiny_flamingo_palm, tiny_idefics, tiny_mllama, tiny_open_flamingo
 from helpers import assert_close
@@ -25,7 +25,7 @@ from mllama_cases import CASES, model_inputs as mllama_inputs
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-5
-MAPS_MODULE = sys.modules["fastflamingo.attention_maps"]  # the module (the package may export the function)
+MAPS_MODULE = sys.modules["fastflamingo.attention_recording"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

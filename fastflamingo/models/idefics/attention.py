@@ -11,7 +11,7 @@ from torch import nn
 
 from ... import functional, masks
 from ..._checks import check_linear_input, check_tensor
-from ...attention_maps import CROSS, dense_attention, key_shape, recorder_of
+from ...attention_recording import CROSS, dense_attention, key_shape, recorder_of
 from ...cache import ProjectionCache
 from ...ops.torch_path import fold_groups, unfold_groups
 from . import mask as image_mask

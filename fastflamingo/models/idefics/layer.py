@@ -11,7 +11,7 @@ from torch import nn
 
 from ... import functional
 from ..._checks import check_tensor
-from ...attention_maps import recorder_of
+from ...attention_recording import recorder_of
 from .attention import IdeficsCrossAttention, IdeficsRMSNorm
 from .config import DEFAULTS, activation, get
 

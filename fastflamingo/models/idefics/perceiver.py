@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..._checks import check_linear_input, check_tensor, promoted_as_concatenated
-from ...attention_maps import PERCEIVER, perceiver_attention, recorder_of
+from ...attention_recording import PERCEIVER, perceiver_attention, recorder_of
 from ...cache import ProjectionCache
 from .config import PERCEIVER_DEFAULTS, get, vision_embed_dim
 

@@ -20,7 +20,7 @@ Differences from upstream, all deliberate:
 - Attention weights: only when the forward pass records them (``output_attentions=True``, read from transformers'
   output collector: :func:`fastflamingo.models._outputs.attentions_requested`), and then what upstream's attention
   function for ``config._attn_implementation`` returns: eager (and ``"fastflamingo"``, ``"paged|eager"``): the
-  probabilities, computed densely for that call (:func:`fastflamingo.attention_maps.dense_attention`); sdpa: None,
+  probabilities, computed densely for that call (:func:`fastflamingo.attention_recording.dense_attention`); sdpa: None,
   with transformers' warning; any other implementation: transformers' own function runs that call. Rows that see no
   image under ``empty_rows="zero"`` get all-zero probabilities (their attention output is 0). Otherwise the kernels
   run and no probability is formed.
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ... import functional as FF
-from ...attention_maps import CROSS, dense_attention, key_shape, recorder_of
+from ...attention_recording import CROSS, dense_attention, key_shape, recorder_of
 from ...masks import zero_unseen
 from .._outputs import attentions_requested
 from ..idefics.attention import _common_dtype

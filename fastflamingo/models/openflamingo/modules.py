@@ -16,7 +16,7 @@ from torch import nn
 
 from ... import functional, masks
 from ..._checks import check_linear_input, check_tensor, promoted_as_concatenated
-from ...attention_maps import CROSS, PERCEIVER, dense_attention, key_shape, perceiver_attention, recorder_of
+from ...attention_recording import CROSS, PERCEIVER, dense_attention, key_shape, perceiver_attention, recorder_of
 from ...cache import ProjectionCache
 
 
