@@ -48,3 +48,14 @@ def grads_of(module, *inputs):
     out = {f"input{i}": t.grad for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.requires_grad}
     out.update({name: p.grad for name, p in module.named_parameters()})
     return out
+
+
+def grads_match(got: dict, want: dict, tol=1e-5):
+    """Every parameter's gradient within ``tol`` of its largest entry; gradients below 1e-3 of the largest one
+    (e.g. vision gates at 5e-7, sums that cancel) are held to ``tol`` of that floor instead of their own noise."""
+    assert got.keys() == want.keys()
+    floor = 1e-3 * max(g.abs().max().item() for g in want.values())
+    for name, g in want.items():
+        scale = max(g.abs().max().item(), floor)
+        err = (got[name].double() - g.double()).abs().max().item()
+        assert err <= tol * scale, f"{name}: {err:.3e} > {tol} * {scale:.3e}"

@@ -14,7 +14,7 @@ from fastflamingo.models.idefics import mask as idefics_mask
 from fastflamingo.models.mllama import mask as mask_mod
 from fastflamingo.models.mllama import reference, torch_path
 from fastflamingo.testing import idefics_config, tiny_idefics, tiny_mllama
-from helpers import assert_close
+from helpers import assert_close, grads_match
 from mllama_cases import CASES, make_qkv, model_inputs, prepare, processor_mask, random_rows
 
 transformers = pytest.importorskip("transformers")
@@ -277,17 +277,6 @@ def test_mllama_sub_config_dict_and_from_pretrained(mllama, tmp_path, monkeypatc
         monkeypatch.undo()
 
 
-def _grads_match(got: dict, want: dict, tol=1e-5):
-    """Every parameter's gradient within ``tol`` of its largest entry; gradients below 1e-3 of the largest one
-    (e.g. vision gates at 5e-7, sums that cancel) are held to ``tol`` of that floor instead of their own noise."""
-    assert got.keys() == want.keys()
-    floor = 1e-3 * max(g.abs().max().item() for g in want.values())
-    for name, g in want.items():
-        scale = max(g.abs().max().item(), floor)
-        err = (got[name].double() - g.double()).abs().max().item()
-        assert err <= tol * scale, f"{name}: {err:.3e} > {tol} * {scale:.3e}"
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_mllama_training_gradients_match(mllama, attn):
     """A training step's loss and the gradient of every parameter match transformers' (the vision tower on the
@@ -302,7 +291,7 @@ def test_mllama_training_gradients_match(mllama, attn):
     (loss_want, want), (loss_got, got) = results
     assert_close(loss_got, loss_want, 1e-5, "loss")
     assert len(want) == sum(1 for _ in mllama[attn].parameters())  # every parameter has a gradient
-    _grads_match(got, want)
+    grads_match(got, want)
 
 
 def test_mllama_dropout_only_when_training(mllama, monkeypatch):
@@ -420,7 +409,7 @@ def test_idefics_generate_and_training(idefics, monkeypatch):
         results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
     assert_close(results[1][0], results[0][0], 1e-5, "loss")
     assert any("alpha_cross_attn" in n for n in results[0][1])
-    _grads_match(results[1][1], results[0][1])
+    grads_match(results[1][1], results[0][1])
 
 
 def test_idefics_cross_attention_compiles_and_refuses_bad_masks():

@@ -39,10 +39,10 @@ PACKAGE = NAME.replace("-", "_")
 VARIANT = "torch-universal"
 VENDORED = "_fastflamingo"
 SOURCE = Path(__file__).resolve().parent.parent  # the fastflamingo package (kernels/ through its link)
-# what the repository's copy leaves out: the test kit, the selftest, the compile check, the info command, and every
-# hf module but the layers (the copy is what the layers run, not the routes into transformers)
+# what the repository's copy leaves out: the test kit, the selftest, the compile check, the info command and this
+# builder (the copy is what the layers run; the package's __init__ imports the other routes, which import only torch)
 LEFT_OUT = ("testing.py", "selftest", "aot.py", "info.py", "__pycache__")
-HF_KEPT = ("_dropins.py", "hub_layers.py")
+HF_LEFT_OUT = ("hub.py",)
 
 
 def _sources() -> Dict[str, bytes]:
@@ -52,10 +52,9 @@ def _sources() -> Dict[str, bytes]:
         dirs[:] = sorted(d for d in dirs if d not in LEFT_OUT)
         for name in sorted(names):
             relative = (Path(folder) / name).relative_to(SOURCE)
-            if name in LEFT_OUT or name.endswith(".pyc") or (relative.parts[0] == "hf" and name not in HF_KEPT):
+            if name in LEFT_OUT or name.endswith(".pyc") or (relative.parts[0] == "hf" and name in HF_LEFT_OUT):
                 continue
             files[relative.as_posix()] = (SOURCE / relative).read_bytes()
-    files["hf/__init__.py"] = b'"""The layers of the kernel repository (hub_layers.py)."""\n'
     return files
 
 
