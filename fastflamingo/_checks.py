@@ -60,3 +60,20 @@ def unsupported_dtype_reasons(tensors) -> list:
         if dtype not in SUPPORTED_DTYPES:
             reasons.append(f"dtype {dtype} is not supported (fp32, fp16, bf16)")
     return reasons
+
+
+def key_mask_as_bool(name: str, mask, shape: tuple, layout: str, device: torch.device) -> torch.Tensor:
+    """A key padding mask as a boolean tensor on ``device`` (True = that key is visible). ``mask`` is bool, or
+    integer / floating 0-1 (any nonzero value counts as visible, as upstream's ``attention_mask`` does), of exactly
+    ``shape``; ``layout`` names its axes (``"(N, media_tokens)"``) in the message. The caller's tensor is never
+    modified: a conversion or a move makes a new one."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be None or a torch.Tensor {layout}, got {type(mask).__name__}")
+    if mask.is_complex():
+        raise TypeError(f"{name} must be bool, integer or floating (nonzero = visible), got dtype {mask.dtype}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {tuple(mask.shape)} "
+                         f"(dtype {mask.dtype})")
+    if mask.dtype != torch.bool:
+        mask = mask != 0
+    return mask.to(device)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import _backend
+from ._checks import key_mask_as_bool
 from .masks import MediaMask
 from .ops import torch_path
 
@@ -75,6 +76,7 @@ def media_xattn(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     kv_group: int = 1,
+    key_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Masked media cross-attention core: each text token attends only to the latents of the media it may see.
 
@@ -92,9 +94,14 @@ def media_xattn(
             search repeats every sample's media r times, so the media projection cache keeps one K/V row per
             sample instead of r identical copies (see cache.py). Inference only: with r > 1 nothing may require
             grad. Every path reads the shared rows in place; K/V is never repeated.
+        key_mask: None, or (batch of k, keys) over the keys of k and v: bool, or 0/1 integer / floating (nonzero
+            = visible). A hidden key is seen by no token (padding inside a media, or a padded source of
+            concatenated media); combined (AND) with ``mask``. The Triton kernels do not take it yet: an explicit
+            ``triton`` backend raises, ``auto`` runs the PyTorch path.
 
     Returns:
-        (batch, text, heads, head_dim) in the dtype of ``q``. A token that sees no media gets exactly 0.
+        (batch, text, heads, head_dim) in the dtype of ``q``. A token that sees no key (no media, or every key
+        of its media hidden by ``key_mask``) gets exactly 0.
 
     Mask rule, for ``text_time = cumsum(media_locations)`` (``<image>`` tokens marked ``I``, 3 media of
     ``n`` latents each)::
@@ -110,6 +117,8 @@ def media_xattn(
     """
     kv_group = _kv_group(kv_group)
     _check_attention_inputs(q, k, v, kv_group)
+    if key_mask is not None:
+        key_mask = key_mask_as_bool("key_mask", key_mask, k.shape[:2], "(batch of k, keys)", q.device)
     if kv_group > 1 and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         # the grouped paths (and the Triton backward) have no gradient for K/V shared among rows; the media cache
         # that produces grouped K/V never runs while a graph is recorded
@@ -146,10 +155,10 @@ def media_xattn(
     def triton_reasons() -> List[str]:
         if not isinstance(mask, MediaMask):
             return ["the image mask has no closed form (rows are neither one-hot nor prefixes)"]
-        return _media_xattn_reasons(q, k, v, dropout_p)
+        return _media_xattn_reasons(q, k, v, dropout_p, key_mask)
 
     if _backend.choose("media_xattn", (q, k, v), triton_reasons) == "torch":
-        return torch_path.media_xattn(q, k, v, mask, latents, scale, dropout_p, kv_group)
+        return torch_path.media_xattn(q, k, v, mask, latents, scale, dropout_p, kv_group, key_mask)
     text_time = mask.text_time.to(q.device)
     args = (q, k, v, text_time, num_media, latents, mask.immediate, scale, kv_group)
     if num_text <= _backend.DECODE_MAX_TOKENS and not _records_graph(q, k, v):
@@ -162,19 +171,23 @@ def media_xattn(
     return prefill(*args)
 
 
-def _media_xattn_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> List[str]:
+def _media_xattn_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+                         key_mask: Optional[torch.Tensor] = None) -> List[str]:
     if dropout_p:
         return [f"attention dropout (dropout_p={dropout_p}) is not supported by the kernels"]
+    if key_mask is not None:
+        return ["key_mask is not supported by the media_xattn kernels yet"]
     from .ops import media_xattn as xattn_ops
 
     return xattn_ops.unsupported_reasons(q, k, v)
 
 
-def media_xattn_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: float = 0.0) -> str:
+def media_xattn_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: float = 0.0,
+                        key_mask: Optional[torch.Tensor] = None) -> str:
     """The backend (``"torch"`` or ``"triton"``) :func:`media_xattn` uses for these tensors with a closed-form
-    mask; raises :class:`~fastflamingo.BackendError` as it would. For callers that prepare the mask differently per
-    backend (the IDEFICS layer while traced)."""
-    return _backend.choose("media_xattn", (q, k, v), lambda: _media_xattn_reasons(q, k, v, dropout_p))
+    mask (and ``key_mask``, when one is passed); raises :class:`~fastflamingo.BackendError` as it would. For callers
+    that prepare the mask differently per backend (the IDEFICS layer while traced)."""
+    return _backend.choose("media_xattn", (q, k, v), lambda: _media_xattn_reasons(q, k, v, dropout_p, key_mask))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -190,20 +203,30 @@ def perceiver_attn(
     v_latents: torch.Tensor,
     *,
     scale: Optional[float] = None,
+    key_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Perceiver resampler attention: latent queries attend to ``[media tokens; latents]``.
 
     Args:
         q: (N, latents, heads, head_dim), one row of N per (sample, media).
-        k_media, v_media: (N, media_tokens, heads, head_dim).
-        k_latents, v_latents: (N, latents, heads, head_dim).
+        k_media, v_media: (N, media_tokens, kv_heads, head_dim).
+        k_latents, v_latents: (N, latents, kv_heads, head_dim).
         scale: softmax scale, default ``head_dim ** -0.5``.
+        key_mask: None, or (N, media_tokens): bool, or 0/1 integer / floating (nonzero = visible). Hidden media
+            tokens (padding) are seen by no latent; the latents themselves are always visible, so no row is ever
+            empty (IDEFICS2 and Evolla's resamplers).
+
+    Grouped-query attention: ``heads`` must be a multiple of ``kv_heads``; query head ``h`` reads KV head
+    ``h // (heads // kv_heads)``. K/V are read in place, never repeated per query head.
 
     Returns:
-        (N, latents, heads, head_dim) in the dtype of ``q``. No mask: every latent sees every key.
+        (N, latents, heads, head_dim) in the dtype of ``q``. The Triton kernels take neither a key mask nor grouped
+        heads yet: an explicit ``triton`` backend raises for those, ``auto`` runs the PyTorch path.
     """
     tensors = {"q": q, "k_media": k_media, "v_media": v_media, "k_latents": k_latents, "v_latents": v_latents}
     for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must have shape (N, tokens, heads, head_dim), got {tuple(t.shape)}")
     if k_media.shape[:3] != v_media.shape[:3] or k_latents.shape[:3] != v_latents.shape[:3]:
@@ -211,20 +234,31 @@ def perceiver_attn(
             f"keys and values disagree: k_media {tuple(k_media.shape)}, v_media {tuple(v_media.shape)}, "
             f"k_latents {tuple(k_latents.shape)}, v_latents {tuple(v_latents.shape)}"
         )
-    if k_latents.shape[:3] != q.shape[:3] or k_media.shape[0] != q.shape[0] or k_media.shape[2:] != q.shape[2:]:
+    num, latents, heads, head_dim = q.shape
+    kv_heads = k_media.shape[2]
+    if (k_media.shape[0] != num or k_media.shape[3] != head_dim
+            or tuple(k_latents.shape) != (num, latents, kv_heads, head_dim)):
         raise ValueError(
             f"q {tuple(q.shape)}, k_media {tuple(k_media.shape)} and k_latents {tuple(k_latents.shape)} must share "
-            "N, heads and head_dim, and k_latents must have as many tokens as q"
+            "N and head_dim, k_media and k_latents must share their (KV) heads, and k_latents must have as many "
+            "tokens as q"
         )
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(
+            f"q has {heads} heads, not a multiple of the {kv_heads} KV heads of k_media / k_latents (grouped-query "
+            "attention: query head h reads KV head h // (heads // kv_heads))"
+        )
+    if key_mask is not None:
+        key_mask = key_mask_as_bool("key_mask", key_mask, k_media.shape[:2], "(N, media_tokens)", q.device)
+    scale = head_dim ** -0.5 if scale is None else float(scale)
 
     def triton_reasons() -> List[str]:
         from .ops import perceiver_attn as perceiver_ops
 
-        return perceiver_ops.unsupported_reasons(q, k_media, v_media, k_latents, v_latents)
+        return perceiver_ops.unsupported_reasons(q, k_media, v_media, k_latents, v_latents, key_mask=key_mask)
 
     if _backend.choose("perceiver_attn", tensors.values(), triton_reasons) == "torch":
-        return torch_path.perceiver_attn(q, k_media, v_media, k_latents, v_latents, scale)
+        return torch_path.perceiver_attn(q, k_media, v_media, k_latents, v_latents, scale, key_mask)
     from .ops.perceiver_attn import perceiver_attn as kernel_path
 
     return kernel_path(q, k_media, v_media, k_latents, v_latents, scale)

@@ -198,17 +198,27 @@ def idefics_perceiver_resampler(module, context):
 # ------------------------------------------------------------------------------- ops in the kernels' layout
 
 
-def media_xattn(q, k, v, text_time, num_media: int, immediate: bool, scale: Optional[float] = None):
+def media_xattn(q, k, v, text_time, num_media: int, immediate: bool, scale: Optional[float] = None,
+                key_mask: Optional[torch.Tensor] = None):
     """Masked media cross-attention, dense: q (B, T, H, D), k/v (B, num_media * n, H, D) media-major, ``text_time``
-    (B, T). Token t sees keys ``[lo * n, hi * n)`` with ``(lo, hi) = visible_media(text_time)``; a token that sees
-    nothing gets exactly 0 (fastflamingo semantics). Differentiable; no NaN in the forward or backward pass."""
-    latents = k.shape[1] // num_media if num_media else 0
+    (B, T). Token t sees keys ``[lo * n, hi * n)`` with ``(lo, hi) = visible_media(text_time)``, and of those only
+    the keys that ``key_mask`` (B, keys), nonzero = visible, keeps; a token that sees nothing gets exactly 0
+    (fastflamingo semantics). Differentiable; no NaN in the forward or backward pass."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    allowed = _media_keys_allowed(q, k, text_time, num_media, immediate, key_mask)
+    probs = visible_softmax(torch.einsum("bthd,bkhd->bhtk", q, k) * scale, allowed[:, None])
+    return torch.einsum("bhtk,bkhd->bthd", probs, v)
+
+
+def _media_keys_allowed(q, k, text_time, num_media: int, immediate: bool, key_mask=None) -> torch.Tensor:
+    """(B, T, keys) bool: the keys each token sees, the media rule AND the key mask."""
+    latents = k.shape[1] // num_media if num_media else 0
     lo, hi = visible_media(text_time.to(q.device), num_media, immediate)
     key = torch.arange(k.shape[1], device=q.device)
     allowed = (key >= lo[..., None] * latents) & (key < hi[..., None] * latents)  # (B, T, keys)
-    probs = visible_softmax(torch.einsum("bthd,bkhd->bhtk", q, k) * scale, allowed[:, None])
-    return torch.einsum("bhtk,bkhd->bthd", probs, v)
+    if key_mask is not None:
+        allowed = allowed & (key_mask.to(q.device) != 0)[:, None, :]
+    return allowed
 
 
 def visible_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -220,24 +230,31 @@ def visible_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor
     return torch.softmax(scores, dim=-1).masked_fill(~seen, 0.0)
 
 
-def media_xattn_lse(q, k, text_time, num_media: int, immediate: bool, scale: Optional[float] = None):
+def media_xattn_lse(q, k, text_time, num_media: int, immediate: bool, scale: Optional[float] = None,
+                    key_mask: Optional[torch.Tensor] = None):
     """Log-sum-exp (natural log) of each token's visible scaled scores, (B, H, T) in fp32: what the forward kernel
     saves for the backward pass. ``-inf`` where a token sees nothing."""
-    latents = k.shape[1] // num_media if num_media else 0
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    lo, hi = visible_media(text_time.to(q.device), num_media, immediate)
-    key = torch.arange(k.shape[1], device=q.device)
-    allowed = (key >= lo[..., None] * latents) & (key < hi[..., None] * latents)  # (B, T, keys)
+    allowed = _media_keys_allowed(q, k, text_time, num_media, immediate, key_mask)
     scores = torch.einsum("bthd,bkhd->bhtk", q.float(), k.float()) * scale
     return scores.masked_fill(~allowed[:, None], float("-inf")).logsumexp(-1)
 
 
-def perceiver_attn(q, k_media, v_media, k_latents, v_latents, scale: Optional[float] = None):
-    """Latents q (N, L, H, D) attend to ``[media; latents]`` keys and values (concatenated here)."""
+def perceiver_attn(q, k_media, v_media, k_latents, v_latents, scale: Optional[float] = None,
+                   key_mask: Optional[torch.Tensor] = None):
+    """Latents q (N, L, H, D) attend to ``[media; latents]`` keys and values (N, M + L, Hkv, D), concatenated here.
+    Grouped-query attention when Hkv < H: query head ``h`` reads KV head ``h // (H // Hkv)``. ``key_mask`` (N, M),
+    nonzero = visible, hides media tokens; the latents are always visible."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k, v = torch.cat((k_media, k_latents), 1), torch.cat((v_media, v_latents), 1)
-    probs = torch.softmax(torch.einsum("nlhd,nkhd->nhlk", q, k) * scale, dim=-1)
-    return torch.einsum("nhlk,nkhd->nlhd", probs, v)
+    grouped = q.unflatten(2, (k.shape[2], -1))  # (N, L, Hkv, group, D): head h = kv_head * group + g
+    scores = torch.einsum("nlhgd,nkhd->nhglk", grouped, k) * scale
+    if key_mask is not None:
+        latents_seen = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)
+        visible = torch.cat(((key_mask != 0).to(q.device), latents_seen), 1)  # (N, M + L)
+        scores = scores.masked_fill(~visible[:, None, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("nhglk,nkhd->nlhgd", probs, v).flatten(2, 3)
 
 
 def gated_linear(x, inp, weight, bias, alpha, row_gate=None):

@@ -50,6 +50,14 @@ def xattn(**change):
     return functional.media_xattn(args["q"], args["k"], args["v"], args["mask"], **kwargs)
 
 
+def perceiver(heads=4, kv_heads=1, kv_latents_heads=None, **kwargs):
+    """functional.perceiver_attn on N=2, 3 latents, 7 media tokens, head_dim 8."""
+    kv_latents_heads = kv_heads if kv_latents_heads is None else kv_latents_heads
+    q = torch.randn(2, 3, heads, 8)
+    k_media, k_latents = torch.randn(2, 7, kv_heads, 8), torch.randn(2, 3, kv_latents_heads, 8)
+    return functional.perceiver_attn(q, k_media, k_media.clone(), k_latents, k_latents.clone(), **kwargs)
+
+
 def idefics_layer(hidden=None, images=None, mask="default", gate="default"):
     layer = IdeficsGatedCrossAttentionLayer(IDEFICS)
     hidden = torch.randn(2, 5, 16) if hidden is None else hidden
@@ -125,6 +133,24 @@ ROWS = [
     ("kv_group < 1", lambda: xattn(kv_group=0), ValueError, "kv_group must be >= 1, got 0"),
     ("kv_group > 1 with autograd", lambda: xattn(q=torch.randn(4, 9, 2, 8, requires_grad=True), kv_group=2),
      ValueError, "kv_group > 1 is inference only"),
+    ("media_xattn key_mask shape", lambda: xattn(key_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError,
+     r"key_mask must have shape \(batch of k, keys\) = \(2, 6\), got \(2, 5\) \(dtype torch.bool\)"),
+    ("media_xattn key_mask complex", lambda: xattn(key_mask=torch.ones(2, 6, dtype=torch.complex64)), TypeError,
+     "key_mask must be bool, integer or floating .* got dtype torch.complex64"),
+    ("media_xattn key_mask on triton", lambda: with_backend("triton", lambda: xattn(key_mask=torch.ones(2, 6))),
+     ff.BackendError, "key_mask is not supported by the media_xattn kernels yet"),
+    ("perceiver_attn key_mask shape", lambda: perceiver(key_mask=torch.ones(2, 6)), ValueError,
+     r"key_mask must have shape \(N, media_tokens\) = \(2, 7\), got \(2, 6\) \(dtype torch.float32\)"),
+    ("perceiver_attn key_mask not a tensor", lambda: perceiver(key_mask=[[True] * 7] * 2), TypeError,
+     "key_mask must be None or a torch.Tensor"),
+    ("perceiver_attn heads not a multiple of KV heads", lambda: perceiver(heads=4, kv_heads=3), ValueError,
+     "q has 4 heads, not a multiple of the 3 KV heads of k_media / k_latents"),
+    ("perceiver_attn KV heads of media and latents differ", lambda: perceiver(kv_latents_heads=2), ValueError,
+     "k_media and k_latents must share their .KV. heads"),
+    ("perceiver_attn key_mask on triton", lambda: with_backend("triton", lambda: perceiver(
+        key_mask=torch.ones(2, 7))), ff.BackendError, "key_mask is not supported by the perceiver_attn kernels yet"),
+    ("perceiver_attn GQA on triton", lambda: with_backend("triton", lambda: perceiver(heads=4, kv_heads=2)),
+     ff.BackendError, r"grouped-query attention \(4 query heads, 2 KV heads\) is not supported"),
     ("MediaMask mode", lambda: masks.MediaMask(torch.zeros(1, 3, dtype=torch.long), 2, "previous"), ValueError,
      "mode='previous'; expected one of"),
     ("MediaMask text_time rank", lambda: masks.MediaMask(torch.zeros(3, dtype=torch.long), 2, "immediate"),

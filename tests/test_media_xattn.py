@@ -617,3 +617,133 @@ def test_functional_kv_group_triton_prefill_and_grad(kernels, device):
     assert_close(got, want.double().cpu(), TOLERANCE[torch.float32][0], "o")
     with fastflamingo.backend("triton"), pytest.raises(ValueError, match="inference only"):
         functional.media_xattn(q.requires_grad_(True), k, v, mask, kv_group=r)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Key mask (padding over the keys, ANDed with the media rule): the reference and the PyTorch path
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def key_padding(batch, num_media, latents, seed=0):
+    """(batch, num_media * latents) bool: sample 0's second media wholly hidden and the rest random, sample 1
+    unpadded, sample 2 fully padded, further samples right-padded per media."""
+    gen = torch.Generator().manual_seed(seed + 50)
+    mask = torch.rand(batch, num_media * latents, generator=gen) < 0.6
+    mask[0, latents:2 * latents] = False
+    if batch > 1:
+        mask[1] = True
+    if batch > 2:
+        mask[2] = False
+    for b in range(3, batch):
+        mask[b] = (torch.arange(num_media * latents) % latents) < (latents + 1) // 2
+    return mask
+
+
+def masked_case(batch, num_text, num_media, latents, heads, head_dim, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    text_time = torch.randint(-1, num_media + 2, (batch, num_text), generator=gen, dtype=torch.int32)
+    q, k, v = (torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+               for shape in ((batch, num_text, heads, head_dim), (batch, num_media * latents, heads, head_dim),
+                             (batch, num_media * latents, heads, head_dim)))
+    return text_time, q, k, v, key_padding(batch, num_media, latents, seed)
+
+
+def looped_key_mask_oracle(q, k, v, text_time, num_media, immediate, scale, key_mask):
+    """Per sample, token and head: softmax over the keys that are both in the token's media and unhidden,
+    selected (not masked); 0 where none is. Independent of fastflamingo.reference's dense formulation."""
+    latents = k.shape[1] // num_media
+    lo, hi = visible_media(text_time, num_media, immediate)
+    out = torch.zeros(q.shape, dtype=q.dtype)
+    for b in range(q.shape[0]):
+        for t in range(q.shape[1]):
+            keys = torch.arange(lo[b, t] * latents, hi[b, t] * latents)
+            keys = keys[key_mask[b, keys]]
+            if keys.numel():
+                for h in range(q.shape[2]):
+                    p = torch.softmax(q[b, t, h] @ k[b, keys, h].T * scale, dim=-1)
+                    out[b, t, h] = p @ v[b, keys, h]
+    return out
+
+
+@pytest.mark.parametrize("immediate", MODES)
+def test_reference_key_mask_matches_looped_oracle(immediate):
+    text_time, q, k, v, key_mask = masked_case(4, 11, 3, 5, 2, 8, torch.float64)
+    want = looped_key_mask_oracle(q, k, v, text_time, 3, immediate, 0.4, key_mask)
+    assert_close(oracle.media_xattn(q, k, v, text_time, 3, immediate, 0.4, key_mask=key_mask), want, 1e-12)
+    lse = oracle.media_xattn_lse(q, k, text_time, 3, immediate, 0.4, key_mask=key_mask)
+    seen = want.abs().sum((-1, -2)) > 0  # (B, T)
+    assert torch.isinf(lse.transpose(1, 2)[~seen]).all() and torch.isfinite(lse.transpose(1, 2)[seen]).all()
+
+
+def _torch_path_vs_reference(text_time, q, k, v, key_mask, num_media, immediate, scale, dtype, mask_form="closed"):
+    from fastflamingo import backend, functional
+
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    mask = MediaMask(text_time, num_media, IMMEDIATE if immediate else ALL_PREVIOUS)
+    if mask_form == "dense":  # a boolean (batch, text, media) tensor: the general (no closed form) path
+        mask = mask.visible()
+    with backend("torch"):
+        out = functional.media_xattn(*leaves, mask, scale=scale, key_mask=key_mask)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    out.backward(grad_out.to(dtype))
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = oracle.media_xattn(*ref, text_time, num_media, immediate, scale, key_mask=key_mask)
+    want.backward(grad_out)
+    fwd_tol, bwd_tol = TOLERANCE.get(dtype, (1e-12, 1e-12))
+    assert out.dtype == dtype
+    assert_close(out, want, fwd_tol, "o")
+    for name, leaf, r in zip(("dq", "dk", "dv"), leaves, ref):
+        assert_close(leaf.grad, r.grad, bwd_tol, name)
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("num_text", [pytest.param(3, id="decode-length"), pytest.param(29, id="prefill-length")])
+@pytest.mark.parametrize("mask_form", ["closed", "dense"])
+@pytest.mark.parametrize("immediate", MODES)
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float64, id="fp64"), *DTYPES])
+def test_torch_path_key_mask(dtype, immediate, mask_form, num_text):
+    """functional.media_xattn(key_mask=...) on the PyTorch path against the fp64 oracle: output and gradients;
+    tokens whose visible keys are all hidden (and every token of the fully padded sample) get exactly 0 and pass
+    no gradient; hidden keys get zero dK/dV."""
+    text_time, q, k, v, key_mask = masked_case(4, num_text, 3, 7, 2, 40, dtype, seed=num_text)
+    out, (dq, dk, dv) = _torch_path_vs_reference(text_time, q, k, v, key_mask, 3, immediate, 0.3, dtype, mask_form)
+    assert (out[2] == 0).all() and (dq[2] == 0).all(), "the fully padded sample sees nothing"
+    assert (dk[~key_mask] == 0).all() and (dv[~key_mask] == 0).all()
+
+
+def test_torch_path_key_mask_with_kv_group():
+    """kv_group r: the key mask has K/V's batch and sample b uses row b // r, like K and V (inference only)."""
+    from fastflamingo import backend, functional
+
+    text_time, q, k, v, key_mask = masked_case(6, 13, 2, 5, 3, 16, torch.float32, seed=7)
+    r = 2
+    k, v, key_mask = k[::r], v[::r], key_mask[::r]  # one K/V row (and mask row) per group of r samples
+    mask = MediaMask(text_time, 2, ALL_PREVIOUS)
+    with torch.no_grad(), backend("torch"):
+        got = functional.media_xattn(q, k, v, mask, kv_group=r, key_mask=key_mask)
+        dense = functional.media_xattn(q, k, v, mask.visible(), kv_group=r, key_mask=key_mask)
+    want = oracle.media_xattn(q.double(), k.double().repeat_interleave(r, 0), v.double().repeat_interleave(r, 0),
+                              text_time, 2, False, 16 ** -0.5, key_mask=key_mask.repeat_interleave(r, 0))
+    assert_close(got, want, 1e-5, "closed form")
+    assert_close(dense, want, 1e-5, "dense mask")
+
+
+def test_torch_path_key_mask_gradcheck():
+    from fastflamingo import backend, functional
+
+    text_time, q, k, v, key_mask = masked_case(3, 5, 2, 3, 2, 4, torch.float64, seed=3)
+    mask = MediaMask(text_time, 2, IMMEDIATE)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    with backend("torch"):
+        assert torch.autograd.gradcheck(lambda *ts: functional.media_xattn(*ts, mask, key_mask=key_mask), leaves)
+
+
+def test_key_mask_all_visible_equals_no_key_mask():
+    """An all-True (or all-ones integer) key mask changes nothing but the path."""
+    from fastflamingo import functional
+
+    text_time, q, k, v, _ = masked_case(3, 17, 3, 4, 2, 16, torch.float32, seed=4)
+    mask = MediaMask(text_time, 3, IMMEDIATE)
+    plain = functional.media_xattn(q, k, v, mask)
+    ones = torch.ones(k.shape[:2], dtype=torch.int64)
+    torch.testing.assert_close(functional.media_xattn(q, k, v, mask, key_mask=ones), plain, rtol=1e-6, atol=1e-6)

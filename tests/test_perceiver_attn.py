@@ -330,3 +330,164 @@ def test_idefics_perceiver_resampler(device, qk):
             assert g_me[name].abs().max() <= 1e-5 * largest
             continue
         assert_close(g_me[name], g.double().cpu(), 1e-4, f"grad {name}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Key padding mask and grouped-query attention: the reference and the PyTorch path
+# ----------------------------------------------------------------------------------------------------------------
+
+# (N, latents, media_tokens, heads, kv_heads, head_dim)
+MASKED_SHAPES = [
+    pytest.param(3, 64, 37, 16, 4, 96, id="idefics2-16q-4kv-d96"),
+    pytest.param(4, 7, 13, 4, 1, 24, id="4q-1kv-d24"),
+    pytest.param(3, 5, 9, 3, 3, 40, id="mha-d40"),
+    pytest.param(3, 1, 2, 2, 1, 8, id="one-latent-two-tokens"),
+]
+
+
+def grouped_inputs(num, latents, media_tokens, heads, kv_heads, head_dim, dtype=torch.float64, seed=0):
+    """q (N, L, H, D) and the four K/V sources with kv_heads heads, fp64 values rounded to ``dtype``."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    return (randn(num, latents, heads, head_dim), randn(num, media_tokens, kv_heads, head_dim),
+            randn(num, media_tokens, kv_heads, head_dim), randn(num, latents, kv_heads, head_dim),
+            randn(num, latents, kv_heads, head_dim))
+
+
+def padding_mask(num, media_tokens, seed=0):
+    """(N, media_tokens) bool: sample 0 fully padded, sample 1 unpadded, sample 2 right-padded, the rest random."""
+    gen = torch.Generator().manual_seed(seed + 100)
+    mask = torch.rand(num, media_tokens, generator=gen) < 0.6
+    mask[0] = False
+    if num > 1:
+        mask[1] = True
+    if num > 2:
+        mask[2] = torch.arange(media_tokens) < (media_tokens + 1) // 2
+    return mask
+
+
+def looped_oracle(q, k_media, v_media, k_latents, v_latents, scale, key_mask):
+    """Per sample and query head: plain softmax attention over the visible media tokens (selected, not masked)
+    and the latents of KV head h // group. Independent of fastflamingo.reference's einsum formulation."""
+    num, latents, heads, _ = q.shape
+    group = heads // k_media.shape[2]
+    out = torch.empty(q.shape[:3] + (v_media.shape[-1],), dtype=q.dtype)
+    for n in range(num):
+        seen = key_mask[n] if key_mask is not None else torch.ones(k_media.shape[1], dtype=torch.bool)
+        for h in range(heads):
+            g = h // group
+            k = torch.cat((k_media[n, seen, g], k_latents[n, :, g]))
+            v = torch.cat((v_media[n, seen, g], v_latents[n, :, g]))
+            out[n, :, h] = torch.softmax(q[n, :, h] @ k.T * scale, dim=-1) @ v
+    return out
+
+
+@pytest.mark.parametrize("num,latents,media_tokens,heads,kv_heads,head_dim", MASKED_SHAPES)
+def test_reference_masked_grouped_matches_looped_oracle(num, latents, media_tokens, heads, kv_heads, head_dim):
+    inputs = grouped_inputs(num, latents, media_tokens, heads, kv_heads, head_dim)
+    key_mask = padding_mask(num, media_tokens)
+    scale = 0.7 * head_dim ** -0.5
+    want = looped_oracle(*inputs, scale, key_mask)
+    assert_close(oracle.perceiver_attn(*inputs, scale, key_mask=key_mask), want, 1e-12, "masked")
+    assert_close(oracle.perceiver_attn(*inputs, scale), looped_oracle(*inputs, scale, None), 1e-12, "unmasked")
+
+
+def _torch_path_and_reference(inputs, key_mask, scale, grad_out, mask_arg=None):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    with fastflamingo.backend("torch"):
+        out = functional.perceiver_attn(*leaves, scale=scale, key_mask=key_mask if mask_arg is None else mask_arg)
+    out.backward(grad_out.to(out.dtype))
+    ref_o, ref_grads = reference_masked(inputs, scale, key_mask, grad_out)
+    return out, [t.grad for t in leaves], ref_o, ref_grads
+
+
+def reference_masked(inputs, scale, key_mask, grad_out):
+    """fp64 oracle output and gradients of the five inputs."""
+    ts = [t.detach().to(torch.float64).requires_grad_() for t in inputs]
+    out = oracle.perceiver_attn(*ts, scale, key_mask=key_mask)
+    out.backward(grad_out.to(torch.float64))
+    return out.detach(), [t.grad for t in ts]
+
+
+@pytest.mark.parametrize("num,latents,media_tokens,heads,kv_heads,head_dim", MASKED_SHAPES)
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float64, id="fp64"), *DTYPES])
+def test_torch_path_key_mask_and_groups(num, latents, media_tokens, heads, kv_heads, head_dim, dtype):
+    """The PyTorch path (functional, backend torch) against the fp64 oracle: output and every gradient, with
+    fully padded, unpadded, right-padded and randomly padded samples. Hidden media tokens get exactly zero dK/dV."""
+    inputs = grouped_inputs(num, latents, media_tokens, heads, kv_heads, head_dim, dtype, seed=1)
+    key_mask = padding_mask(num, media_tokens, seed=1)
+    grad_out = torch.randn(num, latents, heads, head_dim, generator=torch.Generator().manual_seed(2)).to(dtype)
+    out, grads, ref_o, ref_grads = _torch_path_and_reference(inputs, key_mask, 0.9 * head_dim ** -0.5, grad_out)
+    fwd_tol, bwd_tol = TOLERANCE.get(dtype, (1e-12, 1e-12))
+    assert out.dtype == dtype and out.shape == inputs[0].shape
+    assert_close(out, ref_o, fwd_tol, "o")
+    for name, got, want in zip(GRAD_NAMES, grads, ref_grads):
+        assert got.shape == want.shape and got.dtype == dtype, name
+        assert_close(got, want, bwd_tol, name)
+    hidden = ~key_mask
+    assert (grads[1][hidden] == 0).all() and (grads[2][hidden] == 0).all(), "hidden tokens must get zero dK/dV"
+
+
+def test_torch_path_integer_and_float_masks_are_nonzero_visible():
+    inputs = grouped_inputs(3, 4, 6, 4, 2, 16, torch.float32, seed=3)
+    key_mask = padding_mask(3, 6, seed=3)
+    weights = torch.where(key_mask, torch.tensor(2.5), torch.tensor(0.0))  # nonzero, not only 1
+    grad_out = torch.randn(3, 4, 4, 16)
+    as_bool = functional.perceiver_attn(*inputs, key_mask=key_mask)
+    for mask_arg in (key_mask.long(), key_mask.to(torch.uint8), weights, key_mask.double()):
+        before = mask_arg.clone()
+        out, grads, ref_o, ref_grads = _torch_path_and_reference(inputs, key_mask, 16 ** -0.5, grad_out, mask_arg)
+        assert torch.equal(out.detach(), as_bool), mask_arg.dtype
+        assert torch.equal(mask_arg, before), "the caller's mask must not be modified"
+
+
+def test_torch_path_gradcheck_masked_grouped():
+    """torch.autograd.gradcheck (fp64 finite differences) through the PyTorch path: 4 query heads on 2 KV heads,
+    one fully padded sample, one partly padded."""
+    inputs = [t.requires_grad_() for t in grouped_inputs(2, 3, 5, 4, 2, 6, seed=4)]
+    key_mask = torch.tensor([[False] * 5, [True, False, True, True, False]])
+    with fastflamingo.backend("torch"):
+        assert torch.autograd.gradcheck(
+            lambda *ts: functional.perceiver_attn(*ts, scale=0.8, key_mask=key_mask), inputs)
+
+
+def test_unmasked_mha_torch_path_unchanged():
+    """Without a mask and with as many KV heads as query heads the PyTorch path is the one SDPA call it was."""
+    inputs = grouped_inputs(2, 6, 11, 3, 3, 16, torch.float32, seed=5)
+    k, v = torch.cat(inputs[1::2], 1), torch.cat(inputs[2::2], 1)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        inputs[0].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    with fastflamingo.backend("torch"):
+        assert torch.equal(functional.perceiver_attn(*inputs), want)
+
+
+def test_grouped_path_reads_kv_in_place(monkeypatch):
+    """Grouped-query attention never repeats K/V per query head: SDPA receives K/V with kv_heads heads (the
+    concatenated [media; latents] rows, nothing larger)."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((tuple(q.shape), tuple(k.shape), tuple(v.shape)))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    inputs = grouped_inputs(2, 64, 37, 16, 4, 96, torch.float32, seed=6)
+    with fastflamingo.backend("torch"):
+        functional.perceiver_attn(*inputs, key_mask=padding_mask(2, 37))
+    assert seen == [((2, 4, 4 * 64, 96), (2, 4, 37 + 64, 96), (2, 4, 37 + 64, 96))]
+
+
+def test_auto_backend_runs_torch_for_key_mask_and_groups(monkeypatch):
+    """backend auto on these CPU tensors: the PyTorch path, kernel launchers untouched."""
+    from fastflamingo.ops import torch_path
+
+    calls = []
+    real = torch_path.perceiver_attn
+    monkeypatch.setattr(torch_path, "perceiver_attn", lambda *a: calls.append(a) or real(*a))
+    inputs = grouped_inputs(2, 3, 5, 4, 2, 8, torch.float32)
+    functional.perceiver_attn(*inputs, key_mask=padding_mask(2, 5))
+    assert len(calls) == 1 and calls[0][-1].dtype == torch.bool

@@ -90,10 +90,16 @@ def perceiver_attn(
 
 
 def unsupported_reasons(q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor, k_latents: torch.Tensor,
-                        v_latents: torch.Tensor) -> List[str]:
+                        v_latents: torch.Tensor, *, key_mask: Optional[torch.Tensor] = None) -> List[str]:
     """What the kernels cannot serve about these inputs (devices are checked by ``_backend``); empty: supported."""
     named = (("q", q), ("k_media", k_media), ("v_media", v_media), ("k_latents", k_latents), ("v_latents", v_latents))
     reasons = unsupported_dtype_reasons(named)
+    if key_mask is not None:
+        reasons.append("key_mask is not supported by the perceiver_attn kernels yet")
+    if q.dim() == 4 and k_media.dim() == 4 and k_media.shape[2] != q.shape[2]:
+        reasons.append(f"grouped-query attention ({q.shape[2]} query heads, {k_media.shape[2]} KV heads) is not "
+                       "supported by the perceiver_attn kernels yet")
+        return reasons
     for name, t in named:
         if t.dim() != 4:
             reasons.append(f"{name} must be 4-D (N, tokens, heads, head_dim), got shape {tuple(t.shape)}")

@@ -92,17 +92,23 @@ def chunks(mask: MediaMask, batch: int) -> Tuple[torch.Tensor, torch.Tensor, int
 # --------------------------------------------------------------------------------------------------------------
 
 
-def media_xattn(q, k, v, mask, latents: int, scale: float, dropout_p: float = 0.0, kv_group: int = 1):
+def media_xattn(q, k, v, mask, latents: int, scale: float, dropout_p: float = 0.0, kv_group: int = 1,
+                key_mask=None):
     """The PyTorch path of :func:`fastflamingo.functional.media_xattn` (inputs already validated): picks the
     cheapest exact strategy for the mask. ``mask`` is a :class:`MediaMask` or a boolean (batch, text, media)
-    tensor without closed form (dense SDPA)."""
+    tensor without closed form (dense SDPA). ``key_mask``: None or a boolean (batch of K/V, keys) tensor on q's
+    device, True = visible, combined with the media rule."""
     if not isinstance(mask, MediaMask):
-        return _dense_path(q, k, v, mask.to(q.device), latents, scale, dropout_p, kv_group)
+        return _dense_path(q, k, v, mask.to(q.device), latents, scale, dropout_p, kv_group, key_mask)
     mask = mask.to(q.device)
     if mask.text_time.is_meta:
         # meta tensors (a model built on the meta device, traced for shapes) have no data to read the schedules
         # from: the dense path is tensor ops only, so it gives the output's shape, dtype and autograd graph
-        return _dense_path(q, k, v, mask.visible(), latents, scale, dropout_p, kv_group)
+        return _dense_path(q, k, v, mask.visible(), latents, scale, dropout_p, kv_group, key_mask)
+    if key_mask is not None:
+        # the run, chunk and window schedules attend to whole media; padded keys inside a media need a per-key
+        # mask, which the single masked SDPA call takes as it is
+        return _key_mask_path(q, k, v, mask, latents, scale, dropout_p, kv_group, key_mask)
     if torch.compiler.is_compiling():  # the schedules below read the mask on the host: not traceable
         return _key_mask_path(q, k, v, mask, latents, scale, dropout_p, kv_group)
     if q.shape[1] <= DECODE_MAX_TOKENS:
@@ -246,29 +252,40 @@ def _runs_path(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: 
     return _RunsAttention.apply(q, k, v, mask_runs, latents, scale)
 
 
-def _key_mask_path(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float, kv_group: int = 1):
+def _key_mask_path(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p: float, kv_group: int = 1,
+                   key_mask=None):
     """One SDPA call with a (batch, text, keys) boolean key mask built on device from the closed form: token ``t``
-    sees keys ``[lo * latents, hi * latents)``. No host read and no data-dependent Python decision, so this is the
-    path while tracing (torch.compile / torch.export: the run and chunk schedules are host-side lists), at the price
-    of visiting every key. Tokens that see nothing attend to every key (a finite softmax, no NaN in the forward or
-    backward) and are then set to exactly 0. ``kv_group`` r > 1: the r query rows sharing a K/V row are folded into
-    one (:func:`fold_groups`), with their key masks."""
+    sees keys ``[lo * latents, hi * latents)`` (and of those only the ones ``key_mask`` keeps). No host read and no
+    data-dependent Python decision, so this is the path while tracing (torch.compile / torch.export: the run and
+    chunk schedules are host-side lists), and the path of key-masked calls, at the price of visiting every key."""
     lo, hi = mask.media_range()  # (batch, text) int32; lo >= hi: nothing visible
     num_keys = k.shape[1]
     if num_keys == 0:
         if kv_group > 1:  # inference only: no graph to keep
             return q.new_zeros(q.shape[0], q.shape[1], v.shape[2], v.shape[3])
         return attend_to_no_keys(q, k, v)
-    sees = hi > lo
     key = torch.arange(num_keys, device=q.device)
-    key_mask = (key >= (lo * latents)[..., None]) & (key < (hi * latents)[..., None])  # (batch, text, keys)
-    key_mask = key_mask | ~sees[..., None]
+    allowed = (key >= (lo * latents)[..., None]) & (key < (hi * latents)[..., None])  # (batch, text, keys)
+    return _masked_sdpa(q, k, v, allowed, hi > lo, scale, dropout_p, kv_group, key_mask)
+
+
+def _masked_sdpa(q, k, v, allowed, sees, scale: float, dropout_p: float, kv_group: int, key_mask=None):
+    """SDPA where token ``t`` of sample ``b`` sees the keys ``allowed[b, t]`` (batch, text, keys), ANDed with
+    ``key_mask[b // kv_group]`` when given (``sees`` (batch, text) is then recomputed from the result). Tokens that
+    see nothing attend to every key (a finite softmax, no NaN in the forward or backward) and are then set to
+    exactly 0. ``kv_group`` r > 1: the r query rows sharing a K/V row are folded into one (:func:`fold_groups`),
+    with their key masks."""
+    if key_mask is not None:
+        r = kv_group
+        allowed = (allowed.unflatten(0, (-1, r)) & key_mask[:, None, None, :]).flatten(0, 1)
+        sees = allowed.any(-1)
+    attn_mask = allowed | ~sees[..., None]
     if kv_group > 1:
-        out = _sdpa(fold_groups(q, kv_group), k[:, :num_keys], v[:, :num_keys], scale, dropout_p,
-                    attn_mask=fold_groups(key_mask, kv_group)[:, None])
+        out = _sdpa(fold_groups(q, kv_group), k, v, scale, dropout_p,
+                    attn_mask=fold_groups(attn_mask, kv_group)[:, None])
         out = unfold_groups(out, kv_group)
     else:
-        out = _sdpa(q, k[:, :num_keys], v[:, :num_keys], scale, dropout_p, attn_mask=key_mask[:, None])
+        out = _sdpa(q, k, v, scale, dropout_p, attn_mask=attn_mask[:, None])
     return zero_unseen(out, sees)
 
 
@@ -318,19 +335,11 @@ def _chunks_path(q, k, v, mask: MediaMask, latents: int, scale: float, dropout_p
 
 
 def _dense_path(q, k, v, allowed: torch.Tensor, latents: int, scale: float, dropout_p: float,
-                kv_group: int = 1):
-    """General (batch, text, media) boolean mask: dense SDPA mask; rows that see nothing are exactly 0.
-    ``kv_group`` r > 1: the r query rows sharing a K/V row are folded into one (:func:`fold_groups`)."""
-    sees_any = allowed.any(-1)  # (batch, text)
-    # give empty rows every key so the softmax stays finite, then zero them: no NaN in the forward or backward
-    key_mask = (allowed | ~sees_any[..., None]).repeat_interleave(latents, dim=-1)
-    if kv_group > 1:
-        out = _sdpa(fold_groups(q, kv_group), k, v, scale, dropout_p,
-                    attn_mask=fold_groups(key_mask, kv_group)[:, None])
-        out = unfold_groups(out, kv_group)
-    else:
-        out = _sdpa(q, k, v, scale, dropout_p, attn_mask=key_mask[:, None])
-    return zero_unseen(out, sees_any)
+                kv_group: int = 1, key_mask=None):
+    """General (batch, text, media) boolean mask: dense SDPA mask (ANDed with ``key_mask``); rows that see nothing
+    are exactly 0. ``kv_group`` r > 1: the r query rows sharing a K/V row are folded into one."""
+    allowed_keys = allowed.repeat_interleave(latents, dim=-1)  # (batch, text, keys)
+    return _masked_sdpa(q, k, v, allowed_keys, allowed.any(-1), scale, dropout_p, kv_group, key_mask)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -338,12 +347,28 @@ def _dense_path(q, k, v, allowed: torch.Tensor, latents: int, scale: float, drop
 # --------------------------------------------------------------------------------------------------------------
 
 
-def perceiver_attn(q, k_media, v_media, k_latents, v_latents, scale: float):
+def perceiver_attn(q, k_media, v_media, k_latents, v_latents, scale: float, key_mask=None):
     """One fused SDPA over the concatenated keys. The concatenation copies only the projected K/V (media tokens +
-    latents rows), which is small next to the projections that produce them."""
+    latents rows), which is small next to the projections that produce them.
+
+    ``key_mask``: None or a boolean (N, media_tokens) tensor on q's device, True = visible; the latents are always
+    visible. Grouped-query attention (K/V with fewer heads than q): each KV head's group of query heads is folded
+    into its query tokens (a copy of q), so one SDPA call reads every KV head once and K/V are never repeated."""
     k = torch.cat((k_media, k_latents), dim=1)
     v = torch.cat((v_media, v_latents), dim=1)
-    return _sdpa(q, k, v, scale, 0.0)
+    attn_mask = None
+    if key_mask is not None:
+        visible = torch.cat((key_mask, key_mask.new_ones(q.shape[:2])), dim=1)  # (N, media_tokens + L)
+        attn_mask = visible[:, None, None, :]
+    group = q.shape[2] // k.shape[2]
+    if group == 1:
+        return _sdpa(q, k, v, scale, 0.0, attn_mask)
+    num, latents = q.shape[:2]
+    # (N, L, Hkv * group, D) -> (N, Hkv, group * L, D): query head h = kv_head * group + g
+    folded = q.unflatten(2, (k.shape[2], group)).permute(0, 2, 3, 1, 4).flatten(2, 3)
+    out = F.scaled_dot_product_attention(folded, k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
+                                         scale=scale)
+    return out.unflatten(2, (group, latents)).permute(0, 3, 1, 2, 4).flatten(2, 3)
 
 
 def gated_residual(x, h, alpha, row_gate=None):
