@@ -1,6 +1,7 @@
 """Compile every Triton kernel of fastflamingo for the GPU, ahead of time and without a GPU.
 
     python -m fastflamingo.aot [--quick] [--arch 80 90] [--jobs N] [--family NAME] [--save FILE] [--compare FILE]
+                               [--no-reuse]
 
 For each kernel family listed in ``fastflamingo.ops.KERNEL_FAMILIES``, its ``aot_variants()`` describe the
 launches its launcher makes at representative shapes (every argument, as passed) for every shipped launch config of
@@ -23,6 +24,16 @@ atomics, total instructions) must be equal or lower, or at most 2% higher (liste
 an entry may not lose its Hopper warpgroup MMA (HGMMA) nor disappear. The saved file names the Triton release; a
 compare under another release exits 2, since the compiler, not the kernel, would explain the difference. The
 baselines CI compares against live in ``benchmarks/results/aot/`` (one per Triton release it compiles with).
+
+Each saved entry carries the key Triton's own compile cache names that compile by (``triton_cache_key``: the
+sha256 ``triton.compile`` derives from Triton's own sources and libtriton, the kernel's source with the jit
+functions it calls, the signature, constexprs and specialization attributes, ptxas' version and the target
+architecture, the compile options and the cache-invalidating environment variables), computed by the functions
+``triton.compile`` itself calls and checked against the hash of every compile this tool makes. ``--compare`` takes
+an entry whose key equals today's from the saved report instead of compiling it: it is the compile Triton's
+on-disk cache would skip, so its code, and every figure read from it, is the saved one. Only when the report was
+also measured the same way (``measure``: this tool's SASS reading and cuobjdump's version). Everything else (a
+changed kernel, option or release, an entry without a key) compiles; ``--no-reuse`` compiles everything.
 
 The interpreter has to be off while the kernel modules are imported (``@triton.jit`` picks interpreted or compiled
 at decoration time), so this module removes ``TRITON_INTERPRET`` from its environment before importing them. Run
@@ -133,6 +144,65 @@ def _sass_mix(cubin: bytes) -> Dict[str, int]:
     return mix
 
 
+def _launch(variant, arch):
+    """``(source, target, options)`` of the compile a GPU launch of ``variant`` on ``sm_<arch>`` makes."""
+    import triton
+
+    from .kernels._utils import runtime_specialization
+
+    target, signature, constexprs, attrs, options = runtime_specialization(
+        variant.fn, variant.args, variant.num_warps, variant.num_stages, arch)
+    source = triton.compiler.ASTSource(fn=variant.fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return source, target, options
+
+
+def triton_cache_key(source, target, options: dict) -> Optional[str]:
+    """The hash ``triton.compile(source, target=target, options=options)`` names its cache entry by, or None when
+    this process has a hook installed that changes the compile stages (then nothing is reused).
+
+    Computed by the same calls ``triton.compile`` makes before it looks into its cache (Triton 3.6 to 3.9):
+    ``make_backend``, the backend's ``parse_options``, ``get_cache_invalidating_env_vars`` and ``get_cache_key``
+    (``triton_key()``, ``source.hash()``, ``backend.hash()``, ``options.hash()``, the environment variables), so a
+    release that keys differently keys this differently too. :func:`_compile_one` checks the result against the hash
+    of the compile itself, so a release whose ``compile`` adds something this function misses fails loudly."""
+    import hashlib
+
+    import triton
+    from triton.compiler import compiler
+
+    if getattr(getattr(triton.knobs, "runtime", None), "add_stages_inspection_hook", None) is not None:
+        return None
+    backend = compiler.make_backend(target)
+    options = backend.parse_options(dict(options or {}, **source.parse_options()))
+    key = compiler.get_cache_key(source, backend, options, env_vars=compiler.get_cache_invalidating_env_vars())
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def measure_key() -> str:
+    """What the figures of a compiled kernel depend on besides the compile: the code of this module that reads them
+    from the cubin (the SASS opcode patterns and groups included) and the version of the cuobjdump that lists it."""
+    import hashlib
+    import inspect
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    version = subprocess.run([tool, "--version"], check=True, capture_output=True, text=True).stdout
+    code = [inspect.getsource(f) for f in (_cuobjdump, _cubin_resources, _sass_mix, _measure)]
+    text = repr((code, _RESOURCE.pattern, _SASS_OPCODE.pattern, _DOT_16BIT.pattern, MIX, version))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _measure(compiled) -> dict:
+    """The report's figures of one compiled kernel."""
+    row = dict(_cubin_resources(compiled.asm["cubin"]), shared=int(compiled.metadata.shared))
+    row.update(_sass_mix(compiled.asm["cubin"]), dots16=len(_DOT_16BIT.findall(compiled.asm["ttir"])))
+    return row
+
+
+FIGURES = (*MEASURES, "hgmma", "dots16")  # what a report entry keeps of a compile
+
+
 def _compile_one(job) -> dict:
     index, arch = job
     variant = _VARIANTS[index]
@@ -141,14 +211,15 @@ def _compile_one(job) -> dict:
     try:
         import triton
 
-        from .kernels._utils import runtime_specialization
-
-        target, signature, constexprs, attrs, options = runtime_specialization(
-            variant.fn, variant.args, variant.num_warps, variant.num_stages, arch)
-        source = triton.compiler.ASTSource(fn=variant.fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        source, target, options = _launch(variant, arch)
+        key = triton_cache_key(source, target, options)
         compiled = triton.compile(source, target=target, options=options)
-        row.update(_cubin_resources(compiled.asm["cubin"]), shared=int(compiled.metadata.shared))
-        row.update(_sass_mix(compiled.asm["cubin"]), dots16=len(_DOT_16BIT.findall(compiled.asm["ttir"])))
+        if key is not None and key != compiled.hash:
+            raise RuntimeError(f"triton {triton.__version__} cached this compile as {compiled.hash}, "
+                               f"fastflamingo.aot.triton_cache_key computed {key}: the release keys its cache "
+                               "differently, fix triton_cache_key before reusing saved entries")
+        row["triton_cache_key"] = compiled.hash
+        row.update(_measure(compiled))
     except Exception as exc:  # reported in the table; the exit status says it failed
         message = str(exc).strip().splitlines()
         row["error"] = f"{type(exc).__name__}: {message[-1] if message else ''}"[:300]
@@ -197,15 +268,48 @@ def _save(path: str, rows: List[dict], args) -> None:
 
     import triton
 
-    entries = {_key(r): {m: r[m] for m in (*MEASURES, "hgmma", "dots16")} for r in rows if not r["error"]}
+    entries = {_key(r): dict({m: r[m] for m in FIGURES}, triton_cache_key=r["triton_cache_key"])
+               for r in rows if not r["error"]}
     report = {"triton": triton.__version__, "archs": sorted(args.arch), "quick": args.quick,
-              "families": args.family or "all", "entries": dict(sorted(entries.items()))}
+              "families": args.family or "all", "measure": measure_key(), "entries": dict(sorted(entries.items()))}
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     with open(path, "w") as handle:
         json.dump(report, handle, indent=1)
         handle.write("\n")
     print(f"saved {len(entries)} entries to {path}")
+
+
+def reusable(baseline: Optional[dict], measure: str, name: str, cache_key: Optional[str]) -> Optional[dict]:
+    """The saved entry ``name`` of ``baseline`` when it may stand for today's compile: the report was measured the
+    way this tool measures (``measure``) and the entry holds every figure and the very cache key Triton gives
+    today's compile (``cache_key``; None, as for an entry saved without one, never matches). Otherwise None."""
+    if baseline is None or cache_key is None or baseline.get("measure") != measure:
+        return None
+    entry = baseline["entries"].get(name)
+    if not entry or entry.get("triton_cache_key") != cache_key or any(f not in entry for f in FIGURES):
+        return None
+    return entry
+
+
+def _reuse(baseline: Optional[dict], jobs: list) -> Dict[tuple, dict]:
+    """Report rows, by job, of the launches whose saved entry in ``baseline`` is today's compile (see
+    :func:`reusable`); the other jobs compile."""
+    if baseline is None:
+        return {}
+    measure, found = measure_key(), {}
+    for index, arch in jobs:
+        variant = _VARIANTS[index]
+        row = {"kernel": variant.kernel, "label": variant.label, "arch": arch, "error": None}
+        try:
+            cache_key = triton_cache_key(*_launch(variant, arch))
+        except Exception:  # the compile reports it
+            cache_key = None
+        entry = reusable(baseline, measure, _key(row), cache_key)
+        if entry is not None:
+            found[(index, arch)] = dict(row, **{f: entry[f] for f in FIGURES}, seconds=0.0,
+                                        triton_cache_key=entry["triton_cache_key"])
+    return found
 
 
 def compare(baseline: dict, rows: List[dict]) -> Dict[str, List[str]]:
@@ -255,6 +359,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--family", nargs="*", default=[], help="only these kernel families")
     parser.add_argument("--save", metavar="FILE", help="write the report (JSON) to FILE")
     parser.add_argument("--compare", metavar="FILE", help="fail on any regression against the report saved in FILE")
+    parser.add_argument("--no-reuse", action="store_true",
+                        help="with --compare: compile every launch, also those whose saved entry has today's "
+                             "Triton cache key")
     args = parser.parse_args(argv)
 
     problem = _prepare_environment()
@@ -277,12 +384,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _VARIANTS[:] = _collect(_families(args.family), args.quick)
     jobs = [(i, arch) for i, variant in enumerate(_VARIANTS) for arch in args.arch if arch in variant.archs]
     start = time.perf_counter()
-    if args.jobs > 1 and len(jobs) > 1:
+    reused = _reuse(None if args.no_reuse else baseline, jobs)
+    todo = [job for job in jobs if job not in reused]
+    if args.jobs > 1 and len(todo) > 1:
         # fork: the workers inherit the collected variants (JIT functions do not pickle)
         with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-            rows = pool.map(_compile_one, jobs, chunksize=1)
+            compiled = dict(zip(todo, pool.map(_compile_one, todo, chunksize=1)))
     else:
-        rows = [_compile_one(job) for job in jobs]
+        compiled = {job: _compile_one(job) for job in todo}
+    rows = [reused.get(job) or compiled[job] for job in jobs]
     _print_table(rows)
 
     failed = [r for r in rows if _verdict(r) != "ok"]
@@ -292,6 +402,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     print(f"\n{len(rows)} compiles of {len(_VARIANTS)} launches in {time.perf_counter() - start:.0f} s with triton "
           f"{triton.__version__} ({args.jobs} jobs); {len(failed)} failed")
+    if baseline is not None:
+        print(f"  {len(reused)} reused from {args.compare} (the same Triton cache key: the compile Triton's own cache "
+              f"would skip), {len(todo)} compiled" + (" (--no-reuse)" if args.no_reuse else ""))
     for arch in args.arch:
         mine = [r for r in rows if r["arch"] == arch]
         compiled = [r for r in mine if not r["error"]]

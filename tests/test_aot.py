@@ -197,9 +197,12 @@ def test_aot_compiles_the_specialization_a_launch_makes():
 
 
 def test_save_and_compare(tmp_path):
-    """--save writes the compiled-code report; --compare passes against itself, fails on a regression (a measure
-    more than 2% worse, here registers) and names it, and refuses a report saved under another Triton release
-    (exit 2)."""
+    """--save writes the compiled-code report with each entry's Triton cache key; --compare passes against itself,
+    taking every entry from the report (their keys are today's); it compiles an entry whose key differs or is
+    absent (a report saved before keys were kept) and fails on its regression (a measure more than 2% worse, here
+    registers) and names it, while a doctored figure under today's key is taken as saved (it stands for the very
+    compile Triton's cache would skip); --no-reuse compiles everything and finds both; a report saved under another
+    Triton release is refused (exit 2)."""
     pytest.importorskip("triton")
     import json
 
@@ -212,16 +215,28 @@ def test_save_and_compare(tmp_path):
     assert entries and all(set(e) >= {"regs", "spill", "shared", "mma", "ldg", "stg", "instr", "hgmma"}
                            for e in entries.values())
     assert all(e["mma"] > 0 and e["hgmma"] > 0 for e in entries.values())  # bf16 on sm_90: warpgroup MMA
+    assert report["measure"] and all(len(e["triton_cache_key"]) == 64 for e in entries.values()), report
+    count = len(entries)
+    assert count >= 3, entries
     result = _run(args + ["--compare", str(saved)])
     assert result.returncode == 0 and "REGRESSED (more than 2% worse, a new spill, or HGMMA lost): 0" in result.stdout
+    assert f"{count} reused from {saved}" in result.stdout and ", 0 compiled" in result.stdout, result.stdout
 
-    key = next(iter(entries))
+    kept, changed, old = sorted(entries)[:3]
     worse = json.loads(saved.read_text())
-    worse["entries"][key]["regs"] = int(entries[key]["regs"] * 0.9)  # today's compile looks 10% worse than this
+    for key in (kept, changed):  # today's compile looks 10% worse than these
+        worse["entries"][key]["regs"] = int(entries[key]["regs"] * 0.9)
+    worse["entries"][changed]["triton_cache_key"] = "0" * 64  # saved for another compile
+    del worse["entries"][old]["triton_cache_key"]
     tampered = tmp_path / "worse.json"
     tampered.write_text(json.dumps(worse))
     result = _run(args + ["--compare", str(tampered)])
-    assert result.returncode == 1 and f"{key}: regs" in result.stdout, result.stdout + result.stderr
+    assert f"{count - 2} reused from {tampered}" in result.stdout and ", 2 compiled" in result.stdout, result.stdout
+    assert result.returncode == 1 and f"{changed}: regs" in result.stdout, result.stdout + result.stderr
+    assert f"{kept}: regs" not in result.stdout, result.stdout
+    result = _run(args + ["--compare", str(tampered), "--no-reuse"])
+    assert f"0 reused from {tampered}" in result.stdout and f", {count} compiled (--no-reuse)" in result.stdout
+    assert result.returncode == 1 and f"{kept}: regs" in result.stdout and f"{changed}: regs" in result.stdout
 
     other = dict(report, triton="0.0.1")
     (tmp_path / "other.json").write_text(json.dumps(other))
