@@ -1,0 +1,38 @@
+"""Evolla's entry in the model registry (``fastflamingo.models.FAMILIES``)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+from torch import nn
+
+from .. import _warm
+from .._family import Family
+from . import mask, rules
+from .aligner import EvollaSequenceAlignerCrossAttention
+from .resampler import EvollaSequenceCompressorAttention, EvollaSequenceCompressorResampler
+
+
+def warmup_shapes(module: nn.Module) -> Iterator[object]:
+    """The ops one drop-in launches: the aligner's attention and its two gated projections (no row gate), the
+    compressor's perceiver attention."""
+    if isinstance(module, EvollaSequenceAlignerCrossAttention):
+        yield _warm.MediaXattn(module.num_attention_heads, module.attention_head_size, True)
+        yield _warm.GatedLinear(module.out_proj, module.gate_attention, False)
+        yield _warm.GatedLinear(module.ff.fc2, module.gate_ffw, False)
+    if isinstance(module, EvollaSequenceCompressorAttention):
+        yield _warm.PerceiverAttn(module.heads, module.dim_head)
+    if isinstance(module, EvollaSequenceCompressorResampler):
+        yield _warm.Latents(int(module.latents.shape[0]))
+
+
+FAMILY = Family(
+    name="evolla",
+    upstream="transformers 5.x",
+    model_classes=("EvollaForProteinText2Text", "EvollaModel"),
+    replaces=("EvollaProteinEncoder", "EvollaSequenceCompressorResampler", "EvollaSequenceCompressorAttention",
+              "EvollaSequenceAlignerCrossAttention"),
+    ops=("media_xattn", "media_decode", "perceiver_attn", "gated_linear"),
+    mask=mask,
+    rules=rules.rules,
+    warmup_shapes=warmup_shapes,
+)
