@@ -16,6 +16,12 @@ modules they patch) and runs fastflamingo's op on them:
   IDEFICS drop-in runs, with the closed form recovered from the expanded (batch, 1, text, images * latents) bias
   (:func:`fastflamingo.models.idefics.mask.idefics_media_mask`, memoised per mask tensor too).
 
+- Idefics2's ``Idefics2PerceiverAttention`` (latents attend to ``[context; latents]``, GQA, ``is_causal=False``):
+  :func:`fastflamingo.functional.perceiver_attn` on the two key ranges of the projected keys (media: the first
+  ``keys - latents``, then the latents), reading the K/V heads in place, with the padding mask as one (images,
+  media tokens) key mask recovered from the 4D mask (the same for every query row; once per mask tensor). A mask
+  that is not such a padding mask (a soft bias, rows that differ) and attention dropout go to SDPA.
+
 Everything else (self-attention, the vision towers, any other module) goes to transformers' own SDPA function,
 unchanged. When transformers records attention maps (``output_attentions=True``), every call returns what
 transformers' eager function returns for it, maps included, as under ``attn_implementation="eager"``: the mask
@@ -45,6 +51,10 @@ def _is_mllama_cross(module) -> bool:
 
 def _is_idefics_cross(module) -> bool:
     return class_named(module, "IdeficsAttention") and bool(getattr(module, "is_cross_attention", False))
+
+
+def _is_idefics2_perceiver(module) -> bool:
+    return class_named(module, "Idefics2PerceiverAttention") and hasattr(module, "num_key_value_groups")
 
 
 def _sdpa() -> Callable:
@@ -111,6 +121,26 @@ def _idefics(module, query, key, value, attention_mask, dropout: float, scaling:
     return media_xattn(q, k, v, mask, scale=scale, dropout_p=dropout)
 
 
+def _idefics2(module, query, key, value, attention_mask, dropout: float,
+              scaling: Optional[float]) -> Optional[torch.Tensor]:
+    """Idefics2's perceiver call on ``perceiver_attn``, or None where SDPA must serve it (see the module
+    docstring)."""
+    from ..functional import perceiver_attn
+    from ..models.idefics2.mask import key_mask_of
+
+    batch, _, latents, _ = query.shape
+    media = key.shape[2] - latents
+    if dropout or media < 0 or key.shape[1] == 0 or query.shape[1] % key.shape[1]:
+        return None
+    kind, key_mask = key_mask_of(attention_mask, batch, media, latents)
+    if kind != "keys":
+        return None
+    # (batch, heads, keys, dim) -> the op's (batch, keys, heads, dim): views, the op takes any strides
+    k, v = key.transpose(1, 2), value.transpose(1, 2)
+    return perceiver_attn(query.transpose(1, 2), k[:, :media], v[:, :media], k[:, media:], v[:, media:],
+                          scale=scaling, key_mask=key_mask)
+
+
 def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
               **kwargs) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -122,6 +152,11 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
         if not cross:
             attention_mask = eager_mask(module, query, key, attention_mask, kwargs.pop("is_causal", None))
         return _eager(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if _is_idefics2_perceiver(module):
+        out = _idefics2(module, query, key, value, attention_mask, float(dropout) if module.training else 0.0,
+                        scaling)
+        if out is not None:
+            return out, None
     if not cross:
         return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     attend = _mllama if _is_mllama_cross(module) else _idefics

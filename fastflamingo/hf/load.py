@@ -9,9 +9,9 @@ build the model.
 
 The route is transformers' own class-replacement mechanism (``transformers.monkey_patching``, documented as
 experimental): :func:`register_dropins` registers, for every upstream class that ``fastflamingo.patch`` replaces in
-a family living in transformers (mllama, IDEFICS: ``Family.replaces``), a *factory* under that class name. While a
-model is built, transformers puts the factory in place of the class in its modeling modules, so the model's
-constructor calls the factory with the upstream constructor arguments, and the factory returns fastflamingo's
+a family living in transformers (mllama, IDEFICS, Idefics2: ``Family.replaces``), a *factory* under that class
+name. While a model is built, transformers puts the factory in place of the class in its modeling modules, so the
+model's constructor calls the factory with the upstream constructor arguments, and the factory returns fastflamingo's
 drop-in, built directly: no upstream module is ever constructed (on meta or elsewhere), weights are loaded straight
 into the drop-ins (meta-device init, ``device_map``, quantizers replacing the drop-ins' ``nn.Linear`` children,
 ``keep_in_fp32``: all transformers' own, as for any module). The model equals ``fastflamingo.patch`` after loading:
@@ -48,9 +48,10 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from torch import nn
 
-from ..models import FAMILIES, idefics, mllama
+from ..models import FAMILIES, idefics, idefics2, mllama
 from ..models._patching import ORIGINAL_ATTR, RECIPE_ATTR, InitThroughOriginals, build
 from ..models.idefics import model_mask
+from ..models.idefics2 import resampler as idefics2_resampler
 from ..models.mllama import mask as mllama_mask
 from ..models.mllama.rules import vision_sizes
 from ._dropins import complete_idefics_layer, complete_mllama_layer
@@ -83,6 +84,7 @@ def _same_signature(dropin: type) -> Callable[..., nn.Module]:
 
 
 _MLLAMA = "transformers.models.mllama.modeling_mllama"
+_IDEFICS2 = "transformers.models.idefics2.modeling_idefics2"
 SPECS: Dict[str, _Spec] = {
     "MllamaCrossAttentionDecoderLayer": _Spec("mllama", _MLLAMA, mllama.MllamaCrossAttentionDecoderLayer,
                                               _mllama_layer),
@@ -95,9 +97,13 @@ SPECS: Dict[str, _Spec] = {
     "IdeficsPerceiverAttention": _Spec("idefics", "transformers.models.idefics.perceiver",
                                        idefics.IdeficsPerceiverAttention,
                                        _same_signature(idefics.IdeficsPerceiverAttention)),
+    "Idefics2PerceiverLayer": _Spec("idefics2", _IDEFICS2, idefics2.Idefics2PerceiverLayer,
+                                    _same_signature(idefics2.Idefics2PerceiverLayer)),
+    "Idefics2PerceiverAttention": _Spec("idefics2", _IDEFICS2, idefics2.Idefics2PerceiverAttention,
+                                        _same_signature(idefics2.Idefics2PerceiverAttention)),
 }
 # every class patch() replaces in a family that lives in transformers has a spec (tests/test_load_time.py)
-TRANSFORMERS_FAMILIES = ("mllama", "idefics")
+TRANSFORMERS_FAMILIES = ("mllama", "idefics", "idefics2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +221,8 @@ def _finish(model: nn.Module) -> None:
             model.__dict__["_init_weights"] = InitLoadTimeDropins(model)
     if type(model).__name__ == "IdeficsModel":
         model_mask.install(model)
+    if type(model).__name__ == "Idefics2PerceiverResampler":  # once its layers are there (attached before norm)
+        idefics2_resampler.install(model)
     vision = model._modules.get("vision_model")
     if vision is not None and type(vision).__name__ == "MllamaVisionModel":
         tokens_per_tile, max_num_tiles = vision_sizes(vision)
