@@ -9,7 +9,7 @@ import torch
 
 import fastflamingo
 from fastflamingo.models import evolla as ff
-from fastflamingo.models._patching import ORIGINAL_ATTR
+from fastflamingo.models.evolla.protein_cache import CachedProteinEncoding
 from fastflamingo.testing import evolla_config, tiny_evolla
 from helpers import assert_close, assert_lowp_close, grads_match
 
@@ -210,18 +210,43 @@ def test_patch_replaces_the_evolla_modules_and_unpatch_restores_them():
         before = {path: type(m) for path, m in model.named_modules()}
         state = model.state_dict()
         report = fastflamingo.patch(model)
-        assert report.counts() == {"EvollaProteinEncoder": 1, "EvollaSequenceAlignerCrossAttention": 2}, report
+        assert report.counts() == {"EvollaSequenceCompressorResampler": 1,
+                                   "EvollaSequenceAlignerCrossAttention": 2}, report
         encoder = model.get_submodule("model.protein_encoder" if cls is EvollaForProteinText2Text
                                       else "protein_encoder")
-        assert type(encoder) is ff.EvollaProteinEncoder
+        assert type(encoder) is hf.EvollaProteinEncoder  # upstream's, with the caching forward of patch()
+        assert isinstance(encoder.__dict__["forward"], CachedProteinEncoding)
         assert type(encoder.sequence_compressor_resampler.layers[0][0]) is ff.EvollaSequenceCompressorAttention
-        assert encoder.model is getattr(encoder, ORIGINAL_ATTR).model  # upstream's SaProt, the very same module
         new_state = model.state_dict()
         assert list(new_state) == list(state) and all(new_state[k] is state[k] or torch.equal(new_state[k], state[k])
                                                       for k in state)
         model.load_state_dict(state, strict=True)
         assert fastflamingo.unpatch(model) == 3
         assert {path: type(m) for path, m in model.named_modules()} == before
+        assert "forward" not in encoder.__dict__ and "media_cache" not in encoder.__dict__
+
+
+def test_the_encoder_hook_keeps_an_earlier_instance_forward_and_follows_deepcopy():
+    model = tiny_evolla()
+    encoder = model.model.protein_encoder
+    calls = []
+
+    def earlier(*args, **kwargs):  # e.g. accelerate's device hook
+        calls.append(1)
+        return type(encoder).forward(encoder, *args, **kwargs)
+
+    encoder.forward = earlier
+    fastflamingo.patch(model)
+    batch = inputs(seed=7, padded_protein=False)
+    with torch.no_grad():
+        model(**batch)
+        model(**batch)
+    assert calls == [1]  # through the earlier forward, once: the second call reused the encoding
+    copied = copy.deepcopy(model)
+    hook = copied.model.protein_encoder.__dict__["forward"]
+    assert hook.encoder is copied.model.protein_encoder and hook.encoder.media_cache.value is None
+    fastflamingo.unpatch(model)
+    assert encoder.__dict__["forward"] is earlier
 
 
 def test_logits_match_upstream_with_protein_and_text_padding(models):
@@ -270,7 +295,7 @@ def _counting(model):
 def test_generate_encodes_the_protein_once_and_gives_upstreams_tokens(models, monkeypatch):
     upstream, patched = models
     batch = inputs(seed=2, padded_protein=False)
-    new_tokens = 6
+    new_tokens = 4
     counts = {}
     for name, model in (("upstream", upstream), ("patched", patched)):
         calls, hooks = _counting(model)
@@ -280,7 +305,7 @@ def test_generate_encodes_the_protein_once_and_gives_upstreams_tokens(models, mo
             hook.remove()
         counts[name] = (out, dict(calls))
     assert torch.equal(counts["patched"][0], counts["upstream"][0])
-    steps = new_tokens - 1 + 1  # the prompt's forward and one per generated token but the last
+    steps = new_tokens  # the prompt's forward and one per generated token but the last
     # upstream re-encodes the protein and re-projects every aligner's K/V at every step
     assert counts["upstream"][1] == {"saprot": steps, "kv": 2 * steps}
     assert counts["patched"][1] == {"saprot": 1, "kv": 2}
@@ -291,6 +316,18 @@ def test_generate_encodes_the_protein_once_and_gives_upstreams_tokens(models, mo
     for hook in hooks:
         hook.remove()
     assert calls == {"saprot": steps, "kv": 2 * steps} and torch.equal(out, counts["upstream"][0])
+
+
+def test_beam_search_gives_upstreams_tokens_with_one_encoding(models):
+    upstream, patched = models
+    batch = inputs(seed=6, padded_protein=False)
+    fastflamingo.clear_media_cache(patched)
+    calls, hooks = _counting(patched)
+    got = patched.generate(**batch, max_new_tokens=3, do_sample=False, num_beams=2)
+    for hook in hooks:
+        hook.remove()
+    assert calls == {"saprot": 1, "kv": 2}
+    assert torch.equal(got, upstream.generate(**batch, max_new_tokens=3, do_sample=False, num_beams=2))
 
 
 def test_the_cache_follows_new_proteins_and_weight_updates(models):
@@ -321,10 +358,10 @@ def test_kv_cached_decoding_works_patched_where_upstream_fails(models):
     the step's tokens and gives the tokens of upstream's default (use_cache=False) generation."""
     upstream, patched = models
     batch = inputs(seed=4, padded_protein=False)
-    want = upstream.generate(**batch, max_new_tokens=5, do_sample=False)
+    want = upstream.generate(**batch, max_new_tokens=4, do_sample=False)
     with pytest.raises(RuntimeError, match="size of tensor"):
-        upstream.generate(**batch, max_new_tokens=5, do_sample=False, use_cache=True)
-    assert torch.equal(patched.generate(**batch, max_new_tokens=5, do_sample=False, use_cache=True), want)
+        upstream.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=True)
+    assert torch.equal(patched.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=True), want)
 
 
 def test_patched_model_bf16_logits_within_twice_upstreams_error(models):
@@ -336,4 +373,4 @@ def test_patched_model_bf16_logits_within_twice_upstreams_error(models):
         want = up16(**batch).logits
         fastflamingo.patch(up16)
         got = up16(**batch).logits
-    assert_lowp_close(got, ref, want, "logits", atol=2e-2)
+    assert_lowp_close(got, ref, want, "logits")

@@ -7,7 +7,7 @@ from torch import nn
 
 from .. import _warm
 from .._family import Family
-from . import mask, rules
+from . import mask, protein_cache, rules
 from .aligner import EvollaSequenceAlignerCrossAttention
 from .resampler import EvollaSequenceCompressorAttention, EvollaSequenceCompressorResampler
 
@@ -29,10 +29,12 @@ FAMILY = Family(
     name="evolla",
     upstream="transformers 5.x",
     model_classes=("EvollaForProteinText2Text", "EvollaModel"),
-    replaces=("EvollaProteinEncoder", "EvollaSequenceCompressorResampler", "EvollaSequenceCompressorAttention",
+    replaces=("EvollaSequenceCompressorResampler", "EvollaSequenceCompressorAttention",
               "EvollaSequenceAlignerCrossAttention"),
     ops=("media_xattn", "media_decode", "perceiver_attn", "gated_linear"),
     mask=mask,
     rules=rules.rules,
     warmup_shapes=warmup_shapes,
+    install_hooks=protein_cache.install,
+    remove_hooks=protein_cache.uninstall,
 )

@@ -1,15 +1,10 @@
-"""Drop-ins for Evolla's protein side (transformers ``models/evolla``): the sequence compressor (flamingo-pytorch's
-Perceiver resampler with a key padding mask over the protein tokens) and the protein encoder that runs SaProt and
-then the compressor.
+"""Drop-ins for Evolla's sequence compressor (transformers ``models/evolla``): flamingo-pytorch's Perceiver
+resampler with a key padding mask over the protein tokens.
 
 The compressor's latents attend to ``[protein tokens; latents]`` through ``perceiver_attn`` with the protein padding
 as its key mask (the latents are always visible), without concatenating the two. Upstream subtracts each row's
 maximum score and then writes -1e4 into the masked scores (not -inf): the masked keys get weight exp(-1e4 - ...) = 0
 unless a visible key's shifted score falls below -1e4, so the hard mask here is the same softmax.
-
-:class:`EvollaProteinEncoder` keeps upstream's SaProt module as it is and remembers its result per protein batch
-(:class:`~fastflamingo.cache.ProjectionCache`): upstream's ``generate`` passes ``protein_input_ids`` to every step and
-re-encodes the protein each time; with the cache, a patched model encodes it once per sequence.
 """
 from __future__ import annotations
 
@@ -17,12 +12,10 @@ import types
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ... import functional
 from ..._checks import check_linear_input, check_tensor, promoted_as_concatenated
-from ...cache import ProjectionCache
 from ..openflamingo import modules as openflamingo_modules
 from . import mask as evolla_mask
 
@@ -142,51 +135,6 @@ class EvollaSequenceCompressorResampler(nn.Module):
         return self.norm(self.protein_projector(latents))
 
 
-def _output(sequence_repr: torch.Tensor, last_hidden_state: torch.Tensor):
-    from transformers.models.evolla.modeling_evolla import EvollaProteinEncoderModelOutput
-
-    return EvollaProteinEncoderModelOutput(sequence_compressor_output=sequence_repr,
-                                           last_hidden_state=last_hidden_state)
-
-
-class EvollaProteinEncoder(nn.Module):
-    """Drop-in for ``EvollaProteinEncoder`` (keys ``model``: upstream's SaProt encoder, unchanged;
-    ``sequence_compressor_resampler``): in eval mode without autograd its result is reused while the protein ids,
-    their mask and every weight are unchanged (``media_cache``), so ``generate`` encodes a protein once per sequence.
-
-    ``protein_model``: an existing SaProt module to hold (``fastflamingo.patch`` hands over upstream's); None builds
-    transformers' ``EvollaSaProtProteinEncoder`` from ``config.protein_encoder_config``.
-    """
-
-    _fastflamingo_dropin = True
-
-    def __init__(self, config: Any, *, protein_model: Optional[nn.Module] = None):
-        super().__init__()
-        if protein_model is None:
-            from transformers.models.evolla.modeling_evolla import EvollaSaProtProteinEncoder
-
-            protein_model = EvollaSaProtProteinEncoder(config=_get(config, "protein_encoder_config"))
-        self.model = protein_model
-        self.sequence_compressor_resampler = EvollaSequenceCompressorResampler(config=config)
-        self.media_cache = ProjectionCache()
-
-    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, **kwargs):
-        return_dict = kwargs.pop("return_dict", True)
-        if attention_mask is None:
-            raise ValueError("EvollaProteinEncoder needs the protein attention_mask (as upstream)")
-        weights = [attention_mask, *self.parameters(), *self.buffers()]
-        sequence_repr, last_hidden = self.media_cache.get(self, input_ids, weights,
-                                                          lambda: self.encode(input_ids, attention_mask))
-        if not return_dict:  # upstream's @can_return_tuple
-            return sequence_repr, last_hidden
-        return _output(sequence_repr, last_hidden)
-
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """``(sequence_compressor_output, last_hidden_state)`` computed afresh."""
-        protein_embeds = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.sequence_compressor_resampler(protein_embeds, attention_mask), protein_embeds
-
-
 def resampler_config(m: nn.Module) -> types.SimpleNamespace:
     """The config fields an ``EvollaSequenceCompressorResampler`` is built from, read from the module itself."""
     attn, ff = m.layers[0] if len(m.layers) else (None, None)
@@ -203,4 +151,4 @@ def resampler_config(m: nn.Module) -> types.SimpleNamespace:
 
 
 __all__ = ["EvollaFeedForward", "EvollaSequenceCompressorAttention", "EvollaSequenceCompressorResampler",
-           "EvollaProteinEncoder", "resampler_config"]
+           "resampler_config"]

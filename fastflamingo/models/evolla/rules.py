@@ -1,9 +1,8 @@
 """Rules that recognise transformers' Evolla modules (``models/evolla/modeling_evolla.py``) and build their drop-ins.
 
 Matching is by class name and structure (transformers is not imported); the drop-ins are built from the upstream
-modules' sizes. The protein encoder's drop-in holds upstream's SaProt module itself (the very same object, so its
-hooks and wrappers stay) and a drop-in compressor; stand-alone compressors and their attention layers have rules of
-their own.
+modules' sizes. The protein encoder stays upstream's module (its caching forward is a model-level hook:
+``protein_cache.py``); its compressor, stand-alone compressors and their attention layers have rules.
 """
 from __future__ import annotations
 
@@ -13,8 +12,7 @@ from torch import nn
 
 from .._patching import Rule, class_named
 from .aligner import SOURCES, EvollaSequenceAlignerCrossAttention
-from .resampler import (EvollaProteinEncoder, EvollaSequenceCompressorAttention, EvollaSequenceCompressorResampler,
-                        resampler_config)
+from .resampler import EvollaSequenceCompressorAttention, EvollaSequenceCompressorResampler, resampler_config
 
 
 def _has(m: nn.Module, *names: str) -> bool:
@@ -52,18 +50,6 @@ def _convert_resampler(m: nn.Module) -> nn.Module:
     return new
 
 
-def _is_protein_encoder(m: nn.Module) -> bool:
-    return (class_named(m, "EvollaProteinEncoder") and _has(m, "model", "sequence_compressor_resampler")
-            and _is_resampler(m.sequence_compressor_resampler))
-
-
-def _convert_protein_encoder(m: nn.Module) -> nn.Module:
-    config = resampler_config(m.sequence_compressor_resampler)
-    new = EvollaProteinEncoder(config, protein_model=m.model)
-    new.sequence_compressor_resampler = _convert_resampler(m.sequence_compressor_resampler)
-    return new
-
-
 def _is_aligner(m: nn.Module) -> bool:
     return (class_named(m, "EvollaSequenceAlignerCrossAttention")
             and _has(m, "query", "attention_norm", "out_proj", "ff", "gate_attention", "gate_ffw",
@@ -86,7 +72,6 @@ def _convert_aligner(m: nn.Module) -> nn.Module:
 
 
 RULES = (
-    Rule("EvollaProteinEncoder", _is_protein_encoder, _convert_protein_encoder),
     Rule("EvollaSequenceCompressorResampler", _is_resampler, _convert_resampler),
     Rule("EvollaSequenceCompressorAttention", _is_compressor_attention, _convert_compressor_attention),
     Rule("EvollaSequenceAlignerCrossAttention", _is_aligner, _convert_aligner),
