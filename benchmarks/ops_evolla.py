@@ -7,7 +7,7 @@ Model (``cpu`` size): SaProt protein encoder 320 wide, 8 layers, 20 heads, MLP 1
 aligners), vocabulary 32000. Input: batch 1, a protein of 512 tokens, a text prompt of 48 tokens, 16 new tokens.
 
 Providers, run interleaved on ONE model object (patched in place for the fastflamingo ones, unpatched for upstream;
-A B C C B A ...), each generating with ``min_new_tokens = max_new_tokens``:
+A B C C B A), each generating with ``min_new_tokens = max_new_tokens``:
 
 - ``upstream``: transformers as configured (``EvollaConfig.use_cache`` is False, so every step reruns the whole text,
   and it re-encodes the protein and re-projects every aligner's K/V);
@@ -36,7 +36,7 @@ from .timing import peak_bytes
 
 OP = "evolla"
 SIZES = {
-    "cpu": dict(batch=1, protein=512, text=48, new_tokens=16, reps=3, protein_hidden=320, protein_layers=8,
+    "cpu": dict(batch=1, protein=512, text=48, new_tokens=16, reps=2, protein_hidden=320, protein_layers=8,
                 protein_heads=20, hidden=1024, layers=8, heads=8, kv_heads=2, intermediate=3584, vocab=32000,
                 latents=64, resampler_depth=2, aligner_every=4),
     "tiny": dict(batch=1, protein=24, text=8, new_tokens=4, reps=2, protein_hidden=32, protein_layers=2,
@@ -119,8 +119,11 @@ def _generate(inputs, n: int, use_cache: Optional[bool]):
 
     stamp()
     with torch.no_grad():
+        # use_cache only when asked for: an explicit use_cache=None overrides the generation config's False, and
+        # generate then hands the model a cache that every full-sequence step appends to
+        options = {} if use_cache is None else {"use_cache": use_cache}
         out = inputs.model.generate(**inputs.batch, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                    use_cache=use_cache, logits_processor=LogitsProcessorList([StepClock()]))
+                                    logits_processor=LogitsProcessorList([StepClock()]), **options)
     stamp()
     return out[:, inputs.batch["input_ids"].shape[1]:].cpu(), wall, cpu
 
@@ -175,7 +178,7 @@ def _row(inputs, case, which):
                tokens_per_s=batch * (n - 1) / statistics.median(decode(1)),
                cpu_median_ms=statistics.median(whole(2)), cpu_e2e_tokens_per_s=batch * n * 1e3 / statistics.median(whole(2)),
                cpu_tokens_per_s=batch * (n - 1) / statistics.median(decode(2)), whole_ms_all=whole(1),
-               interleaved="A B C C B A ... (upstream, fastflamingo, fastflamingo-kvcache; one model object)")
+               interleaved="A B C C B A (upstream, fastflamingo, fastflamingo-kvcache; one model object)")
     if not identical:
         row.update(status="mismatch", reason="generated tokens differ from the unpatched model's")
     return row

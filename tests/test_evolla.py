@@ -358,10 +358,14 @@ def test_kv_cached_decoding_works_patched_where_upstream_fails(models):
     the step's tokens and gives the tokens of upstream's default (use_cache=False) generation."""
     upstream, patched = models
     batch = inputs(seed=4, padded_protein=False)
-    want = upstream.generate(**batch, max_new_tokens=4, do_sample=False)
+    options = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    want = upstream.generate(**batch, **options)
     with pytest.raises(RuntimeError, match="size of tensor"):
         upstream.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=True)
-    assert torch.equal(patched.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=True), want)
+    got = patched.generate(**batch, use_cache=True, **options)
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (ours, theirs) in enumerate(zip(got.logits, want.logits)):
+        assert_close(ours, theirs, 1e-5, f"step {step}")
 
 
 def test_patched_model_bf16_logits_within_twice_upstreams_error(models):
