@@ -14,6 +14,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ... import functional
 from ..._checks import check_tensor
@@ -33,6 +34,13 @@ class Idefics2RMSNorm(MllamaTextRMSNorm):
     """Upstream's ``Idefics2RMSNorm`` (key ``weight``): the same T5-style RMSNorm as mllama's."""
 
 
+def _plain_silu(act: nn.Module) -> bool:
+    """torch's or transformers' SiLU module, without hooks (anything else, a hub kernel included, runs as is)."""
+    silu = type(act) is nn.SiLU or (type(act).__name__ == "SiLUActivation"
+                                    and type(act).__module__ == "transformers.activations")
+    return silu and not (act._forward_hooks or act._forward_pre_hooks)
+
+
 class Idefics2MLP(nn.Module):
     """``down_proj(act(gate_proj(x)) * up_proj(x))`` (upstream ``Idefics2MLP``, same keys)."""
 
@@ -46,11 +54,12 @@ class Idefics2MLP(nn.Module):
         self.act_fn = activation(hidden_act)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """``act(gate_proj(x)) * up_proj(x)``, the input of ``down_proj`` (multiplied in place without autograd:
-        one intermediate-sized tensor fewer)."""
-        gate = self.act_fn(self.gate_proj(x))
+        """``act(gate_proj(x)) * up_proj(x)``, the input of ``down_proj``. Without autograd the product (and a
+        plain SiLU) is computed in place: one intermediate-sized tensor alive instead of three."""
+        gate = self.gate_proj(x)
         if torch.is_grad_enabled():
-            return gate * self.up_proj(x)
+            return self.act_fn(gate) * self.up_proj(x)
+        gate = F.silu(gate, inplace=True) if _plain_silu(self.act_fn) else self.act_fn(gate)
         return gate.mul_(self.up_proj(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,17 +178,17 @@ class Idefics2PerceiverLayer(nn.Module):
         self.mlp = Idefics2MLP(self.hidden_size, self.hidden_size * 4, self.hidden_size, config.hidden_act)
 
     def _context_kv(self, context: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the normalised context: one GEMM of the raw context with the norm folded into the stacked
-        K/V weight where the projections are plain Linears; else upstream's norm, then each projection."""
+        """K and V of the normalised context: the raw context times each projection's weight with the norm folded
+        in (one weight-sized temporary at a time), where the projections are plain Linears; else upstream's norm,
+        then each projection."""
         attn, norm = self.self_attn, self.input_context_norm
-        plain = fused._plain(attn.k_proj) and fused._plain(attn.v_proj) and attn.k_proj.bias is None \
-            and attn.v_proj.bias is None and context.dtype == attn.k_proj.weight.dtype == attn.v_proj.weight.dtype
-        if not plain:
+        projections = (attn.k_proj, attn.v_proj)
+        if not all(fused._plain(p) and p.bias is None and p.weight.dtype == context.dtype for p in projections):
             normed = norm(context)
             return attn.k_proj(normed), attn.v_proj(normed)
-        weight = torch.cat((attn.k_proj.weight, attn.v_proj.weight))
-        kv = fused.normed_projection(context, fused.inverse_rms(context, norm.variance_epsilon), norm.weight, weight)
-        return kv.split(attn.k_proj.out_features, dim=-1)
+        inv_rms = fused.inverse_rms(context, norm.variance_epsilon)
+        k, v = (fused.normed_projection(context, inv_rms, norm.weight, p.weight) for p in projections)
+        return k, v
 
     def forward(self, latents: torch.Tensor, context: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, cache: Any = None, **kwargs) -> torch.Tensor:
@@ -195,12 +204,16 @@ class Idefics2PerceiverLayer(nn.Module):
         attn = self.self_attn
         attn.check_inputs(latents, context, kwargs.pop("past_key_values", cache))
         mask = key_mask_of(attention_mask, context.shape[0], context.shape[1], latents.shape[1])
-        normed = self.input_latents_norm(latents)
-        k_media, v_media = self._context_kv(context)
-        out, _ = attn.attend(attn.q_proj(normed), k_media, v_media, attn.k_proj(normed), attn.v_proj(normed), mask)
-        latents = fused.residual_linear(latents, out, attn.o_proj)
+        latents = fused.residual_linear(latents, self._attention(latents, context, mask), attn.o_proj)
         return fused.residual_linear(latents, self.mlp.hidden(self.post_attention_layernorm(latents)),
                                      self.mlp.down_proj)
+
+    def _attention(self, latents: torch.Tensor, context: torch.Tensor, mask) -> torch.Tensor:
+        """The attention output before ``o_proj`` (its own frame: the K/V are freed before the MLP runs)."""
+        attn = self.self_attn
+        normed = self.input_latents_norm(latents)
+        k_media, v_media = self._context_kv(context)
+        return attn.attend(attn.q_proj(normed), k_media, v_media, attn.k_proj(normed), attn.v_proj(normed), mask)[0]
 
 
 __all__ = ["Idefics2RMSNorm", "Idefics2MLP", "Idefics2PerceiverAttention", "Idefics2PerceiverLayer"]
