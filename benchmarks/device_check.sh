@@ -9,8 +9,8 @@
 #   tests     the test suite natively on CUDA (-n 12, no -x, --maxfail=25 -rfE --durations=15; CPU-only AOT tests
 #             skipped)
 #   bench     calibration + the priority cells (docs/performance.md, "Priority cells"), ops in the order media_decode
-#             (CUDA graphs included) -> gated_linear -> media_xattn -> perceiver_attn; FlexAttention and torch.compile
-#             providers wait for bench-compile
+#             (CUDA graphs included) -> gated_linear -> media_xattn -> perceiver_attn (-> idefics2_resampler, when
+#             registered); FlexAttention and torch.compile providers wait for bench-compile
 #   mllama    python -m benchmarks --ops mllama_xattn[,mllama_decode] --priority, only when the op is registered
 #   tune      python -m benchmarks.tune: every candidate config timed at the priority shapes -> a tuned table
 #   bench-compile  (optional: only with the time left) FlexAttention / torch.compile providers of the priority cells
@@ -205,7 +205,9 @@ deadline() { local d=$((STAGE_LIMIT - $1)); echo $((d < 5 ? 5 : d)); }
 
 BENCH_EXCLUDE='flex*,compile*'
 stage_bench() {
-  t "$PY" -m benchmarks --priority --ops media_decode,gated_linear,media_xattn,perceiver_attn \
+  local ops=media_decode,gated_linear,media_xattn,perceiver_attn
+  has_op idefics2_resampler && ops+=,idefics2_resampler  # last: the stage's deadline never cuts the kernels' cells
+  t "$PY" -m benchmarks --priority --ops "$ops" \
     --exclude-providers "$BENCH_EXCLUDE" --out "$WORK/bench" --deadline "$(deadline 25)" "${DRY_FLAG[@]}"
   local rc=$?
   collect_bench "$WORK/bench" bench-priority.json
