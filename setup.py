@@ -43,6 +43,9 @@ TEST = [
     # (examples/train_mllama.py, tests/test_trainer_recipe.py): docs/training.md
     "liger-kernel>=0.8",
     "peft>=0.21",
+    # transformers' own model tests, vendored under transformers_tests/ (tools/hf_model_tests.py) import both
+    "parameterized>=0.9",
+    "requests",
 ]
 
 setup(

@@ -33,6 +33,9 @@ def _loaders():
     def ops_resampler():
         from . import ops_resampler  # noqa: F401
 
+    def ops_idefics2_resampler():
+        from . import ops_idefics2_resampler  # noqa: F401
+
     def ops_e2e():
         from . import ops_e2e  # noqa: F401
 
@@ -45,8 +48,11 @@ def _loaders():
     def ops_train():
         from . import ops_train  # noqa: F401
 
+    def ops_evolla():
+        from . import ops_evolla  # noqa: F401
+
     return (ops_media_xattn, ops_media_decode, ops_perceiver_attn, ops_gated_linear, ops_modules, ops_resampler,
-            ops_e2e, ops_mllama_xattn, ops_mllama_decode, ops_train)
+            ops_idefics2_resampler, ops_e2e, ops_mllama_xattn, ops_mllama_decode, ops_train, ops_evolla)
 
 
 # tests/test_benchmark_layout.py checks that this names every ops_*.py

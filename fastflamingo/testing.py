@@ -223,6 +223,48 @@ def tiny_idefics(cls=None, *, seed: int = 0, **config):
     return cls(idefics_config(**config)).eval()
 
 
+def idefics2_config(hidden=64, heads=4, kv_heads=2, head_dim=16, latents=8, depth=2, attn="sdpa", **kw):
+    """A transformers ``Idefics2Config`` at toy sizes: a 2-layer vision tower on 32 x 32 images of 8 x 8 patches
+    (16 patches), a perceiver of ``depth`` layers with ``latents`` latents and GQA ``heads`` / ``kv_heads``, a
+    2-layer Mistral; token ids: 0 pad, 1 bos, 2 eos, 98 the image token; further fields through ``kw``."""
+    from transformers import Idefics2Config
+
+    text = dict(vocab_size=100, hidden_size=hidden, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                max_position_embeddings=256)
+    text.update(kw.pop("text_config", {}))
+    cfg = Idefics2Config(
+        image_token_id=98,
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        perceiver_config=dict(hidden_size=hidden, rms_norm_eps=1e-5, resampler_n_latents=latents,
+                              resampler_depth=depth, resampler_n_heads=heads, resampler_head_dim=head_dim,
+                              num_key_value_heads=kv_heads),
+        text_config=dict(model_type="mistral", **text),
+        **kw,
+    )
+    cfg._attn_implementation = attn
+    for sub in (cfg.vision_config, cfg.perceiver_config, cfg.text_config):
+        sub._attn_implementation = attn
+    return cfg
+
+
+def tiny_idefics2(cls=None, *, seed: int = 0, **config):
+    """A random-weight transformers Idefics2 model (``cls``: ``Idefics2ForConditionalGeneration``, the default,
+    ``Idefics2Model``) of :func:`idefics2_config`, in eval mode; the perceiver latents are drawn at random
+    (upstream initialises them to ones, which makes every latent the same)."""
+    if cls is None:
+        from transformers import Idefics2ForConditionalGeneration as cls
+
+    torch.manual_seed(seed)
+    model = cls(idefics2_config(**config)).eval()
+    for module in model.modules():
+        if type(module).__name__ == "Idefics2PerceiverResampler":
+            with torch.no_grad():
+                module.latents.normal_()
+    return model
+
+
 def evenly_spaced_media_locations(batch: int, num_text: int, num_media: int, first: int = 0, device="cpu"):
     """Boolean (batch, text) with ``num_media`` ``<image>`` positions spread evenly from ``first``."""
     locations = torch.zeros(batch, num_text, dtype=torch.bool, device=device)
@@ -278,12 +320,49 @@ def tiny_mllama(attn_implementation: str = "eager", *, image_size: int = 28, pat
     return model
 
 
+def evolla_config(hidden_size: int = 32, num_layers: int = 4, aligner_every: int = 2, protein_hidden: int = 32,
+                  **kw):
+    """A transformers ``EvollaConfig`` at toy sizes: a 2-layer SaProt encoder of width ``protein_hidden``, a 2-layer
+    compressor of 8 latents, a Llama decoder of ``num_layers`` layers with an aligner after every ``aligner_every``
+    (GQA 4 / 2 heads). Token ids: 0 pad, 1 bos, 2 eos. Further ``EvollaConfig`` fields through ``kw``."""
+    from transformers import EvollaConfig
+
+    protein = dict(vocab_size=446, hidden_size=protein_hidden, num_hidden_layers=2, num_attention_heads=4,
+                   intermediate_size=2 * protein_hidden, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    protein.update(kw.pop("protein_encoder_config", {}))
+    fields = dict(vocab_size=100, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                  num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                  aligner_num_add_layers=num_layers // aligner_every, resampler_depth=2, resampler_dim_head=8,
+                  resampler_heads=4, resampler_num_latents=8, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    fields.update(kw)
+    return EvollaConfig(protein_encoder_config=protein, **fields)
+
+
+def tiny_evolla(cls=None, *, gate: Optional[float] = 0.6, seed: int = 0, **config):
+    """A random-weight transformers ``EvollaForProteinText2Text`` (or ``cls``, e.g. ``EvollaModel``) of
+    :func:`evolla_config`, in eval mode. ``gate``: value of every aligner tanh gate (upstream initialises them to 0,
+    which would hide the aligners); None keeps the initialisation."""
+    if cls is None:
+        from transformers import EvollaForProteinText2Text as cls
+
+    torch.manual_seed(seed)
+    model = cls(evolla_config(**config)).eval()
+    if gate is not None:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(("gate_attention", "gate_ffw")):
+                    param.fill_(gate)
+    return model
+
+
 # one builder per registered family (fastflamingo.models.FAMILIES): each returns a tiny upstream model in eval mode
 TINY_MODELS = {
     "openflamingo": lambda: tiny_open_flamingo()[0],
     "flamingo_pytorch": tiny_flamingo_palm,
     "idefics": tiny_idefics,
     "mllama": tiny_mllama,
+    "idefics2": tiny_idefics2,
+    "evolla": tiny_evolla,
 }
 
 

@@ -9,10 +9,11 @@ one of them misses a family. Adding a family is a new package and one entry here
 Importing this package needs only torch: the families recognise upstream modules by class name and structure,
 and import transformers or the upstream packages only where a call needs them.
 """
-from . import flamingo_pytorch, idefics, mllama, openflamingo
+from . import evolla, flamingo_pytorch, idefics, idefics2, mllama, openflamingo
 from ._family import Family
 
-FAMILIES = (openflamingo.FAMILY, flamingo_pytorch.FAMILY, idefics.FAMILY, mllama.FAMILY)
+FAMILIES = (openflamingo.FAMILY, flamingo_pytorch.FAMILY, idefics.FAMILY, mllama.FAMILY, evolla.FAMILY,
+            idefics2.FAMILY)
 
 
 def names() -> tuple:
@@ -27,4 +28,5 @@ def family(name: str) -> Family:
     raise ValueError(f"family={name!r}; expected one of {names()}")
 
 
-__all__ = ["FAMILIES", "Family", "family", "names", "openflamingo", "flamingo_pytorch", "idefics", "mllama"]
+__all__ = ["FAMILIES", "Family", "family", "names", "openflamingo", "flamingo_pytorch", "idefics", "mllama", "evolla",
+           "idefics2"]
