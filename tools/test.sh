@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The project's tests, in three tiers (all three by default, in this order; CI runs this, see .ci/run):
+# The project's tests, in four tiers (all four by default, in this order; CI runs this, see .ci/run):
 #
 #   lock     .venv/ (bash tools/bootstrap.sh: the exact versions of requirements/lock.txt): the test suite (Triton
 #            kernels under the interpreter), the sm_80/sm_90 compile check under the locked Triton and under the newest
 #            release (.triton-newest/), each compared with the saved report benchmarks/results/aot/triton-<release>.json
 #            (no register, spill, shared-memory or instruction-mix regression), the selftest's dry run
+#   hf       .venv/: transformers' own model tests of the families fastflamingo patches (vendored in transformers_tests/,
+#            whose README names the release and commit of each file), each file run unpatched and patched: tools/hf_model_tests.py fails unless every test
+#            ends the same way both times and the patched run really patched models in every file
 #   package  tools/check_package.sh: sdist and wheel built without isolation beside transformers and Hugging Face's
 #            `kernels`, the wheel installed into a clean venv, fastflamingo.info and the selftest's dry run from there
 #   newest   .venv-newest/ (bash tools/bootstrap.sh --newest: the newest release of every dependency, resolved now):
@@ -12,15 +15,16 @@
 #            the project (or work around a genuine upstream bug, dated, with a test naming the upstream issue) and move
 #            the lock forward with tools/relock.sh
 #
-#   bash tools/test.sh [lock] [package] [newest]
+#   bash tools/test.sh [lock] [hf] [package] [newest]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TIERS=("$@")
-[[ ${#TIERS[@]} -gt 0 ]] || TIERS=(lock package newest)
+[[ ${#TIERS[@]} -gt 0 ]] || TIERS=(lock hf package newest)
 
 tier() { echo; echo "=== tier $1 ($(date -u +%H:%M:%S))"; }
 
 aot_check() {  # the compile check, compared with the saved report of the same Triton release when one is kept
+  # (only the launches whose Triton cache key differs from the saved entry's compile: docs/testing.md)
   local python=$1 version report
   version=$($python -c "import triton; print(triton.__version__)")
   report=benchmarks/results/aot/triton-$version.json
@@ -48,11 +52,16 @@ for name in "${TIERS[@]}"; do
       tier lock
       [[ -x .venv/bin/python ]] || { echo "no .venv: run bash tools/bootstrap.sh first" >&2; exit 2; }
       .venv/bin/python tools/lock_check.py check .venv/bin/python requirements/lock.txt
-      .venv/bin/python -m pytest -n 2
+      .venv/bin/python -m pytest -n 2 --durations=30  # the slowest tests, for whoever trims the run next
       aot_check .venv/bin/python
       newest_triton
       PYTHONPATH=.triton-newest aot_check .venv/bin/python
       .venv/bin/python -m fastflamingo.selftest --dry-run
+      ;;
+    hf)
+      tier hf
+      [[ -x .venv/bin/python ]] || { echo "no .venv: run bash tools/bootstrap.sh first" >&2; exit 2; }
+      .venv/bin/python tools/hf_model_tests.py --out out/hf_model_tests
       ;;
     package)
       tier package
@@ -61,11 +70,11 @@ for name in "${TIERS[@]}"; do
     newest)
       tier newest
       bash tools/bootstrap.sh --newest
-      .venv-newest/bin/python -m pytest -n 2
-      aot_check .venv-newest/bin/python  # seconds when the lock tier compiled under the same release
+      .venv-newest/bin/python -m pytest -n 2 --durations=30
+      aot_check .venv-newest/bin/python  # seconds: the saved entries carry the same Triton cache keys
       .venv-newest/bin/python -m fastflamingo.selftest --dry-run
       ;;
-    *) echo "unknown tier '$name'; tiers: lock package newest" >&2; exit 2 ;;
+    *) echo "unknown tier '$name'; tiers: lock hf package newest" >&2; exit 2 ;;
   esac
 done
 echo; echo "=== passed: ${TIERS[*]}"
