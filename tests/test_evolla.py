@@ -9,6 +9,7 @@ import torch
 
 import fastflamingo
 from fastflamingo.models import evolla as ff
+from fastflamingo.models.evolla.decoding import KvCachedGenerate
 from fastflamingo.models.evolla.protein_cache import CachedProteinEncoding
 from fastflamingo.testing import evolla_config, tiny_evolla
 from helpers import assert_close, assert_lowp_close, grads_match
@@ -366,6 +367,43 @@ def test_kv_cached_decoding_works_patched_where_upstream_fails(models):
     assert torch.equal(got.sequences, want.sequences)
     for step, (ours, theirs) in enumerate(zip(got.logits, want.logits)):
         assert_close(ours, theirs, 1e-5, f"step {step}")
+
+
+def _text_lengths(model):
+    """The text length of every decoder forward (a hook on the token embedding): the whole text again at each step
+    without the KV cache, one new token per step with it."""
+    lengths = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: lengths.append(args[0].shape[1]))
+    return lengths, hook
+
+
+def test_patched_generate_uses_the_kv_cache_unless_the_call_decides(models):
+    """A patched model's ``generate`` passes ``use_cache=True`` (upstream's config says False); an explicit
+    ``use_cache`` or ``generation_config`` is the caller's; the configs ``save_pretrained`` writes are untouched;
+    ``unpatch`` removes the hook."""
+    upstream, patched = models
+    batch = inputs(seed=8, padded_protein=False)
+    want = upstream.generate(**batch, max_new_tokens=4, do_sample=False)
+    runs = {}
+    for name, kwargs in (("default", {}), ("use_cache=False", {"use_cache": False}),
+                         ("generation_config", {"generation_config": copy.deepcopy(patched.generation_config)})):
+        lengths, hook = _text_lengths(patched)
+        try:
+            got = patched.generate(**batch, max_new_tokens=4, do_sample=False, **kwargs)
+        finally:
+            hook.remove()
+        assert torch.equal(got, want), name
+        runs[name] = lengths
+    assert runs["default"] == [T, 1, 1, 1]
+    assert runs["use_cache=False"] == runs["generation_config"] == [T, T + 1, T + 2, T + 3]
+    assert patched.config.use_cache is False and patched.generation_config.use_cache is False
+    model = tiny_evolla()
+    fastflamingo.patch(model)
+    assert isinstance(model.__dict__["generate"], KvCachedGenerate)
+    copied = copy.deepcopy(model)
+    assert copied.__dict__["generate"].model is copied
+    fastflamingo.unpatch(model)
+    assert "generate" not in model.__dict__
 
 
 def test_patched_model_bf16_logits_within_twice_upstreams_error(models):

@@ -84,6 +84,32 @@ if PATCH:
 
 
 @pytest.fixture(autouse=True)
+def _seed_every_test(request):
+    """The same random state at the start of a test in both runs, whatever ran before it: transformers' testers draw
+    their inputs from unseeded generators (``global_rng``), and a few tests compare a loss or logit difference to a
+    margin that some draws miss (Evolla's ``test_causal_lm_loss_honors_shift_labels`` failed unpatched once in three
+    runs here). Seeded per test, such a test ends the same way unpatched and patched."""
+    import random
+    import zlib
+
+    import torch
+
+    seed = zlib.crc32(request.node.nodeid.encode())
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+
+        numpy.random.seed(seed)
+    except ImportError:
+        pass
+    for module in list(sys.modules.values()):
+        rng = getattr(module, "global_rng", None) if getattr(module, "__name__", "").startswith("tests.") else None
+        if isinstance(rng, random.Random):
+            rng.seed(seed)
+
+
+@pytest.fixture(autouse=True)
 def _record_patched_models(request):
     first, first_root = len(PATCHED), len(ROOT_LAYERS)
     yield

@@ -7,7 +7,7 @@ from torch import nn
 
 from .. import _warm
 from .._family import Family
-from . import mask, protein_cache, rules
+from . import decoding, mask, protein_cache, rules
 from .aligner import EvollaSequenceAlignerCrossAttention
 from .resampler import EvollaSequenceCompressorAttention, EvollaSequenceCompressorResampler
 
@@ -25,6 +25,15 @@ def warmup_shapes(module: nn.Module) -> Iterator[object]:
         yield _warm.Latents(int(module.latents.shape[0]))
 
 
+def install_hooks(model: nn.Module) -> int:
+    """The protein encoded once per sequence (``protein_cache.py``) and KV-cached ``generate`` (``decoding.py``)."""
+    return protein_cache.install(model) + decoding.install(model)
+
+
+def remove_hooks(model: nn.Module) -> int:
+    return protein_cache.uninstall(model) + decoding.uninstall(model)
+
+
 FAMILY = Family(
     name="evolla",
     upstream="transformers 5.x",
@@ -35,6 +44,6 @@ FAMILY = Family(
     mask=mask,
     rules=rules.rules,
     warmup_shapes=warmup_shapes,
-    install_hooks=protein_cache.install,
-    remove_hooks=protein_cache.uninstall,
+    install_hooks=install_hooks,
+    remove_hooks=remove_hooks,
 )
