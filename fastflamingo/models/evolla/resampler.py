@@ -41,9 +41,12 @@ class EvollaFeedForward(nn.Module):
         self.fc2 = nn.Linear(inner_dim, dim, bias=False)
 
     def exact_gelu(self) -> bool:
-        """True when ``fc2(activation(h))`` is ``functional.gelu_linear(h, fc2.weight)`` (nothing was swapped)."""
+        """True when ``fc2(activation(h))`` is ``functional.gelu_linear(h, fc2.weight)``: nothing was swapped, and
+        calling ``fc2`` does no more than its math (accelerate's hook on an offloaded ``fc2`` loads its weight in
+        its forward; read outside it, the weight is still on the meta device, and a CPU ``F.linear`` with a meta
+        weight returns uninitialised memory)."""
         return (type(self.activation) is nn.GELU and self.activation.approximate == "none"
-                and type(self.fc2) is nn.Linear and self.fc2.bias is None)
+                and functional._plain_linear(self.fc2) and self.fc2.bias is None)
 
     def forward(self, x):
         h = self.fc1(self.norm(x))

@@ -6,6 +6,12 @@ gives each resampler whose layers are drop-ins the forward below as an instance 
 it). Upstream appends ones for the latents to the (images, patches) mask and expands it into a 4D mask over
 ``[context; latents]`` for every layer; here the layers get the (images, patches) boolean key mask itself, or None
 when no patch is padded.
+
+The forward is a :class:`ResamplerForward` object, not a bound function: ``torch.save`` of a whole patched model
+pickles the instance attribute, and a bound method pickles as ``getattr(module, "resample")``, which fails on load.
+A resampler accelerate dispatched (``device_map`` with CPU or disk offload) has accelerate's forward on the
+instance, which moves the resampler's own tensors (``latents``) in, then calls ``_old_forward``: the patched forward
+goes there, so accelerate's hook keeps running, and ``unpatch`` puts back what was there.
 """
 from __future__ import annotations
 
@@ -32,10 +38,29 @@ def resample(self: nn.Module, context: torch.Tensor, attention_mask: torch.Tenso
     return self.norm(latents)
 
 
+class ResamplerForward:
+    """A resampler's instance forward (or accelerate's ``_old_forward``): :func:`resample` on ``module``. Holds what
+    was in that slot before (``previous``), which ``unpatch`` puts back."""
+
+    def __init__(self, module: nn.Module, slot: str, previous=None):
+        self.module = module
+        self.slot = slot
+        self.previous = previous
+
+    def __call__(self, context: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        return resample(self.module, context, attention_mask, **kwargs)
+
+
 def _upstream_resampler(module: nn.Module) -> bool:
     layers = getattr(module, "layers", None)
     return (type(module).__name__ == "Idefics2PerceiverResampler" and isinstance(layers, nn.ModuleList)
             and len(layers) > 0 and all(getattr(type(layer), "_fastflamingo_dropin", False) for layer in layers))
+
+
+def _slot(module: nn.Module) -> str:
+    """Where the patched forward goes: accelerate's hooked forward calls ``_old_forward``."""
+    state = module.__dict__
+    return "_old_forward" if "_hf_hook" in state and "_old_forward" in state else "forward"
 
 
 def install(model: nn.Module) -> int:
@@ -44,20 +69,30 @@ def install(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if _upstream_resampler(module) and MARK not in module.__dict__:
-            module.__dict__["forward"] = types.MethodType(resample, module)
+            slot = _slot(module)
+            module.__dict__[slot] = ResamplerForward(module, slot, module.__dict__.get(slot))
             module.__dict__[MARK] = True
             count += 1
     return count
 
 
 def uninstall(model: nn.Module) -> int:
-    """Remove what :func:`install` added; returns how many resamplers lost it."""
+    """Remove what :func:`install` added, putting back what was there; returns how many resamplers lost it."""
     count = 0
     for module in model.modules():
         if module.__dict__.pop(MARK, None):
-            module.__dict__.pop("forward", None)
+            for slot in ("forward", "_old_forward"):
+                hook = module.__dict__.get(slot)
+                if not isinstance(hook, ResamplerForward):
+                    continue
+                if hook.previous is not None:
+                    module.__dict__[slot] = hook.previous
+                elif slot == "forward":
+                    del module.__dict__[slot]
+                else:  # accelerate dispatched after patch and calls _old_forward: upstream's forward again
+                    module.__dict__[slot] = types.MethodType(type(module).forward, module)
             count += 1
     return count
 
 
-__all__ = ["resample", "install", "uninstall"]
+__all__ = ["ResamplerForward", "resample", "install", "uninstall"]
