@@ -175,3 +175,35 @@ def test_patch_open_flamingo_dispatched_with_disk_offload(tmp_path):
     _assert_hooks_carried(model, hooks)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", ["dispatch-patch", "patch-dispatch"])
+def test_unpatch_of_a_dispatched_idefics_runs_upstream_again(tmp_path, order):
+    """``unpatch`` after accelerate's ``dispatch_model`` with disk offload: the restored upstream modules load their
+    (offloaded) weights before they run, whichever came first. Patching before dispatching leaves the hooks on the
+    drop-ins only: ``restore`` hands them back to the upstream modules at the same paths."""
+    accelerate = pytest.importorskip("accelerate")
+    model = IdeficsForVisionText2Text(idefics_config()).eval()
+    inputs = model_inputs()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    device_map = {"model.embed_tokens": "cpu", "model.vision_model": "cpu", "model.perceiver_resampler": "disk",
+                  "model.layers": "cpu", "model.gated_cross_attn_layers": "disk", "model.norm": "cpu",
+                  "lm_head": "cpu"}
+
+    def dispatch():
+        accelerate.dispatch_model(model, device_map, offload_dir=tmp_path / "offload", main_device="cpu")
+
+    if order == "dispatch-patch":
+        dispatch()
+        fastflamingo.patch(model)
+    else:
+        fastflamingo.patch(model)
+        dispatch()
+    assert model.model.gated_cross_attn_layers[0].alpha_cross_attn.is_meta  # really offloaded to disk
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+    assert fastflamingo.unpatch(model) > 0
+    assert not any(getattr(m, ORIGINAL_ATTR, None) is not None for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=1e-5, atol=1e-5)

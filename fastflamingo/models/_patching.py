@@ -214,6 +214,25 @@ def _has_path(root: nn.Module, path: str, kind: str) -> bool:
     return leaf in (owner._parameters if kind == "param" else owner._buffers)
 
 
+def _carry_accelerate_hooks_back(original: nn.Module, dropin: nn.Module) -> None:
+    """A model dispatched by accelerate after ``patch`` has its hooks on the drop-ins (and their parameters on the
+    meta device when offloaded): give each submodule of ``original`` that has none the hook of the drop-in's
+    submodule at the same path, so that the restored module loads its weights before it runs, as the drop-in did.
+    A module dispatched before ``patch`` kept its own hook and is left alone."""
+    for path, sub in dropin.named_modules(remove_duplicate=False):
+        hook = sub.__dict__.get("_hf_hook")
+        if hook is None:
+            continue
+        try:
+            target = original.get_submodule(path)
+        except AttributeError:
+            continue  # a submodule of the drop-in's own
+        if "_hf_hook" not in target.__dict__:
+            from accelerate.hooks import add_hook_to_module  # only reached for a model accelerate dispatched
+
+            add_hook_to_module(target, hook)
+
+
 def in_place(module: nn.Module) -> bool:
     """Whether ``module`` is a drop-in that :func:`restore` turns back into an upstream module."""
     return getattr(module, ORIGINAL_ATTR, None) is not None or RECIPE_ATTR in module.__dict__
@@ -232,6 +251,7 @@ def restore(root: nn.Module) -> int:
             object.__setattr__(module, ORIGINAL_ATTR, module.__dict__[RECIPE_ATTR](module))
         original = sync_original(module)
         original.train(module.training)
+        _carry_accelerate_hooks_back(original, module)
         replacements[id(module)] = original
     redirect(root, replacements)
     return len(replacements)
