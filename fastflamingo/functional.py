@@ -220,8 +220,7 @@ def perceiver_attn(
     ``h // (heads // kv_heads)``. K/V are read in place, never repeated per query head.
 
     Returns:
-        (N, latents, heads, head_dim) in the dtype of ``q``. The Triton kernels take neither a key mask nor grouped
-        heads yet: an explicit ``triton`` backend raises for those, ``auto`` runs the PyTorch path.
+        (N, latents, heads, head_dim) in the dtype of ``q``.
     """
     tensors = {"q": q, "k_media": k_media, "v_media": v_media, "k_latents": k_latents, "v_latents": v_latents}
     for name, t in tensors.items():
@@ -261,7 +260,7 @@ def perceiver_attn(
         return torch_path.perceiver_attn(q, k_media, v_media, k_latents, v_latents, scale, key_mask)
     from .ops.perceiver_attn import perceiver_attn as kernel_path
 
-    return kernel_path(q, k_media, v_media, k_latents, v_latents, scale)
+    return kernel_path(q, k_media, v_media, k_latents, v_latents, scale, key_mask)
 
 
 # --------------------------------------------------------------------------------------------------------------

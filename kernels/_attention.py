@@ -149,14 +149,15 @@ def online_softmax_step(b_s2, b_v, b_m, b_l, b_acc, DOT_PRECISION: tl.constexpr,
 @triton.jit
 def attend_keys(b_q, p_k, p_v, b_m, b_l, b_acc, kt_offs, v_offs, start, stop, b_lo, b_hi, d_ok, qk_scale,
                 stride_kl, stride_vl, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_KEYS: tl.constexpr,
-                V_FIRST: tl.constexpr):
+                V_FIRST: tl.constexpr, p_keep=None):
     """The online softmax over the keys ``[start, stop)`` of one contiguous key source (``p_k`` / ``p_v`` point at
     key ``start``; ``kt_offs`` / ``v_offs`` are the in-tile offsets of a K^T and a V tile), continuing from the
     state ``(b_m, b_l, b_acc)``.
 
     ``ROW_KEYS``, the family's visibility rule as per-row bounds in the same key numbering as ``start``: "range",
     a row sees the keys ``[b_lo, b_hi)``; "end", the keys ``< b_hi``; "all", every key of the range (no row is
-    ever empty, ``b_lo`` / ``b_hi`` are not read).
+    ever empty, ``b_lo`` / ``b_hi`` are not read); "key_mask", every row sees the keys whose byte at ``p_keep`` +
+    key index is nonzero (a key padding mask, the same for every row: a row may see none of these keys).
 
     ``V_FIRST``: load the V tile with the K tile, before the softmax statistics, rather than once the weights are
     known. Which order compiles to fewer registers depends on the family's tiles (the compile check measured it:
@@ -169,6 +170,9 @@ def attend_keys(b_q, p_k, p_v, b_m, b_l, b_acc, kt_offs, v_offs, start, stop, b_
         b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [rows, BLOCK_N], log2 domain
         if ROW_KEYS == "all":
             b_s = tl.where(n_ok[None, :], b_s, float("-inf"))
+        elif ROW_KEYS == "key_mask":
+            b_keep = tl.load(p_keep + offs_n, mask=n_ok, other=0) != 0
+            b_s = tl.where(b_keep[None, :], b_s, float("-inf"))
         else:
             b_s = tl.where(row_keys_visible(offs_n, b_lo, b_hi, ROW_KEYS, False), b_s, float("-inf"))
         if V_FIRST:

@@ -341,7 +341,7 @@ class AotVariant:
         out = {}
         for name in self.fn.arg_names:
             value = self.args[name]
-            if name in constexprs:
+            if name in constexprs or value is None:  # Triton binds a None argument as a constant
                 out[name] = "constexpr"
             elif isinstance(value, torch.Tensor):
                 out[name] = "*" + _POINTER_TYPES[value.dtype]

@@ -147,10 +147,6 @@ ROWS = [
      "q has 4 heads, not a multiple of the 3 KV heads of k_media / k_latents"),
     ("perceiver_attn KV heads of media and latents differ", lambda: perceiver(kv_latents_heads=2), ValueError,
      "k_media and k_latents must share their .KV. heads"),
-    ("perceiver_attn key_mask on triton", lambda: with_backend("triton", lambda: perceiver(
-        key_mask=torch.ones(2, 7))), ff.BackendError, "key_mask is not supported by the perceiver_attn kernels yet"),
-    ("perceiver_attn GQA on triton", lambda: with_backend("triton", lambda: perceiver(heads=4, kv_heads=2)),
-     ff.BackendError, r"grouped-query attention \(4 query heads, 2 KV heads\) is not supported"),
     ("MediaMask mode", lambda: masks.MediaMask(torch.zeros(1, 3, dtype=torch.long), 2, "previous"), ValueError,
      "mode='previous'; expected one of"),
     ("MediaMask text_time rank", lambda: masks.MediaMask(torch.zeros(3, dtype=torch.long), 2, "immediate"),

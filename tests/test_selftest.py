@@ -68,6 +68,10 @@ def test_every_family_declares_every_shipped_config():
         for kind in ("fwd", "bwd"):
             for config in perceiver_attn.shipped_configs(kind, torch.bfloat16, head_dim):
                 assert (f"perceiver_{kind}", config_label(config), "bf16", f"d{head_dim}") in seen
+    for kind in ("fwd", "bwd"):  # the key-mask + grouped-query specialization (IDEFICS2) at every bf16 config
+        for config in perceiver_attn.shipped_configs(kind, torch.bfloat16, 96, specialized=True):
+            assert any(c.kernel == f"perceiver_{kind}" and c.config == config_label(config) and "key_mask" in c.detail
+                       and "/1kv" in c.detail for c in cases)
     dtypes = {c.detail.split()[0] for c in cases}
     assert dtypes == {"bf16", "fp16", "fp32"}
     assert any("splits 1" in c.detail for c in cases) and any("splits 8" in c.detail for c in cases)
