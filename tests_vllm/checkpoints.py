@@ -63,3 +63,62 @@ def hf_greedy(path: Path, prompts, max_new_tokens: int):
                                  pad_token_id=0)
         out.append(gen[0, ids.shape[1]:].tolist())
     return out
+
+
+IMAGE_TOKEN = "<|image|>"
+
+
+def save_tiny_mllama(path: Path, *, seed: int = 0, hidden_size: int = 256, head_dim: int = 64,
+                     num_layers: int = 4, cross_attention_layers=(1, 3), gate: float = 0.6, image_size: int = 28,
+                     patch_size: int = 14, max_num_tiles: int = 4, dtype=torch.float32) -> Path:
+    """A random ``MllamaForConditionalGeneration`` and its ``MllamaProcessor`` in ``path``: a text model of hidden
+    256 (4 heads of 64, 2 K/V heads; 64 because vLLM's CPU attention backend takes it) with cross-attention layers
+    ``cross_attention_layers``, a 2-layer vision tower on 28 x 28 tiles of 14 x 14 patches (5 vision tokens per
+    tile), up to 4 tiles per image (aspect ratios 1 x n). The tanh gates are set to ``gate`` (upstream initialises
+    them to 0, which would hide the cross-attention layers). Token ids: the tokenizer's words, then ``<|image|>``
+    as the last id, which is also the text config's ``vocab_size`` (as in Llama 3.2 Vision, the image token has an
+    embedding row but no output logit)."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor
+
+    path = Path(path)
+    tokenizer = build_tokenizer(extra_tokens=(IMAGE_TOKEN,))
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    aspect_ratios = [[1, t] for t in range(1, max_num_tiles + 1)]
+    config = MllamaConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                           intermediate_size=64, image_size=image_size, patch_size=patch_size,
+                           max_num_tiles=max_num_tiles, intermediate_layers_indices=[0, 1], vision_output_dim=96,
+                           supported_aspect_ratios=aspect_ratios),
+        text_config=dict(vocab_size=image_token_id, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                         num_attention_heads=hidden_size // head_dim, num_key_value_heads=hidden_size // head_dim // 2,
+                         intermediate_size=2 * hidden_size, cross_attention_layers=list(cross_attention_layers),
+                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        image_token_index=image_token_id,
+    )
+    torch.manual_seed(seed)
+    model = MllamaForConditionalGeneration(config).to(dtype).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                param.fill_(gate)
+    model.save_pretrained(path, safe_serialization=True)
+    image_processor = MllamaImageProcessor(max_image_tiles=max_num_tiles, size={"height": image_size,
+                                                                                "width": image_size})
+    MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def hf_mllama_greedy(path: Path, prompts, max_new_tokens: int):
+    """transformers' greedy continuation of text-only prompts (token ids), one prompt at a time."""
+    from transformers import AutoTokenizer, MllamaForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = MllamaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)
+        out.append(gen[0, ids.shape[1]:].tolist())
+    return out
