@@ -74,7 +74,8 @@ def save_tiny_mllama(path: Path, *, seed: int = 0, hidden_size: int = 256, head_
     """A random ``MllamaForConditionalGeneration`` and its ``MllamaProcessor`` in ``path``: a text model of hidden
     256 (4 heads of 64, 2 K/V heads; 64 because vLLM's CPU attention backend takes it) with cross-attention layers
     ``cross_attention_layers``, a 2-layer vision tower on 28 x 28 tiles of 14 x 14 patches (5 vision tokens per
-    tile), up to 4 tiles per image (aspect ratios 1 x n). The tanh gates are set to ``gate`` (upstream initialises
+    tile), up to 4 tiles per image (the default aspect ratios, every h x w <= 4 tiles, which the image processor also
+    uses). The tanh gates are set to ``gate`` (upstream initialises
     them to 0, which would hide the cross-attention layers). Token ids: the tokenizer's words, then ``<|image|>``
     as the last id, which is also the text config's ``vocab_size`` (as in Llama 3.2 Vision, the image token has an
     embedding row but no output logit)."""
@@ -83,12 +84,10 @@ def save_tiny_mllama(path: Path, *, seed: int = 0, hidden_size: int = 256, head_
     path = Path(path)
     tokenizer = build_tokenizer(extra_tokens=(IMAGE_TOKEN,))
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    aspect_ratios = [[1, t] for t in range(1, max_num_tiles + 1)]
     config = MllamaConfig(
         vision_config=dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
                            intermediate_size=64, image_size=image_size, patch_size=patch_size,
-                           max_num_tiles=max_num_tiles, intermediate_layers_indices=[0, 1], vision_output_dim=96,
-                           supported_aspect_ratios=aspect_ratios),
+                           max_num_tiles=max_num_tiles, intermediate_layers_indices=[0, 1], vision_output_dim=96),
         text_config=dict(vocab_size=image_token_id, hidden_size=hidden_size, num_hidden_layers=num_layers,
                          num_attention_heads=hidden_size // head_dim, num_key_value_heads=hidden_size // head_dim // 2,
                          intermediate_size=2 * hidden_size, cross_attention_layers=list(cross_attention_layers),
