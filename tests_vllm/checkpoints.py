@@ -121,3 +121,37 @@ def hf_mllama_greedy(path: Path, prompts, max_new_tokens: int):
                                  pad_token_id=0)
         out.append(gen[0, ids.shape[1]:].tolist())
     return out
+
+
+def tiny_image(width: int, height: int, seed: int):
+    """A random RGB image (noise, so that every tile's vision states differ)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8), "RGB")
+
+
+def hf_mllama_image_greedy(path: Path, requests, max_new_tokens: int, empty_rows=None):
+    """transformers' greedy continuation (token ids) of ``(prompt, images)`` requests, one at a time, through the
+    checkpoint's ``MllamaProcessor``; ``empty_rows="zero"``: the model patched with
+    ``fastflamingo.patch(model, empty_rows="zero")`` (Meta's reference semantics). Also returns each prompt's
+    input ids."""
+    from transformers import AutoProcessor, MllamaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(path)
+    model = MllamaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    if empty_rows is not None:
+        import fastflamingo
+
+        fastflamingo.patch(model, empty_rows=empty_rows)
+    out, prompt_ids = [], []
+    for prompt, images in requests:
+        inputs = processor(text=prompt, images=images or None, return_tensors="pt")
+        with torch.no_grad():
+            gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)
+        n = inputs["input_ids"].shape[1]
+        out.append(gen[0, n:].tolist())
+        prompt_ids.append(inputs["input_ids"][0].tolist())
+    return out, prompt_ids

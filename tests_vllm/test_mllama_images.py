@@ -1,0 +1,98 @@
+"""fastflamingo.vllm, phase 2: prompts with images through ``vllm.LLM`` on the CPU (one shared engine).
+
+The reference is transformers' greedy ``generate`` on the same saved weights and the same ``MllamaProcessor``
+outputs, one prompt at a time. The tiny mllama (tests_vllm/checkpoints.py) has 28 x 28 tiles of 5 vision tokens, up
+to 4 tiles per image, and tanh gates of 0.6 on both cross-attention layers, so a wrong image range, a wrong tile,
+a lost padded tile in the "hf" rows or a skipped layer changes the tokens.
+"""
+import pytest
+
+from checkpoints import IMAGE_TOKEN, hf_mllama_image_greedy, save_tiny_mllama, tiny_image
+
+I = IMAGE_TOKEN
+MAX_NEW = 8
+# (width, height) -> tiles with 28 x 28 tiles: 1 (28x28), 2 (28x56), 3 (84x28), 4 (56x56)
+IMAGES = {
+    "t1": (28, 28, 1), "t2": (28, 56, 2), "t3": (84, 28, 3), "t4": (56, 56, 4),
+    "t1b": (30, 26, 11), "t4b": (60, 50, 12), "t2b": (40, 90, 13),
+}
+
+
+def _img(name):
+    w, h, seed = IMAGES[name]
+    return tiny_image(w, h, seed)
+
+
+# Every prompt starts with the BOS text "<s>", as chat templates write it: transformers' MllamaProcessor inserts
+# one when the text lacks it (and its tokenizer adds another), vLLM does not, so the same text gives the same ids
+# only with it. The tests check the ids too.
+CASES = {
+    "no_image": ("<s> w1 w2 w3 w4", []),
+    "one_image_first": (f"<s> {I} w5 w6 w7", ["t1"]),
+    "one_image_later_4_tiles": (f"<s> w3 w4 w5 {I} w8 w9", ["t4"]),
+    "two_images_apart": (f"<s> {I} w1 w2 {I} w3 w4", ["t2", "t3"]),
+    "consecutive_images": (f"<s> w9 {I} {I} w10 w11", ["t3", "t1b"]),
+    "three_images": (f"<s> w7 {I} w1 {I} {I} w2 w3", ["t4b", "t2b", "t1"]),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_mllama(tmp_path_factory.mktemp("tiny_mllama_images"))
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    reqs = [(prompt, [_img(n) for n in names]) for prompt, names in CASES.values()]
+    tokens, prompt_ids = hf_mllama_image_greedy(checkpoint, reqs, MAX_NEW)
+    return dict(zip(CASES, tokens)), dict(zip(CASES, prompt_ids))
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    from vllm import LLM
+
+    engine = LLM(model=str(checkpoint), dtype="float32", max_model_len=256, max_num_seqs=8, enforce_eager=True,
+                 max_num_batched_tokens=512, gpu_memory_utilization=0.05, seed=0,
+                 limit_mm_per_prompt={"image": 3})
+    yield engine
+    engine.llm_engine.engine_core.shutdown()
+
+
+def _request(name):
+    prompt, names = CASES[name]
+    if not names:
+        return {"prompt": prompt}
+    return {"prompt": prompt, "multi_modal_data": {"image": [_img(n) for n in names]}}
+
+
+def _generate(llm, requests, max_new=MAX_NEW):
+    from vllm import SamplingParams
+
+    outs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True))
+    return [list(o.outputs[0].token_ids) for o in outs], [list(o.prompt_token_ids) for o in outs]
+
+
+def test_tiles_per_image(checkpoint):
+    # the images above do have 1, 2, 3 and 4 tiles under the checkpoint's image processor
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    for name in ("t1", "t2", "t3", "t4"):
+        out = processor.image_processor(images=[[_img(name)]], return_tensors="pt")
+        assert int(out["aspect_ratio_mask"].sum()) == IMAGES[name][2]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_one_request_matches_transformers(llm, reference, name):
+    tokens, prompt_ids = _generate(llm, [_request(name)])
+    expected, expected_ids = reference
+    assert prompt_ids[0] == expected_ids[name]
+    assert tokens[0] == expected[name]
+
+
+def test_mixed_batch_matches_transformers(llm, reference):
+    # every case in one generate call: prefills of 0-3 images, then decodes, share steps
+    names = list(CASES) + ["one_image_first", "no_image"]
+    tokens, _ = _generate(llm, [_request(n) for n in names])
+    assert tokens == [reference[0][n] for n in names]
