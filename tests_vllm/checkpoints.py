@@ -70,13 +70,17 @@ IMAGE_TOKEN = "<|image|>"
 
 def save_tiny_mllama(path: Path, *, seed: int = 0, hidden_size: int = 256, head_dim: int = 64,
                      num_layers: int = 4, cross_attention_layers=(1, 3), gate: float = 0.6, image_size: int = 28,
-                     patch_size: int = 14, max_num_tiles: int = 4, dtype=torch.float32) -> Path:
+                     patch_size: int = 14, max_num_tiles: int = 4, cross_kv_scale: float = 1.0,
+                     dtype=torch.float32) -> Path:
     """A random ``MllamaForConditionalGeneration`` and its ``MllamaProcessor`` in ``path``: a text model of hidden
     256 (4 heads of 64, 2 K/V heads; 64 because vLLM's CPU attention backend takes it) with cross-attention layers
     ``cross_attention_layers``, a 2-layer vision tower on 28 x 28 tiles of 14 x 14 patches (5 vision tokens per
     tile), up to 4 tiles per image (the default aspect ratios, every h x w <= 4 tiles, which the image processor also
     uses). The tanh gates are set to ``gate`` (upstream initialises
-    them to 0, which would hide the cross-attention layers). Token ids: the tokenizer's words, then ``<|image|>``
+    them to 0, which would hide the cross-attention layers). ``cross_kv_scale`` multiplies the cross-attention
+    ``k_proj`` and ``v_proj`` weights: at 1 the random layers average the image tokens into nearly the same vector
+    whatever the image (swapping two images or zeroing the rows before the first one left every greedy token of the
+    image tests unchanged); at 8 the attention is peaked and the values large enough that they do not. Token ids: the tokenizer's words, then ``<|image|>``
     as the last id, which is also the text config's ``vocab_size`` (as in Llama 3.2 Vision, the image token has an
     embedding row but no output logit)."""
     from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor
@@ -100,6 +104,8 @@ def save_tiny_mllama(path: Path, *, seed: int = 0, hidden_size: int = 256, head_
         for name, param in model.named_parameters():
             if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
                 param.fill_(gate)
+            if ".cross_attn.k_proj." in name or ".cross_attn.v_proj." in name:
+                param.mul_(cross_kv_scale)
     model.save_pretrained(path, safe_serialization=True)
     image_processor = MllamaImageProcessor(max_image_tiles=max_num_tiles, size={"height": image_size,
                                                                                 "width": image_size})
@@ -136,7 +142,7 @@ def hf_mllama_image_greedy(path: Path, requests, max_new_tokens: int, empty_rows
     """transformers' greedy continuation (token ids) of ``(prompt, images)`` requests, one at a time, through the
     checkpoint's ``MllamaProcessor``; ``empty_rows="zero"``: the model patched with
     ``fastflamingo.patch(model, empty_rows="zero")`` (Meta's reference semantics). Also returns each prompt's
-    input ids."""
+    input ids and, per new token, its log-probability (log-softmax of the raw logits)."""
     from transformers import AutoProcessor, MllamaForConditionalGeneration
 
     processor = AutoProcessor.from_pretrained(path)
@@ -145,13 +151,15 @@ def hf_mllama_image_greedy(path: Path, requests, max_new_tokens: int, empty_rows
         import fastflamingo
 
         fastflamingo.patch(model, empty_rows=empty_rows)
-    out, prompt_ids = [], []
+    out, prompt_ids, logprobs = [], [], []
     for prompt, images in requests:
         inputs = processor(text=prompt, images=images or None, return_tensors="pt")
         with torch.no_grad():
             gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)
+                                 pad_token_id=0, output_logits=True, return_dict_in_generate=True)
         n = inputs["input_ids"].shape[1]
-        out.append(gen[0, n:].tolist())
+        new = gen.sequences[0, n:].tolist()
+        out.append(new)
         prompt_ids.append(inputs["input_ids"][0].tolist())
-    return out, prompt_ids
+        logprobs.append([torch.log_softmax(step[0].float(), -1)[tok].item() for step, tok in zip(gen.logits, new)])
+    return out, prompt_ids, logprobs

@@ -1,9 +1,11 @@
 """fastflamingo.vllm, phase 2: prompts with images through ``vllm.LLM`` on the CPU (one shared engine).
 
 The reference is transformers' greedy ``generate`` on the same saved weights and the same ``MllamaProcessor``
-outputs, one prompt at a time. The tiny mllama (tests_vllm/checkpoints.py) has 28 x 28 tiles of 5 vision tokens, up
-to 4 tiles per image, and tanh gates of 0.6 on both cross-attention layers, so a wrong image range, a wrong tile,
-a lost padded tile in the "hf" rows or a skipped layer changes the tokens.
+outputs, one prompt at a time: the same tokens, and each new token's log-probability within 1e-4. The tiny mllama
+(tests_vllm/checkpoints.py) has 28 x 28 tiles of 5 vision tokens, up to 4 tiles per image, tanh gates of 0.6 on
+both cross-attention layers and its cross K/V projections scaled by 8 (``cross_kv_scale``), so that the images
+steer the tokens: with transformers alone, swapping the two images of a prompt or zeroing the rows before the
+first image ("zero") changes the greedy tokens of 3 and 4 of the 6 prompts.
 """
 import pytest
 
@@ -38,14 +40,14 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return save_tiny_mllama(tmp_path_factory.mktemp("tiny_mllama_images"))
+    return save_tiny_mllama(tmp_path_factory.mktemp("tiny_mllama_images"), cross_kv_scale=8.0)
 
 
 @pytest.fixture(scope="module")
 def reference(checkpoint):
     reqs = [(prompt, [_img(n) for n in names]) for prompt, names in CASES.values()]
-    tokens, prompt_ids = hf_mllama_image_greedy(checkpoint, reqs, MAX_NEW)
-    return dict(zip(CASES, tokens)), dict(zip(CASES, prompt_ids))
+    tokens, prompt_ids, logprobs = hf_mllama_image_greedy(checkpoint, reqs, MAX_NEW)
+    return dict(zip(CASES, tokens)), dict(zip(CASES, prompt_ids)), dict(zip(CASES, logprobs))
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +71,10 @@ def _request(name):
 def _generate(llm, requests, max_new=MAX_NEW):
     from vllm import SamplingParams
 
-    outs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True))
-    return [list(o.outputs[0].token_ids) for o in outs], [list(o.prompt_token_ids) for o in outs]
+    outs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True, logprobs=0))
+    logprobs = [[step[tok].logprob for step, tok in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+                for o in outs]
+    return [list(o.outputs[0].token_ids) for o in outs], [list(o.prompt_token_ids) for o in outs], logprobs
 
 
 def test_tiles_per_image(checkpoint):
@@ -85,14 +89,17 @@ def test_tiles_per_image(checkpoint):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_one_request_matches_transformers(llm, reference, name):
-    tokens, prompt_ids = _generate(llm, [_request(name)])
-    expected, expected_ids = reference
+    tokens, prompt_ids, logprobs = _generate(llm, [_request(name)])
+    expected, expected_ids, expected_logprobs = reference
     assert prompt_ids[0] == expected_ids[name]
     assert tokens[0] == expected[name]
+    assert logprobs[0] == pytest.approx(expected_logprobs[name], abs=1e-4)
 
 
 def test_mixed_batch_matches_transformers(llm, reference):
     # every case in one generate call: prefills of 0-3 images, then decodes, share steps
     names = list(CASES) + ["one_image_first", "no_image"]
-    tokens, _ = _generate(llm, [_request(n) for n in names])
+    tokens, _, logprobs = _generate(llm, [_request(n) for n in names])
     assert tokens == [reference[0][n] for n in names]
+    for name, got in zip(names, logprobs):
+        assert got == pytest.approx(reference[2][name], abs=1e-4), name

@@ -566,8 +566,9 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
                 if zero:
                     start, end = lo, hi
                 else:  # transformers: a row that sees no image attends to every key, padded tiles included
+                    # (MllamaMask's form of such a row: start ALL_KEYS, end the image count)
                     start = [s if e else ALL_KEYS for s, e in zip(lo, hi)]
-                    end = [e if e else ALL_KEYS for e in hi]
+                    end = [e if e else len(keys) for e in hi]
                 req.mask = MllamaMask(torch.tensor([start]), torch.tensor([end]), torch.tensor([keys]), stride,
                                       has_all=ALL_KEYS in start, max_runs=_runs(start, end))
                 sees[a:b] = torch.tensor(hi) > 0
