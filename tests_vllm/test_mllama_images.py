@@ -103,3 +103,33 @@ def test_mixed_batch_matches_transformers(llm, reference):
     assert tokens == [reference[0][n] for n in names]
     for name, got in zip(names, logprobs):
         assert got == pytest.approx(reference[2][name], abs=1e-4), name
+
+
+BAD_REQUESTS = {
+    # more images than <|image|> tokens
+    "more_images_than_tokens": ({"prompt": f"<s> {I} w1 w2", "multi_modal_data": {"image": [_img("t1"), _img("t2")]}},
+                                r"1 <\|image\|> token\(s\) but 2 image\(s\)"),
+    # an <|image|> token without an image
+    "token_without_image": ({"prompt": f"<s> w1 {I} w2"}, r"1 <\|image\|> token\(s\) but 0 image\(s\)"),
+    # more images than limit_mm_per_prompt allows (3 here)
+    "too_many_images": ({"prompt": f"<s> {I} {I} {I} {I} w1",
+                         "multi_modal_data": {"image": [_img("t1"), _img("t2"), _img("t3"), _img("t1b")]}},
+                        r"4 images; at most 3"),
+    # a prompt longer than max_model_len (256)
+    "prompt_past_context": ({"prompt": "<s> " + " ".join(f"w{i % 100}" for i in range(300))},
+                            r"maximum context length is 256"),
+}
+
+
+from vllm.exceptions import VLLMValidationError  # noqa: E402  (the vLLM venv: conftest skips the tier without it)
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_request_is_refused_and_the_engine_keeps_serving(llm, reference, name):
+    request, message = BAD_REQUESTS[name]
+    # ValueError, or vLLM's own VLLMValidationError (its client errors: HTTP 400 from the server)
+    with pytest.raises((ValueError, VLLMValidationError), match=message):
+        _generate(llm, [request])
+    names = ["two_images_apart", "no_image"]
+    tokens, _, _ = _generate(llm, [_request(n) for n in names])
+    assert tokens == [reference[0][n] for n in names]

@@ -1,10 +1,11 @@
-"""fastflamingo.vllm, phase 1: a tiny random mllama served text-only through ``vllm.LLM`` on the CPU.
+"""fastflamingo.vllm: a tiny random mllama served text-only through ``vllm.LLM`` on the CPU (prompts with images:
+test_mllama_images.py).
 
 The reference is transformers' greedy ``generate`` on the same saved weights, one prompt at a time.
 """
 import pytest
 
-from checkpoints import IMAGE_TOKEN, hf_mllama_greedy, save_tiny_mllama
+from checkpoints import hf_mllama_greedy, save_tiny_mllama
 
 PROMPTS = ["w1 w2 w3", "w10 w20 w30 w40 w50 w60 w70", "w7", "w3 w3 w3 w3"]
 MAX_NEW = 8
@@ -59,12 +60,3 @@ def test_engine_runs_in_encoder_decoder_mode(llm):
 def test_text_only_greedy_matches_transformers(llm, checkpoint):
     expected = hf_mllama_greedy(checkpoint, PROMPTS, MAX_NEW)
     assert _greedy(llm, PROMPTS) == expected
-
-
-def test_prompt_with_an_image_is_refused_and_the_engine_keeps_serving(llm, checkpoint):
-    from PIL import Image
-
-    image = Image.new("RGB", (28, 28), color=(120, 30, 200))
-    with pytest.raises(Exception, match="does not serve images yet"):
-        _greedy(llm, [{"prompt": f"{IMAGE_TOKEN} w1 w2", "multi_modal_data": {"image": image}}])
-    assert _greedy(llm, PROMPTS[:1]) == hf_mllama_greedy(checkpoint, PROMPTS[:1], MAX_NEW)

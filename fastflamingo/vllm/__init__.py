@@ -5,9 +5,8 @@ vLLM finds :func:`register` through the ``vllm.general_plugins`` entry point and
 builds or runs models (the front end, the engine core, each worker), possibly more than once, so it is idempotent and
 imports vLLM only when called: ``import fastflamingo`` and ``import fastflamingo.vllm`` need only torch.
 
-Status (phase 1): text-only prompts generate through ``vllm.LLM``; prompts with images are refused with a
-per-request error until the cross-attention layers read vLLM's cross-attention KV cache (docs/vllm_notes.md has the
-design).
+Status (phase 2): text-only prompts and prompts with images generate through ``vllm.LLM`` on vLLM's CPU backend
+(docs/vllm_notes.md says what is built and measured).
 """
 from __future__ import annotations
 
@@ -27,9 +26,44 @@ def register() -> None:
     from .config import register_config
 
     register_config()
+    _refuse_image_tokens_without_images()
     # the string form imports the model module lazily (in vLLM's inspection subprocess and in the workers)
     ModelRegistry.register_model(MODEL_ARCH, MODEL_REF)
     _registered = True
+
+
+def _refuse_image_tokens_without_images() -> None:
+    """A prompt with ``<|image|>`` tokens and no image never reaches the multimodal processor (vLLM renders prompts
+    without multimodal data as plain tokens), which is where mismatched counts are refused; vLLM 0.32 has no model
+    hook for plain prompts, so the renderer's token step is wrapped (sync and async) to refuse them for mllama
+    models with the processor's message. transformers' processor refuses the same prompts."""
+    from vllm.renderers.base import BaseRenderer
+
+    if getattr(BaseRenderer._process_tokens, "_fastflamingo", False):
+        return
+
+    def check(renderer, prompt) -> None:
+        hf_config = renderer.model_config.hf_config
+        if getattr(hf_config, "model_type", None) != "mllama" or prompt.get("multi_modal_data"):
+            return
+        image_token = hf_config.image_token_index
+        count = sum(1 for t in prompt["prompt_token_ids"] if t == image_token)
+        if count:
+            raise ValueError(f"the prompt has {count} <|image|> token(s) but 0 image(s); each image needs its own "
+                             f"<|image|> token where it belongs in the text")
+
+    sync, async_ = BaseRenderer._process_tokens, BaseRenderer._process_tokens_async
+
+    def _process_tokens(self, prompt, **kwargs):
+        check(self, prompt)
+        return sync(self, prompt, **kwargs)
+
+    async def _process_tokens_async(self, prompt, **kwargs):
+        check(self, prompt)
+        return await async_(self, prompt, **kwargs)
+
+    _process_tokens._fastflamingo = _process_tokens_async._fastflamingo = True
+    BaseRenderer._process_tokens, BaseRenderer._process_tokens_async = _process_tokens, _process_tokens_async
 
 
 __all__ = ["register", "MODEL_ARCH", "MODEL_REF"]
