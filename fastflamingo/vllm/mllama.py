@@ -7,14 +7,15 @@ prefixes ``model.language_model.`` etc. are mapped back (:func:`_checkpoint_name
 - Self-attention decoder layers: vLLM's ``LlamaDecoderLayer`` (paged KV cache, the platform's attention backend).
 - Cross-attention decoder layers: ``q_proj`` / ``kv_proj`` / ``o_proj`` as vLLM parallel linears, ``q_norm`` /
   ``k_norm``, the tanh gates, and a ``CrossAttention`` module, which gives the layer its share of vLLM's
-  cross-attention KV cache (``CrossAttentionSpec``): docs/vllm_notes.md explains why the images' K/V are to live
-  there and how the per-token image intervals are to be computed.
+  cross-attention KV cache (``CrossAttentionSpec``); the attention itself is fastflamingo's ``mllama_xattn``.
 
-Phase 1 (this module): text-only prompts. The processor refuses a prompt with images (a per-request ValueError);
-a prompt without images leaves the request's cross-attention KV cache empty, and transformers then skips the
-cross-attention layers, which :meth:`MllamaForConditionalGeneration.forward` does too. vLLM's GPU start-up profiles
-the encoder with dummy images through the same processor, so phase 1 starts on the CPU backend only (which does not
-profile).
+Images: all images of a prompt travel as one multimodal item (:class:`MllamaImageSet`); ``embed_multimodal`` runs
+transformers' vision tower and the projector once per request and returns the real tiles' rows; on the request's
+prefill step every cross layer projects K/V from the padded output (transformers' key layout), writes the real rows
+into the cross-attention cache and attends with per-token image ranges (:mod:`.intervals`); decode steps gather
+the cached rows through the block table (vLLM's CPU backend layout, :func:`read_cross_kv`) and attend to the key
+range of the prompt's last token. ``empty_rows``: :func:`empty_rows_option`. docs/vllm_notes.md has the design and
+what was measured.
 """
 from __future__ import annotations
 
@@ -464,7 +465,7 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
         config = vllm_config.model_config.hf_config
         self.config = config
         self.image_token_id = config.image_token_index
-        # transformers' vision tower (replicated on every tensor-parallel rank); the images' path is phase 2
+        # transformers' vision tower (replicated on every tensor-parallel rank)
         vision_config = config.vision_config
         vision_config._attn_implementation = "sdpa"
         self.vision_model = MllamaVisionModel(vision_config)
@@ -495,7 +496,6 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
         layout) rides along as an attribute of that tensor for the request's prefill step, which needs it: under
         ``empty_rows="hf"`` the rows before the first image attend to every key, padded tiles included, and the
         cross layers project the cached K/V from it (vLLM hands ``forward`` the very tensors returned here)."""
-        pixel_values = kwargs["pixel_values"]
         fields = [kwargs[name] for name in _IMAGE_FIELDS]
         fields = [list(f) if isinstance(f, (list, tuple)) else list(f.unbind(0)) for f in fields]
         vision = self.config.vision_config
@@ -513,7 +513,6 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
             real = padded[real_index]
             real._fastflamingo_images = (num_tiles, padded, real_index)
             outputs.append(real)
-        del pixel_values
         return outputs
 
     def _plan(self, input_ids: torch.Tensor, positions: torch.Tensor, encoder_outputs) -> Optional[StepPlan]:
