@@ -27,6 +27,7 @@ def register() -> None:
 
     register_config()
     _refuse_image_tokens_without_images()
+    _one_uuid_per_image_set()
     # the string form imports the model module lazily (in vLLM's inspection subprocess and in the workers)
     ModelRegistry.register_model(MODEL_ARCH, MODEL_REF)
     _registered = True
@@ -64,6 +65,30 @@ def _refuse_image_tokens_without_images() -> None:
 
     _process_tokens._fastflamingo = _process_tokens_async._fastflamingo = True
     BaseRenderer._process_tokens, BaseRenderer._process_tokens_async = _process_tokens, _process_tokens_async
+
+
+def _one_uuid_per_image_set() -> None:
+    """The chat front end sends one multimodal UUID per image (None where the client gave none), while the plugin's
+    data parser makes all of a prompt's images one item, and vLLM's renderer then refuses the request ("multi_modal_uuids
+    ... must have same length"). For mllama configs the renderer's UUID step is wrapped to give the image set one
+    UUID: the client's UUIDs joined when it gave one for every image, else None (vLLM hashes the content)."""
+    from vllm.renderers.base import BaseRenderer
+
+    if getattr(BaseRenderer._process_mm_uuids, "_fastflamingo", False):
+        return
+    original = BaseRenderer._process_mm_uuids
+
+    def _process_mm_uuids(self, mm_data, mm_data_items, mm_uuid_items, mm_req_id):
+        uuids = mm_uuid_items.get("image") if mm_uuid_items else None
+        if (getattr(self.model_config.hf_config, "model_type", None) == "mllama" and uuids is not None
+                and not isinstance(uuids, str) and len(uuids) != 1 and "image" in mm_data_items
+                and mm_data_items["image"].get_count() == 1):
+            joined = None if any(u is None for u in uuids) else "+".join(uuids)
+            mm_uuid_items = {**mm_uuid_items, "image": [joined]}
+        return original(self, mm_data, mm_data_items, mm_uuid_items, mm_req_id)
+
+    _process_mm_uuids._fastflamingo = True
+    BaseRenderer._process_mm_uuids = _process_mm_uuids
 
 
 __all__ = ["register", "MODEL_ARCH", "MODEL_REF"]

@@ -96,9 +96,11 @@ class MllamaProcessingInfo(BaseProcessingInfo):
         return MllamaDataParser(expected_hidden_size=self._get_expected_hidden_size())
 
     def get_supported_mm_limits(self) -> Mapping[str, Optional[int]]:
-        # one multimodal item per prompt (MllamaImageSet) however many images it holds. (A limit of 0 would size
-        # vLLM's encoder cache to 0, and vLLM then refuses even text-only prompts of an encoder-decoder model.)
-        return {"image": 1}
+        # open: the chat front end counts images against min(this, limit_mm_per_prompt) before the data parser makes
+        # them one item (MllamaImageSet), so 1 would refuse every multi-image chat; the processor enforces the
+        # user's limit itself. (A limit of 0 would size vLLM's encoder cache to 0, and vLLM then refuses even
+        # text-only prompts of an encoder-decoder model.)
+        return {"image": None}
 
     def get_tokens_per_tile(self) -> int:
         vision = self.get_hf_config().vision_config
