@@ -71,6 +71,7 @@ IMAGE_TOKEN = "<|image|>"
 def save_tiny_mllama(path: Path, *, seed: int = 0, hidden_size: int = 256, head_dim: int = 64,
                      num_layers: int = 4, cross_attention_layers=(1, 3), gate: float = 0.6, image_size: int = 28,
                      patch_size: int = 14, max_num_tiles: int = 4, cross_kv_scale: float = 1.0,
+                     num_kv_heads=None, vision_hidden: int = 32, max_positions: int = 512,
                      dtype=torch.float32) -> Path:
     """A random ``MllamaForConditionalGeneration`` and its ``MllamaProcessor`` in ``path``: a text model of hidden
     256 (4 heads of 64, 2 K/V heads; 64 because vLLM's CPU attention backend takes it) with cross-attention layers
@@ -89,13 +90,15 @@ def save_tiny_mllama(path: Path, *, seed: int = 0, hidden_size: int = 256, head_
     tokenizer = build_tokenizer(extra_tokens=(IMAGE_TOKEN,))
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config = MllamaConfig(
-        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
-                           intermediate_size=64, image_size=image_size, patch_size=patch_size,
-                           max_num_tiles=max_num_tiles, intermediate_layers_indices=[0, 1], vision_output_dim=96),
+        vision_config=dict(hidden_size=vision_hidden, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                           intermediate_size=2 * vision_hidden, image_size=image_size, patch_size=patch_size,
+                           max_num_tiles=max_num_tiles, intermediate_layers_indices=[0, 1],
+                           vision_output_dim=3 * vision_hidden),
         text_config=dict(vocab_size=image_token_id, hidden_size=hidden_size, num_hidden_layers=num_layers,
-                         num_attention_heads=hidden_size // head_dim, num_key_value_heads=hidden_size // head_dim // 2,
+                         num_attention_heads=hidden_size // head_dim,
+                         num_key_value_heads=num_kv_heads or hidden_size // head_dim // 2,
                          intermediate_size=2 * hidden_size, cross_attention_layers=list(cross_attention_layers),
-                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+                         max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, pad_token_id=0),
         image_token_index=image_token_id,
     )
     torch.manual_seed(seed)
