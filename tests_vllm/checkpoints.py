@@ -49,17 +49,18 @@ def save_tiny_llama(path: Path, *, seed: int = 0, hidden_size: int = 256, head_d
     return path
 
 
-def hf_greedy(path: Path, prompts, max_new_tokens: int):
-    """transformers' greedy continuation (token ids only) of each prompt, one at a time: the reference."""
+def hf_greedy(path: Path, prompts, max_new_tokens: int, model_class=None):
+    """transformers' greedy continuation (token ids only) of each prompt, one at a time: the reference.
+    ``model_class``: default ``AutoModelForCausalLM``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = (model_class or AutoModelForCausalLM).from_pretrained(path, dtype=torch.float32).eval()
     out = []
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
-            gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+            gen = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
                                  pad_token_id=0)
         out.append(gen[0, ids.shape[1]:].tolist())
     return out
@@ -118,18 +119,9 @@ def save_tiny_mllama(path: Path, *, seed: int = 0, hidden_size: int = 256, head_
 
 def hf_mllama_greedy(path: Path, prompts, max_new_tokens: int):
     """transformers' greedy continuation of text-only prompts (token ids), one prompt at a time."""
-    from transformers import AutoTokenizer, MllamaForConditionalGeneration
+    from transformers import MllamaForConditionalGeneration
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = MllamaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-    out = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            gen = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)
-        out.append(gen[0, ids.shape[1]:].tolist())
-    return out
+    return hf_greedy(path, prompts, max_new_tokens, MllamaForConditionalGeneration)
 
 
 def tiny_image(width: int, height: int, seed: int):

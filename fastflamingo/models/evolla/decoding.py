@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .. import _instance_hooks as instance_hooks
 from .._patching import class_named
 
 
@@ -41,26 +42,12 @@ def _generates(module: nn.Module) -> bool:
 
 def install(model: nn.Module) -> int:
     """Give every ``EvollaForProteinText2Text`` in ``model`` the KV-cached ``generate`` (once); returns how many."""
-    count = 0
-    for module in model.modules():
-        if _generates(module) and not isinstance(module.__dict__.get("generate"), KvCachedGenerate):
-            module.__dict__["generate"] = KvCachedGenerate(module, module.__dict__.get("generate"))
-            count += 1
-    return count
+    return instance_hooks.install(model, "generate", _generates, KvCachedGenerate)
 
 
 def uninstall(model: nn.Module) -> int:
     """Remove what :func:`install` added; returns how many."""
-    count = 0
-    for module in model.modules():
-        hook = module.__dict__.get("generate")
-        if isinstance(hook, KvCachedGenerate):
-            if hook.previous is None:
-                del module.__dict__["generate"]
-            else:
-                module.__dict__["generate"] = hook.previous
-            count += 1
-    return count
+    return instance_hooks.uninstall(model, "generate", KvCachedGenerate)
 
 
 __all__ = ["KvCachedGenerate", "install", "uninstall"]

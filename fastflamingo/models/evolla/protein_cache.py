@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ...cache import ProjectionCache
+from .. import _instance_hooks as instance_hooks
 from .._patching import class_named
 
 CACHE_ATTR = "media_cache"  # fastflamingo.clear_media_cache empties it
@@ -56,28 +57,13 @@ def _is_protein_encoder(module: nn.Module) -> bool:
 
 def install(model: nn.Module) -> int:
     """Give every ``EvollaProteinEncoder`` in ``model`` the caching forward (once); returns how many it got."""
-    count = 0
-    for module in model.modules():
-        if _is_protein_encoder(module) and not isinstance(module.__dict__.get("forward"), CachedProteinEncoding):
-            module.__dict__["forward"] = CachedProteinEncoding(module, module.__dict__.get("forward"))
-            module.__dict__[CACHE_ATTR] = ProjectionCache()
-            count += 1
-    return count
+    return instance_hooks.install(model, "forward", _is_protein_encoder, CachedProteinEncoding,
+                                  **{CACHE_ATTR: ProjectionCache})
 
 
 def uninstall(model: nn.Module) -> int:
     """Remove what :func:`install` added, putting back a forward that was there before; returns how many."""
-    count = 0
-    for module in model.modules():
-        hook = module.__dict__.get("forward")
-        if isinstance(hook, CachedProteinEncoding):
-            if hook.previous is None:
-                del module.__dict__["forward"]
-            else:
-                module.__dict__["forward"] = hook.previous
-            module.__dict__.pop(CACHE_ATTR, None)
-            count += 1
-    return count
+    return instance_hooks.uninstall(model, "forward", CachedProteinEncoding, CACHE_ATTR)
 
 
 __all__ = ["CachedProteinEncoding", "install", "uninstall", "CACHE_ATTR"]
