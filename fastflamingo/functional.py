@@ -96,8 +96,9 @@ def media_xattn(
             grad. Every path reads the shared rows in place; K/V is never repeated.
         key_mask: None, or (batch of k, keys) over the keys of k and v: bool, or 0/1 integer / floating (nonzero
             = visible). A hidden key is seen by no token (padding inside a media, or a padded source of
-            concatenated media); combined (AND) with ``mask``. The Triton kernels do not take it yet: an explicit
-            ``triton`` backend raises, ``auto`` runs the PyTorch path.
+            concatenated media); combined (AND) with ``mask``. With ``kv_group`` r, query row ``b`` reads mask row
+            ``b // r``, as it reads K/V. Every path takes it (the Triton kernels as a byte mask they read per key
+            tile); a hidden key gets zero gradients.
 
     Returns:
         (batch, text, heads, head_dim) in the dtype of ``q``. A token that sees no key (no media, or every key
@@ -155,12 +156,12 @@ def media_xattn(
     def triton_reasons() -> List[str]:
         if not isinstance(mask, MediaMask):
             return ["the image mask has no closed form (rows are neither one-hot nor prefixes)"]
-        return _media_xattn_reasons(q, k, v, dropout_p, key_mask)
+        return _media_xattn_reasons(q, k, v, dropout_p)
 
     if _backend.choose("media_xattn", (q, k, v), triton_reasons) == "torch":
         return torch_path.media_xattn(q, k, v, mask, latents, scale, dropout_p, kv_group, key_mask)
     text_time = mask.text_time.to(q.device)
-    args = (q, k, v, text_time, num_media, latents, mask.immediate, scale, kv_group)
+    args = (q, k, v, text_time, num_media, latents, mask.immediate, scale, kv_group, key_mask)
     if num_text <= _backend.DECODE_MAX_TOKENS and not _records_graph(q, k, v):
         # a decode step: the split-key kernels (no host synchronisation: CUDA-graph capturable, no autograd)
         from .ops.media_decode import media_decode
@@ -171,12 +172,9 @@ def media_xattn(
     return prefill(*args)
 
 
-def _media_xattn_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
-                         key_mask: Optional[torch.Tensor] = None) -> List[str]:
+def _media_xattn_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> List[str]:
     if dropout_p:
         return [f"attention dropout (dropout_p={dropout_p}) is not supported by the kernels"]
-    if key_mask is not None:
-        return ["key_mask is not supported by the media_xattn kernels yet"]
     from .ops import media_xattn as xattn_ops
 
     return xattn_ops.unsupported_reasons(q, k, v)
@@ -185,9 +183,10 @@ def _media_xattn_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop
 def media_xattn_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: float = 0.0,
                         key_mask: Optional[torch.Tensor] = None) -> str:
     """The backend (``"torch"`` or ``"triton"``) :func:`media_xattn` uses for these tensors with a closed-form
-    mask (and ``key_mask``, when one is passed); raises :class:`~fastflamingo.BackendError` as it would. For callers
-    that prepare the mask differently per backend (the IDEFICS layer while traced)."""
-    return _backend.choose("media_xattn", (q, k, v), lambda: _media_xattn_reasons(q, k, v, dropout_p, key_mask))
+    mask; raises :class:`~fastflamingo.BackendError` as it would. For callers that prepare the mask differently per
+    backend (the IDEFICS layer while traced). ``key_mask`` is accepted for callers that pass one: every backend
+    takes a key mask, so it does not change the answer."""
+    return _backend.choose("media_xattn", (q, k, v), lambda: _media_xattn_reasons(q, k, v, dropout_p))
 
 
 # --------------------------------------------------------------------------------------------------------------

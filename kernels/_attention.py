@@ -102,6 +102,13 @@ def row_keys_visible(offs_n, b_lo, b_hi, ROW_KEYS: tl.constexpr, TRANSPOSED: tl.
     return visible
 
 
+@triton.jit
+def key_kept(p_keep, offs_n, n_ok):
+    """The key padding mask of keys ``offs_n``: true where the byte at ``p_keep`` + key index is nonzero; false
+    where ``n_ok`` is (keys past the source, never read)."""
+    return tl.load(p_keep + offs_n, mask=n_ok, other=0) != 0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Forward: online softmax and its ending
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,15 +156,19 @@ def online_softmax_step(b_s2, b_v, b_m, b_l, b_acc, DOT_PRECISION: tl.constexpr,
 @triton.jit
 def attend_keys(b_q, p_k, p_v, b_m, b_l, b_acc, kt_offs, v_offs, start, stop, b_lo, b_hi, d_ok, qk_scale,
                 stride_kl, stride_vl, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_KEYS: tl.constexpr,
-                V_FIRST: tl.constexpr, p_keep=None):
+                V_FIRST: tl.constexpr, p_keep=None, KEY_MASK: tl.constexpr = False):
     """The online softmax over the keys ``[start, stop)`` of one contiguous key source (``p_k`` / ``p_v`` point at
     key ``start``; ``kt_offs`` / ``v_offs`` are the in-tile offsets of a K^T and a V tile), continuing from the
     state ``(b_m, b_l, b_acc)``.
 
     ``ROW_KEYS``, the family's visibility rule as per-row bounds in the same key numbering as ``start``: "range",
     a row sees the keys ``[b_lo, b_hi)``; "end", the keys ``< b_hi``; "all", every key of the range (no row is
-    ever empty, ``b_lo`` / ``b_hi`` are not read); "key_mask", every row sees the keys whose byte at ``p_keep`` +
-    key index is nonzero (a key padding mask, the same for every row: a row may see none of these keys).
+    ever empty, ``b_lo`` / ``b_hi`` are not read).
+
+    ``KEY_MASK``: a key padding mask ANDed with the rule: a row sees only the keys whose byte at ``p_keep`` + key
+    index (the same numbering) is nonzero, the same for every row. A row may then see none of its keys, so the
+    online softmax runs with ``MAY_BE_EMPTY`` whenever ``ROW_KEYS`` is not "all" or the mask is on. Off (the
+    default), the helper compiles exactly as without it.
 
     ``V_FIRST``: load the V tile with the K tile, before the softmax statistics, rather than once the weights are
     known. Which order compiles to fewer registers depends on the family's tiles (the compile check measured it:
@@ -169,17 +180,21 @@ def attend_keys(b_q, p_k, p_v, b_m, b_l, b_acc, kt_offs, v_offs, start, stop, b_
         b_kt = tl.load(p_k + kt_offs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
         b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [rows, BLOCK_N], log2 domain
         if ROW_KEYS == "all":
-            b_s = tl.where(n_ok[None, :], b_s, float("-inf"))
-        elif ROW_KEYS == "key_mask":
-            b_keep = tl.load(p_keep + offs_n, mask=n_ok, other=0) != 0
-            b_s = tl.where(b_keep[None, :], b_s, float("-inf"))
+            if KEY_MASK:  # the keep bytes past ``stop`` read as 0: the padding of the last tile stays hidden
+                b_s = tl.where(key_kept(p_keep, offs_n, n_ok)[None, :], b_s, float("-inf"))
+            else:
+                b_s = tl.where(n_ok[None, :], b_s, float("-inf"))
         else:
-            b_s = tl.where(row_keys_visible(offs_n, b_lo, b_hi, ROW_KEYS, False), b_s, float("-inf"))
+            visible = row_keys_visible(offs_n, b_lo, b_hi, ROW_KEYS, False)
+            if KEY_MASK:
+                visible = visible & key_kept(p_keep, offs_n, n_ok)[None, :]
+            b_s = tl.where(visible, b_s, float("-inf"))
         if V_FIRST:
             b_v = tl.load(p_v + v_offs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            b_m, b_l, b_acc = online_softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, ROW_KEYS != "all")
+            b_m, b_l, b_acc = online_softmax_step(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION,
+                                                  (ROW_KEYS != "all") | KEY_MASK)
         else:
-            b_m, b_l, b_p, b_alpha = softmax_rescale(b_s, b_m, b_l, ROW_KEYS != "all")
+            b_m, b_l, b_p, b_alpha = softmax_rescale(b_s, b_m, b_l, (ROW_KEYS != "all") | KEY_MASK)
             b_v = tl.load(p_v + v_offs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
         p_k += BLOCK_N * stride_kl
@@ -245,9 +260,10 @@ def score_grads(b_p, b_do, b_vt, b_delta, DOT_PRECISION: tl.constexpr):
 @triton.jit
 def dq_keys(b_q, b_do, b_lse2, b_delta, p_k, p_v, b_dq, kt_offs, vt_offs, start, stop, b_lo, b_hi, d_ok,
             qk_scale, stride_kl, stride_vl, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-            ROW_KEYS: tl.constexpr):
+            ROW_KEYS: tl.constexpr, p_keep=None, KEY_MASK: tl.constexpr = False):
     """dQ of one query tile over the keys ``[start, stop)`` of one key source (unscaled: the caller multiplies by
-    the softmax scale once): ``dq += ds k``. ``ROW_KEYS`` as in :func:`attend_keys` ("range" or "end")."""
+    the softmax scale once): ``dq += ds k``. ``ROW_KEYS`` as in :func:`attend_keys` ("range" or "end");
+    ``KEY_MASK`` / ``p_keep`` too (a hidden key has p = 0, so it adds nothing)."""
     cols = tl.arange(0, BLOCK_N)
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + cols
@@ -255,7 +271,10 @@ def dq_keys(b_q, b_do, b_lse2, b_delta, p_k, p_v, b_dq, kt_offs, vt_offs, start,
         b_kt = tl.load(p_k + kt_offs, mask=dn_ok, other=0.0)
         b_vt = tl.load(p_v + vt_offs, mask=dn_ok, other=0.0)
         b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [rows, BLOCK_N]
-        b_p = probabilities(b_s, b_lse2, row_keys_visible(offs_n, b_lo, b_hi, ROW_KEYS, False))
+        visible = row_keys_visible(offs_n, b_lo, b_hi, ROW_KEYS, False)
+        if KEY_MASK:
+            visible = visible & key_kept(p_keep, offs_n, offs_n < stop)[None, :]
+        b_p = probabilities(b_s, b_lse2, visible)
         b_ds = score_grads(b_p, b_do, b_vt, b_delta, DOT_PRECISION)
         b_dq += tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), input_precision=DOT_PRECISION)
         p_k += BLOCK_N * stride_kl
@@ -265,19 +284,27 @@ def dq_keys(b_q, b_do, b_lse2, b_delta, p_k, p_v, b_dq, kt_offs, vt_offs, start,
 
 @triton.jit
 def dkdv_step(b_k, b_v, b_q, b_do, b_lse2, b_delta, offs_n, b_lo, b_hi, b_dk, b_dv, qk_scale,
-              DOT_PRECISION: tl.constexpr, ROW_KEYS: tl.constexpr, MASK_FIRST: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, ROW_KEYS: tl.constexpr, MASK_FIRST: tl.constexpr, b_keep=None,
+              KEY_MASK: tl.constexpr = False):
     """One block of query rows' contribution to the gradients of the key tile ``offs_n``, computed transposed
     ([keys, rows]) so the accumulators need no transpose: ``dv += p^T do``, ``dk += ds^T q`` (unscaled) with
     ``ds = p * (do v^T - delta)``; the rows' bounds and ``ROW_KEYS`` as in :func:`attend_keys`.
 
     ``MASK_FIRST``: build the visibility mask before the score product rather than after it; like ``V_FIRST`` in
     :func:`attend_keys`, the order the compile check measured fewer registers and instructions with (mllama's GQA
-    rows: first; media_xattn: after)."""
+    rows: first; media_xattn: after).
+
+    ``KEY_MASK``: ``b_keep`` [BLOCK_N] is the key padding mask of the tile's keys (:func:`key_kept`), ANDed with the
+    rule; the caller loads it once, since a dK/dV program keeps one key tile for all of its query rows."""
     if MASK_FIRST:
         visible_t = row_keys_visible(offs_n, b_lo, b_hi, ROW_KEYS, True)
+        if KEY_MASK:
+            visible_t = visible_t & b_keep[:, None]
     b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, rows]
     if not MASK_FIRST:
         visible_t = row_keys_visible(offs_n, b_lo, b_hi, ROW_KEYS, True)
+        if KEY_MASK:
+            visible_t = visible_t & b_keep[:, None]
     b_pt = tl.where(visible_t, tl.exp2(b_st - b_lse2[None, :]), 0.0)
     b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BLOCK_N, rows]

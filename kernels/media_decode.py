@@ -3,7 +3,8 @@
 Math: exactly that of ``media_xattn`` (see its module docstring). Token ``t`` of sample ``b`` with
 ``j = text_time[b, t]`` sees keys ``[(j-1)*n, j*n)`` (immediate, 1 <= j <= M) or ``[0, min(j, M)*n)``
 (all-previous); a token that sees nothing gets exactly 0. Inference only: no LSE is returned and there is no
-backward (the dispatcher sends calls that need gradients to the prefill kernels).
+backward (the dispatcher sends calls that need gradients to the prefill kernels). ``KEY_MASK``: a key padding mask
+ANDed with the rule, as in ``media_xattn``.
 
 Flash-decoding layout. A decode step has ``Tq`` = 1..16 query tokens per sample, far too few rows to fill a GPU
 with one program per query tile, and in all-previous mode each token may see thousands of keys. So:
@@ -71,7 +72,8 @@ def _media_decode_split_kernel(
     stride_ob, stride_ot, stride_oh, stride_wbh, stride_wt, stride_ws, stride_lbh, stride_lt, stride_tb, stride_tt,
     num_heads, num_tokens, num_media, latents, num_splits, kv_group, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IMMEDIATE: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IMMEDIATE: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr, KEEP=None,
+    KEY_MASK: tl.constexpr = False,
 ):
     """One program: every query token of one (sample, head), one split of their visible key range.
 
@@ -82,6 +84,10 @@ def _media_decode_split_kernel(
     ``DIRECT`` (one split): write the normalised output to ``O`` in its dtype. Otherwise write the fp32 partial
     ``acc / l`` to ``O_PART[b*H + h, t, split, :]`` and ``m + log2(l)`` (log2 domain, ``-inf`` if no key) to
     ``LSE_PART[b*H + h, t, split]``.
+
+    ``KEY_MASK``: ``KEEP`` is a contiguous (K/V rows, num_media * latents) byte mask, nonzero = visible key, ANDed
+    with the media rule; the sample reads the row of its K/V row. The splits still cut the rows' visible range (the
+    mask is not read on the host), so a split, or every split of a row, may see no key: 0 and LSE -inf, as above.
     """
     pid_split = tl.program_id(0)
     pid_gh = tl.program_id(1)
@@ -114,9 +120,14 @@ def _media_decode_split_kernel(
     kt_offs = offs_d[:, None] + cols[None, :] * stride_kl  # [BLOCK_D, BLOCK_N]
     v_offs = cols[:, None] * stride_vl + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
 
+    p_keep = KEEP
+    if KEY_MASK:
+        p_keep = KEEP + b_kv * (num_media * latents)  # this K/V row's keys (int64: b_kv is)
+
     b_m, b_l, b_acc = softmax_state(BLOCK_M, BLOCK_D)
     b_m, b_l, b_acc = attend_keys(b_q, p_k, p_v, b_m, b_l, b_acc, kt_offs, v_offs, start, stop, b_lo, b_hi, d_ok,
-                                  qk_scale, stride_kl, stride_vl, BLOCK_N, DOT_PRECISION, "range", False)
+                                  qk_scale, stride_kl, stride_vl, BLOCK_N, DOT_PRECISION, "range", False, p_keep,
+                                  KEY_MASK)
     b_o = softmax_output(b_l, b_acc, True)  # exactly 0 for rows that saw nothing here
     if DIRECT:
         p_o = O + b * stride_ob + h * stride_oh
@@ -225,10 +236,11 @@ _AOT_STEPS = ((64, 1, 8, 33), (96, 4, 16, 17), (128, 16, 64, 33))
 _AOT_LATENTS, _AOT_SPLITS = 64, 17
 
 
-def _aot_args(dtype: torch.dtype, step: tuple, splits: int, precision: str) -> dict:
+def _aot_args(dtype: torch.dtype, step: tuple, splits: int, precision: str, key_mask: bool = False) -> dict:
     """What ``fastflamingo/ops/media_decode.py`` passes: q (B, 1, H, D) from a contiguous projection, k and v views
     of one fused cached (B, M*n, 2*H*D) projection, int32 text_time (B, 1); several splits: fp32 partials with the
-    head axis padded to BLOCK_D and the LSEs' split axis to a multiple of 16; one split: o as the unused workspace."""
+    head axis padded to BLOCK_D and the LSEs' split axis to a multiple of 16; one split: o as the unused workspace.
+    ``key_mask``: a (B, M*n) byte mask (``KEY_MASK``)."""
     head_dim, batch, heads, media = step
     q = meta_tensor((batch, 1, heads, head_dim), dtype)
     k = meta_tensor((batch, media * _AOT_LATENTS, 2, heads, head_dim), dtype)[:, :, 0]
@@ -239,7 +251,8 @@ def _aot_args(dtype: torch.dtype, step: tuple, splits: int, precision: str) -> d
     args = dict(Q=q, K=k, V=k, O=q, O_PART=part, LSE_PART=lse, TEXT_TIME=text_time, num_heads=heads, num_tokens=1,
                 num_media=media, latents=_AOT_LATENTS, num_splits=splits, kv_group=1,
                 qk_scale=head_dim ** -0.5 * LOG2E, HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), BLOCK_M=BLOCK_M,
-                DOT_PRECISION=precision, DIRECT=splits == 1,
+                DOT_PRECISION=precision, DIRECT=splits == 1, KEY_MASK=key_mask,
+                KEEP=meta_tensor((batch, media * _AOT_LATENTS), torch.uint8) if key_mask else None,
                 stride_wbh=0, stride_wt=0, stride_ws=0, stride_lbh=0, stride_lt=0)  # DIRECT: no workspace
     for names, t in ((("stride_qb", "stride_qt", "stride_qh"), q), (("stride_kb", "stride_kl", "stride_kh"), k),
                      (("stride_vb", "stride_vl", "stride_vh"), k), (("stride_ob", "stride_ot", "stride_oh"), q),
@@ -253,7 +266,8 @@ def _aot_args(dtype: torch.dtype, step: tuple, splits: int, precision: str) -> d
 
 def aot_variants(quick: bool = False) -> List[AotVariant]:
     """The split kernel (one split, writing the output, and several, writing partials; both modes) at the config
-    each architecture ships for every dtype and head size, and the combine kernel per head size. ``quick``: bf16,
+    each architecture ships for every dtype and head size, and the combine kernel per head size; the key-mask
+    specialization at head sizes 64 and 128 (immediate with one split, all-previous with several). ``quick``: bf16,
     head_dim 128."""
     dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32)
     steps = [s for s in _AOT_STEPS if not quick or s[0] == 128]
@@ -267,6 +281,14 @@ def aot_variants(quick: bool = False) -> List[AotVariant]:
             variants.append(aot_launch("media_decode_split", _media_decode_split_kernel,
                                        dict(_aot_args(dtype, step, splits, precision), IMMEDIATE=immediate), config,
                                        label, archs=(arch,)))
+        for (immediate, splits), precision in product(((True, 1), (False, _AOT_SPLITS)) if not quick and
+                                                      head_dim in (64, 128) else (), aot_dot_precisions(dtype)):
+            label = (f"{io}{'/tf32' if precision == 'tf32' and dtype == torch.float32 else ''} d{head_dim} "
+                     f"{'imm' if immediate else 'prev'} key_mask {'direct' if splits == 1 else 'split'} "
+                     f"{config_label(config)}")
+            variants.append(aot_launch("media_decode_split", _media_decode_split_kernel,
+                                       dict(_aot_args(dtype, step, splits, precision, key_mask=True),
+                                            IMMEDIATE=immediate), config, label, archs=(arch,)))
         part = meta_tensor((step[1] * step[2], 1, _AOT_SPLITS, head_block(head_dim)), torch.float32)
         lse = meta_tensor((step[1] * step[2], 1, cdiv(_AOT_SPLITS, 16) * 16), torch.float32)
         o = meta_tensor((step[1], 1, step[2], head_dim), dtype)

@@ -7,7 +7,11 @@ media-major. Token ``t`` of sample ``b`` with ``j = text_time[b, t]`` sees the c
 * all-previous:  ``[0, min(j, M)*n)`` (nothing for ``j <= 0``).
 
 ``o = softmax(scale * q k^T restricted to [lo, hi)) v``; a token that sees nothing gets ``o = 0`` and zero
-gradients. The softmax runs online in the exp2 domain (``scale * log2(e)`` folded into one multiplier) with fp32
+gradients. ``KEY_MASK`` (a constexpr, off by default: the kernels then compile exactly as without it) adds a key
+padding mask, a contiguous (K/V rows, M*n) byte tensor ``KEEP`` (nonzero = visible) ANDed with that rule: a token
+sees the keys of ``[lo, hi)`` whose byte is set (Evolla's aligner: one media made of padded protein, structure and
+MSA sources), so it may see none, and a hidden key gets zero dK/dV. The tiles and schedules do not change: the mask
+is read per key tile next to K (``kernels/_attention.py``). The softmax runs online in the exp2 domain (``scale * log2(e)`` folded into one multiplier) with fp32
 statistics and fp32 ``tl.dot`` accumulation; the natural-log LSE (fp32, (B, H, T), ``+inf`` for tokens that see
 nothing) is saved for the backward pass. Backward: ``delta = rowsum(o * do)``, then one kernel per key tile for
 dK/dV and one per query tile for dQ, both deterministic (no atomics).
@@ -52,7 +56,7 @@ from ._utils import (ARCHS, INTERPRET, LOG2E, SM80, SM90, TORCH_TO_TRITON_DTYPE,
                      aot_dot_precisions, aot_launch, cdiv, config_label, device_arch, head_block, meta_tensor,
                      named_strides, per_arch, size_class, table_key, text_class)
 from ._attention import LOG2E as _LOG2E
-from ._attention import (attend_keys, dkdv_step, dq_keys, key_span, row_deltas_aot_variant, sample_and_head,
+from ._attention import (attend_keys, dkdv_step, dq_keys, key_kept, key_span, row_deltas_aot_variant, sample_and_head,
                          scheduled_tile, softmax_lse, softmax_output, softmax_state, text_time_keys)
 from ._launch import DKDV_SPLITS, split_count
 from ._schedules import media_token_ranges, query_tile_schedule, query_tile_slots  # noqa: F401  (launchers)
@@ -98,9 +102,13 @@ def _media_xattn_fwd_kernel(
     stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_tb, stride_tt, stride_pb,
     num_heads, num_media, latents, kv_group, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IMMEDIATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IMMEDIATE: tl.constexpr, DOT_PRECISION: tl.constexpr, KEEP=None, KEY_MASK: tl.constexpr = False,
 ):
     """One program: one query tile (a slice of one run, from the schedule) of one (sample, head).
+
+    ``KEY_MASK``: ``KEEP`` is a contiguous (K/V rows, num_media * latents) byte mask, nonzero = visible key, ANDed
+    with the media rule (a row may then see no key: output 0, LSE +inf). The query sample reads the row of its K/V
+    row ``b_kv``, as it reads K and V.
 
     ``kv_group``: query sample ``b`` reads K/V row ``b // kv_group`` (beam search shares one media projection
     among the ``kv_group`` beams of a sample instead of storing a copy per beam); 1 for ordinary calls. Grid axis 1
@@ -130,9 +138,14 @@ def _media_xattn_fwd_kernel(
     kt_offs = offs_d[:, None] + cols[None, :] * stride_kl  # [BLOCK_D, BLOCK_N]
     v_offs = cols[:, None] * stride_vl + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
 
+    p_keep = KEEP
+    if KEY_MASK:
+        p_keep = KEEP + b_kv * (num_media * latents)  # this K/V row's keys (int64: b_kv is)
+
     b_m, b_l, b_acc = softmax_state(BLOCK_M, BLOCK_D)
     b_m, b_l, b_acc = attend_keys(b_q, p_k, p_v, b_m, b_l, b_acc, kt_offs, v_offs, key_lo, key_hi, b_lo, b_hi,
-                                  d_ok, qk_scale, stride_kl, stride_vl, BLOCK_N, DOT_PRECISION, "range", False)
+                                  d_ok, qk_scale, stride_kl, stride_vl, BLOCK_N, DOT_PRECISION, "range", False,
+                                  p_keep, KEY_MASK)
     b_o = softmax_output(b_l, b_acc, True)  # exactly 0 for rows that see nothing
     b_lse = softmax_lse(b_m, b_l, True, True)
 
@@ -150,10 +163,12 @@ def _media_xattn_bwd_dkdv_kernel(
     stride_dks, stride_dkb, stride_dkl, stride_dkh, stride_dvs, stride_dvb, stride_dvl, stride_dvh,
     num_heads, num_media, latents, num_splits, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IMMEDIATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IMMEDIATE: tl.constexpr, DOT_PRECISION: tl.constexpr, KEEP=None, KEY_MASK: tl.constexpr = False,
 ):
     """One program: one media-aligned key tile of one (sample, head) and one split (grid axis 2) of the tokens that
     see its media: split ``s`` takes token blocks ``[s * blocks // splits, (s + 1) * blocks // splits)``.
+    ``KEY_MASK``, ``KEEP``: as in the forward kernel (one K/V row per sample here); a hidden key has p = 0 for every
+    token, so its dK/dV are stored as exact zeros.
 
     Computed transposed ([keys, tokens]) so that the dK/dV accumulators need no transpose:
     ``dv += p^T do``, ``dk += scale * ds^T q`` with ``ds = p * (do v^T - delta)``. With one split DK/DV are the
@@ -180,6 +195,9 @@ def _media_xattn_bwd_dkdv_kernel(
     p_v = V + b * stride_vb + h * stride_vh + n0 * stride_vl
     b_k = tl.load(p_k + cols[:, None] * stride_kl + offs_d[None, :], mask=nd_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
     b_v = tl.load(p_v + cols[:, None] * stride_vl + offs_d[None, :], mask=nd_ok, other=0.0)
+    b_keep = None
+    if KEY_MASK:  # the tile's keys are the same for every token block: their mask is loaded once
+        b_keep = key_kept(KEEP + b * (num_media * latents), offs_n, n_ok)
     tok_first = tl.load(TOKEN_FIRST + b * stride_rb + media)
     tok_end = tl.load(TOKEN_END + b * stride_rb + media)
     # this split's share of the token blocks (an empty media has first = T > end = 0: no blocks)
@@ -209,7 +227,7 @@ def _media_xattn_bwd_dkdv_kernel(
         b_lse2 = tl.load(p_lse + rows, mask=m_ok, other=0.0) * _LOG2E
         b_delta = tl.load(p_delta + rows, mask=m_ok, other=0.0)
         b_dk, b_dv = dkdv_step(b_k, b_v, b_q, b_do, b_lse2, b_delta, offs_n, b_lo, b_hi, b_dk, b_dv, qk_scale,
-                               DOT_PRECISION, "range", False)
+                               DOT_PRECISION, "range", False, b_keep, KEY_MASK)
         p_q += BLOCK_M * stride_qt
         p_do += BLOCK_M * stride_gt
         p_tt += BLOCK_M * stride_tt
@@ -232,9 +250,10 @@ def _media_xattn_bwd_dq_kernel(
     stride_dqb, stride_dqt, stride_dqh,
     num_heads, num_media, latents, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IMMEDIATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IMMEDIATE: tl.constexpr, DOT_PRECISION: tl.constexpr, KEEP=None, KEY_MASK: tl.constexpr = False,
 ):
-    """One program: one run-aligned query tile; ``dq = scale * sum over visible keys of ds k``."""
+    """One program: one run-aligned query tile; ``dq = scale * sum over visible keys of ds k``. ``KEY_MASK``,
+    ``KEEP``: as in the forward kernel (one K/V row per sample here)."""
     pid_tile = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h = sample_and_head(pid_bh, num_heads)
@@ -257,9 +276,13 @@ def _media_xattn_bwd_dq_kernel(
     kt_offs = offs_d[:, None] + cols[None, :] * stride_kl  # [BLOCK_D, BLOCK_N]
     vt_offs = offs_d[:, None] + cols[None, :] * stride_vl
 
+    p_keep = KEEP
+    if KEY_MASK:
+        p_keep = KEEP + b * (num_media * latents)  # this sample's keys (int64: b is)
+
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     b_dq = dq_keys(b_q, b_do, b_lse2, b_delta, p_k, p_v, b_dq, kt_offs, vt_offs, key_lo, key_hi, b_lo, b_hi, d_ok,
-                   qk_scale, stride_kl, stride_vl, BLOCK_N, DOT_PRECISION, "range")
+                   qk_scale, stride_kl, stride_vl, BLOCK_N, DOT_PRECISION, "range", p_keep, KEY_MASK)
     b_dq = b_dq * sm_scale
     p_dq = DQ + b * stride_dqb + h * stride_dqh + t0 * stride_dqt
     tl.store(p_dq + rows[:, None] * stride_dqt + offs_d[None, :], b_dq.to(DQ.dtype.element_ty), mask=md_ok)
@@ -309,21 +332,47 @@ _GPU_CONFIG_TABLE = {
 _GPU_CONFIGS = per_arch(_GPU_CONFIG_TABLE, _cfg)
 
 
-def shipped_configs(kind: str, dtype: torch.dtype, head_dim: int, arch: Optional[int] = None) -> List[triton.Config]:
-    """The GPU configs a launch of ``kind`` ("fwd", "dkdv", "dq") may use on ``arch`` (default: this device's)."""
-    return _GPU_CONFIGS[((kind, *table_key(dtype, head_dim)), arch or device_arch())]
+# The key-mask specialization (KEY_MASK) loads the mask bytes of every key tile and keeps one more [rows, keys]
+# predicate alive, so it ships its own lists where the plain ones fail the compile check; other table keys use the
+# plain lists. Left out (Triton 3.6, the compile check of the KEY_MASK variants): fwd bf16/fp16 head tile 64
+# 64x64x4w on sm_80 (8-byte spill at 168 registers); dkdv head tile 64 16x64x4w on sm_80 (8-byte spill); dq head
+# tile 64 64x32x4w on sm_80 (244 registers) and head tile 128 16x64x4w on sm_90 (8-byte spill; 8 warps take its
+# place); fp32 dq head tile 64 16x64x4w on sm_90 (IEEE products: 16-byte spill) and fp32 dkdv head tile 128
+# 16x16x4w-s1 on sm_80 (IEEE: 8-byte spill), replaced by the candidates below that compile cleanly.
+_SPECIALIZED_CONFIG_TABLE = {
+    ("fwd", "lowp", 64): [(128, 64, 8, 3), (64, 64, 4, 3, SM90), (128, 32, 8, 3), (64, 32, 4, 2), (16, 64, 4, 2),
+                          (128, 32, 4, 3, SM90)],
+    ("dkdv", "lowp", 64): [(32, 64, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2, SM90)],
+    ("dq", "lowp", 64): [(128, 32, 8, 2), (64, 32, 4, 2, SM90), (16, 64, 4, 2)],
+    ("dq", "lowp", 128): [(64, 64, 8, 2), (64, 32, 8, 2), (16, 64, 4, 2, SM80), (16, 64, 8, 2, SM90),
+                          (128, 32, 8, 1, SM90), (64, 32, 4, 2, SM90)],
+    ("dq", "fp32", 64): [(16, 64, 4, 2, SM80), (16, 64, 8, 2, SM90), (16, 32, 4, 2, SM90)],
+    ("dkdv", "fp32", 128): [(16, 16, 4, 1, SM90), (16, 16, 4, 2, SM80)],  # 16x16x8w-s1 spills too on sm_80
+}
+_SPECIALIZED_CONFIGS = per_arch(_SPECIALIZED_CONFIG_TABLE, _cfg)
+
+
+def shipped_configs(kind: str, dtype: torch.dtype, head_dim: int, arch: Optional[int] = None,
+                    specialized: bool = False) -> List[triton.Config]:
+    """The GPU configs a launch of ``kind`` ("fwd", "dkdv", "dq") may use on ``arch`` (default: this device's);
+    ``specialized``: for the key-mask kernels (``KEY_MASK``)."""
+    index = ((kind, *table_key(dtype, head_dim)), arch or device_arch())
+    if specialized and index in _SPECIALIZED_CONFIGS:
+        return _SPECIALIZED_CONFIGS[index]
+    return _GPU_CONFIGS[index]
 
 
 # The autotune key, by the names tuned tables use (fastflamingo/configs/).
-AUTOTUNE_KEY = ("head_dim", "latents", "immediate", "dtype", "text_bucket", "media_bucket")
+AUTOTUNE_KEY = ("head_dim", "latents", "immediate", "dtype", "text_bucket", "media_bucket", "key_mask")
 
 
-def autotune_key(q: torch.Tensor, num_media: int, latents: int, immediate: bool) -> tuple:
+def autotune_key(q: torch.Tensor, num_media: int, latents: int, immediate: bool, key_mask: bool = False) -> tuple:
     """head_dim, latents per media, mode, dtype and the classes of the lengths that change with every prompt (text
     per sample: up to 64, up to 1024, longer; media per sample: 1, up to 8, more), so that generate times the
-    candidates for a handful of keys in a process, not for every new prompt length or image count."""
+    candidates for a handful of keys in a process, not for every new prompt length or image count; and whether a
+    key mask is given (the ``KEY_MASK`` specialization compiles to other code, so its best config may differ)."""
     return (q.shape[-1], latents, bool(immediate), q.dtype, text_class(q.shape[1]),
-            size_class(num_media, MEDIA_CLASSES))
+            size_class(num_media, MEDIA_CLASSES), bool(key_mask))
 
 
 MEDIA_CLASSES = (1, 8)
@@ -333,8 +382,8 @@ def _pruner(kind: str):
     def prune(configs: List[triton.Config], key: tuple) -> List[triton.Config]:
         if INTERPRET:
             return configs
-        head_dim, latents, _, dtype, text_bucket, _ = key
-        kept = shipped_configs(kind, dtype, head_dim)
+        head_dim, latents, _, dtype, text_bucket, _, key_mask = key
+        kept = shipped_configs(kind, dtype, head_dim, specialized=key_mask)
         # A query tile never needs more rows than a sample has tokens: decode and short texts keep small tiles,
         # and long texts drop the 16-row tiles (they only add programs).
         fitting = [c for c in kept if c.kwargs["BLOCK_M"] <= max(16, text_bucket)]
@@ -366,12 +415,12 @@ _AOT_SHAPES = ((64, True, 16, 4096, 8, 33), (96, False, 16, 2048, 16, 17), (128,
 _AOT_LATENTS = 64
 
 
-def _aot_args(kind: str, dtype: torch.dtype, shape: tuple, block_m: int, precision: str, partial: bool = False
-              ) -> dict:
+def _aot_args(kind: str, dtype: torch.dtype, shape: tuple, block_m: int, precision: str, partial: bool = False,
+              key_mask: bool = False) -> dict:
     """What ``fastflamingo/ops/media_xattn.py`` passes at ``shape``: q (B, T, H, D) contiguous, k and v views of one
     fused (B, M*n, 2*H*D) projection (OpenFlamingo's ``to_kv``), int32 text_time (B, T), fresh outputs, lse and
     schedules, one K/V row per sample (``kv_group`` 1); dK/dV: the gradients themselves (one split, an unsqueezed
-    view) or fp32 partials per token split (``partial``)."""
+    view) or fp32 partials per token split (``partial``). ``key_mask``: a (B, M*n) byte mask (``KEY_MASK``)."""
     head_dim, immediate, batch, text, heads, media = shape
     q, do = meta_tensor((batch, text, heads, head_dim), dtype), meta_tensor((batch, text, heads, head_dim), dtype)
     kv = meta_tensor((batch, media * _AOT_LATENTS, 2, heads, head_dim), dtype)
@@ -381,7 +430,8 @@ def _aot_args(kind: str, dtype: torch.dtype, shape: tuple, block_m: int, precisi
         (batch, media), torch.int32)
     args = dict(Q=q, K=k, V=v, LSE=lse, TEXT_TIME=text_time, num_heads=heads, num_media=media, latents=_AOT_LATENTS,
                 qk_scale=head_dim ** -0.5 * LOG2E, HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim),
-                IMMEDIATE=immediate, DOT_PRECISION=precision)
+                IMMEDIATE=immediate, DOT_PRECISION=precision, KEY_MASK=key_mask,
+                KEEP=meta_tensor((batch, media * _AOT_LATENTS), torch.uint8) if key_mask else None)
     for names, t in ((("stride_qb", "stride_qt", "stride_qh"), q), (("stride_kb", "stride_kl", "stride_kh"), k),
                      (("stride_vb", "stride_vl", "stride_vh"), v), (("stride_lb", "stride_lh"), lse),
                      (("stride_tb", "stride_tt"), text_time)):
@@ -428,4 +478,34 @@ def aot_variants(quick: bool = False) -> List[AotVariant]:
                         archs=(arch,)))
         for head_dim, _, batch, text, heads, _ in [s for s in _AOT_SHAPES[:3] if not quick or s[0] == 128]:
             variants.append(row_deltas_aot_variant(dtype, (batch, text, heads, head_dim), f"{io} d{head_dim}"))
+    if not quick:
+        variants += _key_mask_variants(kernels)
+    return variants
+
+
+# The key-mask specialization at head_dim 64 (immediate) and 128 (all-previous; Evolla's aligner: 32 heads of 128,
+# one media whose keys are the padded protein / structure / MSA sources).
+_AOT_KEY_MASK_SHAPES = (_AOT_SHAPES[0], _AOT_SHAPES[3])
+
+
+def _key_mask_variants(kernels: dict) -> List[AotVariant]:
+    """Every kernel with ``KEY_MASK`` at every config its specialized list ships: bf16 and fp32 (both dot
+    precisions) at every config, fp16 at the first; dK/dV with and without token splits in 16 bits."""
+    variants = []
+    for dtype, first_only in ((torch.bfloat16, False), (torch.float16, True), (torch.float32, False)):
+        io = TORCH_TO_TRITON_DTYPE[dtype]
+        for shape in _AOT_KEY_MASK_SHAPES:
+            head_dim, immediate = shape[:2]
+            for (kind, fn), arch in ((item, arch) for item in kernels.items() for arch in ARCHS):
+                configs = shipped_configs(kind, dtype, head_dim, arch, specialized=True)
+                partials = (False, True) if kind == "dkdv" and dtype != torch.float32 else (False,)
+                for config, precision, partial in product(configs[:1] if first_only else configs,
+                                                          aot_dot_precisions(dtype), partials):
+                    label = (f"{io}{'/tf32' if precision == 'tf32' and dtype == torch.float32 else ''} d{head_dim} "
+                             f"{'imm' if immediate else 'prev'} key_mask {config_label(config)}"
+                             f"{' partial' if partial else ''}")
+                    variants.append(aot_launch(
+                        "media_xattn_fwd" if kind == "fwd" else f"media_xattn_bwd_{kind}", fn,
+                        _aot_args(kind, dtype, shape, config.kwargs["BLOCK_M"], precision, partial, key_mask=True),
+                        config, label, archs=(arch,)))
     return variants

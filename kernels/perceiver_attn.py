@@ -47,7 +47,7 @@ from ._utils import (ARCHS, INTERPRET, LOG2E, SM80, SM90, TORCH_TO_TRITON_DTYPE,
 from ._launch import PERCEIVER_SPLITS, split_count
 from ._attention import LN2
 from ._attention import LOG2E as _LOG2E
-from ._attention import (attend_keys, probabilities, row_delta, sample_and_head, score_grads, softmax_lse,
+from ._attention import (attend_keys, key_kept, probabilities, row_delta, sample_and_head, score_grads, softmax_lse,
                          softmax_output, softmax_state)
 
 
@@ -79,13 +79,8 @@ def _fwd_source(b_q, b_m, b_l, b_acc, p_k, p_v, stride_k, stride_v, start, stop,
     offs_d = tl.arange(0, BLOCK_D)
     kt_offs = offs_d[:, None] + cols[None, :] * stride_k  # [BLOCK_D, BLOCK_N]: K loaded transposed
     v_offs = cols[:, None] * stride_v + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-    if KEY_MASK:
-        b_m, b_l, b_acc = attend_keys(b_q, p_k, p_v, b_m, b_l, b_acc, kt_offs, v_offs, start, stop, start, stop,
-                                      d_ok, qk_scale, stride_k, stride_v, BLOCK_N, DOT_PRECISION, "key_mask", False,
-                                      p_keep)
-    else:
-        b_m, b_l, b_acc = attend_keys(b_q, p_k, p_v, b_m, b_l, b_acc, kt_offs, v_offs, start, stop, start, stop,
-                                      d_ok, qk_scale, stride_k, stride_v, BLOCK_N, DOT_PRECISION, "all", False)
+    b_m, b_l, b_acc = attend_keys(b_q, p_k, p_v, b_m, b_l, b_acc, kt_offs, v_offs, start, stop, start, stop, d_ok,
+                                  qk_scale, stride_k, stride_v, BLOCK_N, DOT_PRECISION, "all", False, p_keep, KEY_MASK)
     return b_m, b_l, b_acc
 
 
@@ -184,8 +179,7 @@ def _bwd_source(b_q, b_do, b_lse2, b_delta, b_dq, p_k, p_v, p_dk, p_dv, stride_k
         b_vt = tl.load(p_v + vt_offs, mask=dn_ok, other=0.0)
         b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         if KEY_MASK:
-            b_keep = tl.load(p_keep + start_n + cols, mask=n_ok, other=0) != 0
-            b_p = probabilities(b_s, b_lse2, m_ok[:, None] & b_keep[None, :])
+            b_p = probabilities(b_s, b_lse2, m_ok[:, None] & key_kept(p_keep, start_n + cols, n_ok)[None, :])
         else:
             b_p = probabilities(b_s, b_lse2, m_ok[:, None] & n_ok[None, :])
         b_dv = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_D]

@@ -67,27 +67,29 @@ def test_aot_refuses_interpreted_kernels():
 
 def test_variants_cover_every_shipped_config():
     """The AOT registry compiles every GPU config the launchers may pick on each architecture: every bf16 and fp32
-    config, the first fp16 config of each list."""
+    config, the first fp16 config of each list; with and without the key-mask specialization."""
     pytest.importorskip("triton")
     code = """
 import torch
 from fastflamingo.kernels import media_xattn as mod
 from fastflamingo.kernels._utils import ARCHS
 seen = {(v.kernel, v.signature["Q"], v.constexprs["BLOCK_D"], v.constexprs["BLOCK_M"], v.constexprs["BLOCK_N"],
-         v.num_warps, v.num_stages, arch) for v in mod.aot_variants() if "BLOCK_N" in v.args for arch in v.archs}
+         v.num_warps, v.num_stages, v.constexprs["KEY_MASK"], arch)
+        for v in mod.aot_variants() if "BLOCK_N" in v.args for arch in v.archs}
 names = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 missing = []
 for arch in ARCHS:
     for dtype, name in names.items():
         for head_dim in (64, 128):
             for kind in ("fwd", "dkdv", "dq"):
-                configs = mod.shipped_configs(kind, dtype, head_dim, arch)
-                for c in configs[:1] if dtype == torch.float16 else configs:
-                    kernel = {"fwd": "media_xattn_fwd"}.get(kind, f"media_xattn_bwd_{kind}")
-                    key = (kernel, name, head_dim, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
-                           arch)
-                    if key not in seen:
-                        missing.append(key)
+                for masked in (False, True):
+                    configs = mod.shipped_configs(kind, dtype, head_dim, arch, specialized=masked)
+                    for c in configs[:1] if dtype == torch.float16 else configs:
+                        kernel = {"fwd": "media_xattn_fwd"}.get(kind, f"media_xattn_bwd_{kind}")
+                        key = (kernel, name, head_dim, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                               c.num_stages, masked, arch)
+                        if key not in seen:
+                            missing.append(key)
 assert not missing, missing
 print("covered", len(seen))
 """
@@ -131,10 +133,20 @@ o, lse = ox.launch_fwd(q, kv[:, :, 0], kv[:, :, 1], tt, 3, 64, True, 0.125, cfg(
 for splits in (1, 3):  # dK/dV writing the gradients, and fp32 partials per token split
     ox.launch_bwd(r(2, 64, 8, 64), q, kv[:, :, 0], kv[:, :, 1], o, lse, tt, 3, 64, True, 0.125, cfg("dkdv"),
                   dq_config=cfg("dq"), dkdv_splits=splits)
-# media_decode d64 (AOT: B1 H8 M33, 1 and 17 splits): one token, 3 media
+# its key-mask specialization (AOT: d64 immediate, key_mask)
+km = torch.arange(3 * 64).expand(2, -1) % 3 != 0
+cfg = lambda kind: X.shipped_configs(kind, bf16, 64, 90, specialized=True)[0]
+o, lse = ox.launch_fwd(q, kv[:, :, 0], kv[:, :, 1], tt, 3, 64, True, 0.125, cfg("fwd"), key_mask=km)
+for splits in (1, 3):
+    ox.launch_bwd(r(2, 64, 8, 64), q, kv[:, :, 0], kv[:, :, 1], o, lse, tt, 3, 64, True, 0.125, cfg("dkdv"),
+                  dq_config=cfg("dq"), dkdv_splits=splits, key_mask=km)
+# media_decode d64 (AOT: B1 H8 M33, 1 and 17 splits): one token, 3 media; with a key mask immediate with one split
+# and all-previous with 17
 q1 = r(1, 1, 8, 64); kv1 = r(1, 3 * 64, 2, 8, 64); tt1 = torch.tensor([[3]])
 for splits in (1, 17):
     od.launch(q1, kv1[:, :, 0], kv1[:, :, 1], tt1, 3, 64, False, 0.125, D.shipped_config(bf16, 64, 90), splits)
+    od.launch(q1, kv1[:, :, 0], kv1[:, :, 1], tt1, 3, 64, splits == 1, 0.125, D.shipped_config(bf16, 64, 90), splits,
+              key_mask=km[:1])
 # perceiver d64 (AOT: N528 L64 H8 P256): N4 L64 H8 P32
 kvm, kvl, ql = r(4, 32, 2, 8, 64), r(4, 64, 2, 8, 64), r(4, 64, 8, 64)
 pcfg = lambda kind: P.shipped_configs(kind, bf16, 64, 90)[0]

@@ -137,8 +137,9 @@ ROWS = [
      r"key_mask must have shape \(batch of k, keys\) = \(2, 6\), got \(2, 5\) \(dtype torch.bool\)"),
     ("media_xattn key_mask complex", lambda: xattn(key_mask=torch.ones(2, 6, dtype=torch.complex64)), TypeError,
      "key_mask must be bool, integer or floating .* got dtype torch.complex64"),
-    ("media_xattn key_mask on triton", lambda: with_backend("triton", lambda: xattn(key_mask=torch.ones(2, 6))),
-     ff.BackendError, "key_mask is not supported by the media_xattn kernels yet"),
+    ("media_xattn key_mask with q's batch under kv_group", lambda: xattn(
+        k=torch.randn(1, 6, 2, 8), v=torch.randn(1, 6, 2, 8), kv_group=2, key_mask=torch.ones(2, 6)), ValueError,
+     r"key_mask must have shape \(batch of k, keys\) = \(1, 6\), got \(2, 6\)"),
     ("perceiver_attn key_mask shape", lambda: perceiver(key_mask=torch.ones(2, 6)), ValueError,
      r"key_mask must have shape \(N, media_tokens\) = \(2, 7\), got \(2, 6\) \(dtype torch.float32\)"),
     ("perceiver_attn key_mask not a tensor", lambda: perceiver(key_mask=[[True] * 7] * 2), TypeError,

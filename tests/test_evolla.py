@@ -416,3 +416,43 @@ def test_patched_model_bf16_logits_within_twice_upstreams_error(models):
         fastflamingo.patch(up16)
         got = up16(**batch).logits
     assert_lowp_close(got, ref, want, "logits")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("text", [pytest.param(3, id="decode-length"), pytest.param(T, id="prefill-length")])
+def test_aligner_on_the_triton_kernels_matches_the_torch_path(text):
+    """backend("triton") (interpreted on CPU): the aligner's attention runs media_xattn's kernels with the sources'
+    padding as the key mask (a fully padded sample, a partly padded source, left-padded text rows averaged as
+    upstream does) and its output, in fp32 and fp16, equals the PyTorch path's; in fp32 the gradients of the inputs
+    and of every parameter too. head_dim 16: the kernels' smallest."""
+    pytest.importorskip("triton")
+    config = evolla_config(hidden_size=64)
+    _, module = _aligner(config, protein_encoder_dim=config.hidden_size, structure_encoder_dim=20)
+    args = _aligner_args(config, sources=("protein", "structure"))
+    args["query_states"], args["query_attn_mask"] = args["query_states"][:, :text], args["query_attn_mask"][:, :text]
+    pm = torch.ones(B, 8)
+    pm[0, 5:] = 0
+    pm[3] = 0
+    sm = torch.ones(B, 6, dtype=torch.bool)
+    sm[1, :4] = False
+    sm[3] = False  # sample 3 sees no key at all
+    args.update(protein_kv_attn_mask=pm, structure_kv_attn_mask=sm)
+    results = {}
+    for name in ("triton", "torch"):
+        with fastflamingo.backend(name):
+            results[name] = _run_aligner(module, args, grad=True)
+            module.zero_grad(set_to_none=True)
+    (out, grads), (want, want_grads) = results["triton"], results["torch"]
+    assert_close(out, want, 1e-5)
+    unused = {name for name, g in want_grads.items() if g is None}  # the float protein mask: an input, no graph
+    assert unused == {name for name, g in grads.items() if g is None}
+    grads_match({n: g for n, g in grads.items() if n not in unused},
+                {n: g for n, g in want_grads.items() if n not in unused})
+    half = copy.deepcopy(module).half()
+    args16 = {k: (v.half() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in args.items()}
+    with torch.no_grad():
+        outs = {}
+        for name in ("triton", "torch"):
+            with fastflamingo.backend(name):
+                outs[name] = half(**args16)
+    assert_close(outs["triton"], outs["torch"].float(), 5e-3)

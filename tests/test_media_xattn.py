@@ -418,6 +418,13 @@ def test_opcheck(kernels, device, immediate):
     grad_out = torch.randn_like(o)
     torch.library.opcheck(torch.ops.fastflamingo.media_xattn_bwd.default,
                           (grad_out, q.detach(), k.detach(), v.detach(), o, lse, text_time, 2, 32, immediate, 0.2))
+    key_mask = torch.arange(64, device=device).expand(2, 64) % 5 != 0  # the key-mask specialization
+    key_mask[1, :32] = False
+    torch.library.opcheck(fwd.default, (q, k, v, text_time, 2, 32, immediate, 0.2, 1, key_mask))
+    o, lse = fwd(q.detach(), k.detach(), v.detach(), text_time, 2, 32, immediate, 0.2, 1, key_mask)
+    torch.library.opcheck(torch.ops.fastflamingo.media_xattn_bwd.default,
+                          (grad_out, q.detach(), k.detach(), v.detach(), o, lse, text_time, 2, 32, immediate, 0.2,
+                           key_mask))
 
 
 def _gated_block(xattn):
@@ -747,3 +754,152 @@ def test_key_mask_all_visible_equals_no_key_mask():
     plain = functional.media_xattn(q, k, v, mask)
     ones = torch.ones(k.shape[:2], dtype=torch.int64)
     torch.testing.assert_close(functional.media_xattn(q, k, v, mask, key_mask=ones), plain, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Key mask on the Triton kernels (KEY_MASK: the prefill forward, dK/dV and dQ kernels)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_key_mask_case(device, text_time, q, k, v, key_mask, num_media, immediate, dtype, config, dkdv_splits=None):
+    """Forward and backward of the kernels with ``key_mask`` into NaN-poisoned buffers, against the float64 oracle
+    on the same (rounded) inputs; returns (o, lse, (dq, dk, dv)) on the CPU."""
+    latents = k.shape[1] // num_media
+    scale = q.shape[-1] ** -0.5
+    q, k, v, text_time, mask_dev = (t.to(device) for t in (q, k, v, text_time, key_mask))
+    out, lse = nan_like(q.shape, dtype, device), nan_like((q.shape[0], q.shape[2], q.shape[1]), torch.float32, device)
+    xattn_ops.launch_fwd(q, k, v, text_time, num_media, latents, immediate, scale, config=config, out=out, lse=lse,
+                         key_mask=mask_dev)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(11)).to(dtype).to(device)
+    grads = [nan_like(t.shape, dtype, device) for t in (q, k, v)]
+    xattn_ops.launch_bwd(grad_out, q, k, v, out, lse, text_time, num_media, latents, immediate, scale, config=config,
+                         dq=grads[0], dk=grads[1], dv=grads[2], dkdv_splits=dkdv_splits, key_mask=mask_dev)
+    ref = [t.detach().to("cpu", torch.float64).requires_grad_() for t in (q, k, v)]
+    want = oracle.media_xattn(*ref, text_time.cpu(), num_media, immediate, scale, key_mask=key_mask)
+    want.backward(grad_out.cpu().double())
+    fwd_tol, bwd_tol = TOLERANCE[dtype]
+    assert_close(out, want, fwd_tol, "o")
+    for name, got, leaf in zip(("dq", "dk", "dv"), grads, ref):
+        assert torch.isfinite(got.cpu()).all(), f"{name} is not finite"
+        assert_close(got, leaf.grad, bwd_tol, name)
+    want_lse = oracle.media_xattn_lse(*(t.cpu() for t in (q, k)), text_time.cpu(), num_media, immediate, scale,
+                                      key_mask=key_mask)
+    seen = torch.isfinite(want_lse)  # (B, H, T): a row with a visible key
+    lse = lse.cpu()
+    assert torch.isinf(lse[~seen]).all() and (lse[~seen] > 0).all(), "a row that sees no key saves LSE +inf"
+    assert_close(lse[seen], want_lse[seen].double(), 1e-5, "lse")
+    o, (dq, dk, dv) = out.cpu(), (g.cpu() for g in grads)
+    unseen = ~seen.transpose(1, 2)  # (B, T, H)
+    assert (o[unseen] == 0).all() and (dq[unseen] == 0).all(), "a row that sees no key gets exactly 0"
+    assert (dk[~key_mask] == 0).all() and (dv[~key_mask] == 0).all(), "a hidden key gets zero dK/dV"
+    return o, lse, (dq, dk, dv)
+
+
+@pytest.mark.parametrize("dkdv_splits", [1, 2])
+@pytest.mark.parametrize("immediate", MODES)
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")])
+def test_key_mask_kernels_match_the_oracle(kernels, device, dtype, immediate, dkdv_splits):
+    """Random key masks ANDed with the media rule, odd shapes (24 latents over 16-key tiles, 37 tokens, head_dim
+    24 padded to 32, text_time out of range and non-monotone): sample 0 has a media wholly hidden, sample 1 none,
+    sample 2 every key (all of its rows exactly 0, gradients finite and equal to the reference's), sample 3 half of
+    each media."""
+    text_time, q, k, v, key_mask = masked_case(4, 37, 3, 24, 2, 24, dtype, seed=21)
+    o, _, _ = run_key_mask_case(device, text_time, q, k, v, key_mask, 3, immediate, dtype, SMALL_BLOCKS,
+                                dkdv_splits)
+    assert (o[2] == 0).all(), "the fully padded sample sees nothing"
+
+
+@pytest.mark.parametrize("immediate", MODES)
+def test_key_mask_with_run_aligned_tiles_and_interpreter_config(kernels, device, immediate):
+    """A cumsum layout (run-aligned query tiles, media-aligned key tiles) at the interpreter's own config, with
+    tokens before the first media and a media whose keys are all hidden for one sample."""
+    text_time = cumsum_time(3, 50, [4, 20, 33])
+    _, q, k, v, key_mask = masked_case(3, 50, 3, 16, 2, 32, torch.float32, seed=5)
+    key_mask[1, 16:32] = False  # sample 1: media 2 hidden; its tokens see nothing in immediate mode
+    o, _, _ = run_key_mask_case(device, text_time, q, k, v, key_mask, 3, immediate, torch.float32, None)
+    if immediate:
+        assert (o[1, 20:33] == 0).all()
+
+
+def test_key_mask_all_visible_is_bitwise_the_plain_kernel(kernels, device):
+    """An all-True key mask gives exactly the output, LSE and gradients of the kernels without one: the mask only
+    removes keys."""
+    text_time, q, k, v, _ = masked_case(2, 29, 2, 16, 2, 16, torch.float32, seed=8)
+    q, k, v, text_time = (t.to(device) for t in (q, k, v, text_time))
+    ones = torch.ones(k.shape[:2], dtype=torch.bool, device=device)
+    results = []
+    for key_mask in (None, ones):
+        o, lse = xattn_ops.launch_fwd(q, k, v, text_time, 2, 16, False, 0.25, config=SMALL_BLOCKS, key_mask=key_mask)
+        grads = xattn_ops.launch_bwd(torch.ones_like(o), q, k, v, o, lse, text_time, 2, 16, False, 0.25,
+                                     config=SMALL_BLOCKS, key_mask=key_mask)
+        results.append((o, lse, *grads))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("immediate", MODES)
+def test_key_mask_with_kv_group(kernels, device, immediate):
+    """kv_group 2: query sample b reads K/V row and key-mask row b // 2 (the forward; grouped K/V is inference
+    only), equal to the kernel on repeat_interleaved K/V and mask, and to the oracle."""
+    r = 2
+    text_time, q, k, v, key_mask = masked_case(6, 23, 3, 16, 2, 16, torch.float32, seed=13)
+    k, v, key_mask = k[::r], v[::r], key_mask[::r]  # one K/V row (and mask row) per group of r samples
+    q, k, v, text_time, mask_dev = (t.to(device) for t in (q, k, v, text_time, key_mask))
+    got, lse = xattn_ops.launch_fwd(q, k, v, text_time, 3, 16, immediate, 0.25, config=SMALL_BLOCKS, kv_group=r,
+                                    key_mask=mask_dev)
+    rep = [t.repeat_interleave(r, 0) for t in (k, v, mask_dev)]
+    want, want_lse = xattn_ops.launch_fwd(q, rep[0], rep[1], text_time, 3, 16, immediate, 0.25, config=SMALL_BLOCKS,
+                                          key_mask=rep[2])
+    assert torch.equal(got, want) and torch.equal(lse, want_lse)
+    ref = oracle.media_xattn(q.cpu().double(), rep[0].cpu().double(), rep[1].cpu().double(), text_time.cpu(), 3,
+                             immediate, 0.25, key_mask=rep[2].cpu())
+    assert_close(got, ref, TOLERANCE[torch.float32][0], "o")
+    with pytest.raises(ValueError, match=r"key_mask must be bool \(3, 48\)"):  # the mask has K/V's batch
+        xattn_ops.launch_fwd(q, k, v, text_time, 3, 16, immediate, 0.25, kv_group=r, key_mask=rep[2])
+
+
+@pytest.mark.parametrize("num_text", [pytest.param(3, id="decode"), pytest.param(29, id="prefill")])
+@pytest.mark.parametrize("mode", [IMMEDIATE, ALL_PREVIOUS])
+def test_functional_key_mask_on_triton_matches_the_torch_path(kernels, device, monkeypatch, mode, num_text):
+    """backend("triton") with key_mask (integer 0/1, as callers pass it): decode-length calls without a gradient
+    take the split-key decode kernel, the others the prefill kernels; output and gradients equal the PyTorch
+    path's, and the fully padded sample gets exactly 0."""
+    import fastflamingo
+    from fastflamingo import functional
+    from fastflamingo.ops import media_decode as decode_ops
+
+    calls = {"decode": 0, "prefill": 0}
+
+    def spy(name, launcher):
+        def launch(*args, **kwargs):
+            assert kwargs["key_mask"] is not None
+            calls[name] += 1
+            return launcher(*args, **kwargs)
+        return launch
+
+    monkeypatch.setattr(decode_ops, "launch", spy("decode", decode_ops.launch))
+    monkeypatch.setattr(xattn_ops, "launch_fwd", spy("prefill", xattn_ops.launch_fwd))
+    text_time, q, k, v, key_mask = masked_case(4, num_text, 3, 16, 2, 16, torch.float32, seed=num_text)
+    q, k, v = (t.to(device) for t in (q, k, v))
+    mask = MediaMask(text_time.to(device), 3, mode)
+    key_mask = key_mask.to(torch.int64).to(device)
+    results = {}
+    for name in ("triton", "torch"):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        with fastflamingo.backend(name):
+            with torch.no_grad():
+                plain = functional.media_xattn(q, k, v, mask, key_mask=key_mask)
+            out = functional.media_xattn(*leaves, mask, key_mask=key_mask)
+        results[name] = (plain, out, *torch.autograd.grad(out.square().sum(), leaves))
+    for got, want in zip(results["triton"], results["torch"]):
+        assert_close(got, want.double(), 2e-5, "triton vs torch")
+    assert (results["triton"][0][2] == 0).all() and (results["triton"][1][2] == 0).all()
+    decode = num_text <= fastflamingo._backend.DECODE_MAX_TOKENS
+    assert calls == ({"decode": 1, "prefill": 1} if decode else {"decode": 0, "prefill": 2})
+
+
+def test_autotune_key_separates_the_key_mask_specialization(kernels):
+    q = torch.empty(2, 100, 4, 64, dtype=torch.bfloat16)
+    plain, masked = kernels.autotune_key(q, 3, 64, True), kernels.autotune_key(q, 3, 64, True, True)
+    assert plain != masked and len(plain) == len(kernels.AUTOTUNE_KEY) == len(masked)
+    assert dict(zip(kernels.AUTOTUNE_KEY, masked))["key_mask"] is True

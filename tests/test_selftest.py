@@ -72,6 +72,12 @@ def test_every_family_declares_every_shipped_config():
         for config in perceiver_attn.shipped_configs(kind, torch.bfloat16, 96, specialized=True):
             assert any(c.kernel == f"perceiver_{kind}" and c.config == config_label(config) and "key_mask" in c.detail
                        and "/1kv" in c.detail for c in cases)
+    for head_dim in (64, 128):  # the media_xattn key-mask specialization (Evolla) at every bf16 config
+        for kind, name in (("fwd", "media_xattn_fwd"), ("dkdv", "media_xattn_bwd_dkdv"), ("dq", "media_xattn_bwd_dq")):
+            for config in media_xattn.shipped_configs(kind, torch.bfloat16, head_dim, specialized=True):
+                assert any(c.kernel == name and c.config == config_label(config) and "key_mask" in c.detail
+                           and f"d{head_dim}" in c.detail.split() for c in cases)
+    assert any(c.kernel.startswith("media_decode_split") and "key_mask" in c.detail for c in cases)
     dtypes = {c.detail.split()[0] for c in cases}
     assert dtypes == {"bf16", "fp16", "fp32"}
     assert any("splits 1" in c.detail for c in cases) and any("splits 8" in c.detail for c in cases)

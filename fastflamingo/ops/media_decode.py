@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..kernels._launch import ConfigLike, addressable, check_out
-from .media_xattn import _check_inputs, _text_time_int32
+from .media_xattn import _check_inputs, _text_time_int32, key_mask_args
 
 
 def _kernels():
@@ -25,31 +25,35 @@ def _kernels():
 def decode_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
     num_media: int, latents: int, immediate: bool, scale: float, kv_group: int = 1,
+    key_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     # called by fastflamingo.functional.media_xattn, which validated the arguments: the launcher checks nothing again
-    return launch(q, k, v, text_time, num_media, latents, immediate, scale, kv_group=kv_group, validated=True)
+    return launch(q, k, v, text_time, num_media, latents, immediate, scale, kv_group=kv_group, key_mask=key_mask,
+                  validated=True)
 
 
 @decode_op.register_fake
-def _(q, k, v, text_time, num_media, latents, immediate, scale, kv_group=1):
+def _(q, k, v, text_time, num_media, latents, immediate, scale, kv_group=1, key_mask=None):
     return q.new_empty(q.shape)  # the launcher allocates a contiguous output, like new_empty
 
 
 def media_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
     num_media: int, latents: int, immediate: bool, scale: float, kv_group: int = 1,
+    key_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """A decode step (at most ``DECODE_MAX_TOKENS`` query tokens per sample, no gradient): no host synchronisation
     and no data-dependent host decision, so it can be captured in a CUDA graph after the first call. Shapes and
     semantics: :func:`fastflamingo.functional.media_xattn`."""
-    return decode_op(q, k, v, text_time, int(num_media), int(latents), bool(immediate), float(scale), int(kv_group))
+    return decode_op(q, k, v, text_time, int(num_media), int(latents), bool(immediate), float(scale), int(kv_group),
+                     key_mask)
 
 
 def launch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
     num_media: int, latents: int, immediate: bool, scale: float,
     config: Optional[ConfigLike] = None, num_splits: Optional[int] = None, *, out: Optional[torch.Tensor] = None,
-    kv_group: int = 1, validated: bool = False,
+    kv_group: int = 1, key_mask: Optional[torch.Tensor] = None, validated: bool = False,
 ) -> torch.Tensor:
     """Decode-step forward: o (B, Tq, H, D) in q's dtype.
 
@@ -64,6 +68,8 @@ def launch(
         out: optional preallocated output (unit last stride).
         kv_group: k, v have batch ``B // kv_group`` and query sample ``b`` reads K/V row ``b // kv_group`` (beam
             search: the beams of a sample share one cached media projection).
+        key_mask: None or bool (B // kv_group, M*n), True = visible key, ANDed with the media rule; sample ``b``
+            reads row ``b // kv_group``. A token left with no visible key gets 0. Not read on the host.
         validated: the caller checked the arguments (the custom op, after ``fastflamingo.functional``'s checks); a
             direct call is checked here.
 
@@ -72,7 +78,7 @@ def launch(
     K, U = _kernels()
     kv_group = int(kv_group)
     if not validated:
-        _check_inputs(q, k, v, text_time, num_media, latents, kv_group)
+        _check_inputs(q, k, v, text_time, num_media, latents, kv_group, key_mask)
         if q.shape[1] > K.MAX_TOKENS:
             raise ValueError(f"decode serves at most {K.MAX_TOKENS} query tokens per sample, got {q.shape[1]}")
     batch, num_tokens, heads, head_dim = q.shape
@@ -95,7 +101,7 @@ def launch(
     block_d = U.head_block(head_dim)
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=K.BLOCK_M, BLOCK_N=block_n,
                   IMMEDIATE=bool(immediate), DOT_PRECISION=U.dot_precision(q.dtype),
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **key_mask_args(key_mask))
     grid = (num_splits, batch // kv_group * heads, kv_group)  # axis 1: (K/V row, head); axis 2: its samples
     if num_splits == 1:
         # the only split sees every visible key: its normalised output is final

@@ -36,13 +36,15 @@ def _kernels():
 def fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
     num_media: int, latents: int, immediate: bool, scale: float, kv_group: int = 1,
+    key_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     # called by fastflamingo.functional.media_xattn, which validated the arguments: the launcher checks nothing again
-    return launch_fwd(q, k, v, text_time, num_media, latents, immediate, scale, kv_group=kv_group, validated=True)
+    return launch_fwd(q, k, v, text_time, num_media, latents, immediate, scale, kv_group=kv_group, key_mask=key_mask,
+                      validated=True)
 
 
 @fwd_op.register_fake
-def _(q, k, v, text_time, num_media, latents, immediate, scale, kv_group=1):
+def _(q, k, v, text_time, num_media, latents, immediate, scale, kv_group=1, key_mask=None):
     batch, num_text, heads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads, num_text), dtype=torch.float32)
 
@@ -51,35 +53,37 @@ def _(q, k, v, text_time, num_media, latents, immediate, scale, kv_group=1):
 def bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     text_time: torch.Tensor, num_media: int, latents: int, immediate: bool, scale: float,
+    key_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return launch_bwd(do, q, k, v, o, lse, text_time, num_media, latents, immediate, scale, validated=True)
+    return launch_bwd(do, q, k, v, o, lse, text_time, num_media, latents, immediate, scale, key_mask=key_mask,
+                      validated=True)
 
 
 @bwd_op.register_fake
-def _(do, q, k, v, o, lse, text_time, num_media, latents, immediate, scale):
+def _(do, q, k, v, o, lse, text_time, num_media, latents, immediate, scale, key_mask=None):
     # the kernels allocate contiguous gradients, whatever the strides of q, k, v
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, text_time, num_media, latents, immediate, scale, kv_group = inputs
+    q, k, v, text_time, num_media, latents, immediate, scale, kv_group, key_mask = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, text_time)
+    ctx.save_for_backward(q, k, v, o, lse, text_time, key_mask)
     ctx.mask_args = (num_media, latents, immediate, scale)
     ctx.kv_group = kv_group
 
 
 def _backward(ctx, grad_o, grad_lse):
     # lse is an internal statistic: the public function never returns it, so its gradient is ignored.
-    q, k, v, o, lse, text_time = ctx.saved_tensors
+    q, k, v, o, lse, text_time, key_mask = ctx.saved_tensors
     num_media, latents, immediate, scale = ctx.mask_args
     if grad_o is None:
-        return None, None, None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None, None, None
     if ctx.kv_group != 1:
         # the backward kernels take one K/V row per sample; grouped K/V only ever comes from the inference cache
         raise ValueError("media_xattn_fwd with kv_group > 1 has no backward (inference only)")
-    dq, dk, dv = bwd_op(grad_o, q, k, v, o, lse, text_time, num_media, latents, immediate, scale)
-    return dq, dk, dv, None, None, None, None, None, None
+    dq, dk, dv = bwd_op(grad_o, q, k, v, o, lse, text_time, num_media, latents, immediate, scale, key_mask)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -88,11 +92,14 @@ fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def media_xattn(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
     num_media: int, latents: int, immediate: bool, scale: float, kv_group: int = 1,
+    key_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Masked media cross-attention through the prefill kernels; differentiable w.r.t. q, k and v (with
     ``kv_group`` 1). Shapes and semantics: :func:`fastflamingo.functional.media_xattn` (q (B, T, H, D), k/v
-    (B // kv_group, num_media * latents, H, D), ``text_time`` (B, T) 1-based media index, 0 for none)."""
-    o, _ = fwd_op(q, k, v, text_time, int(num_media), int(latents), bool(immediate), float(scale), int(kv_group))
+    (B // kv_group, num_media * latents, H, D), ``text_time`` (B, T) 1-based media index, 0 for none; ``key_mask``
+    None or bool (B // kv_group, num_media * latents), True = visible)."""
+    o, _ = fwd_op(q, k, v, text_time, int(num_media), int(latents), bool(immediate), float(scale), int(kv_group),
+                  key_mask)
     return o
 
 
@@ -112,7 +119,7 @@ def unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Li
     return reasons
 
 
-def _check_inputs(q, k, v, text_time, num_media, latents, kv_group=1):
+def _check_inputs(q, k, v, text_time, num_media, latents, kv_group=1, key_mask=None):
     """What memory safety needs of a direct launcher call (ValueError / TypeError otherwise)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be (batch, tokens, heads, head_dim)")
@@ -126,6 +133,9 @@ def _check_inputs(q, k, v, text_time, num_media, latents, kv_group=1):
         raise ValueError(f"k, v must be {kv_shape}, got {tuple(k.shape)} and {tuple(v.shape)}")
     if tuple(text_time.shape) != (batch, q.shape[1]):
         raise ValueError(f"text_time must be {(batch, q.shape[1])}, got {tuple(text_time.shape)}")
+    if key_mask is not None and (key_mask.dtype != torch.bool or tuple(key_mask.shape) != kv_shape[:2]):
+        raise ValueError(f"key_mask must be bool {kv_shape[:2]} (K/V rows, keys), got {key_mask.dtype} "
+                         f"{tuple(key_mask.shape)}")
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head_dim {head_dim} > {MAX_HEAD_DIM} is not supported")
     if batch * heads > MAX_GRID_Y:  # the grid's second axis carries (sample, head)
@@ -134,6 +144,17 @@ def _check_inputs(q, k, v, text_time, num_media, latents, kv_group=1):
 
 def _text_time_int32(text_time: torch.Tensor) -> torch.Tensor:
     return text_time if text_time.dtype == torch.int32 else text_time.to(torch.int32)
+
+
+def key_mask_args(key_mask: Optional[torch.Tensor]) -> dict:
+    """The kernels' key-mask arguments: ``KEEP``, the mask's bytes as a contiguous (K/V rows, keys) uint8 tensor
+    (made once per launch, shared by every kernel of the launch; bool is one byte, so a contiguous mask is only
+    reinterpreted), and ``KEY_MASK``. Without a mask they are the kernels' defaults (None, False), with which the
+    kernels compile exactly as before the feature; they are passed explicitly all the same, as the AOT variants
+    name them."""
+    if key_mask is None:
+        return dict(KEEP=None, KEY_MASK=False)
+    return dict(KEEP=key_mask.contiguous().view(torch.uint8), KEY_MASK=True)
 
 
 def query_tiles(text_time: torch.Tensor, num_media: int, immediate: bool, block_m: int):
@@ -167,7 +188,7 @@ def launch_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
     num_media: int, latents: int, immediate: bool, scale: float,
     config: Optional[ConfigLike] = None, *, out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
-    kv_group: int = 1, validated: bool = False,
+    kv_group: int = 1, key_mask: Optional[torch.Tensor] = None, validated: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward pass.
 
@@ -180,6 +201,8 @@ def launch_fwd(
             autotuner. out, lse: optional preallocated outputs (unit last stride).
         kv_group: k, v have batch ``B // kv_group`` and query sample ``b`` reads K/V row ``b // kv_group`` (beams
             sharing one media projection). Forward only: :func:`launch_bwd` needs one K/V row per sample.
+        key_mask: None or bool (B // kv_group, M*n), True = visible key (a key padding mask), ANDed with the media
+            rule; query sample ``b`` reads row ``b // kv_group``. A token left with no visible key gets 0.
         validated: the caller checked the arguments (the custom ops, after ``fastflamingo.functional``'s checks);
             a direct call is checked here.
 
@@ -190,7 +213,7 @@ def launch_fwd(
     K, U = _kernels()
     kv_group = int(kv_group)
     if not validated:
-        _check_inputs(q, k, v, text_time, num_media, latents, kv_group)
+        _check_inputs(q, k, v, text_time, num_media, latents, kv_group, key_mask)
     q, k, v = (addressable(t, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
     text_time = _text_time_int32(text_time)
     batch, num_tokens, heads, head_dim = q.shape
@@ -206,6 +229,7 @@ def launch_fwd(
     qk_scale = float(scale) * U.LOG2E
     block_d = U.head_block(head_dim)
     precision = U.dot_precision(q.dtype)
+    mask_args = key_mask_args(key_mask)
 
     def run(cfg) -> None:
         block_m = cfg.kwargs["BLOCK_M"]
@@ -223,11 +247,11 @@ def launch_fwd(
             heads, num_media, latents, kv_group, qk_scale,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.kwargs["BLOCK_N"],
             IMMEDIATE=bool(immediate), DOT_PRECISION=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **mask_args,
         )
 
     cfg = U.as_config(config) if config is not None else K.FWD_CHOOSER.choose(
-        K.autotune_key(q, num_media, latents, immediate), run, q.device)
+        K.autotune_key(q, num_media, latents, immediate, key_mask is not None), run, q.device)
     run(cfg)
     return o, lse
 
@@ -237,7 +261,7 @@ def launch_bwd(
     text_time: torch.Tensor, num_media: int, latents: int, immediate: bool, scale: float,
     config: Optional[ConfigLike] = None, *, dq_config: Optional[ConfigLike] = None, dq: Optional[torch.Tensor] = None,
     dk: Optional[torch.Tensor] = None, dv: Optional[torch.Tensor] = None, dkdv_splits: Optional[int] = None,
-    validated: bool = False,
+    key_mask: Optional[torch.Tensor] = None, validated: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward pass: (dq, dk, dv) with the shapes and dtypes of (q, k, v).
 
@@ -245,11 +269,12 @@ def launch_bwd(
     dK/dV kernel and, unless ``dq_config`` forces another, of the dQ kernel; dq/dk/dv are optional preallocated
     outputs. ``dkdv_splits`` forces the number of token splits of the dK/dV kernel (default: from the shapes and the
     SM count, so that a small grid still fills the GPU). Deterministic: no atomics; split partials are summed in a
-    fixed order. ``validated``: as for :func:`launch_fwd`.
+    fixed order. ``key_mask``: the forward's (a hidden key gets zero dK/dV); ``validated``: as for
+    :func:`launch_fwd`.
     """
     K, U = _kernels()
     if not validated:
-        _check_inputs(q, k, v, text_time, num_media, latents)
+        _check_inputs(q, k, v, text_time, num_media, latents, key_mask=key_mask)
         if do.shape != q.shape or o.shape != q.shape:
             raise ValueError(f"do {tuple(do.shape)} and o {tuple(o.shape)} must have q's shape {tuple(q.shape)}")
         if tuple(lse.shape) != (q.shape[0], q.shape[2], q.shape[1]) or lse.dtype != torch.float32:
@@ -279,6 +304,7 @@ def launch_bwd(
     if lse.stride() != delta.stride():  # the backward kernels share one set of (B, H) strides for lse and delta
         lse = lse.contiguous()
     token_first, token_end = media_tokens(text_time, num_media, immediate)
+    mask_args = key_mask_args(key_mask)
 
     def run_dkdv(cfg) -> None:
         block_n = cfg.kwargs["BLOCK_N"]
@@ -304,7 +330,7 @@ def launch_bwd(
             heads, num_media, latents, splits, qk_scale, float(scale),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=block_n,
             IMMEDIATE=bool(immediate), DOT_PRECISION=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **mask_args,
         )
         if splits > 1:
             torch.sum(gk, dim=0, out=dk) if dk.dtype == torch.float32 else dk.copy_(gk.sum(dim=0))
@@ -327,10 +353,10 @@ def launch_bwd(
             heads, num_media, latents, qk_scale, float(scale),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=cfg.kwargs["BLOCK_N"],
             IMMEDIATE=bool(immediate), DOT_PRECISION=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **mask_args,
         )
 
-    key = K.autotune_key(q, num_media, latents, immediate)
+    key = K.autotune_key(q, num_media, latents, immediate, key_mask is not None)
     dkdv_cfg = U.as_config(config) if config is not None else K.DKDV_CHOOSER.choose(key, run_dkdv, q.device)
     run_dkdv(dkdv_cfg)
     dq_config = dq_config if dq_config is not None else config

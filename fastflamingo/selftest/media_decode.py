@@ -21,12 +21,15 @@ def cases(toy: bool) -> list:
     # batch, new tokens, heads, media, latents (all-previous: 5 media x 32 keys = 3 tiles of 64; 8 splits: some empty)
     shape = (2, 2, 2, 5, 32) if toy else (3, 2, 4, 9, 64)
     variants = [(splits, mode, {"immediate": mode == "imm"}) for splits in (1, 8) for mode in ("imm", "prev")]
+    # the key-mask specialization (KEY_MASK; Evolla's aligner decoding): once per mode, direct and split
+    variants += [(1, "imm key_mask", {"immediate": True, "masked": True}),
+                 (8, "prev key_mask", {"immediate": False, "masked": True})]
     label = f"B{shape[0]} Tq{shape[1]} M{shape[3]}x{shape[4]}"
     return S.decode_cases("media_decode_split", K.shipped_config, variants, functools.partial(_decode, shape=shape),
                           label)
 
 
-def _decode(device, *, config, splits, dtype, head_dim, immediate, shape):
+def _decode(device, *, config, splits, dtype, head_dim, immediate, shape, masked=False):
     batch, tokens, heads, media, latents = shape
     q = S.randn(batch, tokens, heads, head_dim, dtype=dtype, device=device)
     kv = S.randn(batch, media * latents, 2, heads, head_dim, dtype=dtype, device=device)
@@ -36,7 +39,12 @@ def _decode(device, *, config, splits, dtype, head_dim, immediate, shape):
     text_time[:, -1] = media
     text_time[0, 0] = media + 1 if immediate else 0
     scale = head_dim ** -0.5
+    key_mask = None
+    if masked:  # every third key hidden, and sample 1 fully padded (its tokens get exactly 0)
+        key_mask = torch.arange(media * latents, device=device).expand(batch, -1) % 3 != 0
+        key_mask[1:2] = False
     out = S.nan_like(q)
-    launch(q, k, v, text_time, media, latents, immediate, scale, config, splits, out=out)
+    launch(q, k, v, text_time, media, latents, immediate, scale, config, splits, out=out, key_mask=key_mask)
     mask = MediaMask(text_time, media, "immediate" if immediate else "all_previous")
-    return [("o", out, torch_path.media_xattn(q.float(), k.float(), v.float(), mask, latents, scale))]
+    return [("o", out, torch_path.media_xattn(q.float(), k.float(), v.float(), mask, latents, scale,
+                                              key_mask=key_mask))]

@@ -44,10 +44,43 @@ def cases(toy: bool) -> list:
                               f"{f' splits{splits}' if splits else ''}")
                     out.append(S.Case(name, U.config_label(config), detail, run,
                                       S.tolerance(dtype, grad=kind != "fwd")))
+    return out + _key_mask_cases(toy)
+
+
+def _key_mask_cases(toy: bool) -> list:
+    """The key-mask specialization (``KEY_MASK``; Evolla's aligner) at head sizes 64 and 128: every config its
+    lists ship in bf16, the first in fp16, both modes alternating; three samples, one partly padded (a media wholly
+    hidden), one unpadded and one fully padded (every row exactly 0)."""
+    from ..kernels import _utils as U
+    from ..kernels import media_xattn as K
+
+    shape = (3, 40, 2, 3, 16) if toy else (3, 400, 4, 5, 64)
+    out = []
+    for dtype, first_only in ((torch.bfloat16, False), (torch.float16, True)):
+        for head_dim in (64, 128):
+            fwd, dkdv, dq = (S.shipped(functools.partial(K.shipped_configs, kind, dtype, head_dim, specialized=True))
+                             for kind in ("fwd", "dkdv", "dq"))
+            for kind, configs in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq)):
+                for i, config in enumerate(configs[:1] if first_only else configs):
+                    immediate, splits = (i + head_dim // 64) % 2 == 0, 1 + 2 * (i % 2) if kind == "dkdv" else None
+                    forced = {"dkdv": (fwd[0], config, dq[0]), "dq": (fwd[0], dkdv[0], config)}.get(kind)
+                    run = functools.partial(_bwd, configs=forced, dkdv_splits=splits) if forced else \
+                        functools.partial(_fwd, config=config)
+                    run = functools.partial(run, dtype=dtype, head_dim=head_dim, immediate=immediate, shape=shape,
+                                            masked=True)
+                    name = "media_xattn_fwd" if kind == "fwd" else f"media_xattn_bwd_{kind}"
+                    detail = (f"{S.dtype_name(dtype)} d{head_dim} {'imm' if immediate else 'prev'} key_mask "
+                              f"B{shape[0]} T{shape[1]} H{shape[2]} M{shape[3]}x{shape[4]}"
+                              f"{f' splits{splits}' if splits else ''}")
+                    out.append(S.Case(name, U.config_label(config), detail, run,
+                                      S.tolerance(dtype, grad=kind != "fwd")))
     return out
 
 
-def _inputs(device, dtype, head_dim, immediate, shape):
+def _inputs(device, dtype, head_dim, immediate, shape, masked=False):
+    """q, the K/V views of a fused projection, text_time, the MediaMask, the scale and the key mask: None, or
+    (B, M*n) bool with sample 0's second media hidden and every third key of the rest, sample 1 unpadded and
+    sample 2 (when there is one) fully padded."""
     batch, text, heads, media, latents = shape
     q = S.randn(batch, text, heads, head_dim, dtype=dtype, device=device)
     kv = S.randn(batch, media * latents, 2, heads, head_dim, dtype=dtype, device=device)  # a fused K/V projection
@@ -55,31 +88,37 @@ def _inputs(device, dtype, head_dim, immediate, shape):
     locations = evenly_spaced_media_locations(batch, text, media, first=text // 10, device=device)
     text_time = locations.cumsum(-1).to(torch.int32)
     mask = MediaMask(text_time, media, "immediate" if immediate else "all_previous")
-    return q, k, v, text_time, mask, head_dim ** -0.5
+    key_mask = None
+    if masked:
+        key_mask = torch.arange(media * latents, device=device).expand(batch, -1) % 3 != 0
+        key_mask[0, latents:2 * latents] = False
+        key_mask[1:2] = True
+        key_mask[2:3] = False
+    return q, k, v, text_time, mask, head_dim ** -0.5, key_mask
 
 
-def _fwd(device, *, config, dtype, head_dim, immediate, shape):
-    q, k, v, text_time, mask, scale = _inputs(device, dtype, head_dim, immediate, shape)
+def _fwd(device, *, config, dtype, head_dim, immediate, shape, masked=False):
+    q, k, v, text_time, mask, scale, key_mask = _inputs(device, dtype, head_dim, immediate, shape, masked)
     media, latents = shape[3], shape[4]
     out = torch.full_like(q, float("nan"))
     lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("nan"), device=device)
-    launch_fwd(q, k, v, text_time, media, latents, immediate, scale, config, out=out, lse=lse)
-    ref = torch_path.media_xattn(q.float(), k.float(), v.float(), mask, latents, scale)
+    launch_fwd(q, k, v, text_time, media, latents, immediate, scale, config, out=out, lse=lse, key_mask=key_mask)
+    ref = torch_path.media_xattn(q.float(), k.float(), v.float(), mask, latents, scale, key_mask=key_mask)
     # a token that sees nothing: +inf from the kernel, -inf from the reference; both compared as 0
     lse, lse_ref = (torch.where(torch.isinf(t), 0.0, t)
-                    for t in (lse, media_xattn_lse(q, k, text_time, media, immediate, scale)))
+                    for t in (lse, media_xattn_lse(q, k, text_time, media, immediate, scale, key_mask=key_mask)))
     return [("o", out, ref), ("lse", lse, lse_ref)]
 
 
-def _bwd(device, *, configs, dtype, head_dim, immediate, shape, dkdv_splits=None):
-    q, k, v, text_time, mask, scale = _inputs(device, dtype, head_dim, immediate, shape)
+def _bwd(device, *, configs, dtype, head_dim, immediate, shape, dkdv_splits=None, masked=False):
+    q, k, v, text_time, mask, scale, key_mask = _inputs(device, dtype, head_dim, immediate, shape, masked)
     media, latents = shape[3], shape[4]
     fwd_config, dkdv_config, dq_config = configs
-    o, lse = launch_fwd(q, k, v, text_time, media, latents, immediate, scale, fwd_config)
+    o, lse = launch_fwd(q, k, v, text_time, media, latents, immediate, scale, fwd_config, key_mask=key_mask)
     do = S.randn(*q.shape, dtype=dtype, device=device)
     dq, dk, dv = (S.nan_like(t) for t in (q, k, v))
     launch_bwd(do, q, k, v, o, lse, text_time, media, latents, immediate, scale, dkdv_config, dq_config=dq_config,
-               dq=dq, dk=dk, dv=dv, dkdv_splits=dkdv_splits)
+               dq=dq, dk=dk, dv=dv, dkdv_splits=dkdv_splits, key_mask=key_mask)
     leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    torch_path.media_xattn(*leaves, mask, latents, scale).backward(do.float())
+    torch_path.media_xattn(*leaves, mask, latents, scale, key_mask=key_mask).backward(do.float())
     return [(name, got, ref.grad) for name, got, ref in zip(("dq", "dk", "dv"), (dq, dk, dv), leaves)]
