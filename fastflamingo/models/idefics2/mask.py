@@ -20,10 +20,13 @@ Recovered = Tuple[str, Optional[torch.Tensor]]
 
 def padding_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The (images, patches) patch mask (bool or 0/1) as the op's key mask: bool, True = visible; None when every
-    patch is visible (one host read, as upstream's own all-visible check)."""
+    patch is visible (one host read, as upstream's own all-visible check). Compiled code keeps the mask as it is
+    (an all-True mask gives the same result): the host read would break the graph."""
     if attention_mask is None:
         return None
     visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+    if torch.compiler.is_compiling():
+        return visible
     return None if bool(visible.all()) else visible
 
 

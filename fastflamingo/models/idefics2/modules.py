@@ -137,8 +137,9 @@ class Idefics2PerceiverAttention(nn.Module):
         k_latents, v_latents = heads(k_latents, self.num_key_value_heads), heads(v_latents, self.num_key_value_heads)
         kind, key_mask = mask
         recorder = recorder_of(self)
-        wanted = attentions_requested() and getattr(self.config, "_attn_implementation", "eager") in (
-            "eager", "fastflamingo")
+        # Dynamo cannot trace the output collector's ContextVar: compiled code returns no maps (as hf/attention.py)
+        wanted = not torch.compiler.is_compiling() and attentions_requested() and getattr(
+            self.config, "_attn_implementation", "eager") in ("eager", "fastflamingo")
         dropout = float(self.attention_dropout) if self.training else 0.0
         if kind == "keys" and recorder is None and not wanted and not dropout:
             out = functional.perceiver_attn(q, k_media, v_media, k_latents, v_latents, scale=self.scaling,
