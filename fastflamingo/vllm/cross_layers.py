@@ -17,6 +17,7 @@ from vllm.v1.attention.backend import AttentionType
 from .. import functional as FF
 from ..models.mllama.functional import mllama_xattn
 from ..models.mllama.mask import MllamaMask
+from .paged import cache_layout, decode_attention
 
 
 class MllamaTextRMSNorm(nn.Module):
@@ -85,6 +86,8 @@ class StepPlan:
       of its real tiles (``real_index``, what the cache holds) and its :class:`MllamaMask` over the padded layout;
       a decode one carries its visible key range ``[lo, hi)`` in the cache (the last prompt token's images, which
       transformers' ``generate`` repeats for every new token);
+    - ``decode``: the decode rows of all those requests together (:class:`~.paged.DecodeRows`: the cache blocks
+      each reads and which of their keys it sees), or None;
     - ``sees`` (tokens,) bool: the row sees an image (transformers' ``full_text_row_masked_out_mask``);
     - ``attn_rows`` (tokens,) bool: the rows whose attention branch is added (every row of a request with images
       under ``empty_rows="hf"``; ``sees`` under ``"zero"``).
@@ -92,8 +95,9 @@ class StepPlan:
     cross-attention layers without ``cross_attention_states``.
     """
 
-    def __init__(self, requests, sees, attn_rows, cross_metadata):
+    def __init__(self, requests, sees, attn_rows, cross_metadata, decode=None):
         self.requests, self.sees, self.attn_rows, self.metadata = requests, sees, attn_rows, cross_metadata
+        self.decode = decode
 
     @property
     def prefills(self):
@@ -102,23 +106,6 @@ class StepPlan:
 
 def interval_runs(start, end) -> int:
     return 1 + sum(1 for t in range(1, len(start)) if start[t] != start[t - 1] or end[t] != end[t - 1])
-
-
-def read_cross_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, n: int, num_kv_heads: int, head_dim: int):
-    """A request's first ``n`` cross-attention K/V rows, (n, kv_heads, head_dim) each, gathered through its block
-    ids from the CPU attention backend's cache: (num_blocks, kv_heads, block_size, 2 * head_dim), which viewed as
-    (num_blocks, kv_heads, 2 * block_size, head_dim) holds K transposed ((head_dim, block_size) per block and head)
-    in the first half and V plain in the second (checked by writing with the backend's own cache update and
-    reading back)."""
-    if kv_cache.dim() != 4 or kv_cache.shape[1] != num_kv_heads or kv_cache.shape[3] != 2 * head_dim:
-        raise NotImplementedError(f"fastflamingo.vllm reads the cross-attention cache of vLLM's CPU backend only "
-                                  f"(num_blocks, kv_heads, block_size, 2 * head_dim); got {tuple(kv_cache.shape)}")
-    num_blocks, heads, block_size, _ = kv_cache.shape
-    view = kv_cache.view(num_blocks, heads, 2 * block_size, head_dim)
-    k = view[blocks, :, :block_size].reshape(-1, heads, head_dim, block_size)
-    k = k.permute(0, 3, 1, 2).reshape(-1, heads, head_dim)[:n]
-    v = view[blocks, :, block_size:].permute(0, 2, 1, 3).reshape(-1, heads, head_dim)[:n]
-    return k, v
 
 
 class MllamaCrossAttentionDecoderLayer(nn.Module):
@@ -132,7 +119,8 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
     images, only those images' keys, K/V never repeated); the gated residuals are ``fastflamingo.functional``'s
     (``gated_residual``: ``o_proj`` and ``down_proj`` are vLLM parallel linears, whose tensor-parallel reduction
     the fused ``gated_linear`` epilogue would skip). K/V are projected once per request, on its prefill step, and
-    their real-tile rows written to vLLM's cross-attention KV cache; decode steps read them back."""
+    their real-tile rows written to vLLM's cross-attention KV cache; decode steps attend on the cache's blocks
+    (:mod:`.paged`)."""
 
     def __init__(self, config, *, cache_config=None, quant_config=None, prefix: str = "", empty_rows: str = "hf"):
         super().__init__()
@@ -169,22 +157,27 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
         kv_cache = xa.attn.kv_cache
         kv_cache = kv_cache[0] if isinstance(kv_cache, (list, tuple)) else kv_cache
         new_k, new_v = [], []
-        for req in plan.requests:
+        for req in plan.prefills:
             rows = slice(req.a, req.b)
-            if req.prefill:
-                k, v = self._project_kv(req.padded)
-                new_k.append(k[req.real_index])
-                new_v.append(v[req.real_index])
-                attn[rows] = self._attend(q[rows], k, v, req.mask)
-            else:
-                k, v = read_cross_kv(kv_cache, req.blocks, req.enc_len, xa.num_kv_heads, xa.head_dim)
-                lo, hi = req.key_range
-                attn[rows] = self._attend(q[rows], k[lo:hi], v[lo:hi], None)
+            k, v = self._project_kv(req.padded)
+            new_k.append(k[req.real_index])
+            new_v.append(v[req.real_index])
+            attn[rows] = self._attend(q[rows], k, v, req.mask)
         if new_k:
             # the step's first-step requests, in batch order: the order of the cross slot mapping
             metadata = get_forward_context().attn_metadata[xa.attn.layer_name]
             xa.attn.impl.do_kv_cache_update(xa.attn, torch.cat(new_k), torch.cat(new_v), kv_cache,
                                             metadata.slot_mapping)
+        decode = plan.decode
+        if decode is not None and decode.whole:
+            # every decode row sees all of its request's cached keys, which is what vLLM's own cross-attention
+            # computes for every row of the step from the cache in place (the prefill rows' keys are written above;
+            # rows of requests without images get garbage there and are not taken)
+            out = xa.attn(q.reshape(tokens, -1), None, None).view(tokens, xa.num_heads, xa.head_dim)
+            attn[decode.rows] = out[decode.rows]
+        elif decode is not None:
+            layout = cache_layout(xa.attn, kv_cache, xa.num_kv_heads, xa.head_dim)
+            attn[decode.rows] = decode_attention(q[decode.rows], kv_cache, layout, decode, xa.scaling)
         out, _ = xa.o_proj(attn.view(tokens, -1))
         hidden_states = FF.gated_residual(hidden_states, out, self.cross_attn_attn_gate, row_gate=plan.attn_rows)
         branch = self.mlp(self.post_attention_layernorm(hidden_states))

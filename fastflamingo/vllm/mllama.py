@@ -12,9 +12,9 @@ prefixes ``model.language_model.`` etc. are mapped back (:func:`_checkpoint_name
 Images: all images of a prompt travel as one multimodal item (:class:`MllamaImageSet`); ``embed_multimodal`` runs
 transformers' vision tower and the projector once per request and returns the real tiles' rows; on the request's
 prefill step every cross layer projects K/V from the padded output (transformers' key layout), writes the real rows
-into the cross-attention cache and attends with per-token image ranges (:mod:`.intervals`); decode steps gather
-the cached rows through the block table (vLLM's CPU backend layout, :func:`read_cross_kv`) and attend to the key
-range of the prompt's last token. ``empty_rows``: :func:`empty_rows_option`. docs/vllm_notes.md has the design and
+into the cross-attention cache and attends with per-token image ranges (:mod:`.intervals`); decode steps attend on
+the cache blocks holding the key range of the prompt's last token, all decode rows of the step together
+(:mod:`.paged`). ``empty_rows``: :func:`empty_rows_option`. docs/vllm_notes.md has the design and
 what was measured.
 
 The multimodal processing is in :mod:`.processing`, the cross-attention decoder layers in :mod:`.cross_layers`.
@@ -40,6 +40,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from ..models.mllama.mask import ALL_KEYS, MllamaMask
 from .cross_layers import MllamaCrossAttentionDecoderLayer, RequestImages, StepPlan, empty_rows_option, interval_runs
 from .intervals import prompt_image_ranges
+from .paged import DecodeRows
+from .vision import ATTENTION as VISION_ATTENTION, install as install_vision_attention, padding_only
 from .processing import IMAGE_FIELDS, MllamaDummyInputsBuilder, MllamaMultiModalProcessor, MllamaProcessingInfo
 
 
@@ -135,7 +137,8 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
         self.image_token_id = config.image_token_index
         # transformers' vision tower (replicated on every tensor-parallel rank)
         vision_config = config.vision_config
-        vision_config._attn_implementation = "sdpa"
+        install_vision_attention()
+        vision_config._attn_implementation = VISION_ATTENTION  # the padding-split attention (.vision)
         self.vision_model = MllamaVisionModel(vision_config)
         self.multi_modal_projector = nn.Linear(vision_config.vision_output_dim, config.text_config.hidden_size)
         self.language_model = MllamaForCausalLM(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "language_model"))
@@ -171,8 +174,9 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
         dtype = self.multi_modal_projector.weight.dtype
         outputs = []
         for pixels, ratio_ids, ratio_mask, num_tiles in zip(*fields):
-            states = self.vision_model(pixel_values=pixels[None].to(dtype), aspect_ratio_ids=ratio_ids[None],
-                                       aspect_ratio_mask=ratio_mask[None]).last_hidden_state
+            with padding_only():
+                states = self.vision_model(pixel_values=pixels[None].to(dtype), aspect_ratio_ids=ratio_ids[None],
+                                           aspect_ratio_mask=ratio_mask[None]).last_hidden_state
             padded = self.multi_modal_projector(states).reshape(-1, self.config.text_config.hidden_size)
             num_tiles = [int(n) for n in num_tiles.flatten().tolist()]
             stride = vision.max_num_tiles * per_tile
@@ -212,12 +216,13 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
         attn_rows = torch.zeros(tokens, dtype=torch.bool)
         outputs = iter(encoder_outputs or [])
         requests = []
+        decode_rows, decode_tables, decode_ranges, decode_cached = [], [], [], []
         for r, n in enumerate(enc_lens):
             a, b = qsl[r], qsl[r + 1]
             if n == 0 or a == b:
                 continue
             first_block = int(metadata.block_table[r, 0])
-            req = RequestImages(a, b, starts[r] == 0, n, metadata.block_table[r, :(n + block_size - 1) // block_size].long())
+            req = RequestImages(a, b, starts[r] == 0, n, metadata.block_table[r, :(n + block_size - 1) // block_size])
             if req.prefill:
                 out = next(outputs, None)
                 images = getattr(out, "_fastflamingo_images", None)
@@ -243,6 +248,9 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
                 offsets = [0]
                 for k in keys:
                     offsets.append(offsets[-1] + k)
+                if offsets[hi[-1]] <= offsets[lo[-1]]:  # the last token follows an image: it sees at least one
+                    raise RuntimeError(f"fastflamingo.vllm: the last prompt token sees no image key "
+                                       f"({lo[-1]}, {hi[-1]}); decode steps would have nothing to attend to")
                 self._decode_ranges[first_block] = (offsets[lo[-1]], offsets[hi[-1]])
             else:
                 if first_block not in self._decode_ranges:
@@ -250,13 +258,20 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
                                        f"image range from its prefill")
                 req.key_range = self._decode_ranges[first_block]
                 sees[a:b] = True
+                for row in range(a, b):
+                    decode_rows.append(row)
+                    decode_tables.append(req.blocks)
+                    decode_ranges.append(req.key_range)
+                    decode_cached.append(n)
             attn_rows[a:b] = True
             requests.append(req)
         if next(outputs, None) is not None:
             raise RuntimeError("fastflamingo.vllm: more encoder outputs than prefill requests with images")
         if zero:
             attn_rows &= sees
-        return StepPlan(requests, sees.to(input_ids.device), attn_rows.to(input_ids.device), metadata)
+        decode = DecodeRows.build(decode_rows, decode_tables, decode_ranges, decode_cached, block_size,
+                                  input_ids.device) if decode_rows else None
+        return StepPlan(requests, sees.to(input_ids.device), attn_rows.to(input_ids.device), metadata, decode)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None,
                 inputs_embeds: Optional[torch.Tensor] = None, encoder_outputs: Optional[list] = None,
