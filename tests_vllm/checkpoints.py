@@ -158,3 +158,15 @@ def hf_mllama_image_greedy(path: Path, requests, max_new_tokens: int, empty_rows
         prompt_ids.append(inputs["input_ids"][0].tolist())
         logprobs.append([torch.log_softmax(step[0].float(), -1)[tok].item() for step, tok in zip(gen.logits, new)])
     return out, prompt_ids, logprobs
+
+
+def tiny_mllama_engine(path: Path, **overrides):
+    """``vllm.LLM`` on a tiny mllama checkpoint with the settings the engine tests share (fp32, eager, 256-token
+    context, up to 8 sequences and 3 images per prompt, 5% of host memory for the caches); ``overrides`` adds or
+    replaces ``LLM`` arguments (``hf_overrides`` for the plugin's options)."""
+    from vllm import LLM
+
+    args = dict(model=str(path), dtype="float32", max_model_len=256, max_num_seqs=8, enforce_eager=True,
+                max_num_batched_tokens=512, gpu_memory_utilization=0.05, seed=0, limit_mm_per_prompt={"image": 3})
+    args.update(overrides)
+    return LLM(**args)

@@ -5,7 +5,7 @@ every row before a prompt's first image, gets no cross-attention output), set pe
 """
 import pytest
 
-from checkpoints import hf_mllama_image_greedy, save_tiny_mllama
+from checkpoints import hf_mllama_image_greedy, save_tiny_mllama, tiny_mllama_engine
 from test_mllama_images import CASES, MAX_NEW, _generate, _img, _request
 
 # cases with text rows before the first image (BOS at least: all of them) and one without images
@@ -27,11 +27,7 @@ def references(checkpoint):
 
 @pytest.fixture(scope="module")
 def llm(checkpoint):
-    from vllm import LLM
-
-    engine = LLM(model=str(checkpoint), dtype="float32", max_model_len=256, max_num_seqs=8, enforce_eager=True,
-                 max_num_batched_tokens=512, gpu_memory_utilization=0.05, seed=0,
-                 limit_mm_per_prompt={"image": 3}, hf_overrides={"fastflamingo_empty_rows": "zero"})
+    engine = tiny_mllama_engine(checkpoint, hf_overrides={"fastflamingo_empty_rows": "zero"})
     yield engine
     engine.llm_engine.engine_core.shutdown()
 

@@ -9,7 +9,7 @@ first image ("zero") changes the greedy tokens of 3 and 4 of the 6 prompts.
 """
 import pytest
 
-from checkpoints import IMAGE_TOKEN, hf_mllama_image_greedy, save_tiny_mllama, tiny_image
+from checkpoints import IMAGE_TOKEN, hf_mllama_image_greedy, save_tiny_mllama, tiny_image, tiny_mllama_engine
 
 I = IMAGE_TOKEN
 MAX_NEW = 8
@@ -52,11 +52,7 @@ def reference(checkpoint):
 
 @pytest.fixture(scope="module")
 def llm(checkpoint):
-    from vllm import LLM
-
-    engine = LLM(model=str(checkpoint), dtype="float32", max_model_len=256, max_num_seqs=8, enforce_eager=True,
-                 max_num_batched_tokens=512, gpu_memory_utilization=0.05, seed=0,
-                 limit_mm_per_prompt={"image": 3})
+    engine = tiny_mllama_engine(checkpoint)
     yield engine
     engine.llm_engine.engine_core.shutdown()
 

@@ -20,56 +20,47 @@ def cases(toy: bool) -> list:
     the two modes alternate across configs, and the dK/dV kernel alternates one token split (it writes the gradients)
     and three (fp32 partials summed by the launcher). A dK/dV case forces dQ to its first config and vice versa.
     ``toy``: interpreter-sized shapes."""
-    from ..kernels import _utils as U
-    from ..kernels import media_xattn as K
-
     # batch, text, heads, media, latents: ragged text, a prefix that sees no media, several tiles per run
     shape = (2, 40, 2, 3, 16) if toy else (2, 400, 4, 5, 64)
-    out = []
-    for dtype, head_dims, first_only in ((torch.bfloat16, S.HEAD_DIMS, False), (torch.float16, (64,), True),
-                                         (torch.float32, (64, 128), False)):
-        for head_dim in head_dims:
-            fwd, dkdv, dq = (S.shipped(functools.partial(K.shipped_configs, kind, dtype, head_dim))
-                             for kind in ("fwd", "dkdv", "dq"))
-            for kind, configs in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq)):
-                for i, config in enumerate(configs[:1] if first_only else configs):
-                    immediate, splits = (i + head_dim // 32) % 2 == 0, 1 + 2 * (i % 2) if kind == "dkdv" else None
-                    forced = {"dkdv": (fwd[0], config, dq[0]), "dq": (fwd[0], dkdv[0], config)}.get(kind)
-                    run = functools.partial(_bwd, configs=forced, dkdv_splits=splits) if forced else \
-                        functools.partial(_fwd, config=config)
-                    run = functools.partial(run, dtype=dtype, head_dim=head_dim, immediate=immediate, shape=shape)
-                    name = "media_xattn_fwd" if kind == "fwd" else f"media_xattn_bwd_{kind}"
-                    detail = (f"{S.dtype_name(dtype)} d{head_dim} {'imm' if immediate else 'prev'} "
-                              f"B{shape[0]} T{shape[1]} H{shape[2]} M{shape[3]}x{shape[4]}"
-                              f"{f' splits{splits}' if splits else ''}")
-                    out.append(S.Case(name, U.config_label(config), detail, run,
-                                      S.tolerance(dtype, grad=kind != "fwd")))
-    return out + _key_mask_cases(toy)
+    plan = ((torch.bfloat16, S.HEAD_DIMS, False), (torch.float16, (64,), True), (torch.float32, (64, 128), False))
+    return _config_cases(plan, shape, mode_period=32) + _key_mask_cases(toy)
 
 
 def _key_mask_cases(toy: bool) -> list:
     """The key-mask specialization (``KEY_MASK``; Evolla's aligner) at head sizes 64 and 128: every config its
     lists ship in bf16, the first in fp16, both modes alternating; three samples, one partly padded (a media wholly
     hidden), one unpadded and one fully padded (every row exactly 0)."""
+    shape = (3, 40, 2, 3, 16) if toy else (3, 400, 4, 5, 64)
+    plan = ((torch.bfloat16, (64, 128), False), (torch.float16, (64, 128), True))
+    return _config_cases(plan, shape, mode_period=64, masked=True)
+
+
+def _config_cases(plan, shape, mode_period: int, masked: bool = False) -> list:
+    """One case per shipped config of each kernel for every ``(dtype, head sizes, first config only)`` of ``plan``
+    (the key-mask config lists when ``masked``). The mode alternates across configs (shifted by
+    ``head_dim // mode_period``), dK/dV alternates one token split and three, and a dK/dV (dQ) case forces the
+    other two kernels to their first configs."""
     from ..kernels import _utils as U
     from ..kernels import media_xattn as K
 
-    shape = (3, 40, 2, 3, 16) if toy else (3, 400, 4, 5, 64)
     out = []
-    for dtype, first_only in ((torch.bfloat16, False), (torch.float16, True)):
-        for head_dim in (64, 128):
-            fwd, dkdv, dq = (S.shipped(functools.partial(K.shipped_configs, kind, dtype, head_dim, specialized=True))
+    for dtype, head_dims, first_only in plan:
+        for head_dim in head_dims:
+            fwd, dkdv, dq = (S.shipped(functools.partial(K.shipped_configs, kind, dtype, head_dim,
+                                                         specialized=masked))
                              for kind in ("fwd", "dkdv", "dq"))
             for kind, configs in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq)):
                 for i, config in enumerate(configs[:1] if first_only else configs):
-                    immediate, splits = (i + head_dim // 64) % 2 == 0, 1 + 2 * (i % 2) if kind == "dkdv" else None
+                    immediate = (i + head_dim // mode_period) % 2 == 0
+                    splits = 1 + 2 * (i % 2) if kind == "dkdv" else None
                     forced = {"dkdv": (fwd[0], config, dq[0]), "dq": (fwd[0], dkdv[0], config)}.get(kind)
                     run = functools.partial(_bwd, configs=forced, dkdv_splits=splits) if forced else \
                         functools.partial(_fwd, config=config)
                     run = functools.partial(run, dtype=dtype, head_dim=head_dim, immediate=immediate, shape=shape,
-                                            masked=True)
+                                            masked=masked)
                     name = "media_xattn_fwd" if kind == "fwd" else f"media_xattn_bwd_{kind}"
-                    detail = (f"{S.dtype_name(dtype)} d{head_dim} {'imm' if immediate else 'prev'} key_mask "
+                    detail = (f"{S.dtype_name(dtype)} d{head_dim} {'imm' if immediate else 'prev'}"
+                              f"{' key_mask' if masked else ''} "
                               f"B{shape[0]} T{shape[1]} H{shape[2]} M{shape[3]}x{shape[4]}"
                               f"{f' splits{splits}' if splits else ''}")
                     out.append(S.Case(name, U.config_label(config), detail, run,
